@@ -1,0 +1,232 @@
+//! Rendering a request's prompt to tokens, safely: the template's own
+//! scaffolding is tokenized with special-token parsing on, every piece of
+//! message text with it off, so text typed by a player can never become a
+//! control token.
+
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+
+use crate::errors::LlmError;
+use crate::registry::PromptFormat;
+use crate::request::{ChatMessage, ChatRole, LlmPrompt};
+
+/// A piece of rendered prompt text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Piece {
+    /// Template scaffolding (special tokens parsed).
+    Scaffold(String),
+    /// Message text (special tokens never parsed).
+    Text(String),
+}
+
+/// Prompt rendering for one loaded model.
+pub(crate) struct PromptRenderer {
+    format: PromptFormat,
+    template: Option<LlamaChatTemplate>,
+}
+
+// Private-use code points no template touches, marking where message text goes.
+const OPEN: char = '\u{F8F0}';
+const CLOSE: char = '\u{F8F1}';
+
+impl PromptRenderer {
+    pub(crate) fn new(model: &LlamaModel, format: &PromptFormat) -> Result<Self, String> {
+        let template = match format {
+            PromptFormat::ChatTemplate => Some(model.chat_template(None).map_err(|e| {
+                format!("the model's GGUF has no usable chat template ({e}); use a Named, Explicit or Completion prompt_format")
+            })?),
+            PromptFormat::Named(name) => Some(
+                LlamaChatTemplate::new(name).map_err(|e| format!("bad template name: {e}"))?,
+            ),
+            PromptFormat::Explicit(_) | PromptFormat::Completion => None,
+        };
+        Ok(Self {
+            format: format.clone(),
+            template,
+        })
+    }
+
+    /// Stop strings the format needs (e.g. other speakers' names in completion mode).
+    pub(crate) fn implied_stops(&self, prompt: &LlmPrompt) -> Vec<String> {
+        match (&self.format, prompt) {
+            (PromptFormat::Completion, LlmPrompt::Chat(messages)) => {
+                let mut stops = Vec::new();
+                for m in messages.iter().filter(|m| m.role == ChatRole::User) {
+                    let stop = format!("\n{}:", speaker(m));
+                    if !stops.contains(&stop) {
+                        stops.push(stop);
+                    }
+                }
+                stops
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Render messages to pieces.
+    pub(crate) fn render(
+        &self,
+        model: &LlamaModel,
+        messages: &[ChatMessage],
+    ) -> Result<Vec<Piece>, LlmError> {
+        match &self.format {
+            PromptFormat::ChatTemplate | PromptFormat::Named(_) => {
+                let template = self.template.as_ref().ok_or_else(|| {
+                    LlmError::Template("no chat template loaded".into())
+                })?;
+                let marked: Vec<LlamaChatMessage> = messages
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| {
+                        LlamaChatMessage::new(m.role.as_str().into(), format!("{OPEN}{i}{CLOSE}"))
+                            .map_err(|e| LlmError::Template(e.to_string()))
+                    })
+                    .collect::<Result<_, _>>()?;
+                let rendered = model
+                    .apply_chat_template(template, &marked, true)
+                    .map_err(|e| LlmError::Template(e.to_string()))?;
+                split_marked(&rendered, messages)
+            }
+            PromptFormat::Explicit(t) => {
+                let mut pieces = Vec::new();
+                for m in messages {
+                    let (pre, suf) = match m.role {
+                        ChatRole::System => (&t.system_prefix, &t.system_suffix),
+                        ChatRole::User => (&t.user_prefix, &t.user_suffix),
+                        ChatRole::Assistant => (&t.assistant_prefix, &t.assistant_suffix),
+                    };
+                    pieces.push(Piece::Scaffold(pre.clone()));
+                    pieces.push(Piece::Text(m.content.clone()));
+                    pieces.push(Piece::Scaffold(suf.clone()));
+                }
+                pieces.push(Piece::Scaffold(t.assistant_prefix.clone()));
+                Ok(pieces)
+            }
+            PromptFormat::Completion => {
+                let mut text = String::new();
+                let mut assistant = "Assistant".to_string();
+                for m in messages {
+                    match m.role {
+                        ChatRole::System => {
+                            text.push_str(m.content.trim_end());
+                            text.push_str("\n\n");
+                        }
+                        _ => {
+                            if m.role == ChatRole::Assistant {
+                                assistant = speaker(m);
+                            }
+                            text.push_str(&format!("{}: {}\n", speaker(m), m.content.trim()));
+                        }
+                    }
+                }
+                text.push_str(&format!("{assistant}:"));
+                Ok(vec![Piece::Text(text)])
+            }
+        }
+    }
+
+    /// Tokenize a prompt. Chat prompts that are too long and allow trimming
+    /// lose their oldest non-system messages first.
+    pub(crate) fn tokenize(
+        &self,
+        model: &LlamaModel,
+        prompt: &LlmPrompt,
+        limit: usize,
+        trim: bool,
+    ) -> Result<Vec<LlamaToken>, LlmError> {
+        let tokens = match prompt {
+            LlmPrompt::Raw(text) => {
+                let mut t = tokenize_pieces(model, &[Piece::Text(text.clone())]);
+                if t.len() > limit && trim {
+                    let bos = usize::from(model.vocab().should_add_bos());
+                    let cut = t.len() - limit;
+                    t.drain(bos..bos + cut);
+                }
+                t
+            }
+            LlmPrompt::Chat(messages) => {
+                let mut messages = messages.clone();
+                loop {
+                    let t = tokenize_pieces(model, &self.render(model, &messages)?);
+                    if t.len() <= limit || !trim {
+                        break t;
+                    }
+                    // Drop the oldest non-system message, keeping the last one.
+                    let first = messages.iter().position(|m| m.role != ChatRole::System);
+                    match first {
+                        Some(i) if i + 1 < messages.len() => {
+                            messages.remove(i);
+                        }
+                        _ => break t,
+                    }
+                }
+            }
+        };
+        if tokens.is_empty() {
+            return Err(LlmError::EmptyPrompt);
+        }
+        if tokens.len() > limit {
+            return Err(LlmError::PromptTooLong {
+                tokens: tokens.len(),
+                limit,
+            });
+        }
+        Ok(tokens)
+    }
+}
+
+fn speaker(m: &ChatMessage) -> String {
+    m.name.clone().unwrap_or_else(|| match m.role {
+        ChatRole::System => "System".into(),
+        ChatRole::User => "User".into(),
+        ChatRole::Assistant => "Assistant".into(),
+    })
+}
+
+/// Split template output at the content markers.
+fn split_marked(rendered: &str, messages: &[ChatMessage]) -> Result<Vec<Piece>, LlmError> {
+    let mut pieces = Vec::new();
+    let mut rest = rendered;
+    let mut seen = vec![false; messages.len()];
+    while let Some(open) = rest.find(OPEN) {
+        pieces.push(Piece::Scaffold(rest[..open].to_string()));
+        let after = &rest[open + OPEN.len_utf8()..];
+        let close = after
+            .find(CLOSE)
+            .ok_or_else(|| LlmError::Template("template mangled a message".into()))?;
+        let idx: usize = after[..close]
+            .parse()
+            .map_err(|_| LlmError::Template("template mangled a message".into()))?;
+        let msg = messages
+            .get(idx)
+            .ok_or_else(|| LlmError::Template("template mangled a message".into()))?;
+        seen[idx] = true;
+        pieces.push(Piece::Text(msg.content.clone()));
+        rest = &after[close + CLOSE.len_utf8()..];
+    }
+    pieces.push(Piece::Scaffold(rest.to_string()));
+    if seen.iter().any(|s| !s) {
+        return Err(LlmError::Template(
+            "the chat template dropped a message (does it support this role order?)".into(),
+        ));
+    }
+    Ok(pieces.into_iter().filter(|p| !matches!(p, Piece::Scaffold(s) | Piece::Text(s) if s.is_empty())).collect())
+}
+
+/// Tokenize rendered pieces: scaffolding with special parsing, text without.
+/// A BOS token is added first when the model wants one and the template did
+/// not write it.
+pub(crate) fn tokenize_pieces(model: &LlamaModel, pieces: &[Piece]) -> Vec<LlamaToken> {
+    let vocab = model.vocab();
+    let mut out = Vec::new();
+    for p in pieces {
+        match p {
+            Piece::Scaffold(s) => out.extend(vocab.tokenize(s.as_bytes(), false, true)),
+            Piece::Text(s) => out.extend(vocab.tokenize(s.as_bytes(), false, false)),
+        }
+    }
+    if vocab.should_add_bos() && out.first() != Some(&vocab.bos()) {
+        out.insert(0, vocab.bos());
+    }
+    out
+}

@@ -1,0 +1,182 @@
+//! Messages between the Bevy side and the inference worker thread.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::errors::{LlmError, ModelLoadError};
+use crate::events::LoadPhase;
+use crate::registry::{PromptFormat, VerificationCache};
+use crate::request::{FinishReason, LlmPrompt, RequestStats};
+use crate::settings::{SamplingOverrides, SamplingParams};
+
+/// Worker-side id of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct RequestId(pub u64);
+
+/// One request as the worker sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Job {
+    pub id: RequestId,
+    pub prompt: LlmPrompt,
+    /// The settings' sampling at submission.
+    pub base_sampling: SamplingParams,
+    /// The request's own changes (applied over the model's).
+    pub overrides: SamplingOverrides,
+    pub priority: i32,
+    pub cache_key: Option<u64>,
+    pub trim_prompt: bool,
+    pub submitted: Instant,
+}
+
+/// Everything the worker needs to load a model and size its context.
+#[derive(Debug, Clone)]
+pub(crate) struct LoadSpec {
+    pub model_id: String,
+    pub path: PathBuf,
+    /// Expected (sha256, size) when verification is on.
+    pub verify: Option<(String, u64)>,
+    pub cache: Option<VerificationCache>,
+    pub prompt_format: PromptFormat,
+    pub model_sampling: SamplingOverrides,
+    pub context_per_sequence: u32,
+    pub sequences: u32,
+    pub batch_size: u32,
+    pub threads: u32,
+    pub gpu_layers: u32,
+}
+
+/// Runtime knobs that can change without reloading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Knobs {
+    pub prefix_cache: bool,
+    pub prompt_chunk: u32,
+    pub queue_capacity: u32,
+}
+
+#[derive(Debug)]
+pub(crate) enum Command {
+    Submit(Box<Job>),
+    Cancel(RequestId),
+    Load(Box<LoadSpec>),
+    Unload,
+    Configure(Knobs),
+    Shutdown,
+    /// Test hook: makes the worker thread panic, to exercise fault handling.
+    #[cfg(any(test, debug_assertions))]
+    #[allow(dead_code)]
+    Crash,
+}
+
+/// What a loaded model looks like, for status displays.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedModelInfo {
+    /// Registry id.
+    pub model: String,
+    /// File it came from.
+    pub path: PathBuf,
+    /// Parameter count.
+    pub n_params: u64,
+    /// Size of the weights in bytes.
+    pub size_bytes: u64,
+    /// Context per sequence actually in use.
+    pub context_per_sequence: u32,
+    /// Parallel sequences (slots).
+    pub sequences: u32,
+    /// Inference threads.
+    pub threads: u32,
+    /// Layers offloaded to a GPU.
+    pub gpu_layers: u32,
+    /// Whether the GGUF carried a chat template.
+    pub has_chat_template: bool,
+    /// The file was hashed now (false: a cached verification was used, or verification is off).
+    pub hashed: bool,
+    /// Time from the load command to ready.
+    pub load_time: Duration,
+}
+
+/// Worker counters, sent after each decode step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineCounters {
+    /// `llama_decode` calls.
+    pub decode_calls: u64,
+    /// Decode calls that held more than one sequence.
+    pub multi_sequence_batches: u64,
+    /// Most sequences in one decode call.
+    pub max_batch_sequences: usize,
+    /// Most tokens in one decode call.
+    pub max_batch_tokens: usize,
+    /// Tokens generated (sampled).
+    pub generated_tokens: u64,
+    /// Prompt tokens decoded.
+    pub prompt_tokens_decoded: u64,
+    /// Prompt tokens reused from the prefix cache instead of decoded.
+    pub reused_prefix_tokens: u64,
+    /// Requests completed.
+    pub completed: u64,
+    /// Requests failed.
+    pub failed: u64,
+    /// Requests cancelled.
+    pub cancelled: u64,
+    /// Cached prefixes evicted for room.
+    pub evictions: u64,
+    /// Requests waiting for a slot.
+    pub queued: usize,
+    /// Sequences running now.
+    pub active_sequences: usize,
+    /// Slots (parallel sequences).
+    pub slots: usize,
+    /// Idle slots holding an NPC's cached prefix.
+    pub cached_slots: usize,
+    /// KV cells in use over all sequences.
+    pub kv_cells_used: usize,
+    /// KV cells in the context.
+    pub kv_cells_total: usize,
+    /// Time spent in decode calls.
+    pub decode_time: Duration,
+}
+
+#[derive(Debug)]
+pub(crate) enum Event {
+    Loading {
+        model: String,
+        phase: LoadPhase,
+        progress: f32,
+    },
+    Loaded(Box<LoadedModelInfo>),
+    LoadFailed {
+        model: String,
+        error: ModelLoadError,
+        /// The model still serving (the previous one), if any.
+        still_loaded: Option<String>,
+    },
+    Unloaded {
+        model: String,
+    },
+    Started {
+        id: RequestId,
+        prompt_tokens: usize,
+        reused: usize,
+    },
+    Token {
+        id: RequestId,
+        text: String,
+    },
+    Completed {
+        id: RequestId,
+        text: String,
+        finish: FinishReason,
+        stats: RequestStats,
+    },
+    Failed {
+        id: RequestId,
+        error: LlmError,
+    },
+    Cancelled {
+        id: RequestId,
+    },
+    Counters(Box<EngineCounters>),
+    /// The worker thread is ending (shutdown or crash).
+    Stopped {
+        reason: Option<String>,
+    },
+}

@@ -1,0 +1,300 @@
+//! Scheduling state that needs no model: the waiting queue (priority, then
+//! FIFO, bounded) and the sequence slots with their per-key prefix cache
+//! (longest common prefix reuse, least-recently-used eviction).
+
+/// One sequence slot of the llama.cpp context (one sequence id).
+#[derive(Debug, Clone)]
+pub(crate) struct Slot<T> {
+    /// Cache key of the last request served here (normally an NPC).
+    pub key: Option<u64>,
+    /// Tokens whose KV entries this slot's sequence holds, in order.
+    pub tokens: Vec<T>,
+    /// Serving a request now.
+    pub busy: bool,
+    /// Logical time of the last release, for LRU eviction.
+    pub last_used: u64,
+}
+
+/// A slot given to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Acquired {
+    /// The slot (= llama.cpp sequence id).
+    pub slot: usize,
+    /// Leading prompt tokens whose KV can be kept.
+    pub reuse: usize,
+    /// Another key's cached prefix was dropped to make room.
+    pub evicted: bool,
+}
+
+/// The slot table.
+#[derive(Debug)]
+pub(crate) struct SlotTable<T> {
+    slots: Vec<Slot<T>>,
+    clock: u64,
+    cache_enabled: bool,
+    /// Cached prefixes dropped to make room, since creation.
+    pub evictions: u64,
+}
+
+fn common_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl<T: PartialEq + Clone> SlotTable<T> {
+    pub(crate) fn new(n: usize, cache_enabled: bool) -> Self {
+        Self {
+            slots: (0..n)
+                .map(|_| Slot {
+                    key: None,
+                    tokens: Vec::new(),
+                    busy: false,
+                    last_used: 0,
+                })
+                .collect(),
+            clock: 0,
+            cache_enabled,
+            evictions: 0,
+        }
+    }
+
+    pub(crate) fn set_cache_enabled(&mut self, enabled: bool) {
+        self.cache_enabled = enabled;
+    }
+
+    pub(crate) fn has_free(&self) -> bool {
+        self.slots.iter().any(|s| !s.busy)
+    }
+
+    /// Idle slots holding a keyed prefix.
+    pub(crate) fn cached(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| !s.busy && s.key.is_some() && !s.tokens.is_empty())
+            .count()
+    }
+
+    /// Tokens held in KV over all slots.
+    pub(crate) fn cells_used(&self) -> usize {
+        self.slots.iter().map(|s| s.tokens.len()).sum()
+    }
+
+    /// Give a free slot to a request with `key` and `prompt`; `None` when
+    /// every slot is busy. The caller must drop the slot's KV from
+    /// `reuse` onwards and mark the slot's tokens as the kept prefix.
+    pub(crate) fn acquire(&mut self, key: Option<u64>, prompt: &[T]) -> Option<Acquired> {
+        let max_reuse = prompt.len().saturating_sub(1);
+        let free = |s: &Slot<T>| !s.busy;
+        let mut pick: Option<(usize, usize, bool)> = None;
+        if self.cache_enabled {
+            // 1. This key's own slot.
+            if let Some(k) = key
+                && let Some(i) = self.slots.iter().position(|s| free(s) && s.key == Some(k))
+            {
+                pick = Some((i, common_prefix(&self.slots[i].tokens, prompt), false));
+            }
+            // 2. A slot no key owns, best prefix first (shared system prompts).
+            if pick.is_none() {
+                pick = self
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| free(s) && s.key.is_none())
+                    .map(|(i, s)| (i, common_prefix(&s.tokens, prompt)))
+                    .max_by_key(|&(i, lcp)| (lcp, std::cmp::Reverse(i)))
+                    .map(|(i, lcp)| (i, lcp, false));
+            }
+        } else {
+            pick = self
+                .slots
+                .iter()
+                .position(|s| free(s) && s.key.is_none())
+                .map(|i| (i, 0, false));
+        }
+        // 3. Evict the least recently used keyed slot.
+        if pick.is_none() {
+            pick = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| free(s))
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(i, s)| (i, 0, !s.tokens.is_empty()));
+        }
+        let (slot, lcp, evicted) = pick?;
+        if evicted {
+            self.evictions += 1;
+        }
+        let reuse = if self.cache_enabled {
+            lcp.min(max_reuse)
+        } else {
+            0
+        };
+        let s = &mut self.slots[slot];
+        s.busy = true;
+        s.key = if self.cache_enabled { key } else { None };
+        s.tokens.truncate(reuse);
+        Some(Acquired {
+            slot,
+            reuse,
+            evicted,
+        })
+    }
+
+    /// The request on `slot` ended; `kv_tokens` are the tokens its sequence
+    /// now holds in KV (kept as the key's cache when caching is on).
+    pub(crate) fn release(&mut self, slot: usize, kv_tokens: Vec<T>) {
+        self.clock += 1;
+        let cache = self.cache_enabled;
+        let s = &mut self.slots[slot];
+        s.busy = false;
+        s.last_used = self.clock;
+        if cache {
+            s.tokens = kv_tokens;
+        } else {
+            s.tokens.clear();
+            s.key = None;
+        }
+    }
+
+    /// The slot's KV is unknown (after a failed decode): forget it.
+    pub(crate) fn invalidate(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        s.busy = false;
+        s.key = None;
+        s.tokens.clear();
+    }
+
+    /// Forget every cached prefix (the caller clears the KV cache).
+    pub(crate) fn clear_idle(&mut self) {
+        for s in self.slots.iter_mut().filter(|s| !s.busy) {
+            s.key = None;
+            s.tokens.clear();
+        }
+    }
+}
+
+/// Waiting requests: higher priority first, FIFO within a priority, bounded.
+#[derive(Debug)]
+pub(crate) struct JobQueue<J> {
+    items: Vec<(i32, u64, J)>,
+    next: u64,
+    capacity: usize,
+}
+
+impl<J> JobQueue<J> {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            items: Vec::new(),
+            next: 0,
+            capacity,
+        }
+    }
+
+    pub(crate) fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Add a job; gives it back when the queue is full.
+    pub(crate) fn push(&mut self, priority: i32, job: J) -> Result<(), J> {
+        if self.items.len() >= self.capacity {
+            return Err(job);
+        }
+        self.items.push((priority, self.next, job));
+        self.next += 1;
+        Ok(())
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<J> {
+        let idx = self
+            .items
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, (p, seq, _))| (*p, std::cmp::Reverse(*seq)))
+            .map(|(i, _)| i)?;
+        Some(self.items.remove(idx).2)
+    }
+
+    /// Remove the first job matching `pred`.
+    pub(crate) fn remove_where(&mut self, mut pred: impl FnMut(&J) -> bool) -> Option<J> {
+        let idx = self.items.iter().position(|(_, _, j)| pred(j))?;
+        Some(self.items.remove(idx).2)
+    }
+
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = J> + '_ {
+        self.items.drain(..).map(|(_, _, j)| j)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_key_reuses_longest_common_prefix() {
+        let mut t = SlotTable::<u32>::new(2, true);
+        let a = t.acquire(Some(7), &[1, 2, 3]).unwrap();
+        assert_eq!(a.reuse, 0);
+        t.release(a.slot, vec![1, 2, 3, 9]);
+        let b = t.acquire(Some(7), &[1, 2, 3, 9, 4, 5]).unwrap();
+        assert_eq!((b.slot, b.reuse), (a.slot, 4));
+        t.release(b.slot, vec![1, 2, 3, 9, 4, 5]);
+        // Diverging history keeps only the shared part.
+        let c = t.acquire(Some(7), &[1, 2, 8]).unwrap();
+        assert_eq!(c.reuse, 2);
+    }
+
+    #[test]
+    fn whole_prompt_cached_still_decodes_last_token() {
+        let mut t = SlotTable::<u32>::new(1, true);
+        let a = t.acquire(Some(1), &[1, 2, 3]).unwrap();
+        t.release(a.slot, vec![1, 2, 3]);
+        assert_eq!(t.acquire(Some(1), &[1, 2, 3]).unwrap().reuse, 2);
+    }
+
+    #[test]
+    fn lru_keyed_slot_is_evicted_when_full() {
+        let mut t = SlotTable::<u32>::new(2, true);
+        let a = t.acquire(Some(1), &[1]).unwrap();
+        let b = t.acquire(Some(2), &[2]).unwrap();
+        t.release(a.slot, vec![1]);
+        t.release(b.slot, vec![2]);
+        assert!(!t.has_free() || t.cached() == 2);
+        let c = t.acquire(Some(3), &[3]).unwrap();
+        assert!(c.evicted);
+        assert_eq!(c.slot, a.slot, "key 1 was used least recently");
+        assert_eq!(t.evictions, 1);
+        // Key 2 still finds its prefix.
+        let d = t.acquire(Some(2), &[2, 5]).unwrap();
+        assert_eq!((d.slot, d.reuse), (b.slot, 1));
+        assert!(t.acquire(Some(4), &[4]).is_none(), "all slots busy");
+    }
+
+    #[test]
+    fn cache_disabled_never_reuses() {
+        let mut t = SlotTable::<u32>::new(1, false);
+        let a = t.acquire(Some(1), &[1, 2, 3]).unwrap();
+        t.release(a.slot, vec![1, 2, 3]);
+        assert_eq!(t.acquire(Some(1), &[1, 2, 3, 4]).unwrap().reuse, 0);
+    }
+
+    #[test]
+    fn queue_is_priority_then_fifo_and_bounded() {
+        let mut q = JobQueue::new(3);
+        q.push(0, "a").unwrap();
+        q.push(5, "b").unwrap();
+        q.push(0, "c").unwrap();
+        assert_eq!(q.push(9, "d"), Err("d"));
+        assert_eq!(q.pop(), Some("b"));
+        assert_eq!(q.pop(), Some("a"));
+        assert_eq!(q.remove_where(|j| *j == "c"), Some("c"));
+        assert!(q.is_empty());
+    }
+}

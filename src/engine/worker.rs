@@ -1,0 +1,468 @@
+//! The inference worker thread: owns the llama.cpp backend, the model and
+//! its context; receives [`Command`]s and sends [`Event`]s over
+//! crossbeam channels. Nothing here ever runs on Bevy's threads.
+
+use std::num::NonZeroU32;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+
+use super::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadedModelInfo};
+use super::serve::{Outcome, Server};
+use super::slots::JobQueue;
+use crate::errors::{LlmError, ModelLoadError};
+use crate::events::LoadPhase;
+use crate::registry::{VerifyOutcome, verify_model_file};
+
+/// llama.cpp's backend may be initialised once per process; every worker
+/// (and every test `App` in one binary) shares it.
+pub(crate) fn backend(logs: bool) -> Result<&'static LlamaBackend, ModelLoadError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(
+                llama_cpp_2::LogOptions::default().with_logs_enabled(logs),
+            );
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| ModelLoadError::Backend(e.clone()))
+}
+
+/// Owner of the worker thread. Dropping it stops and joins the thread.
+pub(crate) struct WorkerHandle {
+    pub(crate) commands: Sender<Command>,
+    pub(crate) events: Receiver<Event>,
+    abort: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Start the worker and wait for its handshake (backend initialised).
+    pub(crate) fn spawn(logs: bool, knobs: Knobs) -> Result<Self, ModelLoadError> {
+        let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+        let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let abort = Arc::new(AtomicBool::new(false));
+        let abort2 = abort.clone();
+        let join = std::thread::Builder::new()
+            .name("npc-llm-worker".into())
+            .spawn(move || {
+                let backend = match backend(logs) {
+                    Ok(b) => {
+                        let _ = ready_tx.send(Ok(()));
+                        b
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let events = ev_tx.clone();
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    Worker {
+                        backend,
+                        commands: cmd_rx,
+                        events: ev_tx,
+                        abort: abort2,
+                        queue: JobQueue::new(knobs.queue_capacity as usize),
+                        knobs,
+                    }
+                    .run();
+                }));
+                let reason = result.err().map(|p| {
+                    p.downcast_ref::<&str>()
+                        .map(|s| (*s).to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "panic".into())
+                });
+                let _ = events.send(Event::Stopped { reason });
+            })
+            .map_err(|e| ModelLoadError::Backend(format!("cannot spawn worker thread: {e}")))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                commands: cmd_tx,
+                events: ev_rx,
+                abort,
+                join: Some(join),
+            }),
+            Ok(Err(e)) => {
+                let _ = join.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = join.join();
+                Err(ModelLoadError::WorkerGone)
+            }
+        }
+    }
+
+    /// Send a command; `false` when the worker is gone.
+    pub(crate) fn send(&self, cmd: Command) -> bool {
+        self.commands.send(cmd).is_ok()
+    }
+
+    /// Ask a running load or verification to stop early.
+    pub(crate) fn abort_load(&self) {
+        self.abort.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.abort.store(true, Ordering::Relaxed);
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(join) = self.join.take() {
+            let _ = join.join();
+        }
+    }
+}
+
+struct Worker {
+    backend: &'static LlamaBackend,
+    commands: Receiver<Command>,
+    events: Sender<Event>,
+    abort: Arc<AtomicBool>,
+    queue: JobQueue<Job>,
+    knobs: Knobs,
+}
+
+/// The loaded model and how it was loaded.
+struct Loaded {
+    model: Arc<LlamaModel>,
+    spec: LoadSpec,
+    info: LoadedModelInfo,
+}
+
+/// What the worker should do after serving stops.
+pub(crate) enum Next {
+    Load(Box<LoadSpec>),
+    Unload,
+    Shutdown,
+}
+
+impl Worker {
+    fn send(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    fn run(mut self) {
+        let mut current: Option<Loaded> = None;
+        let mut next: Option<Next> = None;
+        loop {
+            let step = match next.take() {
+                Some(n) => n,
+                None => match &current {
+                    Some(loaded) => match self.serve(loaded) {
+                        Ok(n) => n,
+                        Err(reason) => {
+                            // The context could not be created again: drop the model.
+                            let model = loaded.spec.model_id.clone();
+                            self.send(Event::LoadFailed {
+                                model: model.clone(),
+                                error: ModelLoadError::Context {
+                                    n_ctx: loaded.spec.context_per_sequence
+                                        * loaded.spec.sequences,
+                                    n_seq: loaded.spec.sequences,
+                                    message: reason,
+                                },
+                                still_loaded: None,
+                            });
+                            current = None;
+                            self.send(Event::Unloaded { model });
+                            continue;
+                        }
+                    },
+                    None => match self.idle() {
+                        Some(n) => n,
+                        None => return,
+                    },
+                },
+            };
+            match step {
+                Next::Shutdown => {
+                    self.fail_queue(|| LlmError::WorkerGone("the engine shut down".into()));
+                    return;
+                }
+                Next::Unload => {
+                    if let Some(old) = current.take() {
+                        let model = old.spec.model_id.clone();
+                        drop(old);
+                        self.send(Event::Unloaded { model });
+                    }
+                }
+                Next::Load(spec) => {
+                    self.abort.store(false, Ordering::Relaxed);
+                    match self.load(&spec) {
+                        Ok(loaded) => {
+                            if let Some(old) = current.take() {
+                                let id = old.spec.model_id.clone();
+                                drop(old);
+                                if id != loaded.spec.model_id {
+                                    self.send(Event::Unloaded { model: id });
+                                }
+                            }
+                            self.send(Event::Loaded(Box::new(loaded.info.clone())));
+                            current = Some(loaded);
+                        }
+                        Err(error) => {
+                            let still_loaded = current.as_ref().map(|c| c.spec.model_id.clone());
+                            self.send(Event::LoadFailed {
+                                model: spec.model_id.clone(),
+                                error: error.clone(),
+                                still_loaded: still_loaded.clone(),
+                            });
+                            if still_loaded.is_none() {
+                                self.fail_queue(|| LlmError::ModelUnavailable(error.clone()));
+                            }
+                        }
+                    }
+                    // A command that arrived during the load may already ask for more.
+                    if let Some(n) = self.drain_pending() {
+                        next = Some(n);
+                    }
+                }
+            }
+        }
+    }
+
+    /// No model: wait for commands. Submitted jobs wait in the queue for a
+    /// load; with none coming, they are failed by the Bevy side's policy.
+    fn idle(&mut self) -> Option<Next> {
+        loop {
+            let cmd = self.commands.recv().ok()?;
+            if let Some(n) = self.handle_idle(cmd) {
+                return Some(n);
+            }
+        }
+    }
+
+    fn handle_idle(&mut self, cmd: Command) -> Option<Next> {
+        match cmd {
+            Command::Submit(job) => {
+                let id = job.id;
+                if self.queue.push(job.priority, *job).is_err() {
+                    self.send(Event::Failed {
+                        id,
+                        error: LlmError::QueueFull {
+                            capacity: self.knobs.queue_capacity as usize,
+                        },
+                    });
+                }
+                None
+            }
+            Command::Cancel(id) => {
+                if self.queue.remove_where(|j| j.id == id).is_some() {
+                    self.send(Event::Cancelled { id });
+                }
+                None
+            }
+            Command::Configure(k) => {
+                self.knobs = k;
+                self.queue.set_capacity(k.queue_capacity as usize);
+                None
+            }
+            Command::Load(spec) => Some(Next::Load(spec)),
+            Command::Unload => Some(Next::Unload),
+            Command::Shutdown => Some(Next::Shutdown),
+            #[cfg(any(test, debug_assertions))]
+            Command::Crash => panic!("crash requested by a test"),
+        }
+    }
+
+    /// Handle commands that arrived while loading, without blocking.
+    fn drain_pending(&mut self) -> Option<Next> {
+        while let Ok(cmd) = self.commands.try_recv() {
+            if let Some(n) = self.handle_idle(cmd) {
+                return Some(n);
+            }
+        }
+        None
+    }
+
+    fn fail_queue(&mut self, error: impl Fn() -> LlmError) {
+        let jobs: Vec<Job> = self.queue.drain().collect();
+        for job in jobs {
+            self.send(Event::Failed {
+                id: job.id,
+                error: error(),
+            });
+        }
+    }
+
+    fn load(&mut self, spec: &LoadSpec) -> Result<Loaded, ModelLoadError> {
+        let started = Instant::now();
+        let id = spec.model_id.clone();
+        let mut hashed = false;
+        if let Some((sha, size)) = &spec.verify {
+            let events = self.events.clone();
+            let abort = self.abort.clone();
+            let mut last = -1.0f32;
+            let outcome = verify_model_file(&spec.path, sha, *size, spec.cache.as_ref(), |done, total| {
+                let p = if total == 0 { 1.0 } else { done as f32 / total as f32 };
+                if p - last >= 0.02 || p >= 1.0 {
+                    last = p;
+                    let _ = events.send(Event::Loading {
+                        model: id.clone(),
+                        phase: LoadPhase::Verifying,
+                        progress: p,
+                    });
+                }
+                !abort.load(Ordering::Relaxed)
+            })?;
+            hashed = outcome == VerifyOutcome::Hashed;
+        } else if !spec.path.is_file() {
+            return Err(crate::errors::VerifyError::Missing(spec.path.clone()).into());
+        }
+        let events = self.events.clone();
+        let abort = self.abort.clone();
+        let id2 = id.clone();
+        let params = LlamaModelParams::default()
+            .with_n_gpu_layers(spec.gpu_layers)
+            .with_progress_callback(move |p| {
+                let _ = events.send(Event::Loading {
+                    model: id2.clone(),
+                    phase: LoadPhase::Loading,
+                    progress: p,
+                });
+                !abort.load(Ordering::Relaxed)
+            });
+        let model = LlamaModel::load_from_file(self.backend, &spec.path, &params).map_err(|e| {
+            if self.abort.load(Ordering::Relaxed) {
+                ModelLoadError::Aborted
+            } else {
+                ModelLoadError::Llama {
+                    path: spec.path.clone(),
+                    message: format!("{e} (corrupt, truncated or unsupported GGUF?)"),
+                }
+            }
+        })?;
+        let n_train = model.n_ctx_train().max(64);
+        let per_seq = spec.context_per_sequence.min(n_train);
+        let has_chat_template = model.chat_template(None).is_ok();
+        let info = LoadedModelInfo {
+            model: id.clone(),
+            path: spec.path.clone(),
+            n_params: model.n_params(),
+            size_bytes: model.size(),
+            context_per_sequence: per_seq,
+            sequences: spec.sequences,
+            threads: spec.threads,
+            gpu_layers: spec.gpu_layers.min(model.n_layer() + 1),
+            has_chat_template,
+            hashed,
+            load_time: started.elapsed(),
+        };
+        let mut spec = spec.clone();
+        spec.context_per_sequence = per_seq;
+        // Check once that the prompt format works and the context fits.
+        super::prompt::PromptRenderer::new(&model, &spec.prompt_format).map_err(|message| {
+            ModelLoadError::Llama {
+                path: spec.path.clone(),
+                message,
+            }
+        })?;
+        {
+            let ctx = model
+                .new_context(self.backend, context_params(&spec))
+                .map_err(|e| ModelLoadError::Context {
+                    n_ctx: per_seq * spec.sequences,
+                    n_seq: spec.sequences,
+                    message: e.to_string(),
+                })?;
+            drop(ctx);
+        }
+        Ok(Loaded {
+            model: Arc::new(model),
+            spec,
+            info,
+        })
+    }
+
+    /// Serve requests with a loaded model until a command needs the model
+    /// changed. Running requests then fail; waiting ones stay queued.
+    fn serve(&mut self, loaded: &Loaded) -> Result<Next, String> {
+        let model = loaded.model.clone();
+        let ctx = model
+            .new_context(self.backend, context_params(&loaded.spec))
+            .map_err(|e| e.to_string())?;
+        let mut server = Server::new(
+            &model,
+            ctx,
+            &loaded.spec,
+            self.knobs,
+            self.events.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+        loop {
+            // Commands first: new jobs join between decode steps.
+            let cmd = if server.is_idle() && self.queue.is_empty() {
+                match self.commands.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return Ok(Next::Shutdown),
+                }
+            } else {
+                self.commands.try_recv().ok()
+            };
+            if let Some(cmd) = cmd {
+                let next = match cmd {
+                    Command::Load(spec) => Some(Next::Load(spec)),
+                    Command::Unload => Some(Next::Unload),
+                    Command::Shutdown => Some(Next::Shutdown),
+                    Command::Cancel(id) => {
+                        if !server.cancel(id) && self.queue.remove_where(|j| j.id == id).is_some() {
+                            self.send(Event::Cancelled { id });
+                        }
+                        None
+                    }
+                    Command::Configure(k) => {
+                        self.knobs = k;
+                        self.queue.set_capacity(k.queue_capacity as usize);
+                        server.configure(k);
+                        None
+                    }
+                    other => self.handle_idle(other),
+                };
+                if let Some(next) = next {
+                    let reason = match &next {
+                        Next::Load(spec) => format!("switching to model `{}`", spec.model_id),
+                        Next::Unload => "model unloaded".into(),
+                        Next::Shutdown => "engine shut down".into(),
+                    };
+                    server.fail_all(&LlmError::ModelUnloaded { reason });
+                    return Ok(next);
+                }
+                continue;
+            }
+            // Admit waiting jobs into free slots, then run one decode step.
+            while server.has_free_slot() {
+                let Some(job) = self.queue.pop() else { break };
+                server.admit(job);
+            }
+            match server.step() {
+                Outcome::Progress | Outcome::Idle => {}
+            }
+            server.send_counters(self.queue.len());
+        }
+    }
+}
+
+pub(crate) fn context_params(spec: &LoadSpec) -> LlamaContextParams {
+    let n_ctx = spec.context_per_sequence * spec.sequences;
+    LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(spec.batch_size)
+        .with_n_ubatch(spec.batch_size.min(512))
+        .with_n_seq_max(spec.sequences)
+        .with_n_threads(spec.threads as i32)
+        .with_n_threads_batch(spec.threads as i32)
+        .with_kv_unified(false)
+}

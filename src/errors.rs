@@ -1,0 +1,213 @@
+//! Typed errors, one enum per operation.
+//!
+//! Every error is `Clone` so it can travel inside events, and its `Display`
+//! text is written for a game developer reading a log line or the overlay.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Loading or editing the [`ModelRegistry`](crate::registry::ModelRegistry).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RegistryError {
+    /// The manifest file could not be read.
+    #[error("cannot read model registry {path}: {message}")]
+    Io {
+        /// The manifest path.
+        path: PathBuf,
+        /// The operating system's message.
+        message: String,
+    },
+    /// The manifest is not valid RON for the registry's format (wrong type,
+    /// missing or unknown field, unknown prompt format, ...).
+    #[error("{origin}:{line}:{column}: {message}")]
+    Parse {
+        /// Where the text came from (a path, or `<string>`).
+        origin: String,
+        /// 1-based line of the problem.
+        line: usize,
+        /// 1-based column of the problem.
+        column: usize,
+        /// What RON/serde said, naming the field.
+        message: String,
+    },
+    /// An entry parsed but holds a value that makes no sense.
+    #[error("model `{id}`: invalid `{field}`: {message}")]
+    Invalid {
+        /// The entry's id (or its index, when the id itself is bad).
+        id: String,
+        /// The offending field.
+        field: &'static str,
+        /// Why it is invalid.
+        message: String,
+    },
+    /// Two entries share one id.
+    #[error("duplicate model id `{0}` in the registry")]
+    DuplicateId(String),
+    /// No entry has this id.
+    #[error("no model `{id}` in the registry (known: {known})")]
+    UnknownModel {
+        /// The id asked for.
+        id: String,
+        /// The ids the registry holds, comma separated.
+        known: String,
+    },
+}
+
+/// Loading or validating [`LlmSettings`](crate::settings::LlmSettings).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SettingsError {
+    /// The settings file exists but could not be read.
+    #[error("cannot read settings {path}: {message}")]
+    Io {
+        /// The settings path.
+        path: PathBuf,
+        /// The operating system's message.
+        message: String,
+    },
+    /// The file is not valid RON for the settings format.
+    #[error("{origin}:{line}:{column}: {message}")]
+    Parse {
+        /// Where the text came from.
+        origin: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What RON/serde said, naming the field.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid setting `{field}`: {message}")]
+    Invalid {
+        /// The setting's path, e.g. `sampling.temperature`.
+        field: &'static str,
+        /// Why it is invalid.
+        message: String,
+    },
+}
+
+/// Checking a model file against its registry entry (size and sha256).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum VerifyError {
+    /// The file does not exist.
+    #[error("model file not found: {0} (run scripts/fetch-models.sh or fix `file` in models.ron)")]
+    Missing(PathBuf),
+    /// The path exists but is not a regular file.
+    #[error("model path is not a file: {0}")]
+    NotAFile(PathBuf),
+    /// Reading failed.
+    #[error("cannot read model file {path}: {message}")]
+    Io {
+        /// The model path.
+        path: PathBuf,
+        /// The operating system's message.
+        message: String,
+    },
+    /// The file has the wrong size (truncated or a different file).
+    #[error("model file {path} has {actual} bytes, the registry expects {expected}")]
+    SizeMismatch {
+        /// The model path.
+        path: PathBuf,
+        /// Size from the registry.
+        expected: u64,
+        /// Size on disk.
+        actual: u64,
+    },
+    /// The content hash differs from the registry's.
+    #[error("model file {path} has sha256 {actual}, the registry expects {expected}")]
+    Sha256Mismatch {
+        /// The model path.
+        path: PathBuf,
+        /// Hash from the registry.
+        expected: String,
+        /// Hash of the file.
+        actual: String,
+    },
+    /// Verification was stopped (shutdown or a newer load request).
+    #[error("verification aborted")]
+    Aborted,
+}
+
+/// Loading a model into the inference worker.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum ModelLoadError {
+    /// The registry has no such model, or could not be loaded.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The file failed its integrity check; it was not loaded.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+    /// llama.cpp refused the file (corrupt, truncated, unsupported architecture).
+    #[error("llama.cpp could not load {path}: {message}")]
+    Llama {
+        /// The model path.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The inference context could not be created (usually out of memory).
+    #[error("cannot create an inference context ({n_ctx} tokens for {n_seq} sequences): {message}")]
+    Context {
+        /// Total context asked for.
+        n_ctx: u32,
+        /// Parallel sequences asked for.
+        n_seq: u32,
+        /// What failed.
+        message: String,
+    },
+    /// The llama.cpp backend could not be initialised.
+    #[error("llama.cpp backend failed to initialise: {0}")]
+    Backend(String),
+    /// The worker thread is gone.
+    #[error("the inference worker is not running")]
+    WorkerGone,
+    /// The load was aborted by shutdown or by a newer load.
+    #[error("model load aborted")]
+    Aborted,
+}
+
+/// Why a request failed. Carried by [`LlmFailed`](crate::events::LlmFailed).
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum LlmError {
+    /// The engine already holds `capacity` requests; this one was rejected.
+    #[error("request queue is full ({capacity} requests waiting or running)")]
+    QueueFull {
+        /// Queue capacity plus parallel sequences.
+        capacity: usize,
+    },
+    /// The prompt does not fit the per-sequence context.
+    #[error(
+        "prompt is {tokens} tokens but a sequence holds {limit} (set `trim_prompt` on the request or raise `context_per_sequence`)"
+    )]
+    PromptTooLong {
+        /// Prompt length in tokens.
+        tokens: usize,
+        /// Tokens that fit (context per sequence minus room to answer).
+        limit: usize,
+    },
+    /// The prompt rendered to no tokens at all.
+    #[error("the request has an empty prompt")]
+    EmptyPrompt,
+    /// The request itself is malformed (e.g. bad sampling values).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The prompt could not be rendered with the model's template.
+    #[error("cannot render the prompt with the model's template: {0}")]
+    Template(String),
+    /// No model could be loaded to serve the request.
+    #[error("no model available: {0}")]
+    ModelUnavailable(ModelLoadError),
+    /// The model was unloaded or switched while the request was running.
+    #[error("the model was unloaded while the request ran ({reason})")]
+    ModelUnloaded {
+        /// What replaced or unloaded it.
+        reason: String,
+    },
+    /// llama.cpp failed to decode.
+    #[error("llama.cpp decode failed: {0}")]
+    Decode(String),
+    /// The inference worker stopped or crashed.
+    #[error("the inference worker stopped: {0}")]
+    WorkerGone(String),
+}

@@ -1,0 +1,146 @@
+//! Everything the plugin tells a game, and the messages a game sends it.
+//!
+//! # Request lifecycle (per entity)
+//! Each is both an [`EntityEvent`] (observe it with `On<E>`, globally or on
+//! the entity) and a [`Message`] (read it with `MessageReader<E>`), sent from
+//! [`NpcLlmSystems::Receive`](crate::NpcLlmSystems::Receive) in `PreUpdate`:
+//!
+//! | event | when | must a game handle it? |
+//! |---|---|---|
+//! | [`LlmStarted`] | the worker began the request (prompt decoded next) | optional |
+//! | [`LlmToken`] | a new piece of text, in order | to stream text (speech bubbles) |
+//! | [`LlmCompleted`] | exactly once on success, with the full text and stats | **yes** |
+//! | [`LlmFailed`] | exactly once on failure, with a typed [`LlmError`] | **yes**: show a fallback line |
+//! | [`LlmCancelled`] | after a cancel by message or by removing [`LlmRequest`](crate::request::LlmRequest) | optional |
+//!
+//! A request ends with exactly one of completed, failed or cancelled. A
+//! despawned entity gets no events. The entity's
+//! [`LlmRequestStatus`](crate::request::LlmRequestStatus) tells the same
+//! story for games that prefer polling.
+//!
+//! # Model lifecycle (messages)
+//! [`ModelLoading`] (with progress), then [`ModelLoaded`] or
+//! [`ModelLoadFailed`]; [`ModelUnloaded`] when a model goes away. The
+//! [`LlmModelState`](crate::LlmModelState) resource holds the current state.
+//!
+//! # Messages a game sends
+//! [`LoadModel`] (load or switch), [`UnloadModel`], [`CancelLlmRequest`].
+
+use bevy::prelude::{Entity, EntityEvent, Message};
+
+use crate::errors::{LlmError, ModelLoadError};
+use crate::request::{FinishReason, RequestStats};
+
+/// The worker started a request.
+#[derive(EntityEvent, Message, Debug, Clone, PartialEq)]
+pub struct LlmStarted {
+    /// The requesting entity.
+    pub entity: Entity,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Prompt tokens reused from the prefix cache.
+    pub reused_prefix_tokens: usize,
+}
+
+/// A new piece of generated text (whole UTF-8 characters, never part of a stop string).
+#[derive(EntityEvent, Message, Debug, Clone, PartialEq)]
+pub struct LlmToken {
+    /// The requesting entity.
+    pub entity: Entity,
+    /// The new text.
+    pub text: String,
+}
+
+/// A request finished. `text` equals all [`LlmToken`] texts joined.
+#[derive(EntityEvent, Message, Debug, Clone, PartialEq)]
+pub struct LlmCompleted {
+    /// The requesting entity.
+    pub entity: Entity,
+    /// The whole generated text.
+    pub text: String,
+    /// Why generation ended.
+    pub finish: FinishReason,
+    /// Figures.
+    pub stats: RequestStats,
+}
+
+/// A request failed.
+#[derive(EntityEvent, Message, Debug, Clone, PartialEq)]
+pub struct LlmFailed {
+    /// The requesting entity.
+    pub entity: Entity,
+    /// Why.
+    pub error: LlmError,
+}
+
+/// A request was cancelled.
+#[derive(EntityEvent, Message, Debug, Clone, PartialEq)]
+pub struct LlmCancelled {
+    /// The requesting entity.
+    pub entity: Entity,
+    /// Text generated before the cancel took effect.
+    pub partial_text: String,
+}
+
+/// Load (or switch to) a model. Requests that are running on the old model
+/// fail with [`LlmError::ModelUnloaded`]; waiting ones are served by the new one.
+#[derive(Message, Debug, Clone, PartialEq, Eq, Default)]
+pub struct LoadModel {
+    /// Registry id, or `None` for the settings' model (`"auto"` allowed).
+    pub model: Option<String>,
+}
+
+/// Unload the current model; running requests fail with
+/// [`LlmError::ModelUnloaded`], waiting ones wait for the next load.
+#[derive(Message, Debug, Clone, PartialEq, Eq, Default)]
+pub struct UnloadModel;
+
+/// Cancel the running request of an entity (within one decode step).
+#[derive(Message, Debug, Clone, PartialEq, Eq)]
+pub struct CancelLlmRequest {
+    /// The requesting entity.
+    pub entity: Entity,
+}
+
+/// What a model load is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadPhase {
+    /// Checking size and sha256.
+    Verifying,
+    /// llama.cpp is reading the weights.
+    Loading,
+}
+
+/// Progress of a model load, `progress` in `0.0..=1.0` per phase.
+#[derive(Message, Debug, Clone, PartialEq)]
+pub struct ModelLoading {
+    /// Registry id.
+    pub model: String,
+    /// Phase.
+    pub phase: LoadPhase,
+    /// Progress of the phase.
+    pub progress: f32,
+}
+
+/// A model is loaded and serving.
+#[derive(Message, Debug, Clone, PartialEq)]
+pub struct ModelLoaded {
+    /// What was loaded.
+    pub info: crate::LoadedModelInfo,
+}
+
+/// A model failed to load; the previous model (if any) is gone too.
+#[derive(Message, Debug, Clone, PartialEq)]
+pub struct ModelLoadFailed {
+    /// Registry id.
+    pub model: String,
+    /// Why.
+    pub error: ModelLoadError,
+}
+
+/// A model was unloaded.
+#[derive(Message, Debug, Clone, PartialEq)]
+pub struct ModelUnloaded {
+    /// Registry id.
+    pub model: String,
+}

@@ -1,0 +1,31 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+mod engine;
+pub mod errors;
+pub mod events;
+mod plugin;
+pub mod registry;
+pub mod request;
+mod ron_util;
+pub mod settings;
+
+pub use engine::{
+    EngineCounters, LlmDiagnostics, LlmEngineStats, LlmModelState, LoadedModelInfo, model_ready,
+};
+pub use plugin::{NpcLlmPlugin, NpcLlmSystems};
+
+/// The types most games need: `use bevy_npc_llm::prelude::*;`.
+pub mod prelude {
+    pub use crate::errors::{LlmError, ModelLoadError};
+    pub use crate::events::{
+        CancelLlmRequest, LlmCancelled, LlmCompleted, LlmFailed, LlmStarted, LlmToken, LoadModel,
+        ModelLoadFailed, ModelLoaded, UnloadModel,
+    };
+    pub use crate::request::{
+        CacheKey, ChatMessage, ChatRole, LlmRequest, LlmRequestStatus, RequestPriority,
+        RequestState,
+    };
+    pub use crate::settings::LlmSettings;
+    pub use crate::{LlmEngineStats, LlmModelState, NpcLlmPlugin, NpcLlmSystems, model_ready};
+}

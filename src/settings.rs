@@ -1,0 +1,336 @@
+//! [`LlmSettings`]: the engine's runtime knobs, with defaults and an optional
+//! RON file (`assets/llm_settings.ron`).
+//!
+//! ```
+//! use bevy_npc_llm::settings::LlmSettings;
+//!
+//! let settings = LlmSettings::from_ron_str(
+//!     "(model: \"smollm2-135m-instruct-q4_1\", max_parallel_sequences: 4, sampling: (temperature: 0.5))",
+//!     "<inline>",
+//! )
+//! .unwrap();
+//! assert_eq!(settings.max_parallel_sequences, 4);
+//! assert!(LlmSettings::from_ron_str("(sampling: (temperature: -1.0))", "<inline>").is_err());
+//! ```
+
+use std::path::Path;
+
+use bevy::prelude::Resource;
+use serde::{Deserialize, Serialize};
+
+use crate::errors::SettingsError;
+use crate::ron_util::spanned;
+
+/// How many model layers go to the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum GpuLayers {
+    /// Let the plugin decide from the hardware (all layers when they fit, none on CPU-only machines).
+    #[default]
+    Auto,
+    /// Exactly this many layers (0 = CPU only; a large number = all).
+    Count(u32),
+}
+
+/// Sampling and stopping parameters of one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingParams {
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// Softmax temperature; 0 means greedy (always the most likely token).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0 = off).
+    pub top_k: u32,
+    /// Nucleus sampling threshold in (0, 1] (1 = off).
+    pub top_p: f32,
+    /// Drop tokens below `min_p` × the best token's probability, in [0, 1) (0 = off).
+    pub min_p: f32,
+    /// Penalty for repeating recent tokens (1 = off).
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at.
+    pub repeat_last_n: u32,
+    /// Random seed; `None` picks a fresh one per request.
+    pub seed: Option<u32>,
+    /// Generation stops before any of these strings; they are never emitted.
+    pub stop: Vec<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 96,
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Check every value's range.
+    ///
+    /// # Errors
+    /// [`SettingsError::Invalid`] naming the first bad field.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |field, message: String| Err(SettingsError::Invalid { field, message });
+        if self.max_tokens == 0 {
+            return bad("sampling.max_tokens", "must be at least 1".into());
+        }
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(
+                "sampling.temperature",
+                format!("must be >= 0 (0 = greedy), got {}", self.temperature),
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(
+                "sampling.top_p",
+                format!("must be in (0, 1], got {}", self.top_p),
+            );
+        }
+        if !(self.min_p >= 0.0 && self.min_p < 1.0) {
+            return bad(
+                "sampling.min_p",
+                format!("must be in [0, 1), got {}", self.min_p),
+            );
+        }
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
+            return bad(
+                "sampling.repeat_penalty",
+                format!("must be > 0 (1 = off), got {}", self.repeat_penalty),
+            );
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return bad("sampling.stop", "stop strings must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// These parameters with every `Some` field of `overrides` applied.
+    #[must_use]
+    pub fn with_overrides(&self, overrides: &SamplingOverrides) -> Self {
+        let mut out = self.clone();
+        if let Some(v) = overrides.max_tokens {
+            out.max_tokens = v;
+        }
+        if let Some(v) = overrides.temperature {
+            out.temperature = v;
+        }
+        if let Some(v) = overrides.top_k {
+            out.top_k = v;
+        }
+        if let Some(v) = overrides.top_p {
+            out.top_p = v;
+        }
+        if let Some(v) = overrides.min_p {
+            out.min_p = v;
+        }
+        if let Some(v) = overrides.repeat_penalty {
+            out.repeat_penalty = v;
+        }
+        if let Some(v) = overrides.seed {
+            out.seed = Some(v);
+        }
+        if let Some(stop) = &overrides.stop {
+            for s in stop {
+                if !out.stop.contains(s) {
+                    out.stop.push(s.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Partial sampling parameters: a model's recommended values in the registry,
+/// or one request's changes. `None` keeps the value from the layer below
+/// (settings → model entry → request).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingOverrides {
+    /// See [`SamplingParams::max_tokens`].
+    pub max_tokens: Option<u32>,
+    /// See [`SamplingParams::temperature`].
+    pub temperature: Option<f32>,
+    /// See [`SamplingParams::top_k`].
+    pub top_k: Option<u32>,
+    /// See [`SamplingParams::top_p`].
+    pub top_p: Option<f32>,
+    /// See [`SamplingParams::min_p`].
+    pub min_p: Option<f32>,
+    /// See [`SamplingParams::repeat_penalty`].
+    pub repeat_penalty: Option<f32>,
+    /// See [`SamplingParams::seed`].
+    pub seed: Option<u32>,
+    /// Extra stop strings, added to the ones below.
+    pub stop: Option<Vec<String>>,
+}
+
+/// The engine's settings. Insert or edit this resource before the model
+/// loads; the plugin reads it when it (re)loads a model.
+#[derive(Resource, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmSettings {
+    /// Registry id of the model to use, or `"auto"` for the registry's choice.
+    pub model: String,
+    /// Inference threads; 0 picks from the machine's cores.
+    pub threads: u32,
+    /// Tokens of context each sequence (each NPC request) may use, prompt and answer together.
+    pub context_per_sequence: u32,
+    /// Sequences decoded together in one batch (also the number of per-NPC prefix-cache slots).
+    pub max_parallel_sequences: u32,
+    /// Most tokens in one decode call.
+    pub batch_size: u32,
+    /// Most prompt tokens one sequence adds to a decode step while other
+    /// sequences are generating, so a long prompt never stalls them for long.
+    pub prompt_chunk: u32,
+    /// Layers to offload to a GPU.
+    pub gpu_layers: GpuLayers,
+    /// Requests that may wait beyond the running ones before new ones are rejected.
+    pub queue_capacity: u32,
+    /// Reuse each cache key's (NPC's) prompt prefix across requests.
+    pub prefix_cache: bool,
+    /// Check size and sha256 against the registry before loading a model.
+    pub verify_sha256: bool,
+    /// Forward llama.cpp's own log lines to `tracing` (noisy).
+    pub llama_logs: bool,
+    /// Default sampling for every request.
+    pub sampling: SamplingParams,
+}
+
+impl Default for LlmSettings {
+    fn default() -> Self {
+        Self {
+            model: "auto".into(),
+            threads: 0,
+            context_per_sequence: 2048,
+            max_parallel_sequences: 8,
+            batch_size: 512,
+            prompt_chunk: 128,
+            gpu_layers: GpuLayers::Auto,
+            queue_capacity: 64,
+            prefix_cache: true,
+            verify_sha256: true,
+            llama_logs: false,
+            sampling: SamplingParams::default(),
+        }
+    }
+}
+
+impl LlmSettings {
+    /// Parse settings from RON text; fields left out keep their defaults.
+    ///
+    /// # Errors
+    /// [`SettingsError::Parse`] with line and column, or
+    /// [`SettingsError::Invalid`] for out-of-range values.
+    pub fn from_ron_str(text: &str, origin: &str) -> Result<Self, SettingsError> {
+        let settings: Self = ron::from_str(text).map_err(|e| {
+            let (line, column, message) = spanned(&e);
+            SettingsError::Parse {
+                origin: origin.to_string(),
+                line,
+                column,
+                message,
+            }
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Load settings from a RON file.
+    ///
+    /// # Errors
+    /// [`SettingsError::Io`] when the file cannot be read, else as [`Self::from_ron_str`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, SettingsError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| SettingsError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::from_ron_str(&text, &path.display().to_string())
+    }
+
+    /// Load `path` when it exists, else the defaults.
+    ///
+    /// # Errors
+    /// As [`Self::load`], for a file that exists.
+    pub fn load_or_default(path: impl AsRef<Path>) -> Result<Self, SettingsError> {
+        if path.as_ref().exists() {
+            Self::load(path)
+        } else {
+            Ok(Self::default())
+        }
+    }
+
+    /// Check every value's range.
+    ///
+    /// # Errors
+    /// [`SettingsError::Invalid`] naming the first bad field.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |field, message: &str| {
+            Err(SettingsError::Invalid {
+                field,
+                message: message.to_string(),
+            })
+        };
+        if self.model.trim().is_empty() {
+            return bad("model", "must be a registry id or \"auto\"");
+        }
+        if self.threads > 1024 {
+            return bad("threads", "must be at most 1024 (0 = auto)");
+        }
+        if self.context_per_sequence < 64 {
+            return bad(
+                "context_per_sequence",
+                "must be at least 64 tokens (zero context cannot hold a prompt)",
+            );
+        }
+        if self.max_parallel_sequences == 0 || self.max_parallel_sequences > 256 {
+            return bad("max_parallel_sequences", "must be between 1 and 256");
+        }
+        if self.batch_size < 8 {
+            return bad("batch_size", "must be at least 8 tokens");
+        }
+        if self.prompt_chunk == 0 {
+            return bad("prompt_chunk", "must be at least 1 token");
+        }
+        if u64::from(self.context_per_sequence) * u64::from(self.max_parallel_sequences)
+            > 4_194_304
+        {
+            return bad(
+                "context_per_sequence",
+                "context_per_sequence × max_parallel_sequences must be at most 4M tokens",
+            );
+        }
+        self.sampling.validate()?;
+        if self.sampling.max_tokens >= self.context_per_sequence {
+            return bad(
+                "sampling.max_tokens",
+                "must be smaller than context_per_sequence",
+            );
+        }
+        Ok(())
+    }
+
+    /// Threads to use: the setting, or the machine's cores minus one for the
+    /// game's main thread (at least 1, at most 8).
+    #[must_use]
+    pub fn effective_threads(&self) -> u32 {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        cores.saturating_sub(1).clamp(1, 8)
+    }
+
+    /// Requests the engine holds at once (running plus waiting).
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.queue_capacity as usize + self.max_parallel_sequences as usize
+    }
+}
