@@ -19,7 +19,7 @@ use bevy::prelude::Resource;
 use serde::{Deserialize, Serialize};
 
 use crate::errors::SettingsError;
-use crate::ron_util::spanned;
+use crate::ron_util::parse_ron;
 
 /// How many model layers go to the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -229,14 +229,11 @@ impl LlmSettings {
     /// [`SettingsError::Parse`] with line and column, or
     /// [`SettingsError::Invalid`] for out-of-range values.
     pub fn from_ron_str(text: &str, origin: &str) -> Result<Self, SettingsError> {
-        let settings: Self = ron::from_str(text).map_err(|e| {
-            let (line, column, message) = spanned(&e);
-            SettingsError::Parse {
-                origin: origin.to_string(),
-                line,
-                column,
-                message,
-            }
+        let settings: Self = parse_ron(text).map_err(|f| SettingsError::Parse {
+            origin: origin.to_string(),
+            line: f.line,
+            column: f.column,
+            message: f.message,
         })?;
         settings.validate()?;
         Ok(settings)

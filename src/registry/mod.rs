@@ -34,7 +34,7 @@ pub use manifest::{
 pub use verify::{VerificationCache, VerifyOutcome, verify_model_file};
 
 use crate::errors::RegistryError;
-use crate::ron_util::spanned;
+use crate::ron_util::parse_ron;
 use manifest::Manifest;
 
 /// The models a game can use. Loaded from RON by the plugin; entries can be
@@ -82,14 +82,11 @@ impl ModelRegistry {
         models_dir: impl Into<PathBuf>,
         origin: &str,
     ) -> Result<Self, RegistryError> {
-        let manifest: Manifest = ron::from_str(text).map_err(|e| {
-            let (line, column, message) = spanned(&e);
-            RegistryError::Parse {
-                origin: origin.to_string(),
-                line,
-                column,
-                message,
-            }
+        let manifest: Manifest = parse_ron(text).map_err(|f| RegistryError::Parse {
+            origin: origin.to_string(),
+            line: f.line,
+            column: f.column,
+            message: f.message,
         })?;
         let mut registry = Self::new(models_dir);
         for entry in manifest.models {

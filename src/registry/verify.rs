@@ -94,7 +94,11 @@ impl VerificationCache {
             if let Some(dir) = self.path.parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
-            let tmp = self.path.with_extension("tmp");
+            let tmp = self.path.with_extension(format!(
+                "tmp.{}.{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
             if std::fs::write(&tmp, text).is_ok() {
                 let _ = std::fs::rename(&tmp, &self.path);
             }
