@@ -81,7 +81,9 @@ pub(crate) fn knobs(settings: &LlmSettings) -> Knobs {
     Knobs {
         prefix_cache: settings.prefix_cache,
         prompt_chunk: settings.prompt_chunk,
-        queue_capacity: settings.queue_capacity,
+        // The worker's own bound is a safety net; the exact check against
+        // `queue_capacity` happens on the main thread at submission.
+        queue_capacity: settings.capacity() as u32,
     }
 }
 
@@ -375,10 +377,15 @@ pub(crate) fn receive(
                 match engine.last_rate {
                     Some((t, n)) if now.duration_since(t).as_secs_f32() >= 0.5 => {
                         let dt = now.duration_since(t).as_secs_f32();
-                        stats.tokens_per_second = (c.generated_tokens - n) as f32 / dt;
+                        stats.tokens_per_second =
+                            c.generated_tokens.saturating_sub(n) as f32 / dt;
                         engine.last_rate = Some((now, c.generated_tokens));
                     }
+                    // First figures, or a new model's counters starting at zero.
                     None => engine.last_rate = Some((now, c.generated_tokens)),
+                    Some((_, n)) if c.generated_tokens < n => {
+                        engine.last_rate = Some((now, c.generated_tokens));
+                    }
                     _ => {}
                 }
                 stats.counters = *c;

@@ -1,0 +1,165 @@
+//! Helpers shared by the integration tests: a headless `App` with the real
+//! models, an event recorder fed by observers (so order is exact), and a
+//! bounded update loop.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bevy::prelude::*;
+use bevy_npc_llm::errors::LlmError;
+use bevy_npc_llm::prelude::*;
+use bevy_npc_llm::request::{FinishReason, RequestStats};
+
+pub const SMOL: &str = "smollm2-135m-instruct-q4_1";
+pub const GEMMA: &str = "gemma3-270m-q4_k_m";
+
+pub fn models_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/models")
+}
+
+pub fn model_file(name: &str) -> PathBuf {
+    let p = models_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-models.sh (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+pub fn smol_file() -> PathBuf {
+    model_file("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub fn gemma_file() -> PathBuf {
+    model_file("gemma-3-270m-q4_k_m.gguf")
+}
+
+/// Small, fast settings for tests.
+pub fn settings() -> LlmSettings {
+    let mut s = LlmSettings {
+        model: SMOL.into(),
+        threads: 2,
+        context_per_sequence: 1024,
+        max_parallel_sequences: 8,
+        ..Default::default()
+    };
+    s.sampling.max_tokens = 24;
+    s
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rec {
+    Started(Entity, usize, usize),
+    Token(Entity, String),
+    Completed(Entity, String, FinishReason, RequestStats),
+    Failed(Entity, LlmError),
+    Cancelled(Entity),
+}
+
+impl Rec {
+    pub fn entity(&self) -> Entity {
+        match self {
+            Rec::Started(e, ..)
+            | Rec::Token(e, _)
+            | Rec::Completed(e, ..)
+            | Rec::Failed(e, _)
+            | Rec::Cancelled(e) => *e,
+        }
+    }
+}
+
+#[derive(Resource, Default, Debug)]
+pub struct Recorded(pub Vec<Rec>);
+
+impl Recorded {
+    pub fn of(&self, e: Entity) -> Vec<Rec> {
+        self.0.iter().filter(|r| r.entity() == e).cloned().collect()
+    }
+    pub fn finished(&self, e: Entity) -> bool {
+        self.0.iter().any(|r| {
+            r.entity() == e && matches!(r, Rec::Completed(..) | Rec::Failed(..) | Rec::Cancelled(_))
+        })
+    }
+    pub fn completed_text(&self, e: Entity) -> Option<String> {
+        self.0.iter().find_map(|r| match r {
+            Rec::Completed(x, t, ..) if *x == e => Some(t.clone()),
+            _ => None,
+        })
+    }
+    pub fn failure(&self, e: Entity) -> Option<LlmError> {
+        self.0.iter().find_map(|r| match r {
+            Rec::Failed(x, err) if *x == e => Some(err.clone()),
+            _ => None,
+        })
+    }
+}
+
+pub fn app_with(settings: LlmSettings) -> App {
+    let mut app = App::new();
+    app.add_plugins(MinimalPlugins).add_plugins(
+        NpcLlmPlugin::default()
+            .with_registry_path(models_dir().join("models.ron"))
+            .with_settings(settings),
+    );
+    app.init_resource::<Recorded>();
+    app.add_observer(|e: On<LlmStarted>, mut r: ResMut<Recorded>| {
+        r.0.push(Rec::Started(e.entity, e.prompt_tokens, e.reused_prefix_tokens));
+    });
+    app.add_observer(|e: On<LlmToken>, mut r: ResMut<Recorded>| {
+        r.0.push(Rec::Token(e.entity, e.text.clone()));
+    });
+    app.add_observer(|e: On<LlmCompleted>, mut r: ResMut<Recorded>| {
+        r.0.push(Rec::Completed(e.entity, e.text.clone(), e.finish, e.stats.clone()));
+    });
+    app.add_observer(|e: On<LlmFailed>, mut r: ResMut<Recorded>| {
+        r.0.push(Rec::Failed(e.entity, e.error.clone()));
+    });
+    app.add_observer(|e: On<LlmCancelled>, mut r: ResMut<Recorded>| {
+        r.0.push(Rec::Cancelled(e.entity));
+    });
+    app
+}
+
+pub fn app() -> App {
+    app_with(settings())
+}
+
+/// Update until `done` holds; panics after `secs` seconds so nothing hangs.
+pub fn run_until(app: &mut App, secs: u64, mut done: impl FnMut(&mut App) -> bool) {
+    let start = Instant::now();
+    loop {
+        app.update();
+        if done(app) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out after {secs} s; recorded: {:?}; state: {:?}",
+            app.world().resource::<Recorded>().0,
+            app.world().resource::<LlmModelState>()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Update until every entity has finished.
+pub fn run_until_finished(app: &mut App, entities: &[Entity]) {
+    let entities = entities.to_vec();
+    run_until(app, 240, move |app| {
+        let r = app.world().resource::<Recorded>();
+        entities.iter().all(|e| r.finished(*e))
+    });
+}
+
+pub fn request(app: &mut App, req: LlmRequest) -> Entity {
+    app.world_mut().spawn(req).id()
+}
+
+pub fn chat(user: &str) -> LlmRequest {
+    LlmRequest::chat([
+        ChatMessage::system("You are a helpful villager. Answer briefly."),
+        ChatMessage::user(user),
+    ])
+}

@@ -1,0 +1,436 @@
+//! The inference engine with the real SmolLM2 model (and Gemma for model
+//! switching), headless: `App` + `MinimalPlugins` + `NpcLlmPlugin`.
+
+mod common;
+
+use bevy::prelude::*;
+use bevy_npc_llm::errors::{LlmError, ModelLoadError, VerifyError};
+use bevy_npc_llm::prelude::*;
+use bevy_npc_llm::registry::ModelRegistry;
+use bevy_npc_llm::request::FinishReason;
+use common::*;
+
+#[test]
+fn streams_tokens_then_exactly_one_completed_with_their_concatenation() {
+    let mut app = app();
+    let e = request(&mut app, chat("What is your favourite food?").with_seed(1));
+    run_until_finished(&mut app, &[e]);
+    let recs = app.world().resource::<Recorded>().of(e);
+    assert!(matches!(recs[0], Rec::Started(_, n, _) if n > 10), "{recs:?}");
+    let tokens: Vec<&str> = recs
+        .iter()
+        .filter_map(|r| match r {
+            Rec::Token(_, t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(!tokens.is_empty());
+    let completed: Vec<_> = recs
+        .iter()
+        .filter(|r| matches!(r, Rec::Completed(..)))
+        .collect();
+    assert_eq!(completed.len(), 1);
+    assert!(
+        matches!(recs.last(), Some(Rec::Completed(..))),
+        "completed comes last"
+    );
+    let Rec::Completed(_, text, _, stats) = completed[0] else {
+        unreachable!()
+    };
+    assert_eq!(*text, tokens.concat());
+    assert!(stats.generated_tokens >= tokens.len());
+    // The status component tells the same story.
+    let status = app.world().get::<LlmRequestStatus>(e).unwrap();
+    assert_eq!(status.text, *text);
+    assert!(matches!(status.state, RequestState::Completed(_)));
+}
+
+#[test]
+fn same_prompt_and_seed_give_the_same_text() {
+    let mut app = app();
+    let req = chat("Tell me about the weather in the village.")
+        .with_seed(42)
+        .with_temperature(0.9);
+    let a = request(&mut app, req.clone());
+    run_until_finished(&mut app, &[a]);
+    let b = request(&mut app, req);
+    run_until_finished(&mut app, &[b]);
+    let r = app.world().resource::<Recorded>();
+    let (ta, tb) = (r.completed_text(a).unwrap(), r.completed_text(b).unwrap());
+    assert!(!ta.is_empty());
+    assert_eq!(ta, tb);
+}
+
+#[test]
+fn eight_concurrent_requests_are_batched() {
+    let mut app = app();
+    let topics = [
+        "bread", "swords", "flowers", "rain", "cats", "boats", "songs", "stars",
+    ];
+    let es: Vec<Entity> = topics
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            request(
+                &mut app,
+                chat(&format!("Say something about {t}.")).with_seed(i as u32),
+            )
+        })
+        .collect();
+    run_until_finished(&mut app, &es);
+    let r = app.world().resource::<Recorded>();
+    for e in &es {
+        assert!(r.completed_text(*e).is_some(), "{:?}", r.of(*e));
+    }
+    let c = &app.world().resource::<LlmEngineStats>().counters;
+    assert!(c.multi_sequence_batches > 0, "{c:?}");
+    assert!(c.max_batch_sequences > 1, "{c:?}");
+    assert!(c.decode_calls < c.generated_tokens, "{c:?}");
+}
+
+fn persona_history() -> Vec<ChatMessage> {
+    let mut msgs = vec![ChatMessage::system(
+        "You are Brom, the village blacksmith. You are gruff but kind, you love your anvil, \
+         and you speak in short sentences. You remember every customer by name.",
+    )];
+    for i in 0..6 {
+        msgs.push(ChatMessage::user(format!(
+            "Customer {i}: I need a horseshoe number {i}."
+        )));
+        msgs.push(ChatMessage::assistant(format!(
+            "Horseshoe {i}, coming up. Pay when done."
+        )));
+    }
+    msgs
+}
+
+/// Greedy decoding: llama.cpp's CPU kernels are not bit-identical across
+/// batch shapes, so a sampled (temperature > 0) run can drift after a dozen
+/// tokens between a cached and an uncached prompt; greedy output must match.
+#[test]
+fn prefix_cache_reuses_an_npcs_prompt_and_matches_an_uncached_run() {
+    let mut app = app();
+    let npc = app.world_mut().spawn_empty().id();
+    let mut first = persona_history();
+    first.push(ChatMessage::user("Hello Brom."));
+    app.world_mut().entity_mut(npc).insert(
+        LlmRequest::chat(first.clone())
+            .with_cache_key(npc)
+            .with_seed(7)
+            .with_temperature(0.0),
+    );
+    run_until_finished(&mut app, &[npc]);
+    let answer = app
+        .world()
+        .resource::<Recorded>()
+        .completed_text(npc)
+        .unwrap();
+    assert!(!answer.is_empty());
+    let mut second = first;
+    second.push(ChatMessage::user("Can you also fix my plough?"));
+    app.world_mut().resource_mut::<Recorded>().0.clear();
+    let req = LlmRequest::chat(second).with_seed(7).with_temperature(0.0);
+    app.world_mut()
+        .entity_mut(npc)
+        .insert(req.clone().with_cache_key(npc));
+    run_until_finished(&mut app, &[npc]);
+    let recs = app.world().resource::<Recorded>().of(npc);
+    let Some(Rec::Started(_, prompt, reused)) = recs.first().cloned() else {
+        panic!("{recs:?}")
+    };
+    assert!(reused > 0, "no prefix reused: {recs:?}");
+    assert!(reused < prompt);
+    let cached = app
+        .world()
+        .resource::<Recorded>()
+        .completed_text(npc)
+        .unwrap();
+
+    // The same request on an engine with the cache off.
+    let mut s = settings();
+    s.prefix_cache = false;
+    let mut plain = app_with(s);
+    let e = request(&mut plain, req);
+    run_until_finished(&mut plain, &[e]);
+    let r = plain.world().resource::<Recorded>();
+    assert!(matches!(r.of(e)[0], Rec::Started(_, _, 0)));
+    assert_eq!(r.completed_text(e).unwrap(), cached);
+}
+
+fn tokens_after_cancel(recs: &[Rec]) -> usize {
+    let at = recs
+        .iter()
+        .position(|r| matches!(r, Rec::Cancelled(_)))
+        .expect("cancelled event");
+    recs[at + 1..].len()
+}
+
+#[test]
+fn cancel_by_message_by_removal_and_by_despawn() {
+    let mut s = settings();
+    s.max_parallel_sequences = 2;
+    s.sampling.max_tokens = 200;
+    let mut app = app_with(s);
+    let long = || chat("Tell me a very long story about a dragon.").with_seed(3);
+    let by_msg = request(&mut app, long());
+    let by_remove = request(&mut app, long());
+    // Wait until both stream.
+    run_until(&mut app, 120, |app| {
+        let r = app.world().resource::<Recorded>();
+        [by_msg, by_remove]
+            .iter()
+            .all(|e| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..))))
+    });
+    app.world_mut().write_message(CancelLlmRequest { entity: by_msg });
+    app.world_mut().entity_mut(by_remove).remove::<LlmRequest>();
+    run_until_finished(&mut app, &[by_msg, by_remove]);
+    for e in [by_msg, by_remove] {
+        let recs = app.world().resource::<Recorded>().of(e);
+        assert!(recs.iter().any(|r| matches!(r, Rec::Cancelled(_))), "{recs:?}");
+        assert!(!recs.iter().any(|r| matches!(r, Rec::Completed(..))));
+        assert_eq!(tokens_after_cancel(&recs), 0);
+    }
+    // Despawn: no events at all after it.
+    let gone = request(&mut app, long());
+    run_until(&mut app, 120, |app| {
+        let r = app.world().resource::<Recorded>();
+        r.of(gone).iter().any(|x| matches!(x, Rec::Token(..)))
+    });
+    app.world_mut().despawn(gone);
+    let n = app.world().resource::<Recorded>().of(gone).len();
+    // Slots are freed: two new requests (parallel limit 2) both complete.
+    let a = request(&mut app, chat("Hi!").with_max_tokens(8));
+    let b = request(&mut app, chat("Hello!").with_max_tokens(8));
+    run_until_finished(&mut app, &[a, b]);
+    let r = app.world().resource::<Recorded>();
+    assert!(r.completed_text(a).is_some() && r.completed_text(b).is_some());
+    assert_eq!(r.of(gone).len(), n, "events after despawn");
+    assert_eq!(app.world().resource::<LlmEngineStats>().in_flight, 0);
+}
+
+#[test]
+fn stop_string_split_across_tokens_is_not_emitted() {
+    let mut app = app();
+    let counting = || {
+        LlmRequest::raw("Counting to twenty: 1, 2, 3, 4,")
+            .with_temperature(0.0)
+            .with_max_tokens(40)
+    };
+    let free = request(&mut app, counting());
+    run_until_finished(&mut app, &[free]);
+    let recs = app.world().resource::<Recorded>().of(free);
+    let full = app
+        .world()
+        .resource::<Recorded>()
+        .completed_text(free)
+        .unwrap();
+    let stop = "6, 7";
+    let at = full
+        .find(stop)
+        .unwrap_or_else(|| panic!("model did not count: {full:?}"));
+    // The stop string spans several token pieces in the free run.
+    assert!(
+        !recs
+            .iter()
+            .any(|r| matches!(r, Rec::Token(_, t) if t.contains(stop))),
+        "stop string came in one token; test proves nothing"
+    );
+    let stopped = request(&mut app, counting().with_stop([stop]));
+    run_until_finished(&mut app, &[stopped]);
+    let r = app.world().resource::<Recorded>();
+    let recs = r.of(stopped);
+    let text = r.completed_text(stopped).unwrap();
+    assert_eq!(text, full[..at]);
+    assert!(
+        matches!(recs.last(), Some(Rec::Completed(_, _, FinishReason::StopString, _))),
+        "{recs:?}"
+    );
+    let streamed: String = recs
+        .iter()
+        .filter_map(|r| match r {
+            Rec::Token(_, t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(!streamed.contains(stop));
+    assert_eq!(streamed, text);
+}
+
+#[test]
+fn multibyte_utf8_streams_whole_characters() {
+    let mut app = app();
+    let e = request(
+        &mut app,
+        LlmRequest::chat([ChatMessage::user(
+            "Repeat exactly: Café crème, naïve piñata, 日本語, emoji 😀🎉",
+        )])
+        .with_temperature(0.0)
+        .with_max_tokens(40),
+    );
+    run_until_finished(&mut app, &[e]);
+    let r = app.world().resource::<Recorded>();
+    let text = r.completed_text(e).unwrap();
+    assert!(
+        text.chars().any(|c| !c.is_ascii()),
+        "model produced no multi-byte text: {text:?}"
+    );
+    for rec in r.of(e) {
+        if let Rec::Token(_, t) = rec {
+            assert!(!t.contains('\u{fffd}'), "broken UTF-8 in {t:?}");
+        }
+    }
+}
+
+#[test]
+fn over_long_prompt_full_queue_missing_and_corrupt_models_fail_typed_and_app_recovers() {
+    let mut s = settings();
+    s.context_per_sequence = 256;
+    s.max_parallel_sequences = 1;
+    s.queue_capacity = 1;
+    s.sampling.max_tokens = 8;
+    let mut app = app_with(s);
+
+    // Over-long prompt.
+    let long = request(&mut app, chat(&"word ".repeat(600)));
+    run_until_finished(&mut app, &[long]);
+    let err = app.world().resource::<Recorded>().failure(long);
+    assert!(matches!(err, Some(LlmError::PromptTooLong { .. })), "{err:?}");
+    // ... trimmed on request instead.
+    let mut msgs = vec![ChatMessage::system("Be brief.")];
+    for i in 0..40 {
+        msgs.push(ChatMessage::user(format!("Line {i} of a long talk about farming and weather.")));
+    }
+    let trimmed = request(&mut app, LlmRequest::chat(msgs).with_trim_prompt(true));
+    run_until_finished(&mut app, &[trimmed]);
+    assert!(app.world().resource::<Recorded>().completed_text(trimmed).is_some());
+
+    // Full queue: capacity = 1 running + 1 waiting; four in one frame.
+    let four: Vec<Entity> = (0..4)
+        .map(|i| request(&mut app, chat(&format!("Hi {i}"))))
+        .collect();
+    run_until_finished(&mut app, &four);
+    let r = app.world().resource::<Recorded>();
+    let full = four
+        .iter()
+        .filter(|e| matches!(r.failure(**e), Some(LlmError::QueueFull { .. })))
+        .count();
+    let done = four.iter().filter(|e| r.completed_text(**e).is_some()).count();
+    assert_eq!((full, done), (2, 2));
+
+    // A missing file and a sha256 mismatch, added at run time.
+    {
+        let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
+        let mut missing = reg.get(SMOL).unwrap().clone();
+        missing.id = "missing".into();
+        missing.file = "does-not-exist.gguf".into();
+        reg.add(missing).unwrap();
+        let mut corrupt = reg.get(SMOL).unwrap().clone();
+        corrupt.id = "corrupt".into();
+        corrupt.sha256 = "0".repeat(64);
+        reg.add(corrupt).unwrap();
+    }
+    for (id, check) in [
+        (
+            "missing",
+            (|e: &ModelLoadError| matches!(e, ModelLoadError::Verify(VerifyError::Missing(_))))
+                as fn(&ModelLoadError) -> bool,
+        ),
+        ("corrupt", |e: &ModelLoadError| {
+            matches!(e, ModelLoadError::Verify(VerifyError::Sha256Mismatch { .. }))
+        }),
+    ] {
+        app.world_mut().write_message(LoadModel {
+            model: Some(id.into()),
+        });
+        run_until(&mut app, 60, |app| {
+            matches!(app.world().resource::<LlmModelState>(), LlmModelState::Failed { .. })
+        });
+        let state = app.world().resource::<LlmModelState>().clone();
+        let LlmModelState::Failed { error, .. } = state else {
+            unreachable!()
+        };
+        assert!(check(&error), "{id}: {error:?}");
+        // The previous model keeps serving.
+        let e = request(&mut app, chat("Still there?"));
+        run_until_finished(&mut app, &[e]);
+        assert!(
+            app.world().resource::<Recorded>().completed_text(e).is_some(),
+            "{id}: app did not recover"
+        );
+    }
+}
+
+#[test]
+fn requests_fail_typed_when_no_model_can_load_then_succeed_after_a_good_load() {
+    let mut s = settings();
+    s.model = "nope".into();
+    let mut app = app_with(s);
+    let e = request(&mut app, chat("Anyone?"));
+    run_until_finished(&mut app, &[e]);
+    let err = app.world().resource::<Recorded>().failure(e);
+    assert!(
+        matches!(err, Some(LlmError::ModelUnavailable(ModelLoadError::Registry(_)))),
+        "{err:?}"
+    );
+    app.world_mut().write_message(LoadModel {
+        model: Some(SMOL.into()),
+    });
+    run_until(&mut app, 60, |app| {
+        app.world().resource::<LlmModelState>().is_ready()
+    });
+    let e = request(&mut app, chat("Now?"));
+    run_until_finished(&mut app, &[e]);
+    assert!(app.world().resource::<Recorded>().completed_text(e).is_some());
+}
+
+#[test]
+fn switching_models_while_requests_run_does_not_hang() {
+    let mut s = settings();
+    s.sampling.max_tokens = 200;
+    let mut app = app_with(s);
+    let running: Vec<Entity> = (0..3)
+        .map(|i| request(&mut app, chat(&format!("Tell a long tale number {i}."))))
+        .collect();
+    run_until(&mut app, 120, |app| {
+        let r = app.world().resource::<Recorded>();
+        running
+            .iter()
+            .any(|e| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..))))
+    });
+    app.world_mut().write_message(LoadModel {
+        model: Some(GEMMA.into()),
+    });
+    run_until_finished(&mut app, &running);
+    let r = app.world().resource::<Recorded>();
+    for e in &running {
+        let ok = r.completed_text(*e).is_some()
+            || matches!(r.failure(*e), Some(LlmError::ModelUnloaded { .. }));
+        assert!(ok, "{:?}", r.of(*e));
+    }
+    run_until(&mut app, 120, |app| {
+        app.world().resource::<LlmModelState>().is_ready()
+    });
+    match app.world().resource::<LlmModelState>() {
+        LlmModelState::Ready(info) => assert_eq!(info.model, GEMMA),
+        other => panic!("{other:?}"),
+    }
+    // Gemma is a base model: a raw completion prompt.
+    let e = request(
+        &mut app,
+        LlmRequest::raw("The blacksmith said to the baker: \"").with_max_tokens(12),
+    );
+    run_until_finished(&mut app, &[e]);
+    let text = app.world().resource::<Recorded>().completed_text(e);
+    assert!(text.is_some_and(|t| !t.is_empty()));
+    // And back again.
+    app.world_mut().write_message(LoadModel {
+        model: Some(SMOL.into()),
+    });
+    let e = request(&mut app, chat("Back?"));
+    run_until_finished(&mut app, &[e]);
+    assert!(app.world().resource::<Recorded>().completed_text(e).is_some());
+    assert_eq!(
+        app.world().resource::<LlmEngineStats>().serving_model.as_deref(),
+        Some(SMOL)
+    );
+}
