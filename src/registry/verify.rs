@@ -26,7 +26,7 @@ pub enum VerifyOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct CacheRecord {
     size: u64,
-    mtime_ns: u128,
+    mtime_ns: u64,
     sha256: String,
 }
 
@@ -106,10 +106,10 @@ impl VerificationCache {
     }
 }
 
-fn stat(file: &Path) -> Option<(u64, u128)> {
+fn stat(file: &Path) -> Option<(u64, u64)> {
     let meta = std::fs::metadata(file).ok()?;
     let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
-    Some((meta.len(), mtime.as_nanos()))
+    Some((meta.len(), u64::try_from(mtime.as_nanos()).unwrap_or(u64::MAX)))
 }
 
 /// Check that `path` is a file of `expected_size` bytes whose sha256 is
