@@ -59,8 +59,11 @@ fn main() {
         }
         if last_print.elapsed() > Duration::from_secs(1) {
             last_print = Instant::now();
-            if let LlmModelState::Loading { model, phase, progress } =
-                world.resource::<LlmModelState>()
+            if let LlmModelState::Loading {
+                model,
+                phase,
+                progress,
+            } = world.resource::<LlmModelState>()
             {
                 eprintln!("loading {model}: {phase:?} {:.0}%", progress * 100.0);
             }
@@ -92,7 +95,11 @@ fn main() {
     let c = &stats.counters;
     println!(
         "\nworker: {} decode calls, {} with more than one sequence, largest batch {} sequences / {} tokens, {} tokens generated",
-        c.decode_calls, c.multi_sequence_batches, c.max_batch_sequences, c.max_batch_tokens, c.generated_tokens
+        c.decode_calls,
+        c.multi_sequence_batches,
+        c.max_batch_sequences,
+        c.max_batch_tokens,
+        c.generated_tokens
     );
 }
 

@@ -15,8 +15,8 @@ pub(crate) struct RonFailure {
 /// Parse RON with `Option` fields written without `Some(...)` allowed, and
 /// errors that carry position and field path.
 pub(crate) fn parse_ron<T: DeserializeOwned>(text: &str) -> Result<T, RonFailure> {
-    let options = ron::Options::default()
-        .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+    let options =
+        ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
     let spanned = |e: ron::error::SpannedError, path: String| RonFailure {
         line: e.span.start.line.max(1),
         column: e.span.start.col.max(1),
@@ -33,7 +33,8 @@ pub(crate) fn parse_ron<T: DeserializeOwned>(text: &str) -> Result<T, RonFailure
         let inner = e.into_inner();
         spanned(de.span_error(inner), path)
     })?;
-    de.end().map_err(|e| spanned(de.span_error(e), String::new()))?;
+    de.end()
+        .map_err(|e| spanned(de.span_error(e), String::new()))?;
     Ok(value)
 }
 

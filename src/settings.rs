@@ -296,8 +296,7 @@ impl LlmSettings {
         if self.prompt_chunk == 0 {
             return bad("prompt_chunk", "must be at least 1 token");
         }
-        if u64::from(self.context_per_sequence) * u64::from(self.max_parallel_sequences)
-            > 4_194_304
+        if u64::from(self.context_per_sequence) * u64::from(self.max_parallel_sequences) > 4_194_304
         {
             return bad(
                 "context_per_sequence",

@@ -16,7 +16,10 @@ fn streams_tokens_then_exactly_one_completed_with_their_concatenation() {
     let e = request(&mut app, chat("What is your favourite food?").with_seed(1));
     run_until_finished(&mut app, &[e]);
     let recs = app.world().resource::<Recorded>().of(e);
-    assert!(matches!(recs[0], Rec::Started(_, n, _) if n > 10), "{recs:?}");
+    assert!(
+        matches!(recs[0], Rec::Started(_, n, _) if n > 10),
+        "{recs:?}"
+    );
     let tokens: Vec<&str> = recs
         .iter()
         .filter_map(|r| match r {
@@ -181,12 +184,16 @@ fn cancel_by_message_by_removal_and_by_despawn() {
             .iter()
             .all(|e| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..))))
     });
-    app.world_mut().write_message(CancelLlmRequest { entity: by_msg });
+    app.world_mut()
+        .write_message(CancelLlmRequest { entity: by_msg });
     app.world_mut().entity_mut(by_remove).remove::<LlmRequest>();
     run_until_finished(&mut app, &[by_msg, by_remove]);
     for e in [by_msg, by_remove] {
         let recs = app.world().resource::<Recorded>().of(e);
-        assert!(recs.iter().any(|r| matches!(r, Rec::Cancelled(_))), "{recs:?}");
+        assert!(
+            recs.iter().any(|r| matches!(r, Rec::Cancelled(_))),
+            "{recs:?}"
+        );
         assert!(!recs.iter().any(|r| matches!(r, Rec::Completed(..))));
         assert_eq!(tokens_after_cancel(&recs), 0);
     }
@@ -242,7 +249,10 @@ fn stop_string_split_across_tokens_is_not_emitted() {
     let text = r.completed_text(stopped).unwrap();
     assert_eq!(text, full[..at]);
     assert!(
-        matches!(recs.last(), Some(Rec::Completed(_, _, FinishReason::StopString, _))),
+        matches!(
+            recs.last(),
+            Some(Rec::Completed(_, _, FinishReason::StopString, _))
+        ),
         "{recs:?}"
     );
     let streamed: String = recs
@@ -271,7 +281,7 @@ fn multibyte_utf8_streams_whole_characters() {
     let r = app.world().resource::<Recorded>();
     let text = r.completed_text(e).unwrap();
     assert!(
-        text.chars().any(|c| !c.is_ascii()),
+        !text.is_ascii(),
         "model produced no multi-byte text: {text:?}"
     );
     for rec in r.of(e) {
@@ -294,15 +304,25 @@ fn over_long_prompt_full_queue_missing_and_corrupt_models_fail_typed_and_app_rec
     let long = request(&mut app, chat(&"word ".repeat(600)));
     run_until_finished(&mut app, &[long]);
     let err = app.world().resource::<Recorded>().failure(long);
-    assert!(matches!(err, Some(LlmError::PromptTooLong { .. })), "{err:?}");
+    assert!(
+        matches!(err, Some(LlmError::PromptTooLong { .. })),
+        "{err:?}"
+    );
     // ... trimmed on request instead.
     let mut msgs = vec![ChatMessage::system("Be brief.")];
     for i in 0..40 {
-        msgs.push(ChatMessage::user(format!("Line {i} of a long talk about farming and weather.")));
+        msgs.push(ChatMessage::user(format!(
+            "Line {i} of a long talk about farming and weather."
+        )));
     }
     let trimmed = request(&mut app, LlmRequest::chat(msgs).with_trim_prompt(true));
     run_until_finished(&mut app, &[trimmed]);
-    assert!(app.world().resource::<Recorded>().completed_text(trimmed).is_some());
+    assert!(
+        app.world()
+            .resource::<Recorded>()
+            .completed_text(trimmed)
+            .is_some()
+    );
 
     // Full queue: capacity = 1 running + 1 waiting; four in one frame.
     let four: Vec<Entity> = (0..4)
@@ -314,7 +334,10 @@ fn over_long_prompt_full_queue_missing_and_corrupt_models_fail_typed_and_app_rec
         .iter()
         .filter(|e| matches!(r.failure(**e), Some(LlmError::QueueFull { .. })))
         .count();
-    let done = four.iter().filter(|e| r.completed_text(**e).is_some()).count();
+    let done = four
+        .iter()
+        .filter(|e| r.completed_text(**e).is_some())
+        .count();
     assert_eq!((full, done), (2, 2));
 
     // A missing file and a sha256 mismatch, added at run time.
@@ -336,14 +359,20 @@ fn over_long_prompt_full_queue_missing_and_corrupt_models_fail_typed_and_app_rec
                 as fn(&ModelLoadError) -> bool,
         ),
         ("corrupt", |e: &ModelLoadError| {
-            matches!(e, ModelLoadError::Verify(VerifyError::Sha256Mismatch { .. }))
+            matches!(
+                e,
+                ModelLoadError::Verify(VerifyError::Sha256Mismatch { .. })
+            )
         }),
     ] {
         app.world_mut().write_message(LoadModel {
             model: Some(id.into()),
         });
         run_until(&mut app, 60, |app| {
-            matches!(app.world().resource::<LlmModelState>(), LlmModelState::Failed { .. })
+            matches!(
+                app.world().resource::<LlmModelState>(),
+                LlmModelState::Failed { .. }
+            )
         });
         let state = app.world().resource::<LlmModelState>().clone();
         let LlmModelState::Failed { error, .. } = state else {
@@ -354,7 +383,10 @@ fn over_long_prompt_full_queue_missing_and_corrupt_models_fail_typed_and_app_rec
         let e = request(&mut app, chat("Still there?"));
         run_until_finished(&mut app, &[e]);
         assert!(
-            app.world().resource::<Recorded>().completed_text(e).is_some(),
+            app.world()
+                .resource::<Recorded>()
+                .completed_text(e)
+                .is_some(),
             "{id}: app did not recover"
         );
     }
@@ -369,7 +401,10 @@ fn requests_fail_typed_when_no_model_can_load_then_succeed_after_a_good_load() {
     run_until_finished(&mut app, &[e]);
     let err = app.world().resource::<Recorded>().failure(e);
     assert!(
-        matches!(err, Some(LlmError::ModelUnavailable(ModelLoadError::Registry(_)))),
+        matches!(
+            err,
+            Some(LlmError::ModelUnavailable(ModelLoadError::Registry(_)))
+        ),
         "{err:?}"
     );
     app.world_mut().write_message(LoadModel {
@@ -380,7 +415,12 @@ fn requests_fail_typed_when_no_model_can_load_then_succeed_after_a_good_load() {
     });
     let e = request(&mut app, chat("Now?"));
     run_until_finished(&mut app, &[e]);
-    assert!(app.world().resource::<Recorded>().completed_text(e).is_some());
+    assert!(
+        app.world()
+            .resource::<Recorded>()
+            .completed_text(e)
+            .is_some()
+    );
 }
 
 #[test]
@@ -428,9 +468,17 @@ fn switching_models_while_requests_run_does_not_hang() {
     });
     let e = request(&mut app, chat("Back?"));
     run_until_finished(&mut app, &[e]);
-    assert!(app.world().resource::<Recorded>().completed_text(e).is_some());
+    assert!(
+        app.world()
+            .resource::<Recorded>()
+            .completed_text(e)
+            .is_some()
+    );
     assert_eq!(
-        app.world().resource::<LlmEngineStats>().serving_model.as_deref(),
+        app.world()
+            .resource::<LlmEngineStats>()
+            .serving_model
+            .as_deref(),
         Some(SMOL)
     );
 }

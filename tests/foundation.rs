@@ -43,10 +43,18 @@ fn shipped_registry_parses_with_both_test_models() {
     assert_eq!(gemma.prompt_format, PromptFormat::Completion);
     assert_eq!(reg.default_model().unwrap().id, SMOL);
     assert_eq!(reg.select("auto").unwrap().id, SMOL);
-    assert_eq!(reg.with_tag("base").map(|e| e.id.as_str()).collect::<Vec<_>>(), [GEMMA]);
+    assert_eq!(
+        reg.with_tag("base")
+            .map(|e| e.id.as_str())
+            .collect::<Vec<_>>(),
+        [GEMMA]
+    );
     assert_eq!(reg.with_tag("test").count(), 2);
     assert_eq!(reg.resolve(SMOL).unwrap(), smol_file());
-    assert!(matches!(reg.require("nope"), Err(RegistryError::UnknownModel { .. })));
+    assert!(matches!(
+        reg.require("nope"),
+        Err(RegistryError::UnknownModel { .. })
+    ));
 }
 
 #[test]
@@ -65,7 +73,9 @@ fn each_required_field_missing_is_a_parse_error_naming_it() {
     ] {
         // Drop the field's line from the first entry only.
         let needle = format!("\n            {field}: ");
-        let start = text.find(&needle).unwrap_or_else(|| panic!("{field} not in manifest"));
+        let start = text
+            .find(&needle)
+            .unwrap_or_else(|| panic!("{field} not in manifest"));
         let end = start + 1 + text[start + 1..].find('\n').unwrap();
         let broken = format!("{}{}", &text[..start], &text[end..]);
         let err = ModelRegistry::from_ron_str(&broken, "m", "models.ron").unwrap_err();
@@ -85,8 +95,16 @@ fn bad_types_unknown_fields_and_unknown_prompt_format_are_located() {
     let cases = [
         ("size_bytes: 98362432", "size_bytes: \"big\"", "size_bytes"),
         ("size_bytes: 98362432", "size_bytes: -5", "size_bytes"),
-        ("prompt_format: ChatTemplate", "prompt_format: Jinja", "Jinja"),
-        ("quantization: \"Q4_1\",", "quantization: \"Q4_1\", colour: 3,", "colour"),
+        (
+            "prompt_format: ChatTemplate",
+            "prompt_format: Jinja",
+            "Jinja",
+        ),
+        (
+            "quantization: \"Q4_1\",",
+            "quantization: \"Q4_1\", colour: 3,",
+            "colour",
+        ),
         ("tags: [\"instruct\"", "tags: [1", "tags"),
     ];
     for (from, to, expect) in cases {
@@ -96,9 +114,13 @@ fn bad_types_unknown_fields_and_unknown_prompt_format_are_located() {
         let RegistryError::Parse { line, column, .. } = &err else {
             panic!("{to}: {err:?}")
         };
+        eprintln!("{err}");
         assert!(err.to_string().contains(expect), "{to}: {err}");
         assert!(*line >= 10 && *column > 1, "{to}: {err}");
-        assert!(err.to_string().starts_with(&format!("models.ron:{line}:{column}:")));
+        assert!(
+            err.to_string()
+                .starts_with(&format!("models.ron:{line}:{column}:"))
+        );
     }
     // Not RON at all.
     assert!(matches!(
@@ -113,8 +135,16 @@ fn semantic_mistakes_are_invalid_entries() {
     let cases = [
         (SMOL_SHA, "abc", "sha256"),
         ("size_bytes: 98362432", "size_bytes: 0", "size_bytes"),
-        ("context_length: 8192", "context_length: 0", "context_length"),
-        ("temperature: Some(0.7)", "temperature: Some(-1.0)", "sampling"),
+        (
+            "context_length: 8192",
+            "context_length: 0",
+            "context_length",
+        ),
+        (
+            "temperature: Some(0.7)",
+            "temperature: Some(-1.0)",
+            "sampling",
+        ),
         ("id: \"smollm2-135m-instruct-q4_1\"", "id: \"Bad Id\"", "id"),
     ];
     for (from, to, field) in cases {
@@ -124,7 +154,11 @@ fn semantic_mistakes_are_invalid_entries() {
             other => panic!("{to}: {other:?}"),
         }
     }
-    let dup = text.replacen("id: \"gemma3-270m-q4_k_m\"", "id: \"smollm2-135m-instruct-q4_1\"", 1);
+    let dup = text.replacen(
+        "id: \"gemma3-270m-q4_k_m\"",
+        "id: \"smollm2-135m-instruct-q4_1\"",
+        1,
+    );
     assert!(matches!(
         ModelRegistry::from_ron_str(&dup, "m", "x"),
         Err(RegistryError::DuplicateId(_))
@@ -145,7 +179,10 @@ fn entries_can_be_added_at_run_time() {
     e.tags = vec!["custom".into()];
     reg.add(e.clone()).unwrap();
     assert_eq!(reg.with_tag("custom").count(), 1);
-    assert_eq!(reg.resolve("my-finetune").unwrap(), PathBuf::from("/opt/models/finetune.gguf"));
+    assert_eq!(
+        reg.resolve("my-finetune").unwrap(),
+        PathBuf::from("/opt/models/finetune.gguf")
+    );
     assert!(matches!(reg.add(e), Err(RegistryError::DuplicateId(_))));
 }
 
@@ -179,8 +216,14 @@ fn sha256_match_mismatch_size_and_missing_on_the_real_models() {
         VerifyError::Sha256Mismatch { actual, .. } => assert_eq!(actual, SMOL_SHA),
         other => panic!("{other:?}"),
     }
-    let err = verify_model_file(&models_dir().join("nope.gguf"), SMOL_SHA, 1, None, |_, _| true)
-        .unwrap_err();
+    let err = verify_model_file(
+        &models_dir().join("nope.gguf"),
+        SMOL_SHA,
+        1,
+        None,
+        |_, _| true,
+    )
+    .unwrap_err();
     assert!(matches!(err, VerifyError::Missing(_)));
     assert!(err.to_string().contains("fetch-models.sh"));
     let err = verify_model_file(&models_dir(), SMOL_SHA, 1, None, |_, _| true).unwrap_err();
@@ -211,7 +254,8 @@ fn verification_cache_skips_hashing_until_the_file_changes() {
     assert_eq!((second, reads), (VerifyOutcome::Cached, 1));
     // Touching the file (new mtime) makes it hashed again.
     let f = std::fs::File::options().write(true).open(&copy).unwrap();
-    f.set_modified(SystemTime::now() + Duration::from_secs(5)).unwrap();
+    f.set_modified(SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
     drop(f);
     assert_eq!(verify().0, VerifyOutcome::Hashed);
     assert_eq!(verify().0, VerifyOutcome::Cached);
@@ -236,7 +280,9 @@ fn plugin_load_hashes_once_then_uses_the_cache() {
                 .with_verification_cache(dir.join("verify.ron"))
                 .with_load_on_startup(true),
         );
-        run_until(&mut app, 60, |app| app.world().resource::<LlmModelState>().is_ready());
+        run_until(&mut app, 60, |app| {
+            app.world().resource::<LlmModelState>().is_ready()
+        });
         match app.world().resource::<LlmModelState>() {
             LlmModelState::Ready(info) => info.hashed,
             _ => unreachable!(),
@@ -269,11 +315,17 @@ fn settings_defaults_file_and_validation() {
         ("(sampling: (top_p: 0.0))", "sampling.top_p"),
         ("(sampling: (min_p: 1.0))", "sampling.min_p"),
         ("(sampling: (max_tokens: 0))", "sampling.max_tokens"),
-        ("(sampling: (repeat_penalty: 0.0))", "sampling.repeat_penalty"),
+        (
+            "(sampling: (repeat_penalty: 0.0))",
+            "sampling.repeat_penalty",
+        ),
         ("(sampling: (stop: [\"\"]))", "sampling.stop"),
         ("(batch_size: 1)", "batch_size"),
         ("(model: \"\")", "model"),
-        ("(context_per_sequence: 128, sampling: (max_tokens: 200))", "sampling.max_tokens"),
+        (
+            "(context_per_sequence: 128, sampling: (max_tokens: 200))",
+            "sampling.max_tokens",
+        ),
     ];
     for (text, field) in invalid {
         match LlmSettings::from_ron_str(text, "s") {
@@ -297,7 +349,10 @@ fn settings_defaults_file_and_validation() {
         }
     }
     let err = LlmSettings::from_ron_str("(\n  sampling: (\n    top_k: \"x\"))", "f").unwrap_err();
-    assert!(err.to_string().contains("f:3:") && err.to_string().contains("top_k"), "{err}");
+    assert!(
+        err.to_string().contains("f:3:") && err.to_string().contains("top_k"),
+        "{err}"
+    );
     // Files.
     let dir = tmp_dir("settings");
     assert_eq!(
@@ -305,7 +360,10 @@ fn settings_defaults_file_and_validation() {
         LlmSettings::default()
     );
     std::fs::write(dir.join("s.ron"), "(queue_capacity: 3)").unwrap();
-    assert_eq!(LlmSettings::load(dir.join("s.ron")).unwrap().queue_capacity, 3);
+    assert_eq!(
+        LlmSettings::load(dir.join("s.ron")).unwrap().queue_capacity,
+        3
+    );
     assert!(matches!(
         LlmSettings::load(dir.join("absent.ron")),
         Err(SettingsError::Io { .. })
@@ -326,9 +384,18 @@ fn bad_registry_and_settings_files_keep_the_app_running_with_diagnostics() {
     );
     app.update();
     let d = app.world().resource::<LlmDiagnostics>();
-    assert!(matches!(d.registry_error, Some(RegistryError::Parse { .. })));
-    assert!(matches!(d.settings_error, Some(SettingsError::Invalid { .. })));
-    assert_eq!(*app.world().resource::<LlmSettings>(), LlmSettings::default());
+    assert!(matches!(
+        d.registry_error,
+        Some(RegistryError::Parse { .. })
+    ));
+    assert!(matches!(
+        d.settings_error,
+        Some(SettingsError::Invalid { .. })
+    ));
+    assert_eq!(
+        *app.world().resource::<LlmSettings>(),
+        LlmSettings::default()
+    );
     // A request fails with a typed error instead of panicking or hanging.
     let e = app.world_mut().spawn(LlmRequest::raw("hello")).id();
     for _ in 0..10 {
@@ -336,7 +403,10 @@ fn bad_registry_and_settings_files_keep_the_app_running_with_diagnostics() {
     }
     let status = app.world().get::<LlmRequestStatus>(e).unwrap();
     assert!(
-        matches!(status.state, RequestState::Failed(LlmError::ModelUnavailable(_))),
+        matches!(
+            status.state,
+            RequestState::Failed(LlmError::ModelUnavailable(_))
+        ),
         "{status:?}"
     );
     let _ = std::fs::remove_dir_all(dir);

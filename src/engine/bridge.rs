@@ -39,7 +39,11 @@ pub(crate) struct LlmEngine {
 }
 
 impl LlmEngine {
-    pub(crate) fn new(worker: Option<WorkerHandle>, verification_cache: Option<PathBuf>, logs: bool) -> Self {
+    pub(crate) fn new(
+        worker: Option<WorkerHandle>,
+        verification_cache: Option<PathBuf>,
+        logs: bool,
+    ) -> Self {
         Self {
             worker,
             next_id: 0,
@@ -136,7 +140,12 @@ fn start_load(
 ) {
     let wanted = model.unwrap_or(&settings.model).to_string();
     let result = engine.ensure_worker(settings).and_then(|()| {
-        load_spec(registry, settings, model, engine.verification_cache.as_ref())
+        load_spec(
+            registry,
+            settings,
+            model,
+            engine.verification_cache.as_ref(),
+        )
     });
     match result {
         Ok(spec) => {
@@ -268,7 +277,14 @@ pub(crate) fn submit(
             continue;
         }
         if *state == LlmModelState::Unloaded {
-            start_load(&mut engine, &registry, &settings, None, &mut state, &mut failed);
+            start_load(
+                &mut engine,
+                &registry,
+                &settings,
+                None,
+                &mut state,
+                &mut failed,
+            );
         }
         if let LlmModelState::Failed { error, .. } = &*state
             && engine.serving.is_none()
@@ -344,7 +360,11 @@ pub(crate) fn receive(
             Event::Loaded(info) => {
                 info!(
                     "bevy_npc_llm: model `{}` ready ({} slots × {} tokens, {} threads, loaded in {:.2?})",
-                    info.model, info.sequences, info.context_per_sequence, info.threads, info.load_time
+                    info.model,
+                    info.sequences,
+                    info.context_per_sequence,
+                    info.threads,
+                    info.load_time
                 );
                 stats.serving_model = Some(info.model.clone());
                 engine.serving = Some(info.model.clone());
@@ -377,8 +397,7 @@ pub(crate) fn receive(
                 match engine.last_rate {
                     Some((t, n)) if now.duration_since(t).as_secs_f32() >= 0.5 => {
                         let dt = now.duration_since(t).as_secs_f32();
-                        stats.tokens_per_second =
-                            c.generated_tokens.saturating_sub(n) as f32 / dt;
+                        stats.tokens_per_second = c.generated_tokens.saturating_sub(n) as f32 / dt;
                         engine.last_rate = Some((now, c.generated_tokens));
                     }
                     // First figures, or a new model's counters starting at zero.

@@ -177,7 +177,10 @@ impl<'m> Server<'m> {
             return;
         }
         let max_tokens = (sampling.max_tokens as usize).min(self.per_seq.saturating_sub(1).max(1));
-        let limit = self.per_seq.saturating_sub(max_tokens.min(self.per_seq / 2)).max(1);
+        let limit = self
+            .per_seq
+            .saturating_sub(max_tokens.min(self.per_seq / 2))
+            .max(1);
         let prompt = match self
             .renderer
             .tokenize(self.model, &job.prompt, limit, job.trim_prompt)
@@ -334,7 +337,8 @@ impl<'m> Server<'m> {
         if sequences_in_batch > 1 {
             self.counters.multi_sequence_batches += 1;
         }
-        self.counters.max_batch_sequences = self.counters.max_batch_sequences.max(sequences_in_batch);
+        self.counters.max_batch_sequences =
+            self.counters.max_batch_sequences.max(sequences_in_batch);
         self.counters.max_batch_tokens = self.counters.max_batch_tokens.max(n_tokens);
         if let Err(e) = result {
             for seq in &mut self.seqs {

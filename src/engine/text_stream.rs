@@ -87,7 +87,12 @@ impl StopMatcher {
         }
         self.held.push_str(text);
         // Earliest complete stop string wins.
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             let out = self.held[..pos].to_string();
             self.held.clear();
             self.stopped = true;

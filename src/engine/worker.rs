@@ -169,8 +169,7 @@ impl Worker {
                             self.send(Event::LoadFailed {
                                 model: model.clone(),
                                 error: ModelLoadError::Context {
-                                    n_ctx: loaded.spec.context_per_sequence
-                                        * loaded.spec.sequences,
+                                    n_ctx: loaded.spec.context_per_sequence * loaded.spec.sequences,
                                     n_seq: loaded.spec.sequences,
                                     message: reason,
                                 },
@@ -306,18 +305,28 @@ impl Worker {
             let events = self.events.clone();
             let abort = self.abort.clone();
             let mut last = -1.0f32;
-            let outcome = verify_model_file(&spec.path, sha, *size, spec.cache.as_ref(), |done, total| {
-                let p = if total == 0 { 1.0 } else { done as f32 / total as f32 };
-                if p - last >= 0.02 || p >= 1.0 {
-                    last = p;
-                    let _ = events.send(Event::Loading {
-                        model: id.clone(),
-                        phase: LoadPhase::Verifying,
-                        progress: p,
-                    });
-                }
-                !abort.load(Ordering::Relaxed)
-            })?;
+            let outcome = verify_model_file(
+                &spec.path,
+                sha,
+                *size,
+                spec.cache.as_ref(),
+                |done, total| {
+                    let p = if total == 0 {
+                        1.0
+                    } else {
+                        done as f32 / total as f32
+                    };
+                    if p - last >= 0.02 || p >= 1.0 {
+                        last = p;
+                        let _ = events.send(Event::Loading {
+                            model: id.clone(),
+                            phase: LoadPhase::Verifying,
+                            progress: p,
+                        });
+                    }
+                    !abort.load(Ordering::Relaxed)
+                },
+            )?;
             hashed = outcome == VerifyOutcome::Hashed;
         } else if !spec.path.is_file() {
             return Err(crate::errors::VerifyError::Missing(spec.path.clone()).into());
@@ -394,14 +403,8 @@ impl Worker {
         let ctx = model
             .new_context(self.backend, context_params(&loaded.spec))
             .map_err(|e| e.to_string())?;
-        let mut server = Server::new(
-            &model,
-            ctx,
-            &loaded.spec,
-            self.knobs,
-            self.events.clone(),
-        )
-        .map_err(|e| e.to_string())?;
+        let mut server = Server::new(&model, ctx, &loaded.spec, self.knobs, self.events.clone())
+            .map_err(|e| e.to_string())?;
         loop {
             // Commands first: new jobs join between decode steps.
             let cmd = if server.is_idle() && self.queue.is_empty() {

@@ -28,9 +28,7 @@ use std::path::{Path, PathBuf};
 
 use bevy::prelude::Resource;
 
-pub use manifest::{
-    ExplicitTemplate, HardwareRequirements, ModelEntry, ModelSource, PromptFormat,
-};
+pub use manifest::{ExplicitTemplate, HardwareRequirements, ModelEntry, ModelSource, PromptFormat};
 pub use verify::{VerificationCache, VerifyOutcome, verify_model_file};
 
 use crate::errors::RegistryError;

@@ -109,7 +109,10 @@ impl VerificationCache {
 fn stat(file: &Path) -> Option<(u64, u64)> {
     let meta = std::fs::metadata(file).ok()?;
     let mtime = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
-    Some((meta.len(), u64::try_from(mtime.as_nanos()).unwrap_or(u64::MAX)))
+    Some((
+        meta.len(),
+        u64::try_from(mtime.as_nanos()).unwrap_or(u64::MAX),
+    ))
 }
 
 /// Check that `path` is a file of `expected_size` bytes whose sha256 is

@@ -105,13 +105,22 @@ pub fn app_with(settings: LlmSettings) -> App {
     );
     app.init_resource::<Recorded>();
     app.add_observer(|e: On<LlmStarted>, mut r: ResMut<Recorded>| {
-        r.0.push(Rec::Started(e.entity, e.prompt_tokens, e.reused_prefix_tokens));
+        r.0.push(Rec::Started(
+            e.entity,
+            e.prompt_tokens,
+            e.reused_prefix_tokens,
+        ));
     });
     app.add_observer(|e: On<LlmToken>, mut r: ResMut<Recorded>| {
         r.0.push(Rec::Token(e.entity, e.text.clone()));
     });
     app.add_observer(|e: On<LlmCompleted>, mut r: ResMut<Recorded>| {
-        r.0.push(Rec::Completed(e.entity, e.text.clone(), e.finish, e.stats.clone()));
+        r.0.push(Rec::Completed(
+            e.entity,
+            e.text.clone(),
+            e.finish,
+            e.stats.clone(),
+        ));
     });
     app.add_observer(|e: On<LlmFailed>, mut r: ResMut<Recorded>| {
         r.0.push(Rec::Failed(e.entity, e.error.clone()));
