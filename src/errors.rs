@@ -135,6 +135,9 @@ pub enum ModelLoadError {
     /// The registry has no such model, or could not be loaded.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The machine cannot run the model asked for (or any model).
+    #[error(transparent)]
+    Selection(#[from] SelectionError),
     /// The file failed its integrity check; it was not loaded.
     #[error(transparent)]
     Verify(#[from] VerifyError),
@@ -210,4 +213,26 @@ pub enum LlmError {
     /// The inference worker stopped or crashed.
     #[error("the inference worker stopped: {0}")]
     WorkerGone(String),
+}
+
+/// Choosing a model and placement for this machine.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SelectionError {
+    /// The settings name a model the registry does not have.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The settings name a model this machine cannot run.
+    #[error("cannot run model `{model}` here: {shortfall}")]
+    CannotRun {
+        /// The model asked for.
+        model: String,
+        /// What the machine lacks, in words.
+        shortfall: String,
+    },
+    /// No registry model fits this machine.
+    #[error("no registry model can run on this machine: {reason}")]
+    NoModelFits {
+        /// The closest model's shortfall.
+        reason: String,
+    },
 }

@@ -4,6 +4,7 @@
 mod engine;
 pub mod errors;
 pub mod events;
+pub mod hardware;
 mod plugin;
 pub mod registry;
 pub mod request;
@@ -22,6 +23,7 @@ pub mod prelude {
         CancelLlmRequest, LlmCancelled, LlmCompleted, LlmFailed, LlmStarted, LlmToken, LoadModel,
         ModelLoadFailed, ModelLoaded, UnloadModel,
     };
+    pub use crate::hardware::{BackendStatus, HardwareProfile};
     pub use crate::request::{
         CacheKey, ChatMessage, ChatRole, LlmRequest, LlmRequestStatus, RequestPriority,
         RequestState,

@@ -8,6 +8,7 @@ use crate::engine::bridge::{self, LlmEngine};
 use crate::engine::worker::WorkerHandle;
 use crate::engine::{LlmDiagnostics, LlmEngineStats, LlmModelState};
 use crate::events::*;
+use crate::hardware::{BackendStatus, HardwareProfile};
 use crate::registry::ModelRegistry;
 use crate::ron_util::resolve_data_path;
 use crate::settings::LlmSettings;
@@ -144,8 +145,47 @@ impl Plugin for NpcLlmPlugin {
             settings.model.clone_from(model);
         }
         let mut state = LlmModelState::Unloaded;
+        let mut profile = HardwareProfile::default();
+        let mut status = BackendStatus::default();
         let worker = match WorkerHandle::spawn(settings.llama_logs, bridge::knobs(&settings)) {
-            Ok(w) => Some(w),
+            Ok((w, p)) => {
+                status.loaded_backends = p.gpus.iter().map(|g| g.backend.clone()).collect();
+                status.loaded_backends.push("CPU".into());
+                if !p.failed_backends.is_empty() {
+                    let line = format!(
+                        "GPU backend {} found but no device came up (driver missing?): using the CPU",
+                        p.failed_backends.join(", ")
+                    );
+                    warn!("bevy_npc_llm: {line}");
+                    status.fallback = Some(line);
+                }
+                info!(
+                    "bevy_npc_llm: {} ({} physical / {} logical cores, {}), {} RAM, GPUs: {}",
+                    p.cpu_brand,
+                    p.physical_cores,
+                    p.logical_cores,
+                    p.simd.join(" "),
+                    crate::hardware::gib(p.ram_total_bytes),
+                    if p.gpus.is_empty() {
+                        "none".to_string()
+                    } else {
+                        p.gpus
+                            .iter()
+                            .map(|g| {
+                                format!(
+                                    "{} {} ({} free)",
+                                    g.backend,
+                                    g.description,
+                                    crate::hardware::gib(g.memory_free_bytes)
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                );
+                profile = p;
+                Some(w)
+            }
             Err(error) => {
                 error!("bevy_npc_llm: {error}");
                 state = LlmModelState::Failed {
@@ -155,45 +195,43 @@ impl Plugin for NpcLlmPlugin {
                 None
             }
         };
-        app.insert_resource(LlmEngine::new(
-            worker,
-            self.verification_cache.clone(),
-            settings.llama_logs,
-        ))
-        .insert_resource(registry)
-        .insert_resource(settings)
-        .insert_resource(state)
-        .insert_resource(diagnostics)
-        .init_resource::<LlmEngineStats>()
-        .add_message::<LlmStarted>()
-        .add_message::<LlmToken>()
-        .add_message::<LlmCompleted>()
-        .add_message::<LlmFailed>()
-        .add_message::<LlmCancelled>()
-        .add_message::<LoadModel>()
-        .add_message::<UnloadModel>()
-        .add_message::<CancelLlmRequest>()
-        .add_message::<ModelLoading>()
-        .add_message::<ModelLoaded>()
-        .add_message::<ModelLoadFailed>()
-        .add_message::<ModelUnloaded>()
-        .configure_sets(
-            PreUpdate,
-            (
-                NpcLlmSystems::Control,
-                NpcLlmSystems::Submit,
-                NpcLlmSystems::Receive,
+        app.insert_resource(LlmEngine::new(worker, self.verification_cache.clone()))
+            .insert_resource(profile)
+            .insert_resource(status)
+            .insert_resource(registry)
+            .insert_resource(settings)
+            .insert_resource(state)
+            .insert_resource(diagnostics)
+            .init_resource::<LlmEngineStats>()
+            .add_message::<LlmStarted>()
+            .add_message::<LlmToken>()
+            .add_message::<LlmCompleted>()
+            .add_message::<LlmFailed>()
+            .add_message::<LlmCancelled>()
+            .add_message::<LoadModel>()
+            .add_message::<UnloadModel>()
+            .add_message::<CancelLlmRequest>()
+            .add_message::<ModelLoading>()
+            .add_message::<ModelLoaded>()
+            .add_message::<ModelLoadFailed>()
+            .add_message::<ModelUnloaded>()
+            .configure_sets(
+                PreUpdate,
+                (
+                    NpcLlmSystems::Control,
+                    NpcLlmSystems::Submit,
+                    NpcLlmSystems::Receive,
+                )
+                    .chain(),
             )
-                .chain(),
-        )
-        .add_systems(
-            PreUpdate,
-            (
-                bridge::control.in_set(NpcLlmSystems::Control),
-                bridge::submit.in_set(NpcLlmSystems::Submit),
-                bridge::receive.in_set(NpcLlmSystems::Receive),
-            ),
-        );
+            .add_systems(
+                PreUpdate,
+                (
+                    bridge::control.in_set(NpcLlmSystems::Control),
+                    bridge::submit.in_set(NpcLlmSystems::Submit),
+                    bridge::receive.in_set(NpcLlmSystems::Receive),
+                ),
+            );
         if self.load_on_startup {
             app.world_mut().write_message(LoadModel::default());
         }

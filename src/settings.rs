@@ -178,7 +178,7 @@ pub struct SamplingOverrides {
 pub struct LlmSettings {
     /// Registry id of the model to use, or `"auto"` for the registry's choice.
     pub model: String,
-    /// Inference threads; 0 picks from the machine's cores.
+    /// Inference threads; 0 = physical cores minus one for the game (1..=8).
     pub threads: u32,
     /// Tokens of context each sequence (each NPC request) may use, prompt and answer together.
     pub context_per_sequence: u32,
@@ -311,17 +311,6 @@ impl LlmSettings {
             );
         }
         Ok(())
-    }
-
-    /// Threads to use: the setting, or the machine's cores minus one for the
-    /// game's main thread (at least 1, at most 8).
-    #[must_use]
-    pub fn effective_threads(&self) -> u32 {
-        if self.threads > 0 {
-            return self.threads;
-        }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        cores.saturating_sub(1).clamp(1, 8)
     }
 
     /// Requests the engine holds at once (running plus waiting).

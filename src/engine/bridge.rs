@@ -15,9 +15,10 @@ use super::worker::WorkerHandle;
 use super::{LlmEngineStats, LlmModelState};
 use crate::errors::{LlmError, ModelLoadError};
 use crate::events::*;
+use crate::hardware::{BackendPlan, BackendStatus, HardwareProfile};
 use crate::registry::{ModelRegistry, VerificationCache};
 use crate::request::{LlmRequest, LlmRequestStatus, RequestState, RequestStats};
-use crate::settings::{GpuLayers, LlmSettings};
+use crate::settings::LlmSettings;
 
 /// The Bevy side of the worker.
 #[derive(Resource)]
@@ -35,15 +36,10 @@ pub(crate) struct LlmEngine {
     /// The model the worker serves with, if any.
     serving: Option<String>,
     last_rate: Option<(Instant, u64)>,
-    logs: bool,
 }
 
 impl LlmEngine {
-    pub(crate) fn new(
-        worker: Option<WorkerHandle>,
-        verification_cache: Option<PathBuf>,
-        logs: bool,
-    ) -> Self {
+    pub(crate) fn new(worker: Option<WorkerHandle>, verification_cache: Option<PathBuf>) -> Self {
         Self {
             worker,
             next_id: 0,
@@ -55,7 +51,6 @@ impl LlmEngine {
             knobs: None,
             serving: None,
             last_rate: None,
-            logs,
         }
     }
 
@@ -70,15 +65,6 @@ impl LlmEngine {
         self.next_id += 1;
         RequestId(self.next_id)
     }
-
-    /// Make sure a worker thread exists (restart after a crash).
-    fn ensure_worker(&mut self, settings: &LlmSettings) -> Result<(), ModelLoadError> {
-        if self.worker.is_none() {
-            self.worker = Some(WorkerHandle::spawn(self.logs, knobs(settings))?);
-            self.knobs = Some(knobs(settings));
-        }
-        Ok(())
-    }
 }
 
 pub(crate) fn knobs(settings: &LlmSettings) -> Knobs {
@@ -91,26 +77,26 @@ pub(crate) fn knobs(settings: &LlmSettings) -> Knobs {
     }
 }
 
-/// Resolve what to load from the registry and settings.
+/// Resolve what to load: the hardware plan for the settings (with `model`
+/// replacing the settings' model when given), and the worker's load spec.
 pub(crate) fn load_spec(
     registry: &ModelRegistry,
     settings: &LlmSettings,
+    profile: &HardwareProfile,
     model: Option<&str>,
     verification_cache: Option<&PathBuf>,
-) -> Result<LoadSpec, ModelLoadError> {
-    let wanted = model.unwrap_or(&settings.model);
-    let entry = registry.select(wanted)?;
+) -> Result<(LoadSpec, BackendPlan), ModelLoadError> {
+    let mut wanted = settings.clone();
+    if let Some(m) = model {
+        wanted.model = m.to_string();
+    }
+    let plan = crate::hardware::plan(profile, registry, &wanted).map_err(|e| match e {
+        crate::errors::SelectionError::Registry(r) => ModelLoadError::Registry(r),
+        other => ModelLoadError::Selection(other),
+    })?;
+    let entry = registry.require(&plan.model)?;
     let path = crate::ron_util::resolve_data_path(&registry.path_of(entry));
-    let gpu_layers = match settings.gpu_layers {
-        GpuLayers::Count(n) => n,
-        GpuLayers::Auto => {
-            let offload = super::worker::backend(settings.llama_logs)
-                .map(|b| b.supports_gpu_offload())
-                .unwrap_or(false);
-            if offload { 999 } else { 0 }
-        }
-    };
-    Ok(LoadSpec {
+    let spec = LoadSpec {
         model_id: entry.id.clone(),
         path,
         verify: settings
@@ -122,100 +108,110 @@ pub(crate) fn load_spec(
             .map(VerificationCache::new),
         prompt_format: entry.prompt_format.clone(),
         model_sampling: entry.sampling.clone(),
-        context_per_sequence: settings.context_per_sequence.min(entry.context_length),
-        sequences: settings.max_parallel_sequences,
+        context_per_sequence: plan.context_per_sequence,
+        sequences: plan.sequences,
         batch_size: settings.batch_size,
-        threads: settings.effective_threads(),
-        gpu_layers,
-    })
+        threads: plan.threads,
+        gpu_layers: plan.gpu_layers,
+    };
+    debug_assert!(spec.threads >= 1);
+    Ok((spec, plan))
 }
 
-fn start_load(
-    engine: &mut LlmEngine,
-    registry: &ModelRegistry,
-    settings: &LlmSettings,
-    model: Option<&str>,
-    state: &mut LlmModelState,
-    failed: &mut MessageWriter<ModelLoadFailed>,
-) {
-    let wanted = model.unwrap_or(&settings.model).to_string();
-    let result = engine.ensure_worker(settings).and_then(|()| {
-        load_spec(
-            registry,
-            settings,
+/// Everything a model load touches.
+#[derive(SystemParam)]
+pub(crate) struct Loader<'w> {
+    engine: ResMut<'w, LlmEngine>,
+    registry: Res<'w, ModelRegistry>,
+    settings: Res<'w, LlmSettings>,
+    profile: ResMut<'w, HardwareProfile>,
+    status: ResMut<'w, BackendStatus>,
+    state: ResMut<'w, LlmModelState>,
+    failed: MessageWriter<'w, ModelLoadFailed>,
+}
+
+impl Loader<'_> {
+    fn start(&mut self, model: Option<&str>) {
+        let wanted = model.unwrap_or(&self.settings.model).to_string();
+        if self.engine.worker.is_none() {
+            match WorkerHandle::spawn(self.settings.llama_logs, knobs(&self.settings)) {
+                Ok((w, profile)) => {
+                    self.engine.worker = Some(w);
+                    self.engine.knobs = Some(knobs(&self.settings));
+                    *self.profile = profile;
+                }
+                Err(error) => return self.fail(wanted, error),
+            }
+        }
+        let result = load_spec(
+            &self.registry,
+            &self.settings,
+            &self.profile,
             model,
-            engine.verification_cache.as_ref(),
-        )
-    });
-    match result {
-        Ok(spec) => {
-            let id = spec.model_id.clone();
-            if let Some(w) = &engine.worker {
-                // Stop a verification or load still running for an older request.
-                w.abort_load();
+            self.engine.verification_cache.as_ref(),
+        );
+        match result {
+            Ok((spec, plan)) => {
+                let id = spec.model_id.clone();
+                info!(
+                    "bevy_npc_llm: loading `{id}` on {} ({} GPU layers, {} threads, {} × {} tokens): {}",
+                    plan.device.as_deref().unwrap_or(&plan.backend),
+                    plan.gpu_layers,
+                    plan.threads,
+                    plan.sequences,
+                    plan.context_per_sequence,
+                    plan.reason
+                );
+                self.status.plan = Some(plan);
+                self.status.layers_offloaded = None;
+                if let Some(w) = &self.engine.worker {
+                    // Stop a verification or load still running for an older request.
+                    w.abort_load();
+                }
+                if self.engine.send(Command::Load(Box::new(spec))) {
+                    *self.state = LlmModelState::Loading {
+                        model: id,
+                        phase: LoadPhase::Verifying,
+                        progress: 0.0,
+                    };
+                } else {
+                    self.engine.worker = None;
+                    self.fail(id, ModelLoadError::WorkerGone);
+                }
             }
-            if engine.send(Command::Load(Box::new(spec))) {
-                *state = LlmModelState::Loading {
-                    model: id,
-                    phase: LoadPhase::Verifying,
-                    progress: 0.0,
-                };
-            } else {
-                engine.worker = None;
-                *state = LlmModelState::Failed {
-                    model: id.clone(),
-                    error: ModelLoadError::WorkerGone,
-                };
-                failed.write(ModelLoadFailed {
-                    model: id,
-                    error: ModelLoadError::WorkerGone,
-                });
-            }
+            Err(error) => self.fail(wanted, error),
         }
-        Err(error) => {
-            warn!("bevy_npc_llm: cannot load model `{wanted}`: {error}");
-            *state = LlmModelState::Failed {
-                model: wanted.clone(),
-                error: error.clone(),
-            };
-            failed.write(ModelLoadFailed {
-                model: wanted,
-                error,
-            });
-        }
+    }
+
+    fn fail(&mut self, model: String, error: ModelLoadError) {
+        warn!("bevy_npc_llm: cannot load model `{model}`: {error}");
+        *self.state = LlmModelState::Failed {
+            model: model.clone(),
+            error: error.clone(),
+        };
+        self.failed.write(ModelLoadFailed { model, error });
     }
 }
 
 /// [`NpcLlmSystems::Control`](crate::NpcLlmSystems::Control): model load/unload messages and settings changes.
 pub(crate) fn control(
-    mut engine: ResMut<LlmEngine>,
-    registry: Res<ModelRegistry>,
-    settings: Res<LlmSettings>,
-    mut state: ResMut<LlmModelState>,
+    mut loader: Loader,
     mut loads: MessageReader<LoadModel>,
     mut unloads: MessageReader<UnloadModel>,
-    mut failed: MessageWriter<ModelLoadFailed>,
 ) {
-    let k = knobs(&settings);
-    if engine.knobs != Some(k) && engine.worker.is_some() {
-        engine.knobs = Some(k);
-        engine.send(Command::Configure(k));
+    let k = knobs(&loader.settings);
+    if loader.engine.knobs != Some(k) && loader.engine.worker.is_some() {
+        loader.engine.knobs = Some(k);
+        loader.engine.send(Command::Configure(k));
     }
     for _ in unloads.read() {
-        if engine.send(Command::Unload) {
-            *state = LlmModelState::Unloaded;
+        if loader.engine.send(Command::Unload) {
+            *loader.state = LlmModelState::Unloaded;
         }
     }
     // Only the newest load request counts.
     if let Some(load) = loads.read().last() {
-        start_load(
-            &mut engine,
-            &registry,
-            &settings,
-            load.model.as_deref(),
-            &mut state,
-            &mut failed,
-        );
+        loader.start(load.model.as_deref());
     }
 }
 
@@ -223,88 +219,77 @@ pub(crate) fn control(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn submit(
     mut commands: Commands,
-    mut engine: ResMut<LlmEngine>,
-    registry: Res<ModelRegistry>,
-    settings: Res<LlmSettings>,
-    mut state: ResMut<LlmModelState>,
+    mut loader: Loader,
     mut cancels: MessageReader<CancelLlmRequest>,
     mut removed: RemovedComponents<LlmRequest>,
     new: Query<(Entity, &LlmRequest), Changed<LlmRequest>>,
     alive: Query<Entity>,
-    mut failed: MessageWriter<ModelLoadFailed>,
 ) {
     for c in cancels.read() {
-        if let Some(&id) = engine.by_entity.get(&c.entity) {
-            engine.send(Command::Cancel(id));
+        if let Some(&id) = loader.engine.by_entity.get(&c.entity) {
+            loader.engine.send(Command::Cancel(id));
         }
     }
     for e in removed.read() {
-        if let Some(&id) = engine.by_entity.get(&e) {
+        if let Some(&id) = loader.engine.by_entity.get(&e) {
             // Removed and re-inserted this frame: handled below as a replacement.
             if new.contains(e) {
                 continue;
             }
-            engine.send(Command::Cancel(id));
+            loader.engine.send(Command::Cancel(id));
             if !alive.contains(e) {
-                engine.silent.insert(id);
-                engine.by_entity.remove(&e);
+                loader.engine.silent.insert(id);
+                loader.engine.by_entity.remove(&e);
             }
         }
     }
     for (entity, request) in &new {
         // A new request replaces the entity's previous one.
-        if let Some(old) = engine.by_entity.remove(&entity) {
-            engine.silent.insert(old);
-            engine.send(Command::Cancel(old));
+        if let Some(old) = loader.engine.by_entity.remove(&entity) {
+            loader.engine.silent.insert(old);
+            loader.engine.send(Command::Cancel(old));
         }
-        let id = engine.fresh_id();
-        engine.by_id.insert(id, entity);
-        engine.by_entity.insert(entity, id);
+        let id = loader.engine.fresh_id();
+        loader.engine.by_id.insert(id, entity);
+        loader.engine.by_entity.insert(entity, id);
         commands.entity(entity).insert(LlmRequestStatus {
             state: RequestState::Queued,
             text: String::new(),
             stats: RequestStats::default(),
         });
         // Capacity counts every request not yet finished, this one included.
-        let in_flight = engine.by_id.len();
-        if in_flight > settings.capacity() {
-            engine.local.push(Event::Failed {
+        let in_flight = loader.engine.by_id.len();
+        if in_flight > loader.settings.capacity() {
+            loader.engine.local.push(Event::Failed {
                 id,
                 error: LlmError::QueueFull {
-                    capacity: settings.capacity(),
+                    capacity: loader.settings.capacity(),
                 },
             });
             continue;
         }
-        if *state == LlmModelState::Unloaded {
-            start_load(
-                &mut engine,
-                &registry,
-                &settings,
-                None,
-                &mut state,
-                &mut failed,
-            );
+        if *loader.state == LlmModelState::Unloaded {
+            loader.start(None);
         }
-        if let LlmModelState::Failed { error, .. } = &*state
-            && engine.serving.is_none()
+        if let LlmModelState::Failed { error, .. } = &*loader.state
+            && loader.engine.serving.is_none()
         {
             let error = LlmError::ModelUnavailable(error.clone());
-            engine.local.push(Event::Failed { id, error });
+            loader.engine.local.push(Event::Failed { id, error });
             continue;
         }
         let job = Job {
             id,
             prompt: request.prompt.clone(),
-            base_sampling: settings.sampling.clone(),
+            base_sampling: loader.settings.sampling.clone(),
             overrides: request.sampling.clone(),
             priority: request.priority.rank(),
             cache_key: request.cache_key.map(|k| k.0),
             trim_prompt: request.trim_prompt,
             submitted: Instant::now(),
         };
-        if !engine.send(Command::Submit(Box::new(job))) {
-            engine.local.push(Event::Failed {
+        if !loader.engine.send(Command::Submit(Box::new(job))) {
+            loader.engine.local.push(Event::Failed {
                 id,
                 error: LlmError::WorkerGone("the inference worker is not running".into()),
             });
@@ -332,6 +317,7 @@ pub(crate) fn receive(
     mut engine: ResMut<LlmEngine>,
     mut state: ResMut<LlmModelState>,
     mut stats: ResMut<LlmEngineStats>,
+    mut backend: ResMut<BackendStatus>,
     mut statuses: Query<&mut LlmRequestStatus>,
     mut out: Writers,
 ) {
@@ -366,6 +352,7 @@ pub(crate) fn receive(
                     info.threads,
                     info.load_time
                 );
+                backend.layers_offloaded = Some(info.gpu_layers);
                 stats.serving_model = Some(info.model.clone());
                 engine.serving = Some(info.model.clone());
                 *state = LlmModelState::Ready((*info).clone());

@@ -22,19 +22,117 @@ use crate::errors::{LlmError, ModelLoadError};
 use crate::events::LoadPhase;
 use crate::registry::{VerifyOutcome, verify_model_file};
 
+/// The process-wide llama.cpp backend and what was found when it started.
+pub(crate) struct BackendInfo {
+    pub backend: LlamaBackend,
+    /// Folder GPU/CPU backend modules were loaded from (dynamic-backends builds).
+    pub modules_dir: Option<std::path::PathBuf>,
+    /// GPU backend module files found there (e.g. `libggml-cuda.so`).
+    pub gpu_modules: Vec<String>,
+}
+
 /// llama.cpp's backend may be initialised once per process; every worker
-/// (and every test `App` in one binary) shares it.
-pub(crate) fn backend(logs: bool) -> Result<&'static LlamaBackend, ModelLoadError> {
-    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+/// (and every test `App` in one binary) shares it. With the
+/// `dynamic-backends` feature the ggml backend modules (best CPU variant,
+/// CUDA/Vulkan when shipped) are loaded first.
+pub(crate) fn backend_info(logs: bool) -> Result<&'static BackendInfo, ModelLoadError> {
+    static BACKEND: OnceLock<Result<BackendInfo, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
             llama_cpp_2::send_logs_to_tracing(
                 llama_cpp_2::LogOptions::default().with_logs_enabled(logs),
             );
-            LlamaBackend::init().map_err(|e| e.to_string())
+            let (modules_dir, gpu_modules) = load_backend_modules();
+            LlamaBackend::init()
+                .map(|backend| BackendInfo {
+                    backend,
+                    modules_dir,
+                    gpu_modules,
+                })
+                .map_err(|e| e.to_string())
         })
         .as_ref()
         .map_err(|e| ModelLoadError::Backend(e.clone()))
+}
+
+/// The shared llama.cpp backend.
+#[cfg(test)]
+pub(crate) fn backend(logs: bool) -> Result<&'static LlamaBackend, ModelLoadError> {
+    backend_info(logs).map(|b| &b.backend)
+}
+
+/// Folders searched for ggml backend modules, in order.
+#[cfg_attr(not(feature = "dynamic-backends"), allow(dead_code))]
+fn module_dirs() -> Vec<std::path::PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("BEVY_NPC_LLM_BACKENDS_DIR") {
+        dirs.push(std::path::PathBuf::from(d));
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        dirs.push(dir.join("backends"));
+        dirs.push(dir.to_path_buf());
+    }
+    dirs
+}
+
+#[cfg_attr(not(feature = "dynamic-backends"), allow(dead_code))]
+fn module_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| {
+                    (n.starts_with("libggml-") || n.starts_with("ggml-"))
+                        && (n.contains(".so") || n.ends_with(".dll") || n.ends_with(".dylib"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(feature = "dynamic-backends")]
+fn load_backend_modules() -> (Option<std::path::PathBuf>, Vec<String>) {
+    const GPU: [&str; 6] = ["cuda", "vulkan", "metal", "hip", "sycl", "opencl"];
+    for dir in module_dirs() {
+        let files = module_files(&dir);
+        if files.is_empty() {
+            continue;
+        }
+        bevy::log::info!("bevy_npc_llm: loading ggml backends from {}", dir.display());
+        llama_cpp_2::llama_backend::load_backends_from_path(&dir);
+        let gpu = files
+            .into_iter()
+            .filter(|f| GPU.iter().any(|g| f.contains(g)))
+            .collect();
+        return (Some(dir), gpu);
+    }
+    // The modules the build produced (development runs).
+    llama_cpp_2::llama_backend::load_backends();
+    (None, Vec::new())
+}
+
+#[cfg(not(feature = "dynamic-backends"))]
+fn load_backend_modules() -> (Option<std::path::PathBuf>, Vec<String>) {
+    (None, Vec::new())
+}
+
+/// Detect the machine (needs the backend initialised).
+pub(crate) fn detect_hardware(info: &BackendInfo) -> crate::hardware::HardwareProfile {
+    let mut profile = crate::hardware::HardwareProfile::detect();
+    profile.backend_modules_dir.clone_from(&info.modules_dir);
+    for module in &info.gpu_modules {
+        let has_device = profile.gpus.iter().any(|g| {
+            module
+                .to_ascii_lowercase()
+                .contains(&g.backend.to_ascii_lowercase())
+        });
+        if !has_device {
+            profile.failed_backends.push(module.clone());
+        }
+    }
+    profile
 }
 
 /// Owner of the worker thread. Dropping it stops and joins the thread.
@@ -47,7 +145,10 @@ pub(crate) struct WorkerHandle {
 
 impl WorkerHandle {
     /// Start the worker and wait for its handshake (backend initialised).
-    pub(crate) fn spawn(logs: bool, knobs: Knobs) -> Result<Self, ModelLoadError> {
+    pub(crate) fn spawn(
+        logs: bool,
+        knobs: Knobs,
+    ) -> Result<(Self, crate::hardware::HardwareProfile), ModelLoadError> {
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
         let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
@@ -56,10 +157,10 @@ impl WorkerHandle {
         let join = std::thread::Builder::new()
             .name("npc-llm-worker".into())
             .spawn(move || {
-                let backend = match backend(logs) {
-                    Ok(b) => {
-                        let _ = ready_tx.send(Ok(()));
-                        b
+                let backend = match backend_info(logs) {
+                    Ok(info) => {
+                        let _ = ready_tx.send(Ok(detect_hardware(info)));
+                        &info.backend
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -88,12 +189,15 @@ impl WorkerHandle {
             })
             .map_err(|e| ModelLoadError::Backend(format!("cannot spawn worker thread: {e}")))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self {
-                commands: cmd_tx,
-                events: ev_rx,
-                abort,
-                join: Some(join),
-            }),
+            Ok(Ok(profile)) => Ok((
+                Self {
+                    commands: cmd_tx,
+                    events: ev_rx,
+                    abort,
+                    join: Some(join),
+                },
+                profile,
+            )),
             Ok(Err(e)) => {
                 let _ = join.join();
                 Err(e)

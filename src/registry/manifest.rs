@@ -87,6 +87,12 @@ pub struct ModelEntry {
     pub quantization: String,
     /// Estimated memory to run it (weights + a typical KV cache), in bytes.
     pub memory_estimate_bytes: u64,
+    /// Transformer layers (for partial GPU offload; 0 = unknown).
+    #[serde(default)]
+    pub n_layers: u32,
+    /// KV cache bytes per token of context (0 = estimate from the memory estimate).
+    #[serde(default)]
+    pub kv_bytes_per_token: u64,
     /// Threads that suit the model (0 = no opinion).
     #[serde(default)]
     pub recommended_threads: u32,

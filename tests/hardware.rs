@@ -1,0 +1,376 @@
+//! Hardware detection and the selection of backend, layers, threads,
+//! sequences and model.
+
+mod common;
+
+use bevy::prelude::*;
+use bevy_npc_llm::errors::{ModelLoadError, SelectionError};
+use bevy_npc_llm::hardware::{BackendStatus, GpuDevice, GpuKind, HardwareProfile, plan};
+use bevy_npc_llm::prelude::*;
+use bevy_npc_llm::registry::ModelRegistry;
+use bevy_npc_llm::settings::GpuLayers;
+use common::*;
+
+const GB: u64 = 1 << 30;
+
+/// Four models from tiny to large, with real-looking numbers.
+fn tiers() -> ModelRegistry {
+    let entry = |id: &str,
+                 size: u64,
+                 mem: u64,
+                 layers: u32,
+                 kv: u64,
+                 ram: u64,
+                 vram: &str,
+                 gpu: bool| {
+        format!(
+            r#"(id: "{id}", name: "{id}", file: "{id}.gguf", sha256: "{sha}",
+                size_bytes: {size}, context_length: 8192, quantization: "Q4_K_M",
+                memory_estimate_bytes: {mem}, n_layers: {layers}, kv_bytes_per_token: {kv},
+                prompt_format: ChatTemplate,
+                requirements: (min_ram_bytes: {ram}, min_vram_bytes: {vram}, gpu_recommended: {gpu}))"#,
+            sha = "a".repeat(64)
+        )
+    };
+    let text = format!(
+        "(models: [{}, {}, {}, {}])",
+        entry(
+            "tiny",
+            100_000_000,
+            300_000_000,
+            30,
+            23_040,
+            2 * GB,
+            "None",
+            false
+        ),
+        entry("small", GB, 2 * GB, 28, 114_688, 6 * GB, "None", false),
+        entry(
+            "mid",
+            5 * GB,
+            6 * GB,
+            32,
+            131_072,
+            12 * GB,
+            "Some(6442450944)",
+            true
+        ),
+        entry(
+            "large",
+            40 * GB,
+            48 * GB,
+            80,
+            327_680,
+            64 * GB,
+            "Some(48318382080)",
+            true
+        ),
+    );
+    ModelRegistry::from_ron_str(&text, "/models", "tiers").unwrap()
+}
+
+fn machine(cores: usize, ram_gb: u64, simd: &[&str], gpu: Option<(&str, u64)>) -> HardwareProfile {
+    HardwareProfile {
+        cpu_brand: "test cpu".into(),
+        physical_cores: cores,
+        logical_cores: cores * 2,
+        simd: simd.iter().map(|s| (*s).to_string()).collect(),
+        ram_total_bytes: ram_gb * GB,
+        ram_available_bytes: ram_gb * GB * 3 / 4,
+        gpus: gpu
+            .map(|(name, free)| {
+                vec![GpuDevice {
+                    index: 0,
+                    name: "CUDA0".into(),
+                    description: name.into(),
+                    backend: "CUDA".into(),
+                    kind: GpuKind::Discrete,
+                    memory_total_bytes: free + GB / 2,
+                    memory_free_bytes: free,
+                }]
+            })
+            .unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+struct Case {
+    name: &'static str,
+    profile: HardwareProfile,
+    model: &'static str,
+    gpu_layers: GpuLayers,
+    expect_backend: &'static str,
+    expect_layers: u32,
+    expect_threads: u32,
+    expect_model: &'static str,
+    reason_has: &'static str,
+}
+
+#[test]
+fn selection_over_synthetic_machines() {
+    let reg = tiers();
+    let cases = [
+        Case {
+            name: "no GPU, 2 cores, 4 GB",
+            profile: machine(2, 4, &["avx", "avx2"], None),
+            model: "auto",
+            gpu_layers: GpuLayers::Auto,
+            expect_backend: "CPU",
+            expect_layers: 0,
+            expect_threads: 1,
+            expect_model: "tiny",
+            reason_has: "smallest",
+        },
+        Case {
+            name: "8 cores, 16 GB, AVX2",
+            profile: machine(8, 16, &["avx2", "fma"], None),
+            model: "auto",
+            gpu_layers: GpuLayers::Auto,
+            expect_backend: "CPU",
+            expect_layers: 0,
+            expect_threads: 7,
+            expect_model: "small",
+            reason_has: "CPU with avx2",
+        },
+        Case {
+            name: "8 GB VRAM GPU",
+            profile: machine(8, 32, &["avx2"], Some(("GeForce RTX 3070", 15 * GB / 2))),
+            model: "auto",
+            gpu_layers: GpuLayers::Auto,
+            expect_backend: "CUDA",
+            expect_layers: 32,
+            expect_threads: 7,
+            expect_model: "mid",
+            reason_has: "modest GPU",
+        },
+        Case {
+            name: "80 GB GPU",
+            profile: machine(
+                16,
+                256,
+                &["avx2", "avx512f"],
+                Some(("NVIDIA H100 80GB HBM3", 79 * GB)),
+            ),
+            model: "auto",
+            gpu_layers: GpuLayers::Auto,
+            expect_backend: "CUDA",
+            expect_layers: 80,
+            expect_threads: 8,
+            expect_model: "large",
+            reason_has: "strong GPU",
+        },
+        Case {
+            name: "small model on a nearly full 2 GB GPU: partial offload",
+            profile: machine(4, 16, &["avx2"], Some(("GeForce GTX 1050", 3 * GB / 2))),
+            model: "small",
+            gpu_layers: GpuLayers::Auto,
+            expect_backend: "CUDA",
+            expect_layers: 21,
+            expect_threads: 3,
+            expect_model: "small",
+            reason_has: "of 28 layers fit",
+        },
+        Case {
+            name: "GPU present but offload disabled",
+            profile: machine(4, 16, &["avx2"], Some(("GeForce RTX 3070", 7 * GB))),
+            model: "tiny",
+            gpu_layers: GpuLayers::Count(0),
+            expect_backend: "CPU",
+            expect_layers: 0,
+            expect_threads: 3,
+            expect_model: "tiny",
+            reason_has: "disabled",
+        },
+        Case {
+            name: "old CPU without AVX2, plenty of RAM",
+            profile: machine(4, 32, &["sse4.2", "avx"], None),
+            model: "auto",
+            gpu_layers: GpuLayers::Auto,
+            expect_backend: "CPU",
+            expect_layers: 0,
+            expect_threads: 3,
+            expect_model: "tiny",
+            reason_has: "no AVX2",
+        },
+    ];
+    for c in cases {
+        let settings = LlmSettings {
+            model: c.model.into(),
+            gpu_layers: c.gpu_layers,
+            ..Default::default()
+        };
+        let p = plan(&c.profile, &reg, &settings).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        assert_eq!(
+            (
+                p.backend.as_str(),
+                p.gpu_layers,
+                p.threads,
+                p.model.as_str()
+            ),
+            (
+                c.expect_backend,
+                c.expect_layers,
+                c.expect_threads,
+                c.expect_model
+            ),
+            "{}: {p:?}",
+            c.name
+        );
+        assert!(p.reason.contains(c.reason_has), "{}: {}", c.name, p.reason);
+        assert!(p.sequences >= 1 && p.sequences <= settings.max_parallel_sequences);
+        assert_eq!(
+            p.kv_bytes,
+            u64::from(p.sequences) * u64::from(p.context_per_sequence) * kv(&reg, c.expect_model)
+        );
+    }
+}
+
+fn kv(reg: &ModelRegistry, id: &str) -> u64 {
+    reg.get(id).unwrap().kv_bytes_per_token
+}
+
+#[test]
+fn machines_that_cannot_run_get_errors_naming_the_shortfall() {
+    let reg = tiers();
+    let tiny_ram = machine(1, 1, &[], None);
+    match plan(&tiny_ram, &reg, &LlmSettings::default()) {
+        Err(e @ SelectionError::NoModelFits { .. }) => {
+            assert!(
+                e.to_string()
+                    .contains("needs 2.0 GB of RAM, this machine has 1.0 GB"),
+                "{e}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let laptop = machine(4, 16, &["avx2"], None);
+    let explicit = LlmSettings {
+        model: "large".into(),
+        ..Default::default()
+    };
+    match plan(&laptop, &reg, &explicit) {
+        Err(e @ SelectionError::CannotRun { .. }) => {
+            assert!(
+                e.to_string().contains("`large` needs 64.0 GB of RAM"),
+                "{e}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let big_ram_no_gpu = machine(16, 128, &["avx2"], None);
+    match plan(&big_ram_no_gpu, &reg, &explicit) {
+        Err(e @ SelectionError::CannotRun { .. }) => {
+            assert!(
+                e.to_string()
+                    .contains("needs a GPU with 45.0 GB free, this machine has none"),
+                "{e}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let unknown = LlmSettings {
+        model: "nope".into(),
+        ..Default::default()
+    };
+    assert!(matches!(
+        plan(&laptop, &reg, &unknown),
+        Err(SelectionError::Registry(_))
+    ));
+}
+
+#[test]
+fn parallel_sequences_are_limited_by_memory() {
+    let reg = tiers();
+    // 4 GB RAM, 3 GB available: half of it minus the model for KV.
+    let p = plan(
+        &machine(2, 4, &["avx2"], None),
+        &reg,
+        &LlmSettings {
+            model: "small".into(),
+            context_per_sequence: 8192,
+            max_parallel_sequences: 16,
+            ..Default::default()
+        },
+    );
+    // small needs 6 GB RAM: cannot run here at all.
+    assert!(p.is_err());
+    let p = plan(
+        &machine(2, 8, &["avx2"], None),
+        &reg,
+        &LlmSettings {
+            model: "small".into(),
+            context_per_sequence: 8192,
+            max_parallel_sequences: 16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // (8 GB × 3/4 / 2 − 1 GB) / (8192 × 114688 B) = 2 GB / 896 MiB = 2.
+    assert_eq!(p.sequences, 2, "{p:?}");
+    assert!(
+        p.reason.contains("2 parallel sequences fit"),
+        "{}",
+        p.reason
+    );
+}
+
+/// This machine, detected for real: CPU backend, no GPU layers, threads =
+/// physical cores − 1 (1 on the 2-core CI machine).
+#[test]
+fn real_detection_on_this_machine_runs_on_the_cpu() {
+    let mut s = settings();
+    s.threads = 0;
+    let mut app = app_with(s);
+    let profile = app.world().resource::<HardwareProfile>().clone();
+    assert!(profile.logical_cores >= 1 && profile.physical_cores >= 1);
+    assert!(profile.ram_total_bytes > GB, "{profile:?}");
+    assert!(profile.ram_available_bytes <= profile.ram_total_bytes);
+    #[cfg(target_arch = "x86_64")]
+    assert!(profile.simd.iter().any(|f| f == "sse4.2"), "{profile:?}");
+    assert!(
+        profile.gpus.is_empty(),
+        "this test expects a CPU-only machine: {profile:?}"
+    );
+    app.world_mut().write_message(LoadModel::default());
+    run_until(&mut app, 60, |app| {
+        app.world().resource::<LlmModelState>().is_ready()
+    });
+    let status = app.world().resource::<BackendStatus>();
+    let p = status.plan.clone().unwrap();
+    assert_eq!((p.backend.as_str(), p.gpu_layers), ("CPU", 0));
+    let expected = (profile.physical_cores as u32)
+        .saturating_sub(1)
+        .clamp(1, 8);
+    assert_eq!(p.threads, expected);
+    if std::thread::available_parallelism().unwrap().get() == 2 {
+        assert_eq!(p.threads, 1);
+    }
+    assert_eq!(status.layers_offloaded, Some(0));
+    match app.world().resource::<LlmModelState>() {
+        LlmModelState::Ready(info) => assert_eq!(info.threads, p.threads),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn explicit_model_the_machine_cannot_run_fails_the_load_with_the_shortfall() {
+    let mut app = app();
+    {
+        let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
+        let mut huge = reg.get(SMOL).unwrap().clone();
+        huge.id = "huge".into();
+        huge.requirements.min_ram_bytes = 1 << 50;
+        reg.add(huge).unwrap();
+    }
+    app.world_mut().write_message(LoadModel {
+        model: Some("huge".into()),
+    });
+    app.update();
+    match app.world().resource::<LlmModelState>() {
+        LlmModelState::Failed {
+            error: ModelLoadError::Selection(SelectionError::CannotRun { shortfall, .. }),
+            ..
+        } => assert!(shortfall.contains("of RAM"), "{shortfall}"),
+        other => panic!("{other:?}"),
+    }
+}
