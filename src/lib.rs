@@ -16,6 +16,16 @@ pub use engine::{
 };
 pub use plugin::{NpcLlmPlugin, NpcLlmSystems};
 
+/// The process-wide llama.cpp backend the plugin uses, initialised on first
+/// use (llama.cpp allows one per process). Use it for your own `llama-cpp-2`
+/// work in the same process instead of calling `LlamaBackend::init` again.
+///
+/// # Errors
+/// [`errors::ModelLoadError::Backend`] when llama.cpp cannot start.
+pub fn llama_backend() -> Result<&'static llama_cpp_2::llama_backend::LlamaBackend, errors::ModelLoadError> {
+    engine::worker::backend_info(false).map(|b| &b.backend)
+}
+
 /// The types most games need: `use bevy_npc_llm::prelude::*;`.
 pub mod prelude {
     pub use crate::errors::{LlmError, ModelLoadError};

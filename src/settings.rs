@@ -53,6 +53,8 @@ pub struct SamplingParams {
     pub seed: Option<u32>,
     /// Generation stops before any of these strings; they are never emitted.
     pub stop: Vec<String>,
+    /// Keep generating past end-of-turn tokens until `max_tokens` (benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -67,6 +69,7 @@ impl Default for SamplingParams {
             repeat_last_n: 64,
             seed: None,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -136,6 +139,9 @@ impl SamplingParams {
         if let Some(v) = overrides.seed {
             out.seed = Some(v);
         }
+        if let Some(v) = overrides.ignore_eos {
+            out.ignore_eos = v;
+        }
         if let Some(stop) = &overrides.stop {
             for s in stop {
                 if !out.stop.contains(s) {
@@ -169,6 +175,8 @@ pub struct SamplingOverrides {
     pub seed: Option<u32>,
     /// Extra stop strings, added to the ones below.
     pub stop: Option<Vec<String>>,
+    /// See [`SamplingParams::ignore_eos`].
+    pub ignore_eos: Option<bool>,
 }
 
 /// The engine's settings. Insert or edit this resource before the model

@@ -39,6 +39,7 @@ struct Seq {
     text: String,
     generated: usize,
     max_tokens: usize,
+    ignore_eos: bool,
     /// Sampled and emitted, to be decoded in the next step.
     pending: Option<LlamaToken>,
     /// Index in the current batch whose logits to sample.
@@ -57,6 +58,8 @@ pub(crate) struct Server<'m> {
     renderer: PromptRenderer,
     model_sampling: SamplingOverrides,
     slots: SlotTable<LlamaToken>,
+    /// Slots jobs below high priority may use (one more is kept for high priority).
+    normal_slots: usize,
     seqs: Vec<Seq>,
     per_seq: usize,
     batch_size: usize,
@@ -115,7 +118,7 @@ impl<'m> Server<'m> {
         events: Sender<Event>,
     ) -> Result<Self, String> {
         let renderer = PromptRenderer::new(model, &spec.prompt_format)?;
-        let sequences = spec.sequences as usize;
+        let sequences = spec.sequences as usize + 1;
         // llama.cpp may round the context; trust what it made.
         let per_seq = (ctx.n_ctx() as usize / sequences).min(spec.context_per_sequence as usize);
         let batch_size = ctx.n_batch() as usize;
@@ -131,6 +134,7 @@ impl<'m> Server<'m> {
             renderer,
             model_sampling: spec.model_sampling.clone(),
             slots: SlotTable::new(sequences, knobs.prefix_cache),
+            normal_slots: sequences - 1,
             seqs: Vec::new(),
             per_seq,
             batch_size,
@@ -149,8 +153,10 @@ impl<'m> Server<'m> {
         self.seqs.is_empty()
     }
 
-    pub(crate) fn has_free_slot(&self) -> bool {
-        self.slots.has_free()
+    /// Whether a job of `priority` may start now: high-priority jobs (the
+    /// player's) may use the one slot kept free for them.
+    pub(crate) fn has_free_slot_for(&self, priority: i32) -> bool {
+        self.slots.has_free() && (priority > 0 || self.slots.busy() < self.normal_slots)
     }
 
     pub(crate) fn configure(&mut self, knobs: Knobs) {
@@ -233,6 +239,7 @@ impl<'m> Server<'m> {
             text: String::new(),
             generated: 0,
             max_tokens,
+            ignore_eos: sampling.ignore_eos,
             pending: None,
             logits_at: None,
             in_batch: 0,
@@ -307,7 +314,13 @@ impl<'m> Server<'m> {
             }
             let seq = &mut self.seqs[i];
             let remaining = seq.prompt.len() - seq.fed;
-            let take = remaining.min(budget).min(chunk_cap);
+            // The player's request is not held back by the chunk limit.
+            let cap = if seq.job.priority > 0 {
+                usize::MAX
+            } else {
+                chunk_cap
+            };
+            let take = remaining.min(budget).min(cap);
             for k in 0..take {
                 let idx = seq.fed + k;
                 let last = idx + 1 == seq.prompt.len();
@@ -380,7 +393,7 @@ impl<'m> Server<'m> {
             }
             seq.last_token = now;
             self.counters.generated_tokens += 1;
-            if self.model.vocab().is_eog(tok) {
+            if self.model.vocab().is_eog(tok) && !seq.ignore_eos {
                 finished.push((i, FinishReason::EndOfTurn));
                 continue;
             }

@@ -65,6 +65,10 @@ impl<T: PartialEq + Clone> SlotTable<T> {
         self.slots.iter().any(|s| !s.busy)
     }
 
+    pub(crate) fn busy(&self) -> usize {
+        self.slots.iter().filter(|s| s.busy).count()
+    }
+
     /// Idle slots holding a keyed prefix.
     pub(crate) fn cached(&self) -> usize {
         self.slots
@@ -212,6 +216,11 @@ impl<J> JobQueue<J> {
         Ok(())
     }
 
+    /// Highest priority waiting, without removing it.
+    pub(crate) fn peek_priority(&self) -> Option<i32> {
+        self.items.iter().map(|(p, _, _)| *p).max()
+    }
+
     pub(crate) fn pop(&mut self) -> Option<J> {
         let idx = self
             .items
@@ -292,6 +301,7 @@ mod tests {
         q.push(5, "b").unwrap();
         q.push(0, "c").unwrap();
         assert_eq!(q.push(9, "d"), Err("d"));
+        assert_eq!(q.peek_priority(), Some(5));
         assert_eq!(q.pop(), Some("b"));
         assert_eq!(q.pop(), Some("a"));
         assert_eq!(q.remove_where(|j| *j == "c"), Some("c"));

@@ -550,7 +550,9 @@ impl Worker {
                 continue;
             }
             // Admit waiting jobs into free slots, then run one decode step.
-            while server.has_free_slot() {
+            while let Some(p) = self.queue.peek_priority()
+                && server.has_free_slot_for(p)
+            {
                 let Some(job) = self.queue.pop() else { break };
                 server.admit(job);
             }
@@ -562,13 +564,15 @@ impl Worker {
     }
 }
 
+/// One context for `sequences` slots plus one kept for high-priority requests.
 pub(crate) fn context_params(spec: &LoadSpec) -> LlamaContextParams {
-    let n_ctx = spec.context_per_sequence * spec.sequences;
+    let n_seq = spec.sequences + 1;
+    let n_ctx = spec.context_per_sequence * n_seq;
     LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_batch(spec.batch_size)
         .with_n_ubatch(spec.batch_size.min(512))
-        .with_n_seq_max(spec.sequences)
+        .with_n_seq_max(n_seq)
         .with_n_threads(spec.threads as i32)
         .with_n_threads_batch(spec.threads as i32)
         .with_kv_unified(false)

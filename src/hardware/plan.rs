@@ -208,16 +208,24 @@ fn headroom(g: &GpuDevice) -> u64 {
     (g.memory_free_bytes / 10).max(512 << 20)
 }
 
-/// The best registry model for the machine, with the reason.
+/// The best registry model for the machine, with the reason. Models tagged
+/// `instruct` or `chat` are preferred when any of them can run.
 fn choose_model<'r>(
     profile: &HardwareProfile,
     registry: &'r ModelRegistry,
     gpu: Option<&GpuDevice>,
 ) -> Result<(&'r ModelEntry, String), SelectionError> {
-    let runnable: Vec<&ModelEntry> = registry
+    // NPCs chat: instruct/chat models are preferred when any can run.
+    let all: Vec<&ModelEntry> = registry
         .iter()
         .filter(|e| shortfall(e, profile).is_none())
         .collect();
+    let chat: Vec<&ModelEntry> = all
+        .iter()
+        .copied()
+        .filter(|e| e.has_tag("instruct") || e.has_tag("chat"))
+        .collect();
+    let runnable = if chat.is_empty() { all } else { chat };
     let largest = |filter: &dyn Fn(&ModelEntry) -> bool| {
         runnable
             .iter()

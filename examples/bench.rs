@@ -1,0 +1,507 @@
+//! Benchmarks, all in one run on one model, threads and sampling:
+//! binding overhead, many NPCs batched vs sequential, prefix cache, frame
+//! time, memory and player-first latency.
+//!
+//! ```text
+//! cargo run --release --example bench -- [--model ID] [--npcs 1,2,4,8,16] [--tokens 64]
+//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player] [--json]
+//! ```
+//! Prints a table; with `--json` also one JSON object per figure.
+
+use std::time::{Duration, Instant};
+
+use bevy::prelude::*;
+use bevy_npc_llm::hardware::BackendStatus;
+use bevy_npc_llm::prelude::*;
+use bevy_npc_llm::registry::ModelRegistry;
+use bevy_npc_llm::settings::GpuLayers;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::sampling::LlamaSampler;
+
+struct Args {
+    model: Option<String>,
+    npcs: Vec<usize>,
+    tokens: u32,
+    threads: u32,
+    gpu_layers: Option<u32>,
+    sections: Vec<String>,
+    json: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        model: None,
+        npcs: vec![1, 2, 4, 8, 16],
+        tokens: 64,
+        threads: 0,
+        gpu_layers: None,
+        sections: ["binding", "npcs", "cache", "frames", "memory", "player"]
+            .map(String::from)
+            .to_vec(),
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" => a.model = Some(val()),
+            "--npcs" => a.npcs = val().split(',').map(|n| n.trim().parse().unwrap()).collect(),
+            "--tokens" => a.tokens = val().parse().unwrap(),
+            "--threads" => a.threads = val().parse().unwrap(),
+            "--gpu-layers" => a.gpu_layers = Some(val().parse().unwrap()),
+            "--sections" => a.sections = val().split(',').map(String::from).collect(),
+            "--json" => a.json = true,
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    a
+}
+
+struct Figures {
+    rows: Vec<(String, String, f64, String)>,
+    json: bool,
+}
+
+impl Figures {
+    fn add(&mut self, section: &str, name: &str, value: f64, unit: &str) {
+        println!("  {section:<8} {name:<52} {value:>12.3} {unit}");
+        if self.json {
+            println!(
+                "{{\"section\":\"{section}\",\"name\":\"{}\",\"value\":{value},\"unit\":\"{unit}\"}}",
+                name.replace('"', "'")
+            );
+        }
+        self.rows
+            .push((section.into(), name.into(), value, unit.into()));
+    }
+}
+
+fn base_settings(args: &Args) -> LlmSettings {
+    let mut s = LlmSettings {
+        threads: args.threads,
+        context_per_sequence: 1024,
+        max_parallel_sequences: 8,
+        ..Default::default()
+    };
+    if let Some(m) = &args.model {
+        s.model.clone_from(m);
+    }
+    if let Some(n) = args.gpu_layers {
+        s.gpu_layers = GpuLayers::Count(n);
+    }
+    s.sampling.temperature = 0.0;
+    s.sampling.repeat_penalty = 1.0;
+    s.sampling.max_tokens = args.tokens;
+    s.sampling.ignore_eos = true;
+    s
+}
+
+fn ready_app(settings: LlmSettings) -> App {
+    let mut app = App::new();
+    app.add_plugins(MinimalPlugins).add_plugins(
+        NpcLlmPlugin::default()
+            .with_settings(settings)
+            .with_load_on_startup(true),
+    );
+    let start = Instant::now();
+    loop {
+        app.update();
+        match app.world().resource::<LlmModelState>() {
+            LlmModelState::Ready(_) => break,
+            LlmModelState::Failed { error, .. } => panic!("model failed to load: {error}"),
+            _ => {}
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "model load timed out");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    app
+}
+
+/// Spawn requests, update until all finish; returns statuses and wall time.
+fn run(app: &mut App, reqs: Vec<LlmRequest>) -> (Vec<LlmRequestStatus>, Duration) {
+    let start = Instant::now();
+    let es: Vec<Entity> = reqs.into_iter().map(|r| app.world_mut().spawn(r).id()).collect();
+    loop {
+        app.update();
+        let w = app.world();
+        if es
+            .iter()
+            .all(|e| w.get::<LlmRequestStatus>(*e).is_some_and(LlmRequestStatus::is_finished))
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(600), "requests timed out");
+    }
+    let wall = start.elapsed();
+    let out = es
+        .iter()
+        .map(|e| app.world().get::<LlmRequestStatus>(*e).unwrap().clone())
+        .collect::<Vec<_>>();
+    for (e, s) in es.iter().zip(&out) {
+        if let RequestState::Failed(err) = &s.state {
+            panic!("request failed: {err}");
+        }
+        app.world_mut().despawn(*e);
+    }
+    (out, wall)
+}
+
+const TOPICS: [&str; 16] = [
+    "bread", "swords", "flowers", "rain", "cats", "boats", "songs", "stars", "wheat", "wolves",
+    "rivers", "lanterns", "honey", "bells", "maps", "owls",
+];
+
+fn npc_request(i: usize) -> LlmRequest {
+    LlmRequest::chat([
+        ChatMessage::system(format!(
+            "You are villager number {i}. You talk about {} all day.",
+            TOPICS[i % 16]
+        )),
+        ChatMessage::user(format!("Tell me everything about {}.", TOPICS[i % 16])),
+    ])
+}
+
+const RAW_PROMPT: &str = "The old blacksmith looked up from his anvil and said";
+
+fn binding(args: &Args, f: &mut Figures) {
+    let mut app = ready_app(base_settings(args));
+    let (st, _) = run(&mut app, vec![LlmRequest::raw(RAW_PROMPT)]);
+    let s = &st[0].stats;
+    let plugin = (s.generated_tokens - 1) as f64 / s.generation_time.as_secs_f64();
+    let plan = app.world().resource::<BackendStatus>().plan.clone().unwrap();
+    let path = {
+        let reg = app.world().resource::<ModelRegistry>();
+        reg.path_of(reg.get(&plan.model).unwrap())
+    };
+    drop(app);
+    // The same work in a plain llama-cpp-2 loop.
+    let backend = bevy_npc_llm::llama_backend().unwrap();
+    let model = LlamaModel::load_from_file(
+        backend,
+        &path,
+        &LlamaModelParams::default().with_n_gpu_layers(plan.gpu_layers),
+    )
+    .unwrap();
+    let mut ctx = model
+        .new_context(
+            backend,
+            LlamaContextParams::default()
+                .with_n_ctx(std::num::NonZeroU32::new(1024))
+                .with_n_batch(512)
+                .with_n_threads(plan.threads as i32)
+                .with_n_threads_batch(plan.threads as i32),
+        )
+        .unwrap();
+    let vocab = model.vocab();
+    let mut tokens = Vec::new();
+    if vocab.should_add_bos() {
+        tokens.push(vocab.bos());
+    }
+    tokens.extend(vocab.tokenize(RAW_PROMPT.as_bytes(), false, false));
+    let mut batch = LlamaBatch::new(512, 1);
+    for (i, t) in tokens.iter().enumerate() {
+        batch.add(*t, i as i32, &[0], i + 1 == tokens.len()).unwrap();
+    }
+    ctx.decode(&mut batch).unwrap();
+    let mut sampler = LlamaSampler::greedy();
+    let mut pos = tokens.len() as i32;
+    let mut idx = batch.n_tokens() - 1;
+    let mut first = None;
+    let mut text = Vec::new();
+    for n in 0..args.tokens {
+        let tok = sampler.sample(&ctx, idx);
+        text.extend(vocab.token_to_piece(tok, false, None));
+        if n == 0 {
+            first = Some(Instant::now());
+        }
+        if n + 1 == args.tokens {
+            break;
+        }
+        batch.clear();
+        batch.add(tok, pos, &[0], true).unwrap();
+        ctx.decode(&mut batch).unwrap();
+        pos += 1;
+        idx = 0;
+    }
+    let plain = (args.tokens - 1) as f64 / first.unwrap().elapsed().as_secs_f64();
+    f.add("binding", "plugin single-stream generation", plugin, "tok/s");
+    f.add("binding", "plain llama-cpp-2 loop, same prompt", plain, "tok/s");
+    f.add("binding", "ratio plugin / plain (target >= 0.95)", plugin / plain, "x");
+    if String::from_utf8_lossy(&text) != st[0].text {
+        println!("  note: plain loop text differs from the plugin's (float differences)");
+    }
+}
+
+fn npcs(args: &Args, f: &mut Figures) {
+    let max_n = *args.npcs.iter().max().unwrap();
+    let mut s = base_settings(args);
+    s.prefix_cache = false;
+    s.context_per_sequence = 512;
+    s.max_parallel_sequences = max_n as u32;
+    s.queue_capacity = max_n as u32;
+    let mut batched = ready_app(s.clone());
+    let plan = batched.world().resource::<BackendStatus>().plan.clone().unwrap();
+    s.max_parallel_sequences = 1;
+    let mut sequential = ready_app(s);
+    for &n in &args.npcs {
+        let reqs = || (0..n).map(npc_request).collect::<Vec<_>>();
+        let (bs, bw) = run(&mut batched, reqs());
+        let (ss, sw) = run(&mut sequential, reqs());
+        let bt: usize = bs.iter().map(|s| s.stats.generated_tokens).sum();
+        let stt: usize = ss.iter().map(|s| s.stats.generated_tokens).sum();
+        let b = bt as f64 / bw.as_secs_f64();
+        let q = stt as f64 / sw.as_secs_f64();
+        f.add("npcs", &format!("N={n:<2} batched aggregate"), b, "tok/s");
+        f.add("npcs", &format!("N={n:<2} sequential aggregate"), q, "tok/s");
+        f.add("npcs", &format!("N={n:<2} batched / sequential"), b / q, "x");
+        let ttft: Vec<f64> = bs
+            .iter()
+            .filter_map(|s| s.stats.time_to_first_token)
+            .map(|d| d.as_secs_f64() * 1e3)
+            .collect();
+        f.add(
+            "npcs",
+            &format!("N={n:<2} batched mean time to first token"),
+            ttft.iter().sum::<f64>() / ttft.len() as f64,
+            "ms",
+        );
+    }
+    let c = &batched.world().resource::<LlmEngineStats>().counters;
+    f.add("npcs", "largest batch (sequences)", c.max_batch_sequences as f64, "seq");
+    if plan.sequences < max_n as u32 {
+        println!("  note: memory allowed only {} parallel sequences", plan.sequences);
+    }
+}
+
+fn history(turns: usize) -> Vec<ChatMessage> {
+    let mut m = vec![ChatMessage::system(
+        "You are Brom, the blacksmith of Oakvale. You are gruff but kind, proud of your anvil, \
+         suspicious of wizards, and fond of the baker Mira. You speak in short, plain sentences \
+         and never use modern words. You remember every customer and what they ordered.",
+    )];
+    for i in 0..turns {
+        m.push(ChatMessage::user(format!(
+            "Customer {i} says: good day Brom, I need horseshoes for my grey mare and a new \
+             hinge for the barn door, number {i}."
+        )));
+        m.push(ChatMessage::assistant(format!(
+            "Horseshoes and hinge number {i}, then. Come back at sundown and bring coin."
+        )));
+    }
+    m
+}
+
+fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize) {
+    let mut s = base_settings(args);
+    s.prefix_cache = cache;
+    s.sampling.max_tokens = 8;
+    let mut app = ready_app(s);
+    let npc = app.world_mut().spawn_empty().id();
+    let mut msgs = history(8);
+    msgs.push(ChatMessage::user("Hello again, Brom."));
+    let mut times = Vec::new();
+    let mut last = (0, 0);
+    for rep in 0..3 {
+        // Turn 1 (warms this NPC's cache), then turn 2 extends it by one line.
+        let _ = run(&mut app, vec![LlmRequest::chat(msgs.clone()).with_cache_key(npc)]);
+        let mut second = msgs.clone();
+        second.push(ChatMessage::assistant("Good day."));
+        second.push(ChatMessage::user(format!("Is my order number {rep} ready?")));
+        let (st, _) = run(&mut app, vec![LlmRequest::chat(second).with_cache_key(npc)]);
+        times.push(st[0].stats.time_to_first_token.unwrap().as_secs_f64() * 1e3);
+        last = (st[0].stats.prompt_tokens, st[0].stats.reused_prefix_tokens);
+    }
+    times.sort_by(f64::total_cmp);
+    (times[1], last.0, last.1)
+}
+
+fn cache(args: &Args, f: &mut Figures) {
+    let (cached, prompt, reused) = ttft_second_turn(args, true);
+    let (plain, _, _) = ttft_second_turn(args, false);
+    f.add("cache", "second-turn prompt length", prompt as f64, "tokens");
+    f.add("cache", "reused prefix tokens (cache on)", reused as f64, "tokens");
+    f.add("cache", "second-turn time to first token, cache on", cached, "ms");
+    f.add("cache", "second-turn time to first token, cache off", plain, "ms");
+    f.add("cache", "ratio cached / uncached (target <= 0.3)", cached / plain, "x");
+}
+
+#[derive(Resource, Default)]
+struct PluginTimer {
+    start: Option<Instant>,
+    last: Duration,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn frames(args: &Args, f: &mut Figures) {
+    let mut s = base_settings(args);
+    s.sampling.max_tokens = args.tokens.max(128);
+    let mut app = ready_app(s);
+    app.init_resource::<PluginTimer>();
+    app.add_systems(
+        PreUpdate,
+        (
+            (|mut t: ResMut<PluginTimer>| t.start = Some(Instant::now()))
+                .before(NpcLlmSystems::Control),
+            (|mut t: ResMut<PluginTimer>| {
+                if let Some(s) = t.start.take() {
+                    t.last = s.elapsed();
+                }
+            })
+            .after(NpcLlmSystems::Receive),
+        ),
+    );
+    let measure = |app: &mut App, frames: usize, until_done: Option<&[Entity]>| {
+        let (mut ft, mut pt) = (Vec::new(), Vec::new());
+        for _ in 0..frames {
+            let t = Instant::now();
+            app.update();
+            ft.push(t.elapsed().as_secs_f64() * 1e3);
+            pt.push(app.world().resource::<PluginTimer>().last.as_secs_f64() * 1e3);
+            if let Some(es) = until_done
+                && es.iter().all(|e| {
+                    app.world()
+                        .get::<LlmRequestStatus>(*e)
+                        .is_some_and(LlmRequestStatus::is_finished)
+                })
+            {
+                break;
+            }
+        }
+        (ft, pt)
+    };
+    let (mut idle, mut idle_p) = measure(&mut app, 3000, None);
+    let es: Vec<Entity> = (0..8).map(|i| app.world_mut().spawn(npc_request(i)).id()).collect();
+    let (mut busy, mut busy_p) = measure(&mut app, 1_000_000, Some(&es));
+    for (name, v) in [("idle", &mut idle), ("8 NPCs talking", &mut busy)] {
+        f.add("frames", &format!("{name}: frames"), v.len() as f64, "frames");
+        f.add("frames", &format!("{name}: frame time p50"), percentile(v, 0.5), "ms");
+        f.add("frames", &format!("{name}: frame time p99"), percentile(v, 0.99), "ms");
+        f.add("frames", &format!("{name}: frame time max"), percentile(v, 1.0), "ms");
+    }
+    f.add("frames", "idle: plugin systems p99", percentile(&mut idle_p, 0.99), "ms");
+    f.add("frames", "8 NPCs talking: plugin systems p99", percentile(&mut busy_p, 0.99), "ms");
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn memory(args: &Args, f: &mut Figures) {
+    let mut s = base_settings(args);
+    s.max_parallel_sequences = 1;
+    let mut one = ready_app(s.clone());
+    let _ = run(&mut one, vec![npc_request(0)]);
+    let rss1 = rss_mb();
+    let (kv_token, ctx) = {
+        let p = one.world().resource::<BackendStatus>().plan.clone().unwrap();
+        let reg = one.world().resource::<ModelRegistry>();
+        (reg.get(&p.model).unwrap().kv_bytes_per_token, p.context_per_sequence)
+    };
+    drop(one);
+    s.max_parallel_sequences = 8;
+    let mut eight = ready_app(s);
+    let _ = run(&mut eight, (0..8).map(npc_request).collect());
+    let rss8 = rss_mb();
+    let kv_extra = (7 * u64::from(ctx) * kv_token) as f64 / (1024.0 * 1024.0);
+    f.add("memory", "RSS serving 1 NPC (1 sequence)", rss1, "MB");
+    f.add("memory", "RSS serving 8 NPCs (8 sequences)", rss8, "MB");
+    f.add("memory", "KV cache of the 7 extra sequences", kv_extra, "MB");
+    f.add("memory", "excess over 1 NPC + extra KV (target <= 50)", rss8 - rss1 - kv_extra, "MB");
+}
+
+fn player(args: &Args, f: &mut Figures) {
+    let mut s = base_settings(args);
+    s.sampling.max_tokens = 256;
+    let mut app = ready_app(s);
+    let player_req = |i: usize| {
+        let mut m = history(3);
+        m.push(ChatMessage::user(format!("Player asks question {i}: where is the mill?")));
+        LlmRequest::chat(m)
+            .with_priority(RequestPriority::High)
+            .with_max_tokens(4)
+    };
+    let (st, _) = run(&mut app, vec![player_req(0)]);
+    let idle = st[0].stats.time_to_first_token.unwrap().as_secs_f64() * 1e3;
+    let bg: Vec<Entity> = (0..8).map(|i| app.world_mut().spawn(npc_request(i)).id()).collect();
+    // Wait until all eight generate.
+    loop {
+        app.update();
+        let w = app.world();
+        if bg.iter().all(|e| {
+            w.get::<LlmRequestStatus>(*e)
+                .is_some_and(|s| s.stats.generated_tokens > 0 || !s.text.is_empty())
+        }) {
+            break;
+        }
+    }
+    let (st, _) = run(&mut app, vec![player_req(1)]);
+    let busy = st[0].stats.time_to_first_token.unwrap().as_secs_f64() * 1e3;
+    for e in bg {
+        app.world_mut().despawn(e);
+    }
+    f.add("player", "high-priority time to first token, idle engine", idle, "ms");
+    f.add("player", "same, while 8 NPCs generate", busy, "ms");
+    f.add("player", "ratio busy / idle (target <= 1.5)", busy / idle, "x");
+}
+
+fn main() {
+    let args = parse_args();
+    let mut figs = Figures {
+        rows: Vec::new(),
+        json: args.json,
+    };
+    println!("bevy_npc_llm bench: tokens={} npcs={:?}", args.tokens, args.npcs);
+    {
+        let app = ready_app(base_settings(&args));
+        let p = app.world().resource::<bevy_npc_llm::hardware::HardwareProfile>();
+        let plan = app.world().resource::<BackendStatus>().plan.clone().unwrap();
+        println!(
+            "machine: {} ({} physical / {} logical cores, {}), GPUs: {}",
+            p.cpu_brand,
+            p.physical_cores,
+            p.logical_cores,
+            p.simd.join(" "),
+            p.gpus
+                .iter()
+                .map(|g| format!("{} {}", g.backend, g.description))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "plan: model {} on {} ({} GPU layers, {} threads)",
+            plan.model,
+            plan.device.as_deref().unwrap_or(&plan.backend),
+            plan.gpu_layers,
+            plan.threads
+        );
+    }
+    let t0 = Instant::now();
+    for section in args.sections.clone() {
+        let t = Instant::now();
+        match section.as_str() {
+            "binding" => binding(&args, &mut figs),
+            "npcs" => npcs(&args, &mut figs),
+            "cache" => cache(&args, &mut figs),
+            "frames" => frames(&args, &mut figs),
+            "memory" => memory(&args, &mut figs),
+            "player" => player(&args, &mut figs),
+            other => panic!("unknown section {other}"),
+        }
+        println!("  ({section}: {:.1} s)", t.elapsed().as_secs_f64());
+    }
+    println!("bench done in {:.1} s, {} figures", t0.elapsed().as_secs_f64(), figs.rows.len());
+}
