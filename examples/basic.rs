@@ -91,6 +91,20 @@ fn main() {
             s.slot
         );
     }
+    let backend = world.resource::<bevy_npc_llm::hardware::BackendStatus>();
+    if let Some(plan) = &backend.plan {
+        println!(
+            "\nbackend: {} on {} — {} layers offloaded, {} threads, {} sequences × {} tokens (KV {:.0} MB)\nwhy: {}",
+            plan.model,
+            plan.device.as_deref().unwrap_or(&plan.backend),
+            backend.layers_offloaded.unwrap_or(0),
+            plan.threads,
+            plan.sequences,
+            plan.context_per_sequence,
+            plan.kv_bytes as f64 / 1e6,
+            plan.reason
+        );
+    }
     let stats = world.resource::<LlmEngineStats>();
     let c = &stats.counters;
     println!(

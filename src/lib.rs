@@ -22,7 +22,8 @@ pub use plugin::{NpcLlmPlugin, NpcLlmSystems};
 ///
 /// # Errors
 /// [`errors::ModelLoadError::Backend`] when llama.cpp cannot start.
-pub fn llama_backend() -> Result<&'static llama_cpp_2::llama_backend::LlamaBackend, errors::ModelLoadError> {
+pub fn llama_backend()
+-> Result<&'static llama_cpp_2::llama_backend::LlamaBackend, errors::ModelLoadError> {
     engine::worker::backend_info(false).map(|b| &b.backend)
 }
 

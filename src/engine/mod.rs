@@ -5,6 +5,7 @@
 pub(crate) mod bridge;
 pub(crate) mod prompt;
 pub(crate) mod protocol;
+pub(crate) mod sampler;
 pub(crate) mod serve;
 pub(crate) mod slots;
 pub(crate) mod text_stream;

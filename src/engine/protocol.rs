@@ -133,6 +133,8 @@ pub struct EngineCounters {
     pub kv_cells_total: usize,
     /// Time spent in decode calls.
     pub decode_time: Duration,
+    /// Time spent sampling and turning tokens into text events.
+    pub sample_time: Duration,
 }
 
 #[derive(Debug)]

@@ -8,16 +8,16 @@ use crossbeam_channel::Sender;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use super::prompt::PromptRenderer;
 use super::protocol::{EngineCounters, Event, Job, Knobs, LoadSpec, RequestId};
+use super::sampler::Sampler;
 use super::slots::SlotTable;
 use super::text_stream::{StopMatcher, Utf8Stream};
 use crate::errors::LlmError;
 use crate::request::{FinishReason, RequestStats};
-use crate::settings::{SamplingOverrides, SamplingParams};
+use crate::settings::SamplingOverrides;
 
 pub(crate) enum Outcome {
     Progress,
@@ -33,7 +33,7 @@ struct Seq {
     /// Prompt tokens already in KV.
     fed: usize,
     reused: usize,
-    sampler: LlamaSampler,
+    sampler: Sampler,
     utf8: Utf8Stream,
     stops: StopMatcher,
     text: String,
@@ -67,35 +67,6 @@ pub(crate) struct Server<'m> {
     events: Sender<Event>,
     counters: EngineCounters,
     last_counters: Instant,
-}
-
-fn build_sampler(p: &SamplingParams, n_vocab: i32, seed: u32) -> LlamaSampler {
-    let mut chain = Vec::new();
-    if (p.repeat_penalty - 1.0).abs() > f32::EPSILON {
-        chain.push(LlamaSampler::penalties(
-            n_vocab,
-            p.repeat_last_n as i32,
-            p.repeat_penalty,
-            0.0,
-            0.0,
-        ));
-    }
-    if p.temperature <= 0.0 {
-        chain.push(LlamaSampler::greedy());
-    } else {
-        if p.top_k > 0 {
-            chain.push(LlamaSampler::top_k(p.top_k as i32));
-        }
-        if p.top_p < 1.0 {
-            chain.push(LlamaSampler::top_p(p.top_p, 1));
-        }
-        if p.min_p > 0.0 {
-            chain.push(LlamaSampler::min_p(p.min_p, 1));
-        }
-        chain.push(LlamaSampler::temp(p.temperature));
-        chain.push(LlamaSampler::dist(seed));
-    }
-    LlamaSampler::chain_simple(chain)
 }
 
 fn fresh_seed() -> u32 {
@@ -219,7 +190,7 @@ impl<'m> Server<'m> {
             }
         }
         let seed = sampling.seed.unwrap_or_else(fresh_seed);
-        let sampler = build_sampler(&sampling, self.model.n_vocab(), seed);
+        let sampler = Sampler::new(&sampling, seed);
         self.counters.reused_prefix_tokens += reuse as u64;
         self.send(Event::Started {
             id: job.id,
@@ -381,12 +352,13 @@ impl<'m> Server<'m> {
             }
         }
         // 4. Sample every sequence that has logits in this batch.
+        let t_sample = Instant::now();
         let mut finished: Vec<(usize, FinishReason)> = Vec::new();
         for (i, seq) in self.seqs.iter_mut().enumerate() {
             let Some(at) = seq.logits_at.take() else {
                 continue;
             };
-            let tok = seq.sampler.sample(&self.ctx, at);
+            let tok = LlamaToken(seq.sampler.sample(self.ctx.get_logits_ith(at)));
             let now = Instant::now();
             if seq.first_token.is_none() {
                 seq.first_token = Some(now);
@@ -418,6 +390,7 @@ impl<'m> Server<'m> {
                 seq.pending = Some(tok);
             }
         }
+        self.counters.sample_time += t_sample.elapsed();
         // Highest index first so swap_remove keeps the other indices valid.
         finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
         for (i, reason) in finished {

@@ -1,0 +1,304 @@
+//! Token sampling on the worker thread, straight from a logits row.
+//!
+//! llama.cpp's sampler chain copies the whole vocabulary into a candidate
+//! array for every sequence and step; with 32 NPCs on a GPU that host work
+//! took five times longer than the decode itself. Here one pass over the row
+//! keeps the `top_k` best logits in a small heap; temperature, top-p, min-p
+//! and the draw then work on those few candidates. The repeat penalty changes
+//! only the logits of recently generated tokens. Same seed, same text.
+
+use std::collections::VecDeque;
+
+use crate::settings::SamplingParams;
+
+/// Candidates kept when `top_k` is 0 (off) but sampling is not greedy: the
+/// rest of a 50k vocabulary holds negligible probability after min-p/top-p.
+const UNBOUNDED_K: usize = 1024;
+
+pub(crate) struct Sampler {
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+    repeat_penalty: f32,
+    repeat_last_n: usize,
+    rng: u64,
+    history: VecDeque<i32>,
+    heap: Vec<(f32, i32)>,
+    probs: Vec<f32>,
+}
+
+fn splitmix64(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Sampler {
+    pub(crate) fn new(p: &SamplingParams, seed: u32) -> Self {
+        Self {
+            temperature: p.temperature,
+            top_k: p.top_k as usize,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repeat_penalty: p.repeat_penalty,
+            repeat_last_n: p.repeat_last_n as usize,
+            rng: u64::from(seed) ^ 0x5DEE_CE66_D1CE_4E5B,
+            history: VecDeque::new(),
+            heap: Vec::new(),
+            probs: Vec::new(),
+        }
+    }
+
+    fn uniform(&mut self) -> f32 {
+        ((splitmix64(&mut self.rng) >> 40) as f32) / ((1u64 << 24) as f32)
+    }
+
+    fn penalized(&self, token: i32, logit: f32) -> f32 {
+        if self.repeat_penalty == 1.0 || !self.history.contains(&token) {
+            logit
+        } else if logit <= 0.0 {
+            logit * self.repeat_penalty
+        } else {
+            logit / self.repeat_penalty
+        }
+    }
+
+    /// Choose the next token from one row of logits, and remember it.
+    pub(crate) fn sample(&mut self, logits: &[f32]) -> i32 {
+        let token = if self.temperature <= 0.0 {
+            self.argmax(logits)
+        } else {
+            self.draw(logits)
+        };
+        if self.repeat_last_n > 0 {
+            if self.history.len() == self.repeat_last_n {
+                self.history.pop_front();
+            }
+            self.history.push_back(token);
+        }
+        token
+    }
+
+    fn argmax(&mut self, logits: &[f32]) -> i32 {
+        if self.penalizes() {
+            self.top(logits, 1);
+            return self.heap[0].1;
+        }
+        let mut best = (f32::NEG_INFINITY, 0i32);
+        for (i, &l) in logits.iter().enumerate() {
+            if l > best.0 {
+                best = (l, i as i32);
+            }
+        }
+        best.1
+    }
+
+    fn penalizes(&self) -> bool {
+        self.repeat_penalty != 1.0 && !self.history.is_empty()
+    }
+
+    /// The `k` best (penalised) logits, best first.
+    ///
+    /// A penalty ≥ 1 only lowers logits, so the `k` best after it are among
+    /// the `k + h` best before it (`h` = penalised tokens): one cheap pass
+    /// on raw logits, then the penalty on those few candidates only.
+    fn top(&mut self, logits: &[f32], k: usize) {
+        let penalize = self.penalizes();
+        let mut unique: Vec<i32> = Vec::new();
+        if penalize {
+            unique.extend(self.history.iter().copied());
+            unique.sort_unstable();
+            unique.dedup();
+        }
+        let exact = !penalize || self.repeat_penalty >= 1.0;
+        if !exact {
+            // A boosting penalty (< 1) can lift any token: rare, slow path.
+            let all: Vec<f32> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| self.penalized(i as i32, l))
+                .collect();
+            self.select(&all, k);
+        } else {
+            self.select(logits, k + unique.len());
+            if penalize {
+                for c in &mut self.heap {
+                    if unique.binary_search(&c.1).is_ok() {
+                        c.0 = if c.0 <= 0.0 {
+                            c.0 * self.repeat_penalty
+                        } else {
+                            c.0 / self.repeat_penalty
+                        };
+                    }
+                }
+            }
+        }
+        self.heap
+            .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        self.heap.truncate(k.max(1));
+    }
+
+    /// Keep the `k` largest logits in `self.heap` (unordered).
+    fn select(&mut self, logits: &[f32], k: usize) {
+        let k = k.clamp(1, logits.len());
+        self.heap.clear();
+        // A min-heap on the logit: the root is the k-th best so far.
+        let heap = &mut self.heap;
+        for (i, &l) in logits.iter().enumerate() {
+            if heap.len() < k {
+                heap.push((l, i as i32));
+                let mut c = heap.len() - 1;
+                while c > 0 {
+                    let p = (c - 1) / 2;
+                    if heap[c].0 < heap[p].0 {
+                        heap.swap(c, p);
+                        c = p;
+                    } else {
+                        break;
+                    }
+                }
+            } else if l > heap[0].0 {
+                heap[0] = (l, i as i32);
+                let mut i = 0;
+                loop {
+                    let (a, b) = (2 * i + 1, 2 * i + 2);
+                    let mut m = i;
+                    if a < heap.len() && heap[a].0 < heap[m].0 {
+                        m = a;
+                    }
+                    if b < heap.len() && heap[b].0 < heap[m].0 {
+                        m = b;
+                    }
+                    if m == i {
+                        break;
+                    }
+                    heap.swap(i, m);
+                    i = m;
+                }
+            }
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> i32 {
+        let k = if self.top_k > 0 {
+            self.top_k
+        } else {
+            UNBOUNDED_K
+        };
+        self.top(logits, k);
+        let t = self.temperature;
+        let max = self.heap[0].0 / t;
+        self.probs.clear();
+        let mut sum = 0.0f32;
+        for &(l, _) in &self.heap {
+            let p = (l / t - max).exp();
+            sum += p;
+            self.probs.push(p);
+        }
+        for p in &mut self.probs {
+            *p /= sum;
+        }
+        // min-p: drop candidates below min_p × the best one's probability.
+        let mut n = self.probs.len();
+        if self.min_p > 0.0 {
+            let floor = self.min_p * self.probs[0];
+            n = self
+                .probs
+                .iter()
+                .take_while(|&&p| p >= floor)
+                .count()
+                .max(1);
+        }
+        // top-p: the smallest prefix holding top_p of the mass.
+        if self.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, p) in self.probs[..n].iter().enumerate() {
+                acc += p;
+                if acc >= self.top_p {
+                    n = i + 1;
+                    break;
+                }
+            }
+        }
+        let total: f32 = self.probs[..n].iter().sum();
+        let mut r = self.uniform() * total;
+        for i in 0..n {
+            r -= self.probs[i];
+            if r <= 0.0 {
+                return self.heap[i].1;
+            }
+        }
+        self.heap[n - 1].1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(t: f32, k: u32, p: f32, min_p: f32, rep: f32) -> SamplingParams {
+        SamplingParams {
+            temperature: t,
+            top_k: k,
+            top_p: p,
+            min_p,
+            repeat_penalty: rep,
+            repeat_last_n: 64,
+            ..Default::default()
+        }
+    }
+
+    fn logits() -> Vec<f32> {
+        (0..5000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+            .collect()
+    }
+
+    #[test]
+    fn greedy_is_argmax_and_repeat_penalty_moves_it() {
+        let mut l = vec![0.0f32; 100];
+        l[42] = 5.0;
+        l[7] = 4.5;
+        let mut s = Sampler::new(&params(0.0, 40, 1.0, 0.0, 1.0), 1);
+        assert_eq!(s.sample(&l), 42);
+        assert_eq!(s.sample(&l), 42);
+        let mut s = Sampler::new(&params(0.0, 40, 1.0, 0.0, 1.5), 1);
+        assert_eq!(s.sample(&l), 42);
+        assert_eq!(s.sample(&l), 7, "5.0 / 1.5 < 4.5");
+    }
+
+    #[test]
+    fn same_seed_same_tokens_different_seed_differs() {
+        let l = logits();
+        let run = |seed| {
+            let mut s = Sampler::new(&params(1.0, 40, 0.95, 0.0, 1.0), seed);
+            (0..50).map(|_| s.sample(&l)).collect::<Vec<_>>()
+        };
+        assert_eq!(run(3), run(3));
+        assert_ne!(run(3), run(4));
+    }
+
+    #[test]
+    fn samples_stay_inside_top_k_and_follow_the_distribution() {
+        let l = logits();
+        let mut best: Vec<(f32, i32)> = l.iter().enumerate().map(|(i, &v)| (v, i as i32)).collect();
+        best.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let mut s = Sampler::new(&params(1.0, 5, 1.0, 0.0, 1.0), 9);
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..2000 {
+            let t = s.sample(&l);
+            assert!(l[t as usize] >= best[4].0, "outside the top 5");
+            *counts.entry(t).or_insert(0) += 1;
+        }
+        assert!(counts.len() > 1, "temperature 1 draws more than one token");
+        // min-p 0.995 leaves only the best token(s) (the next is e^-0.01 = 0.990 as likely).
+        let mut s = Sampler::new(&params(1.0, 40, 1.0, 0.995, 1.0), 9);
+        for _ in 0..100 {
+            let t = s.sample(&l);
+            assert_eq!(l[t as usize], best[0].0);
+        }
+    }
+}
