@@ -255,9 +255,21 @@ impl<'m> Server<'m> {
         self.batch.clear();
         let mut n_tokens = 0usize;
         let mut generating = 0usize;
+        // While a high-priority (player) prompt is being read, lower-priority
+        // sequences sit out so its prompt decodes alone, as fast as possible.
+        let urgent = self
+            .seqs
+            .iter()
+            .filter(|s| s.fed < s.prompt.len())
+            .map(|s| s.job.priority)
+            .max()
+            .filter(|&p| p > 0);
         // 1. The next token of every generating sequence.
         for seq in &mut self.seqs {
             seq.logits_at = None;
+            if urgent.is_some_and(|p| seq.job.priority < p) {
+                continue;
+            }
             if let Some(tok) = seq.pending {
                 let pos = seq.kv.len() as i32;
                 if self.batch.add(tok, pos, &[seq.slot as i32], true).is_ok() {
@@ -270,6 +282,7 @@ impl<'m> Server<'m> {
         // 2. Prompt chunks, higher priority first, bounded while others generate.
         let mut order: Vec<usize> = (0..self.seqs.len())
             .filter(|&i| self.seqs[i].fed < self.seqs[i].prompt.len())
+            .filter(|&i| urgent.is_none_or(|p| self.seqs[i].job.priority >= p))
             .collect();
         order.sort_by_key(|&i| -self.seqs[i].job.priority);
         let chunk_cap = if generating > 0 {
