@@ -236,3 +236,31 @@ pub enum SelectionError {
         reason: String,
     },
 }
+
+/// Loading personas or dialogue saves.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DialogueError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {message}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The operating system's message.
+        message: String,
+    },
+    /// Not valid RON for the expected format.
+    #[error("{origin}:{line}:{column}: {message}")]
+    Parse {
+        /// Where the text came from.
+        origin: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What RON/serde said, naming the field.
+        message: String,
+    },
+    /// Parsed but inconsistent (e.g. a conversation naming an unknown NPC).
+    #[error("invalid dialogue data: {0}")]
+    Invalid(String),
+}

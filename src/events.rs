@@ -144,3 +144,86 @@ pub struct ModelUnloaded {
     /// Registry id.
     pub model: String,
 }
+
+// ---------------------------------------------------------------------------
+// Dialogue (NpcDialoguePlugin). Each is a Message and an EntityEvent on the
+// conversation entity. Dialogue UIs handle `ConversationLineToken` (stream a
+// speech bubble), `ConversationLineFinished` (the cleaned line to show and
+// log) and `ConversationEnded` (close the bubble / free the NPCs).
+// ---------------------------------------------------------------------------
+
+/// A conversation began.
+#[derive(EntityEvent, Message, Debug, Clone, PartialEq)]
+pub struct ConversationStarted {
+    /// The conversation entity.
+    pub entity: Entity,
+    /// Participants' names.
+    pub names: Vec<String>,
+}
+
+/// A piece of a line as it streams (raw model text; the cleaned line comes
+/// with [`ConversationLineFinished`]).
+#[derive(EntityEvent, Message, Debug, Clone, PartialEq)]
+pub struct ConversationLineToken {
+    /// The conversation entity.
+    pub entity: Entity,
+    /// The speaking NPC.
+    pub speaker: Entity,
+    /// The new text.
+    pub text: String,
+}
+
+/// A line is final (cleaned, bounded).
+#[derive(EntityEvent, Message, Debug, Clone, PartialEq)]
+pub struct ConversationLineFinished {
+    /// The conversation entity.
+    pub entity: Entity,
+    /// The speaking NPC.
+    pub speaker: Entity,
+    /// Speaker's name.
+    pub name: String,
+    /// The line.
+    pub text: String,
+    /// The first output was empty/degenerate and was retried.
+    pub retried: bool,
+    /// The retry failed too: this is a neutral fallback line.
+    pub fallback: bool,
+}
+
+/// A conversation ended (memories are written).
+#[derive(EntityEvent, Message, Debug, Clone, PartialEq)]
+pub struct ConversationEnded {
+    /// The conversation entity.
+    pub entity: Entity,
+    /// Lines spoken.
+    pub lines: usize,
+}
+
+/// Start a conversation between NPCs (entities with a
+/// [`Persona`](crate::dialogue::Persona)). Ignored, with a warning, when a
+/// participant is already talking or the pair is cooling down.
+#[derive(Message, Debug, Clone, PartialEq)]
+pub struct StartConversation {
+    /// NPCs, in speaking order (the first greets).
+    pub participants: Vec<Entity>,
+    /// Optional topic.
+    pub topic: Option<String>,
+}
+
+/// The player says something to an NPC (starts or continues their
+/// conversation). The text is untrusted: control tokens are removed and it
+/// is length-limited.
+#[derive(Message, Debug, Clone, PartialEq)]
+pub struct PlayerSays {
+    /// The NPC spoken to.
+    pub npc: Entity,
+    /// What the player typed.
+    pub text: String,
+}
+
+/// The player walks away from an NPC: the conversation ends and the NPC remembers it.
+#[derive(Message, Debug, Clone, PartialEq)]
+pub struct PlayerLeaves {
+    /// The NPC.
+    pub npc: Entity,
+}

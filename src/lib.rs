@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+pub mod dialogue;
 mod engine;
 pub mod errors;
 pub mod events;
@@ -29,10 +30,15 @@ pub fn llama_backend()
 
 /// The types most games need: `use bevy_npc_llm::prelude::*;`.
 pub mod prelude {
+    pub use crate::dialogue::{
+        Conversation, ConversationState, NpcDialoguePlugin, NpcMemory, Persona,
+    };
     pub use crate::errors::{LlmError, ModelLoadError};
     pub use crate::events::{
-        CancelLlmRequest, LlmCancelled, LlmCompleted, LlmFailed, LlmStarted, LlmToken, LoadModel,
-        ModelLoadFailed, ModelLoaded, UnloadModel,
+        CancelLlmRequest, ConversationEnded, ConversationLineFinished, ConversationLineToken,
+        ConversationStarted, LlmCancelled, LlmCompleted, LlmFailed, LlmStarted, LlmToken,
+        LoadModel, ModelLoadFailed, ModelLoaded, PlayerLeaves, PlayerSays, StartConversation,
+        UnloadModel,
     };
     pub use crate::hardware::{BackendStatus, HardwareProfile};
     pub use crate::request::{

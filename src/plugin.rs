@@ -30,6 +30,10 @@ pub enum NpcLlmSystems {
     /// [`LlmRequestStatus`](crate::request::LlmRequestStatus), the request
     /// events, the model messages, [`LlmModelState`] and [`LlmEngineStats`].
     Receive,
+    /// In `Update` (with [`NpcDialoguePlugin`](crate::dialogue::NpcDialoguePlugin)):
+    /// starts conversations, turns finished requests into transcript lines,
+    /// retries and memories, asks for the next lines, announces ends.
+    Dialogue,
 }
 
 /// Adds talking NPCs to an app: the model registry, settings, the inference

@@ -1,0 +1,134 @@
+//! NPC conversations on top of the engine: personas, NPC-to-NPC and
+//! player-to-NPC conversations (start / continue / leave), memories of past
+//! talks, stop rules so an NPC never speaks another's lines, and save/load.
+//!
+//! Add [`NpcDialoguePlugin`] after [`NpcLlmPlugin`](crate::NpcLlmPlugin), give
+//! NPCs a [`Persona`], then send [`StartConversation`](crate::events::StartConversation)
+//! or [`PlayerSays`](crate::events::PlayerSays). Each turn is one engine request
+//! keyed by the speaking NPC, so its prompt prefix stays cached; several
+//! conversations run at once and are batched by the engine.
+//!
+//! ```no_run
+//! use bevy::prelude::*;
+//! use bevy_npc_llm::prelude::*;
+//!
+//! fn setup(mut commands: Commands, mut start: MessageWriter<StartConversation>) {
+//!     let mira = commands.spawn(Persona::new("Mira", "The village baker.")).id();
+//!     let brom = commands.spawn(Persona::new("Brom", "The blacksmith.")).id();
+//!     start.write(StartConversation { participants: vec![mira, brom], topic: Some("the harvest fair".into()) });
+//! }
+//!
+//! fn show(mut lines: MessageReader<ConversationLineFinished>) {
+//!     for l in lines.read() {
+//!         println!("{}: {}", l.name, l.text);
+//!     }
+//! }
+//! ```
+
+mod data;
+mod prompt;
+mod save;
+mod systems;
+
+use bevy::prelude::*;
+
+pub use data::{
+    Conversation, ConversationLimits, ConversationState, MemoryEntry, NpcMemory, Persona,
+    TranscriptLine,
+};
+pub use prompt::{
+    KeywordRanker, LinePrompt, MemoryQuery, MemoryRanker, clean_line, is_degenerate, line_prompt,
+    relevant_memories, sanitize_player_text, summary_prompt,
+};
+pub use save::{
+    ConversationSnapshot, DialogueSnapshot, NpcSnapshot, load_dialogue, save_dialogue, snapshot,
+};
+pub use systems::{DialogueCooldowns, InConversation};
+
+use crate::NpcLlmSystems;
+use crate::events::*;
+
+/// Knobs of the dialogue system.
+#[derive(Resource)]
+pub struct DialogueSettings {
+    /// Bounds for new conversations.
+    pub limits: ConversationLimits,
+    /// Seconds before the same pair may talk again.
+    pub cooldown_secs: f64,
+    /// Memories put in a prompt at most.
+    pub max_memories: usize,
+    /// How memories are ranked.
+    pub ranker: Box<dyn MemoryRanker>,
+    /// The player's name in transcripts.
+    pub player_name: String,
+    /// Longest player message kept, in characters.
+    pub max_player_chars: usize,
+    /// Base seed (each line derives its own).
+    pub seed: u32,
+}
+
+impl Default for DialogueSettings {
+    fn default() -> Self {
+        Self {
+            limits: ConversationLimits::default(),
+            cooldown_secs: 60.0,
+            max_memories: 3,
+            ranker: Box::new(KeywordRanker),
+            player_name: "Traveler".into(),
+            max_player_chars: 300,
+            seed: 1234,
+        }
+    }
+}
+
+/// Dialogue figures.
+#[derive(Resource, Debug, Clone, Default, PartialEq, Eq)]
+pub struct DialogueStats {
+    /// Conversations started.
+    pub started: u64,
+    /// Conversations ended.
+    pub ended: u64,
+    /// Lines spoken.
+    pub lines: u64,
+    /// Lines retried after empty or degenerate output.
+    pub retries: u64,
+    /// Lines replaced by a neutral fallback.
+    pub fallbacks: u64,
+    /// Memories written.
+    pub memories: u64,
+}
+
+/// Conversations between NPCs and with the player. Needs
+/// [`NpcLlmPlugin`](crate::NpcLlmPlugin). Its knobs are the
+/// [`DialogueSettings`] resource: insert one before adding the plugin (it
+/// keeps an existing one) or edit it at run time.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct NpcDialoguePlugin;
+
+impl Plugin for NpcDialoguePlugin {
+    fn build(&self, app: &mut App) {
+        app.init_resource::<DialogueStats>()
+            .init_resource::<DialogueCooldowns>()
+            .add_message::<ConversationStarted>()
+            .add_message::<ConversationLineToken>()
+            .add_message::<ConversationLineFinished>()
+            .add_message::<ConversationEnded>()
+            .add_message::<StartConversation>()
+            .add_message::<PlayerSays>()
+            .add_message::<PlayerLeaves>()
+            .add_systems(
+                Update,
+                (
+                    systems::start,
+                    systems::collect,
+                    systems::drive,
+                    systems::announce_ends,
+                )
+                    .chain()
+                    .in_set(NpcLlmSystems::Dialogue),
+            );
+        if !app.world().contains_resource::<DialogueSettings>() {
+            app.insert_resource(DialogueSettings::default());
+        }
+    }
+}
