@@ -3,8 +3,8 @@
 //! talks, stop rules so an NPC never speaks another's lines, and save/load.
 //!
 //! Add [`NpcDialoguePlugin`] after [`NpcLlmPlugin`](crate::NpcLlmPlugin), give
-//! NPCs a [`Persona`], then send [`StartConversation`](crate::events::StartConversation)
-//! or [`PlayerSays`](crate::events::PlayerSays). Each turn is one engine request
+//! NPCs a [`Persona`], then send [`StartConversation`]
+//! or [`PlayerSays`]. Each turn is one engine request
 //! keyed by the speaking NPC, so its prompt prefix stays cached; several
 //! conversations run at once and are batched by the engine.
 //!

@@ -58,11 +58,19 @@ impl DialogueCooldowns {
     /// Whether `a` and `b` may start a conversation at `now`.
     #[must_use]
     pub fn ready(&self, a: Entity, b: Entity, now: f64) -> bool {
-        self.0.get(&Self::key(a, b)).is_none_or(|until| now >= *until)
+        self.0
+            .get(&Self::key(a, b))
+            .is_none_or(|until| now >= *until)
     }
 }
 
-const FALLBACK: &str = "Hmm, let me think about that.";
+/// Neutral lines used when the model gives nothing usable twice.
+const FALLBACKS: [&str; 4] = [
+    "Hmm, let me think about that.",
+    "Is that so? Tell me more.",
+    "Well, that is something to ponder.",
+    "I see what you mean.",
+];
 const FALLBACK_CLOSING: &str = "Well, I must be going. Goodbye.";
 
 fn now(time: &Time) -> f64 {
@@ -85,7 +93,10 @@ fn completion_format(
         .as_deref()
         .and_then(|id| registry.get(id))
         .or_else(|| registry.select(&settings.model).ok());
-    matches!(entry.map(|e| &e.prompt_format), Some(PromptFormat::Completion))
+    matches!(
+        entry.map(|e| &e.prompt_format),
+        Some(PromptFormat::Completion)
+    )
 }
 
 /// What the dialogue systems read about the engine.
@@ -168,7 +179,10 @@ pub(crate) fn start(
     }
     for s in says.read() {
         let Ok((persona, in_conv)) = npcs.get(s.npc) else {
-            warn!("bevy_npc_llm: the player talks to {} which has no Persona", s.npc);
+            warn!(
+                "bevy_npc_llm: the player talks to {} which has no Persona",
+                s.npc
+            );
             continue;
         };
         let text = sanitize_player_text(&s.text, settings.max_player_chars);
@@ -193,7 +207,10 @@ pub(crate) fn start(
             continue;
         }
         if in_conv.is_some() {
-            warn!("bevy_npc_llm: {} is busy talking with someone else", persona.name);
+            warn!(
+                "bevy_npc_llm: {} is busy talking with someone else",
+                persona.name
+            );
             continue;
         }
         let names = vec![persona.name.clone(), settings.player_name.clone()];
@@ -208,9 +225,12 @@ pub(crate) fn start(
             stats.started as u32,
         );
         stats.started += 1;
-        commands.entity(conv).entry::<Conversation>().and_modify(move |mut c| {
-            c.lines.push(line);
-        });
+        commands
+            .entity(conv)
+            .entry::<Conversation>()
+            .and_modify(move |mut c| {
+                c.lines.push(line);
+            });
         let e = ConversationStarted {
             entity: conv,
             names,
@@ -304,7 +324,9 @@ pub(crate) fn drive(
                     conv.state = ConversationState::Summarizing;
                     continue;
                 };
-                let req = line_request(&conv, &rt, speaker, persona, memory, &settings, &engine, completion, 0);
+                let req = line_request(
+                    &conv, &rt, speaker, persona, memory, &settings, &engine, completion, 0,
+                );
                 let e = commands
                     .spawn((
                         req.with_cache_key(npc),
@@ -328,13 +350,20 @@ pub(crate) fn drive(
                         .with_temperature(0.3)
                         .with_seed(rt.seed)
                         .with_trim_prompt(true)
-                        .with_stop(if completion { vec!["\n".to_string()] } else { vec![] })
+                        .with_stop(if completion {
+                            vec!["\n".to_string()]
+                        } else {
+                            vec![]
+                        })
                         .with_priority(RequestPriority::Background);
                     let e = commands
-                        .spawn((req, SummaryRequest {
-                            conversation: ce,
-                            who,
-                        }))
+                        .spawn((
+                            req,
+                            SummaryRequest {
+                                conversation: ce,
+                                who,
+                            },
+                        ))
                         .id();
                     rt.summaries.push((e, who));
                 }
@@ -385,7 +414,10 @@ fn line_request(
     LlmRequest::new(lp.prompt)
         .with_stop(lp.stops)
         .with_max_tokens(conv.limits.max_tokens)
-        .with_seed(rt.seed.wrapping_add(conv.lines.len() as u32 * 31 + attempt * 1_000_003))
+        .with_seed(
+            rt.seed
+                .wrapping_add(conv.lines.len() as u32 * 31 + attempt * 1_000_003),
+        )
         .with_trim_prompt(true)
         .with_priority(if conv.with_player {
             RequestPriority::High
@@ -462,7 +494,9 @@ pub(crate) fn collect(
                 if let Some(npc) = conv.npc(lr.speaker)
                     && let Ok((persona, memory)) = npcs.get(npc)
                 {
-                    let req = line_request(&conv, &rt, lr.speaker, persona, memory.as_deref(), &settings, &engine, completion, 1);
+                    let req = line_request(
+                        &conv, &rt, lr.speaker, persona, memory, &settings, &engine, completion, 1,
+                    );
                     let e = commands
                         .spawn((req.with_cache_key(npc), LineRequest { attempt: 1, ..lr }))
                         .id();
@@ -474,7 +508,11 @@ pub(crate) fn collect(
             let (text, fallback) = if bad {
                 conv.fallbacks += 1;
                 stats.fallbacks += 1;
-                let f = if closing { FALLBACK_CLOSING } else { FALLBACK };
+                let f = if closing {
+                    FALLBACK_CLOSING
+                } else {
+                    FALLBACKS[conv.lines.len() % FALLBACKS.len()]
+                };
                 (f.to_string(), true)
             } else {
                 (cleaned, false)
