@@ -12,6 +12,9 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 start=$(date +%s)
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
+# The windowed AI town and the egui overlay (the debug-ui feature) are checked,
+# not built: the test suite itself needs no renderer.
+cargo clippy --features debug-ui --example ai_town --lib -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 cargo test --all-targets
 cargo test --doc

@@ -6,6 +6,7 @@ mod engine;
 pub mod errors;
 pub mod events;
 pub mod hardware;
+pub mod overlay;
 mod plugin;
 pub mod registry;
 pub mod request;

@@ -297,18 +297,35 @@ pub fn clean_line(raw: &str, speaker: &str, max_chars: usize) -> String {
     s.trim().to_string()
 }
 
-/// An empty or degenerate line (repeats itself or an earlier line).
-#[must_use]
-pub fn is_degenerate(line: &str, earlier: &[String]) -> bool {
-    let words: Vec<String> = line
-        .split_whitespace()
+/// Lower-case words without surrounding punctuation.
+fn normalized_words(line: &str) -> Vec<String> {
+    line.split_whitespace()
         .map(|w| {
             w.to_lowercase()
                 .trim_matches(|c: char| !c.is_alphanumeric())
                 .to_string()
         })
-        .collect();
+        .collect()
+}
+
+/// An empty or degenerate line (repeats itself or an earlier line).
+#[must_use]
+pub fn is_degenerate(line: &str, earlier: &[String]) -> bool {
+    let words = normalized_words(line);
     if line.chars().filter(|c| c.is_alphanumeric()).count() < 2 {
+        return true;
+    }
+    // Echoing the prompt's stage directions.
+    let lower = line.to_lowercase();
+    if [
+        "conversation is ending",
+        "end of the conversation",
+        "say goodbye in one",
+        "reply as ",
+    ]
+    .iter()
+    .any(|d| lower.contains(d))
+    {
         return true;
     }
     // The same word four times in a row.
@@ -342,15 +359,7 @@ pub fn is_degenerate(line: &str, earlier: &[String]) -> bool {
         if e.eq_ignore_ascii_case(line) {
             return true;
         }
-        let theirs: Vec<String> = e
-            .split_whitespace()
-            .map(|w| {
-                w.to_lowercase()
-                    .trim_matches(|c: char| !c.is_alphanumeric())
-                    .to_string()
-            })
-            .collect();
-        let theirs = set(&theirs);
+        let theirs = set(&normalized_words(e));
         let shared = mine.intersection(&theirs).count() as f32;
         let union = mine.union(&theirs).count().max(1) as f32;
         mine.len() >= 4 && shared / union >= 0.7

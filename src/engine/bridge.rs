@@ -422,7 +422,14 @@ pub(crate) fn receive(
                     );
                 }
             }
-            other => deliver(&mut commands, &mut engine, &mut statuses, &mut out, other),
+            other => {
+                if let Event::Completed { stats: s, .. } = &other
+                    && s.time_to_first_token.is_some()
+                {
+                    stats.last_time_to_first_token = s.time_to_first_token;
+                }
+                deliver(&mut commands, &mut engine, &mut statuses, &mut out, other);
+            }
         }
     }
     stats.in_flight = engine.by_id.len();

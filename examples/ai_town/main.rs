@@ -1,0 +1,572 @@
+//! AI town: villagers walk a little 2D town, meet, and talk with streamed
+//! speech bubbles; walk up to one (WASD / arrows) and press E to talk.
+//! F1 toggles the status overlay.
+//!
+//! ```text
+//! cargo run --features debug-ui --example ai_town -- [--headless] [--seconds N] [--npcs N]
+//!     [--model ID] [--seed N] [--screenshot PATH --screenshot-after SECS]
+//! ```
+//! The default model is fetched with `scripts/fetch-models.sh` when missing.
+#![allow(clippy::type_complexity, clippy::too_many_arguments)] // Bevy systems
+
+mod town;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bevy::app::{AppExit, ScheduleRunnerPlugin};
+use bevy::prelude::*;
+use bevy::render::view::screenshot::{Screenshot, save_to_disk};
+use bevy::sprite::Text2d;
+use bevy::text::{Justify, TextBounds, TextLayout};
+use bevy_egui::{EguiContexts, EguiPrimaryContextPass, egui};
+use bevy_npc_llm::dialogue::{DialogueSettings, InConversation, Persona};
+use bevy_npc_llm::overlay::NpcLlmOverlayPlugin;
+use bevy_npc_llm::prelude::*;
+use bevy_npc_llm::registry::ModelRegistry;
+use town::*;
+
+#[derive(Resource, Debug, Clone)]
+struct Args {
+    headless: bool,
+    seconds: Option<f64>,
+    npcs: usize,
+    model: Option<String>,
+    seed: u64,
+    screenshot: Option<PathBuf>,
+    screenshot_after: f64,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        headless: false,
+        seconds: None,
+        npcs: 6,
+        model: None,
+        seed: 7,
+        screenshot: None,
+        screenshot_after: 25.0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || {
+            it.next().unwrap_or_else(|| {
+                eprintln!("{flag} needs a value");
+                std::process::exit(2)
+            })
+        };
+        match flag.as_str() {
+            "--headless" => a.headless = true,
+            "--seconds" => a.seconds = val().parse().ok(),
+            "--npcs" => a.npcs = val().parse().unwrap_or(6),
+            "--model" => a.model = Some(val()),
+            "--seed" => a.seed = val().parse().unwrap_or(7),
+            "--screenshot" => a.screenshot = Some(PathBuf::from(val())),
+            "--screenshot-after" => a.screenshot_after = val().parse().unwrap_or(25.0),
+            "--help" | "-h" => {
+                println!(
+                    "ai_town [--headless] [--seconds N] [--npcs N] [--model ID] [--seed N] [--screenshot PATH --screenshot-after SECS]"
+                );
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("unknown flag {other} (see --help)");
+                std::process::exit(2);
+            }
+        }
+    }
+    a
+}
+
+/// Fetch the model the town will use when it is missing.
+fn ensure_model(model: Option<&str>) {
+    let Ok(registry) = ModelRegistry::load("assets/models/models.ron") else {
+        return;
+    };
+    let entry = match model {
+        Some(id) => registry.get(id),
+        None => registry.default_model(),
+    };
+    let Some(entry) = entry else { return };
+    if !registry.path_of(entry).exists() {
+        eprintln!(
+            "{} is missing: fetching it ...",
+            registry.path_of(entry).display()
+        );
+        let ok = std::process::Command::new("bash")
+            .args(["scripts/fetch-models.sh", &entry.id])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("could not fetch the model; run scripts/fetch-models.sh");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn main() -> AppExit {
+    let args = parse_args();
+    ensure_model(args.model.as_deref());
+    let agents = load_agents("assets/town/agents.ron");
+    let mut settings = LlmSettings::load_or_default("assets/llm_settings.ron").unwrap_or_default();
+    if let Some(m) = &args.model {
+        settings.model.clone_from(m);
+    }
+    settings.max_parallel_sequences = settings.max_parallel_sequences.max(args.npcs as u32 + 1);
+    let mut app = App::new();
+    if args.headless {
+        app.add_plugins((
+            MinimalPlugins.set(ScheduleRunnerPlugin::run_loop(Duration::from_secs_f64(
+                1.0 / 60.0,
+            ))),
+            bevy::log::LogPlugin::default(),
+        ));
+    } else {
+        app.add_plugins(DefaultPlugins.set(WindowPlugin {
+            primary_window: Some(Window {
+                title: "bevy_npc_llm — AI town".into(),
+                resolution: (1280, 800).into(),
+                ..default()
+            }),
+            ..default()
+        }));
+    }
+    app.insert_resource(DialogueSettings {
+        seed: args.seed as u32,
+        ..Default::default()
+    })
+    .add_plugins((
+        NpcLlmPlugin::default()
+            .with_settings(settings)
+            .with_load_on_startup(true),
+        NpcDialoguePlugin,
+        TownPlugin { agents },
+    ))
+    .insert_resource(TownConfig {
+        npcs: args.npcs,
+        seed: args.seed,
+        print_lines: args.headless,
+        ..Default::default()
+    })
+    .insert_resource(args.clone())
+    .insert_resource(RunClock(Instant::now()))
+    .add_systems(Update, stop_after);
+    if !args.headless {
+        app.add_plugins(NpcLlmOverlayPlugin)
+            .init_resource::<ChatBox>()
+            .add_systems(Startup, (setup_scene, spawn_player))
+            .add_systems(
+                Update,
+                (
+                    decorate_villagers,
+                    sync_transforms,
+                    move_player,
+                    follow_camera,
+                    talk_key,
+                    screenshot,
+                ),
+            )
+            .add_systems(EguiPrimaryContextPass, chat_window)
+            .add_observer(bubble_token)
+            .add_observer(bubble_finished)
+            .add_observer(bubble_clear);
+    }
+    app.run()
+}
+
+#[derive(Resource)]
+struct RunClock(Instant);
+
+fn stop_after(
+    args: Res<Args>,
+    clock: Res<RunClock>,
+    world_stats: Res<TownStats>,
+    engine: Res<LlmEngineStats>,
+    mut exit: MessageWriter<AppExit>,
+    mut done: Local<bool>,
+) {
+    let Some(secs) = args.seconds else { return };
+    let elapsed = clock.0.elapsed();
+    if !*done && elapsed.as_secs_f64() >= secs {
+        *done = true;
+        println!("{}", summary(&world_stats, &engine, elapsed));
+        exit.write(AppExit::Success);
+    }
+}
+
+// ---------------------------------------------------------------- drawing --
+
+#[derive(Component)]
+struct Player;
+
+#[derive(Component)]
+struct Bubble(Entity);
+
+#[derive(Component)]
+struct BubbleParts {
+    bg: Entity,
+    label: Entity,
+}
+
+#[derive(Component)]
+struct BubbleText {
+    text: String,
+    shown_until: f32,
+}
+
+const PLAYER_SPEED: f32 = 220.0;
+
+fn rect(color: Color, size: Vec2, at: Vec3) -> impl Bundle {
+    (
+        Sprite::from_color(color, size),
+        Transform::from_translation(at),
+    )
+}
+
+fn setup_scene(mut commands: Commands) {
+    commands.spawn((Camera2d, Transform::default()));
+    // Grass, paths, plaza, houses.
+    commands.spawn(rect(
+        Color::srgb(0.36, 0.55, 0.3),
+        Vec2::new(1400.0, 1000.0),
+        Vec3::new(0.0, 0.0, -10.0),
+    ));
+    commands.spawn(rect(
+        Color::srgb(0.76, 0.68, 0.5),
+        Vec2::new(700.0, 36.0),
+        Vec3::new(0.0, 0.0, -9.0),
+    ));
+    commands.spawn(rect(
+        Color::srgb(0.76, 0.68, 0.5),
+        Vec2::new(36.0, 620.0),
+        Vec3::new(0.0, 0.0, -9.0),
+    ));
+    for (x, y) in [
+        (-260.0, 150.0),
+        (260.0, 150.0),
+        (-260.0, -150.0),
+        (260.0, -150.0),
+    ] {
+        commands.spawn(rect(
+            Color::srgb(0.76, 0.68, 0.5),
+            Vec2::new(36.0, 300.0),
+            Vec3::new(x * 0.5, y * 0.5, -9.0),
+        ));
+    }
+    commands.spawn(rect(
+        Color::srgb(0.82, 0.78, 0.66),
+        Vec2::new(180.0, 180.0),
+        Vec3::new(0.0, 0.0, -8.0),
+    ));
+    commands.spawn((
+        Text2d::new("Plaza"),
+        TextFont::from_font_size(16.0),
+        TextColor(Color::srgb(0.3, 0.25, 0.2)),
+        Transform::from_xyz(0.0, -70.0, -7.0),
+    ));
+    for (x, y) in [
+        (-260.0, 150.0),
+        (260.0, 150.0),
+        (-260.0, -150.0),
+        (260.0, -150.0),
+        (0.0, 260.0),
+        (0.0, -260.0),
+    ] {
+        commands.spawn(rect(
+            Color::srgb(0.55, 0.3, 0.22),
+            Vec2::new(90.0, 70.0),
+            Vec3::new(x, y + 55.0, -7.0),
+        ));
+        commands.spawn(rect(
+            Color::srgb(0.45, 0.2, 0.15),
+            Vec2::new(104.0, 24.0),
+            Vec3::new(x, y + 98.0, -6.0),
+        ));
+    }
+}
+
+fn spawn_player(mut commands: Commands) {
+    commands.spawn((
+        Player,
+        Sprite::from_color(Color::srgb(0.95, 0.95, 0.2), Vec2::splat(26.0)),
+        Transform::from_xyz(0.0, -120.0, 2.0),
+        children![(
+            Text2d::new("You"),
+            TextFont::from_font_size(14.0),
+            TextColor(Color::WHITE),
+            Transform::from_xyz(0.0, -24.0, 0.1),
+        )],
+    ));
+}
+
+/// Give newly spawned villagers a body, a name and a speech bubble.
+fn decorate_villagers(
+    mut commands: Commands,
+    new: Query<(Entity, &Villager, &Persona, &Position), Added<Villager>>,
+) {
+    for (e, v, p, pos) in &new {
+        let color = Color::srgb(v.color.0, v.color.1, v.color.2);
+        commands.entity(e).insert((
+            Sprite::from_color(color, Vec2::splat(28.0)),
+            Transform::from_xyz(pos.0.x, pos.0.y, 1.0),
+        ));
+        let name = commands
+            .spawn((
+                Text2d::new(p.name.clone()),
+                TextFont::from_font_size(15.0),
+                TextColor(Color::WHITE),
+                Transform::from_xyz(0.0, -26.0, 0.1),
+            ))
+            .id();
+        // A bubble: a root that shows/hides, a white box, and the text above it.
+        let bg = commands
+            .spawn((
+                Sprite::from_color(Color::srgba(1.0, 1.0, 1.0, 0.93), Vec2::new(212.0, 30.0)),
+                Transform::default(),
+            ))
+            .id();
+        let label = commands
+            .spawn((
+                Text2d::new(""),
+                TextFont::from_font_size(13.0),
+                TextColor(Color::srgb(0.1, 0.1, 0.12)),
+                TextLayout::justify(Justify::Center),
+                TextBounds::new_horizontal(200.0),
+                Transform::from_xyz(0.0, 0.0, 0.5),
+            ))
+            .id();
+        let bubble = commands
+            .spawn((
+                Bubble(e),
+                BubbleText {
+                    text: String::new(),
+                    shown_until: 0.0,
+                },
+                BubbleParts { bg, label },
+                Transform::from_xyz(0.0, 70.0, 5.0),
+                Visibility::Hidden,
+            ))
+            .add_children(&[bg, label])
+            .id();
+        commands.entity(e).add_children(&[name, bubble]);
+    }
+}
+
+fn sync_transforms(
+    time: Res<Time>,
+    mut q: Query<(&Position, &mut Transform), Without<Bubble>>,
+    mut bubbles: Query<(&BubbleText, &BubbleParts, &mut Visibility)>,
+    mut labels: Query<&mut Text2d>,
+    mut boxes: Query<&mut Sprite>,
+) {
+    for (p, mut t) in &mut q {
+        t.translation.x = p.0.x;
+        t.translation.y = p.0.y;
+    }
+    let now = time.elapsed_secs();
+    for (b, parts, mut vis) in &mut bubbles {
+        let show = !b.text.is_empty() && now <= b.shown_until;
+        *vis = if show {
+            Visibility::Visible
+        } else {
+            Visibility::Hidden
+        };
+        if let Ok(mut text) = labels.get_mut(parts.label)
+            && text.0 != b.text
+        {
+            text.0.clone_from(&b.text);
+            let lines = (b.text.chars().count() as f32 / 32.0).ceil().max(1.0);
+            if let Ok(mut sprite) = boxes.get_mut(parts.bg) {
+                sprite.custom_size = Some(Vec2::new(212.0, 17.0 * lines + 10.0));
+            }
+        }
+    }
+}
+
+fn bubble_for<'a>(
+    bubbles: &'a mut Query<(&Bubble, &mut BubbleText)>,
+    speaker: Entity,
+) -> Option<Mut<'a, BubbleText>> {
+    bubbles
+        .iter_mut()
+        .find(|(b, _)| b.0 == speaker)
+        .map(|(_, t)| t)
+}
+
+fn bubble_token(
+    tok: On<ConversationLineToken>,
+    time: Res<Time>,
+    convs: Query<&Conversation>,
+    mut bubbles: Query<(&Bubble, &mut BubbleText)>,
+) {
+    // Only the one speaking in a conversation shows a bubble.
+    if let Ok(c) = convs.get(tok.entity) {
+        for p in c.participants.iter().filter(|p| **p != tok.speaker) {
+            if let Some(mut b) = bubble_for(&mut bubbles, *p) {
+                b.shown_until = b.shown_until.min(time.elapsed_secs());
+            }
+        }
+    }
+    if let Some(mut b) = bubble_for(&mut bubbles, tok.speaker) {
+        // A finished line is still shown: this token starts a new one.
+        if b.shown_until < 1e8 {
+            b.text.clear();
+        }
+        b.text.push_str(&tok.text);
+        b.shown_until = 1e9;
+    }
+}
+
+fn bubble_finished(
+    line: On<ConversationLineFinished>,
+    time: Res<Time>,
+    mut bubbles: Query<(&Bubble, &mut BubbleText)>,
+) {
+    if let Some(mut b) = bubble_for(&mut bubbles, line.speaker) {
+        b.text.clone_from(&line.text);
+        b.shown_until = time.elapsed_secs() + 5.0;
+    }
+}
+
+fn bubble_clear(
+    end: On<ConversationEnded>,
+    convs: Query<&Conversation>,
+    time: Res<Time>,
+    mut bubbles: Query<(&Bubble, &mut BubbleText)>,
+) {
+    if let Ok(c) = convs.get(end.entity) {
+        for p in &c.participants {
+            if let Some(mut b) = bubble_for(&mut bubbles, *p) {
+                b.shown_until = b.shown_until.min(time.elapsed_secs() + 3.0);
+            }
+        }
+    }
+}
+
+fn move_player(
+    keys: Res<ButtonInput<KeyCode>>,
+    time: Res<Time>,
+    chat: Res<ChatBox>,
+    mut q: Query<&mut Transform, With<Player>>,
+) {
+    if chat.npc.is_some() {
+        return;
+    }
+    let mut d = Vec2::ZERO;
+    for (k, v) in [
+        (KeyCode::KeyW, Vec2::Y),
+        (KeyCode::ArrowUp, Vec2::Y),
+        (KeyCode::KeyS, -Vec2::Y),
+        (KeyCode::ArrowDown, -Vec2::Y),
+        (KeyCode::KeyA, -Vec2::X),
+        (KeyCode::ArrowLeft, -Vec2::X),
+        (KeyCode::KeyD, Vec2::X),
+        (KeyCode::ArrowRight, Vec2::X),
+    ] {
+        if keys.pressed(k) {
+            d += v;
+        }
+    }
+    if let Ok(mut t) = q.single_mut()
+        && d != Vec2::ZERO
+    {
+        t.translation += (d.normalize() * PLAYER_SPEED * time.delta_secs()).extend(0.0);
+    }
+}
+
+fn follow_camera(
+    player: Query<&Transform, (With<Player>, Without<Camera2d>)>,
+    mut cam: Query<&mut Transform, With<Camera2d>>,
+) {
+    if let (Ok(p), Ok(mut c)) = (player.single(), cam.single_mut()) {
+        c.translation = c
+            .translation
+            .lerp(p.translation.with_z(c.translation.z), 0.1);
+    }
+}
+
+#[derive(Resource, Default)]
+struct ChatBox {
+    npc: Option<Entity>,
+    input: String,
+}
+
+fn talk_key(
+    keys: Res<ButtonInput<KeyCode>>,
+    mut chat: ResMut<ChatBox>,
+    player: Query<&Transform, With<Player>>,
+    villagers: Query<(Entity, &Position), (With<Villager>, Without<InConversation>)>,
+) {
+    if chat.npc.is_some() || !keys.just_pressed(KeyCode::KeyE) {
+        return;
+    }
+    let Ok(p) = player.single() else { return };
+    let me = p.translation.truncate();
+    chat.npc = villagers
+        .iter()
+        .filter(|(_, pos)| pos.0.distance(me) < 70.0)
+        .min_by(|a, b| a.1.0.distance(me).total_cmp(&b.1.0.distance(me)))
+        .map(|(e, _)| e);
+}
+
+fn chat_window(
+    mut contexts: EguiContexts,
+    mut chat: ResMut<ChatBox>,
+    names: Query<&Persona>,
+    convs: Query<&Conversation>,
+    in_conv: Query<&InConversation>,
+    mut says: MessageWriter<PlayerSays>,
+    mut leaves: MessageWriter<PlayerLeaves>,
+) -> Result {
+    let Some(npc) = chat.npc else { return Ok(()) };
+    let ctx = contexts.ctx_mut()?;
+    let name = names.get(npc).map_or("?".to_string(), |p| p.name.clone());
+    let mut close = false;
+    egui::Window::new(format!("Talking with {name}"))
+        .default_pos([900.0, 560.0])
+        .default_width(340.0)
+        .show(ctx, |ui| {
+            if let Ok(c) = in_conv.get(npc)
+                && let Ok(conv) = convs.get(c.0)
+            {
+                for l in conv.lines.iter().rev().take(8).rev() {
+                    ui.label(format!("{}: {}", l.speaker, l.text));
+                }
+            }
+            let edit = ui.text_edit_singleline(&mut chat.input);
+            let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            ui.horizontal(|ui| {
+                if (ui.button("Send").clicked() || enter) && !chat.input.trim().is_empty() {
+                    says.write(PlayerSays {
+                        npc,
+                        text: std::mem::take(&mut chat.input),
+                    });
+                }
+                if ui.button("Leave").clicked() {
+                    close = true;
+                }
+            });
+        });
+    if close {
+        leaves.write(PlayerLeaves { npc });
+        chat.npc = None;
+    }
+    Ok(())
+}
+
+fn screenshot(
+    mut commands: Commands,
+    args: Res<Args>,
+    clock: Res<RunClock>,
+    mut taken: Local<bool>,
+) {
+    if let Some(path) = &args.screenshot
+        && !*taken
+        && clock.0.elapsed().as_secs_f64() >= args.screenshot_after
+    {
+        *taken = true;
+        commands
+            .spawn(Screenshot::primary_window())
+            .observe(save_to_disk(path.clone()));
+    }
+}

@@ -1,0 +1,271 @@
+//! The town simulation, without rendering: villagers walk between their
+//! homes and the plaza, meet when close and talk through the dialogue
+//! system. Used by the windowed example, its `--headless` mode and the
+//! integration test.
+#![allow(clippy::type_complexity, clippy::too_many_arguments)] // Bevy systems
+
+use std::time::Duration;
+
+use bevy::math::Vec2;
+use bevy::prelude::*;
+use bevy_npc_llm::dialogue::{DialogueCooldowns, InConversation, Persona};
+use bevy_npc_llm::prelude::*;
+use serde::Deserialize;
+
+/// One villager in `assets/town/agents.ron`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AgentDef {
+    /// Who.
+    pub persona: Persona,
+    /// Colour, r g b in 0..1.
+    pub color: (f32, f32, f32),
+    /// Home position.
+    pub home: (f32, f32),
+}
+
+/// Load the villagers.
+pub fn load_agents(path: &str) -> Vec<AgentDef> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    ron::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Town options.
+#[derive(Resource, Debug, Clone)]
+pub struct TownConfig {
+    /// Villagers to spawn (at most the file's count).
+    pub npcs: usize,
+    /// Seed for walking and topics.
+    pub seed: u64,
+    /// Print lines as `[time] Name → Name: text`.
+    pub print_lines: bool,
+    /// Most conversations at once.
+    pub max_conversations: usize,
+    /// Distance at which villagers meet.
+    pub meet_distance: f32,
+    /// Walking speed, units per second.
+    pub speed: f32,
+}
+
+impl Default for TownConfig {
+    fn default() -> Self {
+        Self {
+            npcs: 6,
+            seed: 7,
+            print_lines: false,
+            max_conversations: 3,
+            meet_distance: 60.0,
+            speed: 90.0,
+        }
+    }
+}
+
+/// A villager's place in the town (rendering copies it to `Transform`).
+#[derive(Component, Debug, Clone, Copy)]
+pub struct Position(pub Vec2);
+
+/// A walking villager.
+#[derive(Component, Debug, Clone)]
+pub struct Villager {
+    /// Home.
+    pub home: Vec2,
+    /// Where it walks to.
+    pub target: Vec2,
+    /// Colour.
+    pub color: (f32, f32, f32),
+    /// Seconds to wait before walking on.
+    pub rest: f32,
+}
+
+/// Town figures for the summary.
+#[derive(Resource, Debug, Default, Clone)]
+pub struct TownStats {
+    /// Finished lines between NPCs.
+    pub lines: usize,
+    /// Conversations started.
+    pub started: usize,
+    /// Conversations ended.
+    pub ended: usize,
+}
+
+#[derive(Resource)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// Places villagers walk to besides home.
+pub const PLAZA: Vec2 = Vec2::ZERO;
+const TOPICS: [&str; 6] = [
+    "the harvest fair",
+    "the strange lights in the forest",
+    "the price of bread",
+    "the river running low",
+    "a wolf seen near the mill",
+    "the new song about the village",
+];
+
+/// Adds the simulation (needs `NpcLlmPlugin` and `NpcDialoguePlugin`).
+pub struct TownPlugin {
+    /// Villagers.
+    pub agents: Vec<AgentDef>,
+}
+
+impl Plugin for TownPlugin {
+    fn build(&self, app: &mut App) {
+        let agents = self.agents.clone();
+        app.init_resource::<TownConfig>()
+            .init_resource::<TownStats>()
+            .add_systems(
+                Startup,
+                move |mut commands: Commands, config: Res<TownConfig>| {
+                    commands.insert_resource(Rng(config.seed.max(1)));
+                    for a in agents.iter().take(config.npcs) {
+                        let home = Vec2::new(a.home.0, a.home.1);
+                        commands.spawn((
+                            Name::new(a.persona.name.clone()),
+                            a.persona.clone(),
+                            Position(home),
+                            Villager {
+                                home,
+                                // First stroll: part of the way to the plaza.
+                                target: home.lerp(PLAZA, 0.55),
+                                color: a.color,
+                                rest: 0.0,
+                            },
+                        ));
+                    }
+                },
+            )
+            .add_systems(Update, (walk, meet))
+            .add_observer(on_line)
+            .add_observer(|_: On<ConversationEnded>, mut s: ResMut<TownStats>| s.ended += 1)
+            .add_observer(|_: On<ConversationStarted>, mut s: ResMut<TownStats>| s.started += 1);
+    }
+}
+
+fn walk(
+    time: Res<Time>,
+    config: Res<TownConfig>,
+    mut rng: ResMut<Rng>,
+    mut q: Query<(&mut Position, &mut Villager, Option<&InConversation>)>,
+) {
+    let dt = time.delta_secs().min(0.1);
+    for (mut pos, mut v, talking) in &mut q {
+        if talking.is_some() {
+            continue;
+        }
+        if v.rest > 0.0 {
+            v.rest -= dt;
+            continue;
+        }
+        let to = v.target - pos.0;
+        let step = config.speed * dt;
+        if to.length() <= step {
+            pos.0 = v.target;
+            v.rest = 1.0 + 2.0 * rng.next();
+            // Next: the plaza (where people meet) or home, with a little wander.
+            let base = if v.target.distance(PLAZA) < 80.0 {
+                v.home
+            } else {
+                PLAZA
+            };
+            v.target = base + Vec2::new(rng.next() - 0.5, rng.next() - 0.5) * 360.0;
+        } else {
+            pos.0 += to.normalize() * step;
+        }
+    }
+}
+
+fn meet(
+    mut asked: Local<std::collections::HashMap<Entity, f64>>,
+    time: Res<Time>,
+    config: Res<TownConfig>,
+    cooldowns: Res<DialogueCooldowns>,
+    mut rng: ResMut<Rng>,
+    free: Query<(Entity, &Position), (With<Villager>, Without<InConversation>)>,
+    talking: Query<(), With<Conversation>>,
+    mut start: MessageWriter<StartConversation>,
+) {
+    let now = time.elapsed_secs_f64();
+    // A start takes effect next frame: don't ask twice for the same villagers.
+    asked.retain(|_, t| now - *t < 2.0);
+    let mut running = talking.iter().count();
+    let list: Vec<(Entity, Vec2)> = free.iter().map(|(e, p)| (e, p.0)).collect();
+    let mut used = Vec::new();
+    for (i, (a, pa)) in list.iter().enumerate() {
+        for (b, pb) in &list[i + 1..] {
+            if running >= config.max_conversations {
+                return;
+            }
+            if used.contains(a)
+                || used.contains(b)
+                || asked.contains_key(a)
+                || asked.contains_key(b)
+            {
+                continue;
+            }
+            if pa.distance(*pb) <= config.meet_distance && cooldowns.ready(*a, *b, now) {
+                let topic = TOPICS[(rng.next() * TOPICS.len() as f32) as usize % TOPICS.len()];
+                start.write(StartConversation {
+                    participants: vec![*a, *b],
+                    topic: Some(topic.into()),
+                });
+                used.extend([*a, *b]);
+                asked.insert(*a, now);
+                asked.insert(*b, now);
+                running += 1;
+            }
+        }
+    }
+}
+
+fn on_line(
+    line: On<ConversationLineFinished>,
+    time: Res<Time>,
+    config: Res<TownConfig>,
+    convs: Query<&Conversation>,
+    mut stats: ResMut<TownStats>,
+) {
+    let Ok(conv) = convs.get(line.entity) else {
+        return;
+    };
+    if !conv.with_player {
+        stats.lines += 1;
+    }
+    if config.print_lines {
+        let to: Vec<&str> = conv
+            .names
+            .iter()
+            .filter(|n| **n != line.name)
+            .map(String::as_str)
+            .collect();
+        println!(
+            "[{:6.1}s] {} → {}: {}",
+            time.elapsed_secs_f64(),
+            line.name,
+            to.join(", "),
+            line.text
+        );
+    }
+}
+
+/// The summary printed at the end of a headless run.
+pub fn summary(s: &TownStats, e: &LlmEngineStats, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    format!(
+        "summary: {} lines, {} conversations started, {} ended, {} tokens generated in {:.0} s ({:.1} tok/s), largest batch {} sequences",
+        s.lines,
+        s.started,
+        s.ended,
+        e.counters.generated_tokens,
+        secs,
+        e.counters.generated_tokens as f64 / secs,
+        e.counters.max_batch_sequences
+    )
+}

@@ -1,0 +1,213 @@
+//! The overlay in a Bevy window, through `bevy_egui`.
+
+use bevy::prelude::*;
+use bevy_egui::{EguiContexts, EguiPlugin, EguiPrimaryContextPass};
+
+use super::*;
+use crate::dialogue::{Conversation, DialogueStats, NpcMemory, Persona};
+use crate::events::{
+    CancelLlmRequest, ConversationLineFinished, ConversationLineToken, LoadModel, LoadPhase,
+};
+use crate::hardware::{BackendStatus, HardwareProfile, plan};
+use crate::registry::ModelRegistry;
+use crate::request::{LlmRequest, LlmRequestStatus, RequestPriority};
+use crate::settings::LlmSettings;
+use crate::{LlmEngineStats, LlmModelState};
+
+/// Draws the status overlay (F1 toggles it). Add after [`NpcLlmPlugin`](crate::NpcLlmPlugin);
+/// adds `bevy_egui`'s `EguiPlugin` when missing.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct NpcLlmOverlayPlugin;
+
+/// The overlay's widget state; edit `open` to show or hide it.
+#[derive(Resource, Default, Debug, Clone)]
+pub struct OverlayState {
+    /// Widget state.
+    pub ui: OverlayUi,
+    playground: Option<Entity>,
+    speaking: std::collections::HashMap<Entity, String>,
+}
+
+impl Plugin for NpcLlmOverlayPlugin {
+    fn build(&self, app: &mut App) {
+        if !app.is_plugin_added::<EguiPlugin>() {
+            app.add_plugins(EguiPlugin::default());
+        }
+        app.init_resource::<OverlayState>()
+            .add_systems(Update, (toggle, track_speech))
+            .add_systems(EguiPrimaryContextPass, draw);
+    }
+}
+
+fn toggle(keys: Res<ButtonInput<KeyCode>>, mut state: ResMut<OverlayState>) {
+    if keys.just_pressed(KeyCode::F1) {
+        state.ui.open = !state.ui.open;
+    }
+}
+
+fn track_speech(
+    mut state: ResMut<OverlayState>,
+    mut tokens: MessageReader<ConversationLineToken>,
+    mut finished: MessageReader<ConversationLineFinished>,
+) {
+    for t in tokens.read() {
+        state
+            .speaking
+            .entry(t.speaker)
+            .or_default()
+            .push_str(&t.text);
+    }
+    for f in finished.read() {
+        state.speaking.remove(&f.speaker);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn draw(
+    mut contexts: EguiContexts,
+    mut commands: Commands,
+    mut state: ResMut<OverlayState>,
+    model: Res<LlmModelState>,
+    backend: Res<BackendStatus>,
+    stats: Res<LlmEngineStats>,
+    registry: Res<ModelRegistry>,
+    profile: Res<HardwareProfile>,
+    mut settings: ResMut<LlmSettings>,
+    dialogue: Option<Res<DialogueStats>>,
+    npcs: Query<(
+        Entity,
+        &Persona,
+        Option<&NpcMemory>,
+        Option<&crate::dialogue::InConversation>,
+    )>,
+    convs: Query<&Conversation>,
+    requests: Query<&LlmRequestStatus>,
+    mut loads: MessageWriter<LoadModel>,
+    mut cancels: MessageWriter<CancelLlmRequest>,
+) -> Result {
+    let ctx = contexts.ctx_mut()?;
+    let c = &stats.counters;
+    let plan_ref = backend.plan.as_ref();
+    let mut data = OverlayData {
+        state: match &*model {
+            LlmModelState::Unloaded => OverlayModelState::Unloaded,
+            LlmModelState::Loading {
+                model,
+                phase,
+                progress,
+            } => OverlayModelState::Loading {
+                model: model.clone(),
+                phase: match phase {
+                    LoadPhase::Verifying => "verifying sha256".into(),
+                    LoadPhase::Loading => "loading".into(),
+                },
+                progress: *progress,
+            },
+            LlmModelState::Ready(info) => OverlayModelState::Ready {
+                model: info.model.clone(),
+            },
+            LlmModelState::Failed { model, error } => OverlayModelState::Failed {
+                model: model.clone(),
+                error: error.to_string(),
+            },
+        },
+        backend: plan_ref.map_or("CPU".into(), |p| p.backend.clone()),
+        device: plan_ref.and_then(|p| p.device.clone()),
+        gpu_layers: backend.layers_offloaded.unwrap_or(0),
+        threads: plan_ref.map_or(0, |p| p.threads),
+        kv_mb: plan_ref.map_or(0.0, |p| p.kv_bytes as f64 / 1e6),
+        reason: plan_ref.map(|p| p.reason.clone()).unwrap_or_default(),
+        tokens_per_second: stats.tokens_per_second,
+        ttft_ms: stats
+            .last_time_to_first_token
+            .map(|d| d.as_secs_f32() * 1e3),
+        queued: c.queued,
+        active: c.active_sequences,
+        slots: c.slots,
+        kv_cells: (c.kv_cells_used, c.kv_cells_total),
+        generated: c.generated_tokens,
+        totals: (c.completed, c.failed, c.cancelled),
+        dialogue: dialogue.map_or((0, 0, 0), |d| (d.lines, d.retries, d.fallbacks)),
+        models: registry
+            .iter()
+            .map(|e| {
+                let mut s = settings.clone();
+                s.model.clone_from(&e.id);
+                ModelChoice {
+                    id: e.id.clone(),
+                    name: e.name.clone(),
+                    shortfall: plan(&profile, &registry, &s).err().map(|e| e.to_string()),
+                }
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut views: Vec<NpcView> = npcs
+        .iter()
+        .map(|(e, p, mem, in_conv)| NpcView {
+            name: p.name.clone(),
+            speaking: state.speaking.get(&e).cloned(),
+            transcript: in_conv
+                .and_then(|c| convs.get(c.0).ok())
+                .map(|c| {
+                    c.lines
+                        .iter()
+                        .rev()
+                        .take(6)
+                        .rev()
+                        .map(|l| format!("{}: {}", l.speaker, l.text))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            memories: mem
+                .map(|m| m.entries.iter().map(|e| e.text.clone()).collect())
+                .unwrap_or_default(),
+        })
+        .collect();
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    data.npcs = views;
+    if let Some(e) = state.playground
+        && let Ok(status) = requests.get(e)
+    {
+        data.playground_output = status.text.clone();
+        data.playground_running = !status.is_finished();
+    }
+    let actions = draw_overlay(ctx, &data, &mut state.ui);
+    for action in actions {
+        match action {
+            OverlayAction::SwitchModel(id) => {
+                loads.write(LoadModel { model: Some(id) });
+            }
+            OverlayAction::SetSampling {
+                temperature,
+                top_p,
+                top_k,
+                max_tokens,
+            } => {
+                settings.sampling.temperature = temperature;
+                settings.sampling.top_p = top_p;
+                settings.sampling.top_k = top_k;
+                settings.sampling.max_tokens = max_tokens.min(settings.context_per_sequence / 2);
+            }
+            OverlayAction::SendPrompt(text) => {
+                if let Some(old) = state.playground.take() {
+                    commands.entity(old).despawn();
+                }
+                let e = commands
+                    .spawn((
+                        Name::new("Overlay playground"),
+                        LlmRequest::chat([crate::request::ChatMessage::user(text)])
+                            .with_priority(RequestPriority::High),
+                    ))
+                    .id();
+                state.playground = Some(e);
+            }
+            OverlayAction::CancelPrompt => {
+                if let Some(e) = state.playground {
+                    cancels.write(CancelLlmRequest { entity: e });
+                }
+            }
+        }
+    }
+    Ok(())
+}
