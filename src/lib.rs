@@ -18,6 +18,22 @@ pub use engine::{
 };
 pub use plugin::{NpcLlmPlugin, NpcLlmSystems};
 
+/// Fault injection for tests of a game's error handling (debug builds only).
+#[cfg(debug_assertions)]
+#[doc(hidden)]
+pub mod testing {
+    use bevy::prelude::World;
+
+    /// Make the inference worker thread panic, as a crash inside llama.cpp
+    /// would: every in-flight request then fails with `WorkerGone`, the model
+    /// state becomes `Failed`, and the next `LoadModel` starts a new worker.
+    pub fn crash_worker(world: &mut World) {
+        if let Some(w) = &world.resource::<crate::engine::bridge::LlmEngine>().worker {
+            w.send(crate::engine::protocol::Command::Crash);
+        }
+    }
+}
+
 /// The process-wide llama.cpp backend the plugin uses, initialised on first
 /// use (llama.cpp allows one per process). Use it for your own `llama-cpp-2`
 /// work in the same process instead of calling `LlamaBackend::init` again.

@@ -151,6 +151,10 @@ impl Loader<'_> {
             self.engine.verification_cache.as_ref(),
         );
         match result {
+            Ok((spec, _)) if matches!(&*self.state, LlmModelState::Loading { model, .. } if *model == spec.model_id) =>
+            {
+                // Already loading this model: a repeated request changes nothing.
+            }
             Ok((spec, plan)) => {
                 let id = spec.model_id.clone();
                 info!(

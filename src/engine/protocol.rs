@@ -62,8 +62,7 @@ pub(crate) enum Command {
     Configure(Knobs),
     Shutdown,
     /// Test hook: makes the worker thread panic, to exercise fault handling.
-    #[cfg(any(test, debug_assertions))]
-    #[allow(dead_code)]
+    #[cfg(debug_assertions)]
     Crash,
 }
 

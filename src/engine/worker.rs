@@ -376,19 +376,23 @@ impl Worker {
             Command::Load(spec) => Some(Next::Load(spec)),
             Command::Unload => Some(Next::Unload),
             Command::Shutdown => Some(Next::Shutdown),
-            #[cfg(any(test, debug_assertions))]
+            #[cfg(debug_assertions)]
             Command::Crash => panic!("crash requested by a test"),
         }
     }
 
-    /// Handle commands that arrived while loading, without blocking.
+    /// Handle commands that arrived while loading, without blocking. Of
+    /// several load/unload commands only the newest counts; shutdown wins.
     fn drain_pending(&mut self) -> Option<Next> {
+        let mut next = None;
         while let Ok(cmd) = self.commands.try_recv() {
-            if let Some(n) = self.handle_idle(cmd) {
-                return Some(n);
+            match self.handle_idle(cmd) {
+                Some(Next::Shutdown) => return Some(Next::Shutdown),
+                Some(n) => next = Some(n),
+                None => {}
             }
         }
-        None
+        next
     }
 
     fn fail_queue(&mut self, error: impl Fn() -> LlmError) {

@@ -1,0 +1,268 @@
+//! Faults and load with the real model: a crashing worker, a flood of
+//! requests, bad model files, and exiting mid-generation. Nothing may hang
+//! or panic the game.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bevy::prelude::*;
+use bevy_npc_llm::errors::{LlmError, ModelLoadError};
+use bevy_npc_llm::prelude::*;
+use bevy_npc_llm::registry::ModelRegistry;
+use common::*;
+
+#[test]
+fn worker_crash_fails_in_flight_requests_and_a_new_load_restarts_it() {
+    let mut s = settings();
+    s.sampling.max_tokens = 200;
+    let mut app = app_with(s);
+    let running: Vec<Entity> = (0..3)
+        .map(|i| request(&mut app, chat(&format!("Tell a long story number {i}."))))
+        .collect();
+    run_until(&mut app, 120, |app| {
+        let r = app.world().resource::<Recorded>();
+        running
+            .iter()
+            .all(|e| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..))))
+    });
+    bevy_npc_llm::testing::crash_worker(app.world_mut());
+    run_until_finished(&mut app, &running);
+    let r = app.world().resource::<Recorded>();
+    for e in &running {
+        assert!(
+            matches!(r.failure(*e), Some(LlmError::WorkerGone(_))),
+            "{:?}",
+            r.of(*e)
+        );
+    }
+    assert!(matches!(
+        app.world().resource::<LlmModelState>(),
+        LlmModelState::Failed {
+            error: ModelLoadError::WorkerGone,
+            ..
+        }
+    ));
+    let stats = app.world().resource::<LlmEngineStats>();
+    assert!(
+        stats
+            .worker_failure
+            .as_deref()
+            .is_some_and(|m| m.contains("crash"))
+    );
+    assert_eq!(stats.in_flight, 0);
+    // A request now fails at once with a typed error instead of hanging.
+    let e = request(&mut app, chat("Anyone?"));
+    run_until_finished(&mut app, &[e]);
+    assert!(matches!(
+        app.world().resource::<Recorded>().failure(e),
+        Some(LlmError::ModelUnavailable(_))
+    ));
+    // Restart on request.
+    app.world_mut().write_message(LoadModel::default());
+    run_until(&mut app, 60, |app| {
+        app.world().resource::<LlmModelState>().is_ready()
+    });
+    let e = request(&mut app, chat("Back?").with_max_tokens(8));
+    run_until_finished(&mut app, &[e]);
+    assert!(
+        app.world()
+            .resource::<Recorded>()
+            .completed_text(e)
+            .is_some()
+    );
+}
+
+#[test]
+fn five_hundred_requests_in_one_frame_reject_exactly_the_overflow() {
+    let mut s = settings();
+    s.queue_capacity = 64;
+    s.max_parallel_sequences = 8;
+    s.context_per_sequence = 256;
+    s.sampling.max_tokens = 2;
+    let mut app = app_with(s.clone());
+    app.world_mut().write_message(LoadModel::default());
+    run_until(&mut app, 60, |app| {
+        app.world().resource::<LlmModelState>().is_ready()
+    });
+    let es: Vec<Entity> = (0..500)
+        .map(|i| {
+            app.world_mut()
+                .spawn(LlmRequest::raw(format!("Villager {i} says")))
+                .id()
+        })
+        .collect();
+    run_until_finished(&mut app, &es);
+    let r = app.world().resource::<Recorded>();
+    let full = es
+        .iter()
+        .filter(|e| matches!(r.failure(**e), Some(LlmError::QueueFull { .. })))
+        .count();
+    let done = es
+        .iter()
+        .filter(|e| r.completed_text(**e).is_some())
+        .count();
+    let capacity = s.capacity();
+    assert_eq!(capacity, 72);
+    assert_eq!((done, full), (capacity, 500 - capacity));
+    assert_eq!(app.world().resource::<LlmEngineStats>().in_flight, 0);
+    // Every slot is free again: the counters show nothing active.
+    run_until(&mut app, 10, |app| {
+        let c = &app.world().resource::<LlmEngineStats>().counters;
+        c.active_sequences == 0 && c.queued == 0
+    });
+}
+
+#[test]
+fn cancel_and_despawn_storm_leaves_nothing_behind() {
+    let mut s = settings();
+    s.sampling.max_tokens = 64;
+    let mut app = app_with(s);
+    let mut alive: Vec<Entity> = Vec::new();
+    let mut rng = 12345u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for round in 0..120 {
+        if round < 80 {
+            alive.push(request(&mut app, chat(&format!("Line {round}"))));
+        }
+        if !alive.is_empty() && next() % 3 == 0 {
+            let e = alive.swap_remove((next() as usize) % alive.len());
+            match next() % 3 {
+                0 => {
+                    app.world_mut().despawn(e);
+                }
+                1 => {
+                    app.world_mut().entity_mut(e).remove::<LlmRequest>();
+                }
+                _ => {
+                    app.world_mut()
+                        .write_message(CancelLlmRequest { entity: e });
+                }
+            }
+        }
+        app.update();
+    }
+    run_until(&mut app, 240, |app| {
+        app.world().resource::<LlmEngineStats>().in_flight == 0
+    });
+    let e = request(&mut app, chat("Still fine?").with_max_tokens(8));
+    run_until_finished(&mut app, &[e]);
+    assert!(
+        app.world()
+            .resource::<Recorded>()
+            .completed_text(e)
+            .is_some()
+    );
+}
+
+#[test]
+fn broken_gguf_files_fail_typed_and_the_previous_model_keeps_serving() {
+    let dir = std::env::temp_dir().join(format!("npc-llm-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let smol = std::fs::read(smol_file()).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", smol[..smol.len() / 3].to_vec()),
+        (
+            "random",
+            (0..4096u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        ),
+        ("empty", Vec::new()),
+    ];
+    let mut s = settings();
+    s.verify_sha256 = false; // exercise llama.cpp's own checks
+    let mut app = app_with(s);
+    app.world_mut().write_message(LoadModel::default());
+    run_until(&mut app, 60, |app| {
+        app.world().resource::<LlmModelState>().is_ready()
+    });
+    for (name, bytes) in &cases {
+        let path = dir.join(format!("{name}.gguf"));
+        std::fs::write(&path, bytes).unwrap();
+        {
+            let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
+            let mut e = reg.get(SMOL).unwrap().clone();
+            e.id = (*name).into();
+            e.file = path.clone();
+            reg.add(e).unwrap();
+        }
+        app.world_mut().write_message(LoadModel {
+            model: Some((*name).into()),
+        });
+        run_until(&mut app, 60, |app| {
+            matches!(
+                app.world().resource::<LlmModelState>(),
+                LlmModelState::Failed { .. }
+            )
+        });
+        match app.world().resource::<LlmModelState>() {
+            LlmModelState::Failed {
+                error: ModelLoadError::Llama { .. },
+                ..
+            } => {}
+            other => panic!("{name}: {other:?}"),
+        }
+        assert_eq!(
+            app.world()
+                .resource::<LlmEngineStats>()
+                .serving_model
+                .as_deref(),
+            Some(SMOL),
+            "{name}"
+        );
+        let e = request(&mut app, chat("Still serving?").with_max_tokens(4));
+        run_until_finished(&mut app, &[e]);
+        assert!(
+            app.world()
+                .resource::<Recorded>()
+                .completed_text(e)
+                .is_some(),
+            "{name}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn exiting_mid_generation_joins_the_worker_quickly() {
+    let mut s = settings();
+    s.sampling.max_tokens = 500;
+    let mut app = app_with(s);
+    let es: Vec<Entity> = (0..4)
+        .map(|i| request(&mut app, chat(&format!("Talk forever, part {i}."))))
+        .collect();
+    run_until(&mut app, 120, |app| {
+        let r = app.world().resource::<Recorded>();
+        es.iter()
+            .any(|e| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..))))
+    });
+    let t = Instant::now();
+    drop(app); // the worker's Drop guard stops and joins the thread
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_load_requested_every_frame_still_loads_and_exit_stays_quick() {
+    let mut app = app();
+    let start = Instant::now();
+    run_until(&mut app, 60, |app| {
+        app.world_mut().write_message(LoadModel::default());
+        app.world().resource::<LlmModelState>().is_ready()
+    });
+    assert!(start.elapsed() < Duration::from_secs(60));
+    for _ in 0..50 {
+        app.world_mut().write_message(LoadModel {
+            model: Some(GEMMA.into()),
+        });
+        app.update();
+    }
+    let t = Instant::now();
+    drop(app);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
