@@ -428,15 +428,7 @@ fn switching_models_while_requests_run_does_not_hang() {
     let mut s = settings();
     s.sampling.max_tokens = 200;
     let mut app = app_with(s);
-    let running: Vec<Entity> = (0..3)
-        .map(|i| request(&mut app, chat(&format!("Tell a long tale number {i}."))))
-        .collect();
-    run_until(&mut app, 120, |app| {
-        let r = app.world().resource::<Recorded>();
-        running
-            .iter()
-            .any(|e| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..))))
-    });
+    let running = start_streaming(&mut app, 3, "Tell a long tale", false);
     app.world_mut().write_message(LoadModel {
         model: Some(GEMMA.into()),
     });

@@ -17,15 +17,7 @@ fn worker_crash_fails_in_flight_requests_and_a_new_load_restarts_it() {
     let mut s = settings();
     s.sampling.max_tokens = 200;
     let mut app = app_with(s);
-    let running: Vec<Entity> = (0..3)
-        .map(|i| request(&mut app, chat(&format!("Tell a long story number {i}."))))
-        .collect();
-    run_until(&mut app, 120, |app| {
-        let r = app.world().resource::<Recorded>();
-        running
-            .iter()
-            .all(|e| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..))))
-    });
+    let running = start_streaming(&mut app, 3, "Tell a long story", true);
     bevy_npc_llm::testing::crash_worker(app.world_mut());
     run_until_finished(&mut app, &running);
     let r = app.world().resource::<Recorded>();
@@ -234,14 +226,7 @@ fn exiting_mid_generation_joins_the_worker_quickly() {
     let mut s = settings();
     s.sampling.max_tokens = 500;
     let mut app = app_with(s);
-    let es: Vec<Entity> = (0..4)
-        .map(|i| request(&mut app, chat(&format!("Talk forever, part {i}."))))
-        .collect();
-    run_until(&mut app, 120, |app| {
-        let r = app.world().resource::<Recorded>();
-        es.iter()
-            .any(|e| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..))))
-    });
+    let _streaming = start_streaming(&mut app, 4, "Talk forever, part", false);
     let t = Instant::now();
     drop(app); // the worker's Drop guard stops and joins the thread
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());

@@ -172,3 +172,22 @@ pub fn chat(user: &str) -> LlmRequest {
         ChatMessage::user(user),
     ])
 }
+
+/// Spawn `n` long chat requests and update until they stream (all of them,
+/// or at least one when `all` is false).
+pub fn start_streaming(app: &mut App, n: usize, what: &str, all: bool) -> Vec<Entity> {
+    let es: Vec<Entity> = (0..n)
+        .map(|i| request(app, chat(&format!("{what} number {i}."))))
+        .collect();
+    let wait = es.clone();
+    run_until(app, 120, move |app| {
+        let r = app.world().resource::<Recorded>();
+        let streaming = |e: &Entity| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..)));
+        if all {
+            wait.iter().all(streaming)
+        } else {
+            wait.iter().any(streaming)
+        }
+    });
+    es
+}
