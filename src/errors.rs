@@ -149,6 +149,16 @@ pub enum ModelLoadError {
         /// What failed.
         message: String,
     },
+    /// The file is a model of another architecture than its registry entry says.
+    #[error("{path} is a `{found}` model, the registry entry expects `{expected}`")]
+    WrongArchitecture {
+        /// The model path.
+        path: PathBuf,
+        /// `architecture` from the registry.
+        expected: String,
+        /// `general.architecture` from the GGUF.
+        found: String,
+    },
     /// The inference context could not be created (usually out of memory).
     #[error("cannot create an inference context ({n_ctx} tokens for {n_seq} sequences): {message}")]
     Context {

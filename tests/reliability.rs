@@ -251,3 +251,48 @@ fn a_load_requested_every_frame_still_loads_and_exit_stays_quick() {
     drop(app);
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
+
+#[test]
+fn a_gguf_of_the_wrong_architecture_for_its_entry_is_refused() {
+    let mut app = app();
+    app.world_mut().write_message(LoadModel::default());
+    run_until(&mut app, 60, |app| {
+        app.world().resource::<LlmModelState>().is_ready()
+    });
+    {
+        let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
+        // Gemma's file (its size and sha256, so verification passes) under an
+        // entry that says it is a llama model.
+        let mut e = reg.get(GEMMA).unwrap().clone();
+        e.id = "mislabelled".into();
+        e.architecture = Some("llama".into());
+        reg.add(e).unwrap();
+    }
+    app.world_mut().write_message(LoadModel {
+        model: Some("mislabelled".into()),
+    });
+    run_until(&mut app, 60, |app| {
+        matches!(
+            app.world().resource::<LlmModelState>(),
+            LlmModelState::Failed { .. }
+        )
+    });
+    match app.world().resource::<LlmModelState>() {
+        LlmModelState::Failed {
+            error:
+                ModelLoadError::WrongArchitecture {
+                    expected, found, ..
+                },
+            ..
+        } => assert_eq!((expected.as_str(), found.as_str()), ("llama", "gemma3")),
+        other => panic!("{other:?}"),
+    }
+    let e = request(&mut app, chat("Still serving?").with_max_tokens(4));
+    run_until_finished(&mut app, &[e]);
+    assert!(
+        app.world()
+            .resource::<Recorded>()
+            .completed_text(e)
+            .is_some()
+    );
+}

@@ -107,6 +107,7 @@ pub(crate) fn load_spec(
             .or_else(|| Some(registry.models_dir().join(".verify-cache.ron")))
             .map(VerificationCache::new),
         prompt_format: entry.prompt_format.clone(),
+        architecture: entry.architecture.clone(),
         model_sampling: entry.sampling.clone(),
         context_per_sequence: plan.context_per_sequence,
         sequences: plan.sequences,

@@ -37,6 +37,7 @@ pub(crate) struct LoadSpec {
     pub verify: Option<(String, u64)>,
     pub cache: Option<VerificationCache>,
     pub prompt_format: PromptFormat,
+    pub architecture: Option<String>,
     pub model_sampling: SamplingOverrides,
     pub context_per_sequence: u32,
     pub sequences: u32,

@@ -462,6 +462,18 @@ impl Worker {
                 }
             }
         })?;
+        if let Some(expected) = &spec.architecture {
+            let found = model
+                .meta_val_str("general.architecture")
+                .unwrap_or_default();
+            if !found.eq_ignore_ascii_case(expected) {
+                return Err(ModelLoadError::WrongArchitecture {
+                    path: spec.path.clone(),
+                    expected: expected.clone(),
+                    found,
+                });
+            }
+        }
         let n_train = model.n_ctx_train().max(64);
         let per_seq = spec.context_per_sequence.min(n_train);
         let has_chat_template = model.chat_template(None).is_ok();

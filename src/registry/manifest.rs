@@ -85,6 +85,10 @@ pub struct ModelEntry {
     pub context_length: u32,
     /// Quantization name, e.g. `Q4_1`.
     pub quantization: String,
+    /// The GGUF's `general.architecture` (e.g. `llama`, `gemma3`); when set, a
+    /// file of another architecture is refused at load.
+    #[serde(default)]
+    pub architecture: Option<String>,
     /// Estimated memory to run it (weights + a typical KV cache), in bytes.
     pub memory_estimate_bytes: u64,
     /// Transformer layers (for partial GPU offload; 0 = unknown).
