@@ -33,8 +33,6 @@ pub(crate) struct LlmEngine {
     local: Vec<Event>,
     pub(crate) verification_cache: Option<PathBuf>,
     knobs: Option<Knobs>,
-    /// The model the worker serves with, if any.
-    serving: Option<String>,
     last_rate: Option<(Instant, u64)>,
 }
 
@@ -49,7 +47,6 @@ impl LlmEngine {
             local: Vec::new(),
             verification_cache,
             knobs: None,
-            serving: None,
             last_rate: None,
         }
     }
@@ -229,6 +226,7 @@ pub(crate) fn submit(
     mut removed: RemovedComponents<LlmRequest>,
     new: Query<(Entity, &LlmRequest), Changed<LlmRequest>>,
     alive: Query<Entity>,
+    serving: Res<LlmEngineStats>,
 ) {
     for c in cancels.read() {
         if let Some(&id) = loader.engine.by_entity.get(&c.entity) {
@@ -277,7 +275,7 @@ pub(crate) fn submit(
             loader.start(None);
         }
         if let LlmModelState::Failed { error, .. } = &*loader.state
-            && loader.engine.serving.is_none()
+            && serving.serving_model.is_none()
         {
             let error = LlmError::ModelUnavailable(error.clone());
             loader.engine.local.push(Event::Failed { id, error });
@@ -359,7 +357,6 @@ pub(crate) fn receive(
                 );
                 backend.layers_offloaded = Some(info.gpu_layers);
                 stats.serving_model = Some(info.model.clone());
-                engine.serving = Some(info.model.clone());
                 *state = LlmModelState::Ready((*info).clone());
                 out.loaded.write(ModelLoaded { info: *info });
             }
@@ -369,8 +366,7 @@ pub(crate) fn receive(
                 still_loaded,
             } => {
                 warn!("bevy_npc_llm: model `{model}` failed to load: {error}");
-                stats.serving_model = still_loaded.clone();
-                engine.serving = still_loaded;
+                stats.serving_model = still_loaded;
                 *state = LlmModelState::Failed {
                     model: model.clone(),
                     error: error.clone(),
@@ -380,7 +376,6 @@ pub(crate) fn receive(
             Event::Unloaded { model } => {
                 if stats.serving_model.as_deref() == Some(model.as_str()) {
                     stats.serving_model = None;
-                    engine.serving = None;
                 }
                 out.unloaded.write(ModelUnloaded { model });
             }
@@ -406,7 +401,6 @@ pub(crate) fn receive(
                 error!("bevy_npc_llm: inference worker stopped: {reason}");
                 stats.worker_failure = Some(reason.clone());
                 stats.serving_model = None;
-                engine.serving = None;
                 engine.worker = None;
                 *state = LlmModelState::Failed {
                     model: String::new(),

@@ -19,11 +19,6 @@ use crate::errors::LlmError;
 use crate::request::{FinishReason, RequestStats};
 use crate::settings::SamplingOverrides;
 
-pub(crate) enum Outcome {
-    Progress,
-    Idle,
-}
-
 struct Seq {
     job: Job,
     slot: usize,
@@ -248,9 +243,9 @@ impl<'m> Server<'m> {
     }
 
     /// One decode step over all sequences.
-    pub(crate) fn step(&mut self) -> Outcome {
+    pub(crate) fn step(&mut self) {
         if self.seqs.is_empty() {
-            return Outcome::Idle;
+            return;
         }
         self.batch.clear();
         let mut n_tokens = 0usize;
@@ -320,7 +315,7 @@ impl<'m> Server<'m> {
             prompt_tokens += take;
         }
         if n_tokens == 0 {
-            return Outcome::Idle;
+            return;
         }
         let sequences_in_batch = self
             .seqs
@@ -349,7 +344,7 @@ impl<'m> Server<'m> {
                 self.slots.invalidate(seq.slot);
                 self.fail(seq.job.id, err.clone());
             }
-            return Outcome::Progress;
+            return;
         }
         self.counters.prompt_tokens_decoded += prompt_tokens as u64;
         // 3. Book-keeping: what this batch put in each sequence's KV.
@@ -410,7 +405,6 @@ impl<'m> Server<'m> {
             let seq = self.seqs.swap_remove(i);
             self.complete(seq, reason);
         }
-        Outcome::Progress
     }
 
     fn complete(&mut self, mut seq: Seq, finish: FinishReason) {

@@ -16,7 +16,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
 use super::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadedModelInfo};
-use super::serve::{Outcome, Server};
+use super::serve::Server;
 use super::slots::JobQueue;
 use crate::errors::{LlmError, ModelLoadError};
 use crate::events::LoadPhase;
@@ -572,9 +572,7 @@ impl Worker {
                 let Some(job) = self.queue.pop() else { break };
                 server.admit(job);
             }
-            match server.step() {
-                Outcome::Progress | Outcome::Idle => {}
-            }
+            server.step();
             server.send_counters(self.queue.len());
         }
     }
