@@ -315,14 +315,7 @@ fn over_long_prompt_full_queue_missing_and_corrupt_models_fail_typed_and_app_rec
             "Line {i} of a long talk about farming and weather."
         )));
     }
-    let trimmed = request(&mut app, LlmRequest::chat(msgs).with_trim_prompt(true));
-    run_until_finished(&mut app, &[trimmed]);
-    assert!(
-        app.world()
-            .resource::<Recorded>()
-            .completed_text(trimmed)
-            .is_some()
-    );
+    complete(&mut app, LlmRequest::chat(msgs).with_trim_prompt(true));
 
     // Full queue: capacity = 1 running + 1 waiting; four in one frame.
     let four: Vec<Entity> = (0..4)
@@ -413,14 +406,7 @@ fn requests_fail_typed_when_no_model_can_load_then_succeed_after_a_good_load() {
     run_until(&mut app, 60, |app| {
         app.world().resource::<LlmModelState>().is_ready()
     });
-    let e = request(&mut app, chat("Now?"));
-    run_until_finished(&mut app, &[e]);
-    assert!(
-        app.world()
-            .resource::<Recorded>()
-            .completed_text(e)
-            .is_some()
-    );
+    complete(&mut app, chat("Now?"));
 }
 
 #[test]
@@ -458,14 +444,7 @@ fn switching_models_while_requests_run_does_not_hang() {
     app.world_mut().write_message(LoadModel {
         model: Some(SMOL.into()),
     });
-    let e = request(&mut app, chat("Back?"));
-    run_until_finished(&mut app, &[e]);
-    assert!(
-        app.world()
-            .resource::<Recorded>()
-            .completed_text(e)
-            .is_some()
-    );
+    complete(&mut app, chat("Back?"));
     assert_eq!(
         app.world()
             .resource::<LlmEngineStats>()

@@ -331,10 +331,7 @@ fn real_detection_on_this_machine_runs_on_the_cpu() {
         profile.gpus.is_empty(),
         "this test expects a CPU-only machine: {profile:?}"
     );
-    app.world_mut().write_message(LoadModel::default());
-    run_until(&mut app, 60, |app| {
-        app.world().resource::<LlmModelState>().is_ready()
-    });
+    load_ready(&mut app, None);
     let status = app.world().resource::<BackendStatus>();
     let p = status.plan.clone().unwrap();
     assert_eq!((p.backend.as_str(), p.gpu_layers), ("CPU", 0));

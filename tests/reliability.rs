@@ -51,18 +51,8 @@ fn worker_crash_fails_in_flight_requests_and_a_new_load_restarts_it() {
         Some(LlmError::ModelUnavailable(_))
     ));
     // Restart on request.
-    app.world_mut().write_message(LoadModel::default());
-    run_until(&mut app, 60, |app| {
-        app.world().resource::<LlmModelState>().is_ready()
-    });
-    let e = request(&mut app, chat("Back?").with_max_tokens(8));
-    run_until_finished(&mut app, &[e]);
-    assert!(
-        app.world()
-            .resource::<Recorded>()
-            .completed_text(e)
-            .is_some()
-    );
+    load_ready(&mut app, None);
+    complete(&mut app, chat("Back?").with_max_tokens(8));
 }
 
 #[test]
@@ -73,10 +63,7 @@ fn five_hundred_requests_in_one_frame_reject_exactly_the_overflow() {
     s.context_per_sequence = 256;
     s.sampling.max_tokens = 2;
     let mut app = app_with(s.clone());
-    app.world_mut().write_message(LoadModel::default());
-    run_until(&mut app, 60, |app| {
-        app.world().resource::<LlmModelState>().is_ready()
-    });
+    load_ready(&mut app, None);
     let es: Vec<Entity> = (0..500)
         .map(|i| {
             app.world_mut()
@@ -142,14 +129,7 @@ fn cancel_and_despawn_storm_leaves_nothing_behind() {
     run_until(&mut app, 240, |app| {
         app.world().resource::<LlmEngineStats>().in_flight == 0
     });
-    let e = request(&mut app, chat("Still fine?").with_max_tokens(8));
-    run_until_finished(&mut app, &[e]);
-    assert!(
-        app.world()
-            .resource::<Recorded>()
-            .completed_text(e)
-            .is_some()
-    );
+    complete(&mut app, chat("Still fine?").with_max_tokens(8));
 }
 
 #[test]
@@ -170,10 +150,7 @@ fn broken_gguf_files_fail_typed_and_the_previous_model_keeps_serving() {
     let mut s = settings();
     s.verify_sha256 = false; // exercise llama.cpp's own checks
     let mut app = app_with(s);
-    app.world_mut().write_message(LoadModel::default());
-    run_until(&mut app, 60, |app| {
-        app.world().resource::<LlmModelState>().is_ready()
-    });
+    load_ready(&mut app, None);
     for (name, bytes) in &cases {
         let path = dir.join(format!("{name}.gguf"));
         std::fs::write(&path, bytes).unwrap();
@@ -255,10 +232,7 @@ fn a_load_requested_every_frame_still_loads_and_exit_stays_quick() {
 #[test]
 fn a_gguf_of_the_wrong_architecture_for_its_entry_is_refused() {
     let mut app = app();
-    app.world_mut().write_message(LoadModel::default());
-    run_until(&mut app, 60, |app| {
-        app.world().resource::<LlmModelState>().is_ready()
-    });
+    load_ready(&mut app, None);
     {
         let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
         // Gemma's file (its size and sha256, so verification passes) under an
@@ -287,12 +261,5 @@ fn a_gguf_of_the_wrong_architecture_for_its_entry_is_refused() {
         } => assert_eq!((expected.as_str(), found.as_str()), ("llama", "gemma3")),
         other => panic!("{other:?}"),
     }
-    let e = request(&mut app, chat("Still serving?").with_max_tokens(4));
-    run_until_finished(&mut app, &[e]);
-    assert!(
-        app.world()
-            .resource::<Recorded>()
-            .completed_text(e)
-            .is_some()
-    );
+    complete(&mut app, chat("Still serving?").with_max_tokens(4));
 }

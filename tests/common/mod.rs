@@ -191,3 +191,23 @@ pub fn start_streaming(app: &mut App, n: usize, what: &str, all: bool) -> Vec<En
     });
     es
 }
+
+/// Ask for a model (`None`: the settings' model) and update until it serves.
+pub fn load_ready(app: &mut App, model: Option<&str>) {
+    app.world_mut().write_message(LoadModel {
+        model: model.map(String::from),
+    });
+    run_until(app, 60, |app| {
+        app.world().resource::<LlmModelState>().is_ready()
+    });
+}
+
+/// Submit a request, run it to its end, and return its text; panics when it
+/// did not complete.
+pub fn complete(app: &mut App, req: LlmRequest) -> String {
+    let e = request(app, req);
+    run_until_finished(app, &[e]);
+    let r = app.world().resource::<Recorded>();
+    r.completed_text(e)
+        .unwrap_or_else(|| panic!("request did not complete: {:?}", r.of(e)))
+}
