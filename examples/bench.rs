@@ -5,6 +5,11 @@
 //! ```text
 //! cargo run --release --example bench -- [--model ID] [--npcs 1,2,4,8,16] [--tokens 64]
 //!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player] [--json]
+//!     [--remote URL]
+//!
+//! `--remote URL` (an OpenAI-compatible server such as `llama-server -np 8`)
+//! runs the `remote` section: the same N-NPC load through the remote backend
+//! and through the local engine, aggregate tokens/s side by side.
 //! ```
 //! Prints a table; with `--json` also one JSON object per figure.
 
@@ -29,6 +34,7 @@ struct Args {
     gpu_layers: Option<u32>,
     sections: Vec<String>,
     json: bool,
+    remote: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -42,6 +48,7 @@ fn parse_args() -> Args {
             .map(String::from)
             .to_vec(),
         json: false,
+        remote: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -59,6 +66,10 @@ fn parse_args() -> Args {
             "--gpu-layers" => a.gpu_layers = Some(val().parse().unwrap()),
             "--sections" => a.sections = val().split(',').map(String::from).collect(),
             "--json" => a.json = true,
+            "--remote" => {
+                a.remote = Some(val());
+                a.sections = vec!["remote".into()];
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -383,6 +394,56 @@ fn npcs(args: &Args, f: &mut Figures) {
         max_batch = max_batch.max(c.max_batch_sequences);
     }
     f.add("npcs", "largest batch (sequences)", max_batch as f64, "seq");
+}
+
+/// The same N-NPC load through the remote backend and the local engine.
+fn remote(args: &Args, f: &mut Figures) {
+    let url = args
+        .remote
+        .clone()
+        .expect("the remote section needs --remote URL");
+    for &n in &args.npcs {
+        let mut s = base_settings(args);
+        s.prefix_cache = false;
+        s.context_per_sequence = 512;
+        s.max_parallel_sequences = n as u32;
+        s.queue_capacity = n as u32;
+        let reqs = || (0..n).map(npc_request).collect::<Vec<_>>();
+        let mut local = ready_app(s.clone());
+        let (ls, lw) = run(&mut local, reqs());
+        drop(local);
+        s.backend = BackendChoice::Remote;
+        s.remote = RemoteSettings::new(url.clone());
+        let mut remote = ready_app(s);
+        let (rs, rw) = run(&mut remote, reqs());
+        let lt: usize = ls.iter().map(|s| s.stats.generated_tokens).sum();
+        let rt: usize = rs.iter().map(|s| s.stats.generated_tokens).sum();
+        let l = lt as f64 / lw.as_secs_f64();
+        let r = rt as f64 / rw.as_secs_f64();
+        f.add("remote", &format!("N={n:<2} local aggregate"), l, "tok/s");
+        f.add("remote", &format!("N={n:<2} remote aggregate"), r, "tok/s");
+        f.add("remote", &format!("N={n:<2} remote / local"), r / l, "x");
+        let ttft = |v: &[LlmRequestStatus]| {
+            let t: Vec<f64> = v
+                .iter()
+                .filter_map(|s| s.stats.time_to_first_token)
+                .map(|d| d.as_secs_f64() * 1e3)
+                .collect();
+            t.iter().sum::<f64>() / t.len().max(1) as f64
+        };
+        f.add(
+            "remote",
+            &format!("N={n:<2} local mean time to first token"),
+            ttft(&ls),
+            "ms",
+        );
+        f.add(
+            "remote",
+            &format!("N={n:<2} remote mean time to first token"),
+            ttft(&rs),
+            "ms",
+        );
+    }
 }
 
 fn history(turns: usize) -> Vec<ChatMessage> {
@@ -712,6 +773,7 @@ fn main() {
             "frames" => frames(&args, &mut figs),
             "memory" => memory(&args, &mut figs),
             "player" => player(&args, &mut figs),
+            "remote" => remote(&args, &mut figs),
             other => panic!("unknown section {other}"),
         }
         println!("  ({section}: {:.1} s)", t.elapsed().as_secs_f64());

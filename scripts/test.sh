@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 bash scripts/fetch-models.sh
+# llama.cpp's llama-server for the remote-backend tests (built once, cached).
+BEVY_NPC_LLM_LLAMA_SERVER="${BEVY_NPC_LLM_LLAMA_SERVER:-$(bash scripts/llama-server.sh)}"
+export BEVY_NPC_LLM_LLAMA_SERVER
 # Reuse a build cache outside the clone (a fresh machine simply fills it).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/bevy_npc_llm/target}"
 mkdir -p "$CARGO_TARGET_DIR"

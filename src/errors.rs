@@ -138,6 +138,9 @@ pub enum ModelLoadError {
     /// The machine cannot run the model asked for (or any model).
     #[error(transparent)]
     Selection(#[from] SelectionError),
+    /// The remote inference server cannot be used.
+    #[error("remote server: {0}")]
+    Remote(RemoteError),
     /// The file failed its integrity check; it was not loaded.
     #[error(transparent)]
     Verify(#[from] VerifyError),
@@ -223,6 +226,53 @@ pub enum LlmError {
     /// The inference worker stopped or crashed.
     #[error("the inference worker stopped: {0}")]
     WorkerGone(String),
+    /// The remote inference server failed this request.
+    #[error("remote server: {0}")]
+    Remote(RemoteError),
+}
+
+/// Talking to a remote OpenAI-compatible server. Each ends the one request
+/// (or the connection check) it happened to; the game keeps running.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RemoteError {
+    /// No connection could be made (after the configured retries).
+    #[error("cannot reach {url} after {attempts} attempt(s): {message}")]
+    Unreachable {
+        /// The URL asked.
+        url: String,
+        /// Connection attempts made.
+        attempts: u32,
+        /// The last error.
+        message: String,
+    },
+    /// The server answered with an error status.
+    #[error("{url} answered HTTP {status}: {body}")]
+    Status {
+        /// The URL asked.
+        url: String,
+        /// HTTP status code.
+        status: u16,
+        /// The start of the response body (the server's own message).
+        body: String,
+    },
+    /// The server sent something that is not the OpenAI streaming format.
+    #[error("malformed response from the server: {0}")]
+    Malformed(String),
+    /// The connection ended before the server said the answer was complete.
+    #[error("the server closed the stream mid-answer after {tokens} token(s)")]
+    ClosedMidStream {
+        /// Tokens received before it closed.
+        tokens: usize,
+    },
+    /// Nothing arrived for longer than `token_timeout_ms`.
+    #[error("the server sent nothing for {waited_ms} ms")]
+    Timeout {
+        /// How long was waited.
+        waited_ms: u64,
+    },
+    /// The connection broke while reading.
+    #[error("connection error: {0}")]
+    Io(String),
 }
 
 /// Choosing a model and placement for this machine.

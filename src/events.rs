@@ -109,6 +109,8 @@ pub enum LoadPhase {
     Verifying,
     /// llama.cpp is reading the weights.
     Loading,
+    /// Checking that the remote server answers.
+    Connecting,
 }
 
 /// Progress of a model load, `progress` in `0.0..=1.0` per phase.

@@ -18,6 +18,11 @@ pub use engine::{
 };
 pub use plugin::{NpcLlmPlugin, NpcLlmSystems};
 
+/// Entry points of the `cargo fuzz` targets (`fuzz/`); not a public API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
 /// Fault injection for tests of a game's error handling (debug builds only).
 #[cfg(debug_assertions)]
 #[doc(hidden)]
@@ -62,6 +67,6 @@ pub mod prelude {
         CacheKey, ChatMessage, ChatRole, LlmRequest, LlmRequestStatus, RequestPriority,
         RequestState,
     };
-    pub use crate::settings::LlmSettings;
+    pub use crate::settings::{BackendChoice, LlmSettings, RemoteSettings};
     pub use crate::{LlmEngineStats, LlmModelState, NpcLlmPlugin, NpcLlmSystems, model_ready};
 }

@@ -209,6 +209,146 @@ pub struct LlmSettings {
     pub llama_logs: bool,
     /// Default sampling for every request.
     pub sampling: SamplingParams,
+    /// Where requests run: this process (llama.cpp), a remote
+    /// OpenAI-compatible server, or local with the server as fallback.
+    pub backend: BackendChoice,
+    /// The remote server, for [`BackendChoice::Remote`] and
+    /// [`BackendChoice::LocalWithRemoteFallback`].
+    pub remote: RemoteSettings,
+}
+
+/// Where inference runs. See the README's "Local or remote" section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum BackendChoice {
+    /// llama.cpp inside the game process (the default).
+    #[default]
+    Local,
+    /// An OpenAI-compatible server (llama.cpp's `llama-server`, vLLM,
+    /// Ollama) at [`RemoteSettings::base_url`].
+    Remote,
+    /// Local when a registry model fits this machine and loads; the remote
+    /// server when none fits or the load fails.
+    LocalWithRemoteFallback,
+}
+
+/// How prompts are sent to a remote server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum RemotePromptFormat {
+    /// Chat prompts go to `/v1/chat/completions` as messages (the server's
+    /// chat template applies); raw prompts to `/v1/completions`.
+    #[default]
+    Chat,
+    /// Everything goes to `/v1/completions`; chat prompts are written as a
+    /// plain `Name: text` dialogue, for base models (as
+    /// [`PromptFormat::Completion`](crate::registry::PromptFormat::Completion)).
+    Completion,
+}
+
+/// An OpenAI-compatible inference server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemoteSettings {
+    /// Base URL, e.g. `http://127.0.0.1:8080` (the `/v1/...` paths are
+    /// added; a trailing `/v1` is accepted). `https` needs the crate's
+    /// `remote-tls` feature.
+    pub base_url: String,
+    /// Model name sent with each request (llama-server ignores it; vLLM and
+    /// Ollama need the served model's name).
+    pub model: String,
+    /// API key sent as `Authorization: Bearer …`, if any.
+    pub api_key: Option<String>,
+    /// Environment variable read for the API key when `api_key` is `None`.
+    pub api_key_env: Option<String>,
+    /// How prompts are sent.
+    pub prompt_format: RemotePromptFormat,
+    /// Most time to connect, per attempt, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Most time to wait for the response headers and then for each
+    /// streamed token, in milliseconds: a slower server fails the request.
+    pub token_timeout_ms: u64,
+    /// Extra attempts after a connection error (never after the server
+    /// answered: a request is not sent twice).
+    pub max_retries: u32,
+    /// Wait before the first retry, doubled for each next one, in milliseconds.
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for RemoteSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:8080".into(),
+            model: "default".into(),
+            api_key: None,
+            api_key_env: Some("BEVY_NPC_LLM_API_KEY".into()),
+            prompt_format: RemotePromptFormat::Chat,
+            connect_timeout_ms: 2_000,
+            token_timeout_ms: 30_000,
+            max_retries: 2,
+            retry_backoff_ms: 200,
+        }
+    }
+}
+
+impl RemoteSettings {
+    /// A server at `base_url`, other values default.
+    #[must_use]
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Check the URL and the timeouts.
+    ///
+    /// # Errors
+    /// [`SettingsError::Invalid`] naming the field.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |field, message: String| Err(SettingsError::Invalid { field, message });
+        let url = self.base_url.trim();
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        match rest {
+            None => {
+                return bad(
+                    "remote.base_url",
+                    format!("`{url}` must start with http:// or https://"),
+                );
+            }
+            Some(host) if host.trim_matches('/').is_empty() => {
+                return bad("remote.base_url", format!("`{url}` names no host"));
+            }
+            Some(_) => {}
+        }
+        if url.starts_with("https://") && !cfg!(feature = "remote-tls") {
+            return bad(
+                "remote.base_url",
+                "https needs the crate's `remote-tls` feature".into(),
+            );
+        }
+        if self.connect_timeout_ms == 0 || self.token_timeout_ms == 0 {
+            return bad(
+                "remote.token_timeout_ms",
+                "timeouts must be at least 1 ms".into(),
+            );
+        }
+        if self.max_retries > 10 {
+            return bad("remote.max_retries", "must be at most 10".into());
+        }
+        Ok(())
+    }
+
+    /// The API key: `api_key`, else the `api_key_env` variable, if set and not empty.
+    #[must_use]
+    pub fn resolved_api_key(&self) -> Option<String> {
+        self.api_key.clone().or_else(|| {
+            self.api_key_env
+                .as_deref()
+                .and_then(|v| std::env::var(v).ok())
+                .filter(|k| !k.is_empty())
+        })
+    }
 }
 
 impl Default for LlmSettings {
@@ -226,6 +366,8 @@ impl Default for LlmSettings {
             verify_sha256: true,
             llama_logs: false,
             sampling: SamplingParams::default(),
+            backend: BackendChoice::Local,
+            remote: RemoteSettings::default(),
         }
     }
 }
@@ -317,6 +459,9 @@ impl LlmSettings {
                 "sampling.max_tokens",
                 "must be smaller than context_per_sequence",
             );
+        }
+        if self.backend != BackendChoice::Local {
+            self.remote.validate()?;
         }
         Ok(())
     }

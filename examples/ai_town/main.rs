@@ -5,6 +5,10 @@
 //! ```text
 //! cargo run --features debug-ui --example ai_town -- [--headless] [--seconds N] [--npcs N]
 //!     [--model ID] [--seed N] [--screenshot PATH --screenshot-after SECS]
+//!     [--remote URL [--remote-model NAME] [--remote-completion]]
+//!
+//! `--remote URL` serves the NPCs from an OpenAI-compatible server (e.g.
+//! `llama-server -m model.gguf -np 8`) instead of llama.cpp in process.
 //! ```
 //! The default model is fetched with `scripts/fetch-models.sh` when missing.
 #![allow(clippy::type_complexity, clippy::too_many_arguments)] // Bevy systems
@@ -35,6 +39,9 @@ struct Args {
     seed: u64,
     screenshot: Option<PathBuf>,
     screenshot_after: f64,
+    remote: Option<String>,
+    remote_model: Option<String>,
+    remote_completion: bool,
 }
 
 fn parse_args() -> Args {
@@ -46,6 +53,9 @@ fn parse_args() -> Args {
         seed: 7,
         screenshot: None,
         screenshot_after: 25.0,
+        remote: None,
+        remote_model: None,
+        remote_completion: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -63,9 +73,12 @@ fn parse_args() -> Args {
             "--seed" => a.seed = val().parse().unwrap_or(7),
             "--screenshot" => a.screenshot = Some(PathBuf::from(val())),
             "--screenshot-after" => a.screenshot_after = val().parse().unwrap_or(25.0),
+            "--remote" => a.remote = Some(val()),
+            "--remote-model" => a.remote_model = Some(val()),
+            "--remote-completion" => a.remote_completion = true,
             "--help" | "-h" => {
                 println!(
-                    "ai_town [--headless] [--seconds N] [--npcs N] [--model ID] [--seed N] [--screenshot PATH --screenshot-after SECS]"
+                    "ai_town [--headless] [--seconds N] [--npcs N] [--model ID] [--seed N] [--screenshot PATH --screenshot-after SECS] [--remote URL [--remote-model NAME] [--remote-completion]]"
                 );
                 std::process::exit(0);
             }
@@ -106,13 +119,29 @@ fn ensure_model(model: Option<&str>) {
 
 fn main() -> AppExit {
     let args = parse_args();
-    ensure_model(args.model.as_deref());
+    if args.remote.is_none() {
+        ensure_model(args.model.as_deref());
+    }
     let agents = load_agents("assets/town/agents.ron");
     let mut settings = LlmSettings::load_or_default("assets/llm_settings.ron").unwrap_or_default();
     if let Some(m) = &args.model {
         settings.model.clone_from(m);
     }
     settings.max_parallel_sequences = settings.max_parallel_sequences.max(args.npcs as u32 + 1);
+    if let Some(url) = &args.remote {
+        settings.backend = BackendChoice::Remote;
+        settings.remote = RemoteSettings::new(url.clone());
+        if let Some(m) = &args.remote_model {
+            settings.remote.model.clone_from(m);
+        }
+        if args.remote_completion {
+            settings.remote.prompt_format = bevy_npc_llm::settings::RemotePromptFormat::Completion;
+        }
+        if let Err(e) = settings.validate() {
+            eprintln!("--remote: {e}");
+            std::process::exit(2);
+        }
+    }
     let mut app = App::new();
     if args.headless {
         app.add_plugins((

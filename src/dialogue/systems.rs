@@ -11,7 +11,7 @@ use super::{DialogueSettings, DialogueStats};
 use crate::events::*;
 use crate::registry::{ModelRegistry, PromptFormat};
 use crate::request::{LlmRequest, RequestPriority};
-use crate::settings::LlmSettings;
+use crate::settings::{BackendChoice, LlmSettings, RemotePromptFormat};
 use crate::{LlmEngineStats, LlmModelState};
 
 /// Marks an NPC that is in a conversation (its entity).
@@ -84,6 +84,13 @@ fn completion_format(
     state: &LlmModelState,
     stats: &LlmEngineStats,
 ) -> bool {
+    let remote = match state {
+        LlmModelState::Ready(info) => info.remote.is_some(),
+        _ => stats.remote_server.is_some() || settings.backend == BackendChoice::Remote,
+    };
+    if remote {
+        return settings.remote.prompt_format == RemotePromptFormat::Completion;
+    }
     let id = match state {
         LlmModelState::Ready(info) => Some(info.model.clone()),
         LlmModelState::Loading { model, .. } => Some(model.clone()),

@@ -18,7 +18,7 @@ use crate::events::*;
 use crate::hardware::{BackendPlan, BackendStatus, HardwareProfile};
 use crate::registry::{ModelRegistry, VerificationCache};
 use crate::request::{LlmRequest, LlmRequestStatus, RequestState, RequestStats};
-use crate::settings::LlmSettings;
+use crate::settings::{BackendChoice, LlmSettings};
 
 /// The Bevy side of the worker.
 #[derive(Resource)]
@@ -34,6 +34,29 @@ pub(crate) struct LlmEngine {
     pub(crate) verification_cache: Option<PathBuf>,
     knobs: Option<Knobs>,
     last_rate: Option<(Instant, u64)>,
+    /// What the worker is: llama.cpp in process or a remote server.
+    pub(crate) kind: WorkerKind,
+    /// Copies of submitted requests that have not started, so they can move
+    /// to another worker (the remote fallback) instead of failing.
+    pending: HashMap<RequestId, Job>,
+}
+
+/// Which kind of worker serves requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WorkerKind {
+    Local,
+    Remote,
+}
+
+fn request_id(ev: &Event) -> Option<RequestId> {
+    match ev {
+        Event::Started { id, .. }
+        | Event::Token { id, .. }
+        | Event::Completed { id, .. }
+        | Event::Failed { id, .. }
+        | Event::Cancelled { id } => Some(*id),
+        _ => None,
+    }
 }
 
 impl LlmEngine {
@@ -48,7 +71,64 @@ impl LlmEngine {
             verification_cache,
             knobs: None,
             last_rate: None,
+            kind: WorkerKind::Local,
+            pending: HashMap::new(),
         }
+    }
+
+    /// Put `new` in place of the current worker, which is stopped. Requests
+    /// that had not started move to the new worker (their ids are returned:
+    /// events the old worker already sent for them must be dropped); the
+    /// old worker's other request events are delivered; requests left
+    /// without an answer fail with `WorkerGone`, so nothing hangs.
+    pub(crate) fn replace_worker(
+        &mut self,
+        new: WorkerHandle,
+        kind: WorkerKind,
+    ) -> HashSet<RequestId> {
+        let mut moved = HashSet::new();
+        let old = self.worker.replace(new);
+        self.kind = kind;
+        self.knobs = None;
+        self.last_rate = None;
+        let Some(old) = old else { return moved };
+        let rx = old.events.clone();
+        drop(old);
+        let leftovers: Vec<Event> = rx.try_iter().collect();
+        let jobs: Vec<Job> = self.pending.values().cloned().collect();
+        for job in jobs {
+            let id = job.id;
+            if self.send(Command::Submit(Box::new(job))) {
+                moved.insert(id);
+            }
+        }
+        let mut answered = HashSet::new();
+        for ev in leftovers {
+            let Some(id) = request_id(&ev) else { continue };
+            if moved.contains(&id) {
+                continue;
+            }
+            if matches!(
+                ev,
+                Event::Completed { .. } | Event::Failed { .. } | Event::Cancelled { .. }
+            ) {
+                answered.insert(id);
+            }
+            self.local.push(ev);
+        }
+        let orphans: Vec<RequestId> = self
+            .by_id
+            .keys()
+            .filter(|id| !moved.contains(id) && !answered.contains(id))
+            .copied()
+            .collect();
+        for id in orphans {
+            self.local.push(Event::Failed {
+                id,
+                error: LlmError::WorkerGone("the inference backend was switched".into()),
+            });
+        }
+        moved
     }
 
     fn send(&mut self, cmd: Command) -> bool {
@@ -131,6 +211,20 @@ pub(crate) struct Loader<'w> {
 impl Loader<'_> {
     fn start(&mut self, model: Option<&str>) {
         let wanted = model.unwrap_or(&self.settings.model).to_string();
+        if self.settings.backend == BackendChoice::Remote {
+            self.start_remote();
+            return;
+        }
+        if self.engine.kind == WorkerKind::Remote {
+            // Back to local: a local worker takes the remote one's place.
+            match WorkerHandle::spawn(self.settings.llama_logs, knobs(&self.settings)) {
+                Ok((w, profile)) => {
+                    self.engine.replace_worker(w, WorkerKind::Local);
+                    *self.profile = profile;
+                }
+                Err(error) => return self.fail(wanted, error),
+            }
+        }
         if self.engine.worker.is_none() {
             match WorkerHandle::spawn(self.settings.llama_logs, knobs(&self.settings)) {
                 Ok((w, profile)) => {
@@ -181,7 +275,47 @@ impl Loader<'_> {
                     self.fail(id, ModelLoadError::WorkerGone);
                 }
             }
+            Err(error) if self.settings.backend == BackendChoice::LocalWithRemoteFallback => {
+                warn!(
+                    "bevy_npc_llm: no local model for this machine ({error}); using the remote server"
+                );
+                self.fail(wanted, error);
+                self.start_remote();
+            }
             Err(error) => self.fail(wanted, error),
+        }
+    }
+
+    /// Serve requests from the remote server in the settings.
+    fn start_remote(&mut self) {
+        let model = self.settings.remote.model.clone();
+        if self.engine.kind != WorkerKind::Remote || self.engine.worker.is_none() {
+            let streams = self.settings.max_parallel_sequences as usize;
+            match super::remote::spawn(&self.settings.remote, knobs(&self.settings), streams) {
+                Ok(w) => {
+                    self.engine.replace_worker(w, WorkerKind::Remote);
+                }
+                Err(error) => return self.fail(model, error),
+            }
+        }
+        info!(
+            "bevy_npc_llm: serving requests from the remote server {}",
+            self.settings.remote.base_url
+        );
+        if self
+            .engine
+            .send(Command::Load(Box::new(super::remote::remote_spec(
+                &self.settings,
+            ))))
+        {
+            *self.state = LlmModelState::Loading {
+                model,
+                phase: LoadPhase::Connecting,
+                progress: 0.0,
+            };
+        } else {
+            self.engine.worker = None;
+            self.fail(model, ModelLoadError::WorkerGone);
         }
     }
 
@@ -252,6 +386,11 @@ pub(crate) fn submit(
             loader.engine.silent.insert(old);
             loader.engine.send(Command::Cancel(old));
         }
+        // The first request loads the model (before it is registered: a
+        // backend switch while starting must not count it as orphaned).
+        if *loader.state == LlmModelState::Unloaded {
+            loader.start(None);
+        }
         let id = loader.engine.fresh_id();
         loader.engine.by_id.insert(id, entity);
         loader.engine.by_entity.insert(entity, id);
@@ -271,9 +410,6 @@ pub(crate) fn submit(
             });
             continue;
         }
-        if *loader.state == LlmModelState::Unloaded {
-            loader.start(None);
-        }
         if let LlmModelState::Failed { error, .. } = &*loader.state
             && serving.serving_model.is_none()
         {
@@ -291,7 +427,9 @@ pub(crate) fn submit(
             trim_prompt: request.trim_prompt,
             submitted: Instant::now(),
         };
+        loader.engine.pending.insert(id, job.clone());
         if !loader.engine.send(Command::Submit(Box::new(job))) {
+            loader.engine.pending.remove(&id);
             loader.engine.local.push(Event::Failed {
                 id,
                 error: LlmError::WorkerGone("the inference worker is not running".into()),
@@ -314,7 +452,40 @@ pub(crate) struct Writers<'w> {
     unloaded: MessageWriter<'w, ModelUnloaded>,
 }
 
+/// The local model failed to load and the settings allow the remote
+/// server: a remote worker takes over, with the requests still waiting.
+fn fall_back_to_remote(
+    engine: &mut LlmEngine,
+    settings: &LlmSettings,
+    state: &mut LlmModelState,
+) -> HashSet<RequestId> {
+    warn!(
+        "bevy_npc_llm: falling back to the remote server {}",
+        settings.remote.base_url
+    );
+    let streams = settings.max_parallel_sequences as usize;
+    match super::remote::spawn(&settings.remote, knobs(settings), streams) {
+        Ok(w) => {
+            let moved = engine.replace_worker(w, WorkerKind::Remote);
+            let spec = super::remote::remote_spec(settings);
+            if engine.send(Command::Load(Box::new(spec))) {
+                *state = LlmModelState::Loading {
+                    model: settings.remote.model.clone(),
+                    phase: LoadPhase::Connecting,
+                    progress: 0.0,
+                };
+            }
+            moved
+        }
+        Err(e) => {
+            error!("bevy_npc_llm: {e}");
+            HashSet::new()
+        }
+    }
+}
+
 /// [`NpcLlmSystems::Receive`](crate::NpcLlmSystems::Receive): worker events → status, events, messages.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn receive(
     mut commands: Commands,
     mut engine: ResMut<LlmEngine>,
@@ -322,13 +493,20 @@ pub(crate) fn receive(
     mut stats: ResMut<LlmEngineStats>,
     mut backend: ResMut<BackendStatus>,
     mut statuses: Query<&mut LlmRequestStatus>,
+    settings: Res<LlmSettings>,
     mut out: Writers,
 ) {
     let mut events: Vec<Event> = std::mem::take(&mut engine.local);
     if let Some(w) = &engine.worker {
         events.extend(w.events.try_iter());
     }
+    // Requests moved to another worker during this frame: the old worker's
+    // events for them are dropped.
+    let mut moved: HashSet<RequestId> = HashSet::new();
     for ev in events {
+        if request_id(&ev).is_some_and(|id| moved.contains(&id)) {
+            continue;
+        }
         match ev {
             Event::Loading {
                 model,
@@ -357,6 +535,7 @@ pub(crate) fn receive(
                 );
                 backend.layers_offloaded = Some(info.gpu_layers);
                 stats.serving_model = Some(info.model.clone());
+                stats.remote_server.clone_from(&info.remote);
                 *state = LlmModelState::Ready((*info).clone());
                 out.loaded.write(ModelLoaded { info: *info });
             }
@@ -366,16 +545,23 @@ pub(crate) fn receive(
                 still_loaded,
             } => {
                 warn!("bevy_npc_llm: model `{model}` failed to load: {error}");
+                let fall_back = still_loaded.is_none()
+                    && settings.backend == BackendChoice::LocalWithRemoteFallback
+                    && engine.kind == WorkerKind::Local;
                 stats.serving_model = still_loaded;
                 *state = LlmModelState::Failed {
                     model: model.clone(),
                     error: error.clone(),
                 };
                 out.load_failed.write(ModelLoadFailed { model, error });
+                if fall_back {
+                    moved = fall_back_to_remote(&mut engine, &settings, &mut state);
+                }
             }
             Event::Unloaded { model } => {
                 if stats.serving_model.as_deref() == Some(model.as_str()) {
                     stats.serving_model = None;
+                    stats.remote_server = None;
                 }
                 out.unloaded.write(ModelUnloaded { model });
             }
@@ -401,6 +587,7 @@ pub(crate) fn receive(
                 error!("bevy_npc_llm: inference worker stopped: {reason}");
                 stats.worker_failure = Some(reason.clone());
                 stats.serving_model = None;
+                stats.remote_server = None;
                 engine.worker = None;
                 *state = LlmModelState::Failed {
                     model: String::new(),
@@ -452,6 +639,9 @@ fn deliver(
         }
         _ => return,
     };
+    if terminal || matches!(ev, Event::Started { .. }) {
+        engine.pending.remove(&id);
+    }
     let Some(&entity) = engine.by_id.get(&id) else {
         return;
     };

@@ -5,6 +5,7 @@
 pub(crate) mod bridge;
 pub(crate) mod prompt;
 pub(crate) mod protocol;
+pub(crate) mod remote;
 pub(crate) mod sampler;
 pub(crate) mod serve;
 pub(crate) mod slots;
@@ -74,6 +75,9 @@ pub struct LlmEngineStats {
     pub in_flight: usize,
     /// The model serving requests now, if any.
     pub serving_model: Option<String>,
+    /// The server's base URL while a remote server serves requests
+    /// ([`BackendChoice`](crate::settings::BackendChoice)); `None` when llama.cpp serves them in process.
+    pub remote_server: Option<String>,
     /// The worker stopped unexpectedly (panic), with its message.
     pub worker_failure: Option<String>,
 }

@@ -49,16 +49,7 @@ impl PromptRenderer {
     /// Stop strings the format needs (e.g. other speakers' names in completion mode).
     pub(crate) fn implied_stops(&self, prompt: &LlmPrompt) -> Vec<String> {
         match (&self.format, prompt) {
-            (PromptFormat::Completion, LlmPrompt::Chat(messages)) => {
-                let mut stops = Vec::new();
-                for m in messages.iter().filter(|m| m.role == ChatRole::User) {
-                    let stop = format!("\n{}:", speaker(m));
-                    if !stops.contains(&stop) {
-                        stops.push(stop);
-                    }
-                }
-                stops
-            }
+            (PromptFormat::Completion, LlmPrompt::Chat(messages)) => completion_stops(messages),
             _ => Vec::new(),
         }
     }
@@ -103,26 +94,7 @@ impl PromptRenderer {
                 pieces.push(Piece::Scaffold(t.assistant_prefix.clone()));
                 Ok(pieces)
             }
-            PromptFormat::Completion => {
-                let mut text = String::new();
-                let mut assistant = "Assistant".to_string();
-                for m in messages {
-                    match m.role {
-                        ChatRole::System => {
-                            text.push_str(m.content.trim_end());
-                            text.push_str("\n\n");
-                        }
-                        _ => {
-                            if m.role == ChatRole::Assistant {
-                                assistant = speaker(m);
-                            }
-                            text.push_str(&format!("{}: {}\n", speaker(m), m.content.trim()));
-                        }
-                    }
-                }
-                text.push_str(&format!("{assistant}:"));
-                Ok(vec![Piece::Text(text)])
-            }
+            PromptFormat::Completion => Ok(vec![Piece::Text(completion_text(messages))]),
         }
     }
 
@@ -174,6 +146,41 @@ impl PromptRenderer {
         }
         Ok(tokens)
     }
+}
+
+/// Chat messages as a plain `Name: text` dialogue for base models, ending
+/// with the assistant's name and a colon.
+pub(crate) fn completion_text(messages: &[ChatMessage]) -> String {
+    let mut text = String::new();
+    let mut assistant = "Assistant".to_string();
+    for m in messages {
+        match m.role {
+            ChatRole::System => {
+                text.push_str(m.content.trim_end());
+                text.push_str("\n\n");
+            }
+            _ => {
+                if m.role == ChatRole::Assistant {
+                    assistant = speaker(m);
+                }
+                text.push_str(&format!("{}: {}\n", speaker(m), m.content.trim()));
+            }
+        }
+    }
+    text.push_str(&format!("{assistant}:"));
+    text
+}
+
+/// Stop strings a completion dialogue needs: every other speaker's line start.
+pub(crate) fn completion_stops(messages: &[ChatMessage]) -> Vec<String> {
+    let mut stops = Vec::new();
+    for m in messages.iter().filter(|m| m.role == ChatRole::User) {
+        let stop = format!("\n{}:", speaker(m));
+        if !stops.contains(&stop) {
+            stops.push(stop);
+        }
+    }
+    stops
 }
 
 fn speaker(m: &ChatMessage) -> String {

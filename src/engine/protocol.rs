@@ -92,6 +92,9 @@ pub struct LoadedModelInfo {
     pub hashed: bool,
     /// Time from the load command to ready.
     pub load_time: Duration,
+    /// The server's base URL when a remote server serves requests
+    /// ([`BackendChoice::Remote`](crate::settings::BackendChoice)); `None` for llama.cpp in process.
+    pub remote: Option<String>,
 }
 
 /// Worker counters, sent after each decode step.

@@ -144,6 +144,21 @@ pub(crate) struct WorkerHandle {
 }
 
 impl WorkerHandle {
+    /// A handle over a worker thread started elsewhere (the remote backend).
+    pub(crate) fn from_parts(
+        commands: Sender<Command>,
+        events: Receiver<Event>,
+        abort: Arc<AtomicBool>,
+        join: JoinHandle<()>,
+    ) -> Self {
+        Self {
+            commands,
+            events,
+            abort,
+            join: Some(join),
+        }
+    }
+
     /// Start the worker and wait for its handshake (backend initialised).
     pub(crate) fn spawn(
         logs: bool,
@@ -487,6 +502,7 @@ impl Worker {
             threads: spec.threads,
             gpu_layers: spec.gpu_layers.min(model.n_layer() + 1),
             has_chat_template,
+            remote: None,
             hashed,
             load_time: started.elapsed(),
         };

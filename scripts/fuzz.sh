@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Bounded fuzzing with cargo-fuzz (libFuzzer + AddressSanitizer, nightly
+# toolchain): builds the targets in fuzz/ and runs each for SECONDS.
+#   parse_config  registry / settings / persona / save RON parsing
+#   build_prompt  dialogue prompts from arbitrary persona and player text,
+#                 rendered and tokenized with the SmolLM2 model
+# Not part of the test command. A crash stops the run with the input saved
+# under fuzz/artifacts/<target>/: turn it into a regression test.
+# Usage: scripts/fuzz.sh [SECONDS=60] [TARGET...]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+secs=${1:-60}
+shift || true
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(parse_config build_prompt)
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+rustup toolchain list | grep -q nightly || { echo "fuzz.sh needs a nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
+bash scripts/fetch-models.sh smollm2-135m-instruct-q4_1 >/dev/null
+tdir=${BEVY_NPC_LLM_FUZZ_TARGET_DIR:-$HOME/.cache/bevy_npc_llm/fuzz-target}
+echo "building the fuzz targets (first time: a release build of Bevy and llama.cpp, ~15 min on 2 cores)"
+cargo +nightly fuzz build --codegen-units 16 --target-dir "$tdir" 2>&1 | grep -v -E '^\s*(Compiling|Building)' || true
+for t in "${targets[@]}"; do
+    work=$(mktemp -d)
+    echo "== $t: ${secs}s"
+    cargo +nightly fuzz run --codegen-units 16 --target-dir "$tdir" "$t" "$work" "fuzz/corpus/$t" -- \
+        -max_total_time="$secs" -max_len=4096 -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
+        2>&1 | grep -E 'stat::number_of_executed_units|stat::average_exec_per_sec|stat::new_units_added|ERROR|panicked|SUMMARY|Done [0-9]+ runs'
+    echo "   corpus grew to $(ls "$work" | wc -l) inputs (kept in $work)"
+done

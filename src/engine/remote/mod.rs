@@ -1,0 +1,370 @@
+//! The remote backend: the same commands and events as the local worker,
+//! served by an OpenAI-compatible server (llama.cpp's `llama-server`, vLLM,
+//! Ollama). One worker thread keeps the queue and the limits; each running
+//! request streams on a thread of its own (the server batches them).
+//! Cancel: the request's terminal `Cancelled` is sent at once and its
+//! stream thread drops the connection at the next thing the server sends.
+
+mod sse;
+mod stream;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, select};
+use serde_json::Value;
+
+use super::protocol::{
+    Command, EngineCounters, Event, Job, Knobs, LoadSpec, LoadedModelInfo, RequestId,
+};
+use super::slots::JobQueue;
+use super::worker::WorkerHandle;
+use crate::errors::{LlmError, ModelLoadError, RemoteError};
+use crate::settings::{RemotePromptFormat, RemoteSettings};
+use stream::{Outcome, StreamControl};
+
+/// Resolved remote settings, shared with the stream threads.
+pub(crate) struct RemoteConfig {
+    pub base_url: String,
+    pub model: String,
+    pub api_key: Option<String>,
+    pub prompt_format: RemotePromptFormat,
+    pub token_timeout: Duration,
+    pub max_retries: u32,
+    pub retry_backoff: Duration,
+    pub agent: ureq::Agent,
+}
+
+impl RemoteConfig {
+    pub(crate) fn new(s: &RemoteSettings) -> Self {
+        let token_timeout = Duration::from_millis(s.token_timeout_ms);
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_millis(s.connect_timeout_ms))
+            .timeout_read(token_timeout)
+            .timeout_write(token_timeout)
+            .max_idle_connections_per_host(64)
+            .build();
+        let mut base = s.base_url.trim().trim_end_matches('/').to_string();
+        if let Some(b) = base.strip_suffix("/v1") {
+            base = b.to_string();
+        }
+        Self {
+            base_url: base,
+            model: s.model.clone(),
+            api_key: s.resolved_api_key(),
+            prompt_format: s.prompt_format,
+            token_timeout,
+            max_retries: s.max_retries,
+            retry_backoff: Duration::from_millis(s.retry_backoff_ms),
+            agent,
+        }
+    }
+}
+
+/// The load spec a remote worker gets: only the name and the stream count matter.
+pub(crate) fn remote_spec(settings: &crate::settings::LlmSettings) -> LoadSpec {
+    LoadSpec {
+        model_id: settings.remote.model.clone(),
+        path: PathBuf::new(),
+        verify: None,
+        cache: None,
+        prompt_format: crate::registry::PromptFormat::ChatTemplate,
+        architecture: None,
+        model_sampling: crate::settings::SamplingOverrides::default(),
+        context_per_sequence: settings.context_per_sequence,
+        sequences: settings.max_parallel_sequences,
+        batch_size: settings.batch_size,
+        threads: 0,
+        gpu_layers: 0,
+    }
+}
+
+/// Start a remote worker for `settings` (already validated).
+pub(crate) fn spawn(
+    settings: &RemoteSettings,
+    knobs: Knobs,
+    streams: usize,
+) -> Result<WorkerHandle, ModelLoadError> {
+    let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
+    let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
+    let cfg = Arc::new(RemoteConfig::new(settings));
+    let abort = Arc::new(AtomicBool::new(false));
+    let join = std::thread::Builder::new()
+        .name("npc-llm-remote".into())
+        .spawn(move || {
+            let (done_tx, done_rx) = crossbeam_channel::unbounded();
+            let events = ev_tx.clone();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                RemoteWorker {
+                    cfg,
+                    commands: cmd_rx,
+                    events: ev_tx,
+                    done_tx,
+                    done_rx,
+                    queue: JobQueue::new(knobs.queue_capacity as usize),
+                    active: HashMap::new(),
+                    streams: streams.max(1),
+                    connected: None,
+                    last_error: None,
+                    generated: Arc::new(AtomicU64::new(0)),
+                    counters: EngineCounters::default(),
+                }
+                .run();
+            }));
+            let reason = result
+                .err()
+                .map(|_| "the remote worker panicked".to_string());
+            let _ = events.send(Event::Stopped { reason });
+        })
+        .map_err(|e| {
+            ModelLoadError::Backend(format!("cannot spawn the remote worker thread: {e}"))
+        })?;
+    Ok(WorkerHandle::from_parts(cmd_tx, ev_rx, abort, join))
+}
+
+struct RemoteWorker {
+    cfg: Arc<RemoteConfig>,
+    commands: Receiver<Command>,
+    events: Sender<Event>,
+    done_tx: Sender<(RequestId, Outcome)>,
+    done_rx: Receiver<(RequestId, Outcome)>,
+    queue: JobQueue<Job>,
+    active: HashMap<RequestId, Arc<StreamControl>>,
+    streams: usize,
+    /// The model name in use once the server answered.
+    connected: Option<String>,
+    /// Why the last connection check failed (requests then fail at once).
+    last_error: Option<ModelLoadError>,
+    generated: Arc<AtomicU64>,
+    counters: EngineCounters,
+}
+
+impl RemoteWorker {
+    fn send(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    fn run(mut self) {
+        let mut last_counters = Instant::now();
+        loop {
+            select! {
+                recv(self.commands) -> cmd => match cmd {
+                    Ok(Command::Shutdown) | Err(_) => break,
+                    Ok(cmd) => self.command(cmd),
+                },
+                recv(self.done_rx) -> done => {
+                    if let Ok((id, outcome)) = done {
+                        self.active.remove(&id);
+                        match outcome {
+                            Outcome::Completed => self.counters.completed += 1,
+                            Outcome::Failed => self.counters.failed += 1,
+                            Outcome::Cancelled => {}
+                        }
+                        self.pump();
+                        self.publish();
+                    }
+                },
+                default(Duration::from_millis(250)) => {}
+            }
+            if last_counters.elapsed() >= Duration::from_millis(250) {
+                self.publish();
+                last_counters = Instant::now();
+            }
+        }
+        // Shutdown: running streams end at their next read; queued ones fail.
+        for control in self.active.values() {
+            control.claim();
+        }
+        for job in self.queue.drain().collect::<Vec<_>>() {
+            self.send(Event::Failed {
+                id: job.id,
+                error: LlmError::WorkerGone("the engine shut down".into()),
+            });
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit(job) => {
+                if self.connected.is_none()
+                    && let Some(error) = &self.last_error
+                {
+                    self.counters.failed += 1;
+                    self.send(Event::Failed {
+                        id: job.id,
+                        error: LlmError::ModelUnavailable(error.clone()),
+                    });
+                    return;
+                }
+                if let Err(job) = self.queue.push(job.priority, *job) {
+                    self.send(Event::Failed {
+                        id: job.id,
+                        error: LlmError::QueueFull {
+                            capacity: self.queue.len(),
+                        },
+                    });
+                }
+                self.pump();
+            }
+            Command::Cancel(id) => {
+                if let Some(job) = self.queue.remove_where(|j| j.id == id) {
+                    self.counters.cancelled += 1;
+                    self.send(Event::Cancelled { id: job.id });
+                } else if let Some(control) = self.active.get(&id)
+                    && control.claim()
+                {
+                    self.counters.cancelled += 1;
+                    self.send(Event::Cancelled { id });
+                }
+            }
+            Command::Load(spec) => self.connect(&spec),
+            Command::Unload => {
+                if let Some(model) = self.connected.take() {
+                    self.send(Event::Unloaded { model });
+                }
+            }
+            Command::Configure(k) => self.queue.set_capacity(k.queue_capacity as usize),
+            Command::Shutdown => {}
+            #[cfg(debug_assertions)]
+            Command::Crash => panic!("remote worker crash requested by a test"),
+        }
+        self.publish();
+    }
+
+    /// Check that the server answers (`GET /v1/models`), then serve.
+    fn connect(&mut self, spec: &LoadSpec) {
+        let started = Instant::now();
+        let url = format!("{}/v1/models", self.cfg.base_url);
+        match self.probe(&url) {
+            Ok(served) => {
+                let model = if self.cfg.model.is_empty() || self.cfg.model == "default" {
+                    served.unwrap_or_else(|| spec.model_id.clone())
+                } else {
+                    self.cfg.model.clone()
+                };
+                self.connected = Some(model.clone());
+                self.last_error = None;
+                self.counters.slots = self.streams;
+                self.send(Event::Loaded(Box::new(LoadedModelInfo {
+                    model,
+                    path: PathBuf::new(),
+                    n_params: 0,
+                    size_bytes: 0,
+                    context_per_sequence: spec.context_per_sequence,
+                    sequences: self.streams as u32,
+                    threads: 0,
+                    gpu_layers: 0,
+                    has_chat_template: self.cfg.prompt_format == RemotePromptFormat::Chat,
+                    hashed: false,
+                    load_time: started.elapsed(),
+                    remote: Some(self.cfg.base_url.clone()),
+                })));
+                self.pump();
+            }
+            Err(e) => {
+                let error = ModelLoadError::Remote(e);
+                self.last_error = Some(error.clone());
+                self.send(Event::LoadFailed {
+                    model: spec.model_id.clone(),
+                    error: error.clone(),
+                    still_loaded: self.connected.clone(),
+                });
+                if self.connected.is_none() {
+                    for job in self.queue.drain().collect::<Vec<_>>() {
+                        self.counters.failed += 1;
+                        self.send(Event::Failed {
+                            id: job.id,
+                            error: LlmError::ModelUnavailable(error.clone()),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// The first model id the server lists, if any.
+    fn probe(&self, url: &str) -> Result<Option<String>, RemoteError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self.cfg.agent.get(url);
+            if let Some(key) = &self.cfg.api_key {
+                req = req.set("Authorization", &format!("Bearer {key}"));
+            }
+            match req.call() {
+                Ok(resp) => {
+                    let v: Option<Value> = resp
+                        .into_string()
+                        .ok()
+                        .and_then(|t| serde_json::from_str(&t).ok());
+                    return Ok(v.and_then(|v| {
+                        v.get("data")?
+                            .get(0)?
+                            .get("id")?
+                            .as_str()
+                            .map(str::to_string)
+                    }));
+                }
+                // Reachable, but no model list: fine for serving, except
+                // when the server refuses our credentials.
+                Err(ureq::Error::Status(status, resp)) if status == 401 || status == 403 => {
+                    return Err(stream::status_error(url, status, resp));
+                }
+                Err(ureq::Error::Status(status, _)) if status < 500 => return Ok(None),
+                Err(ureq::Error::Status(status, resp)) => {
+                    return Err(stream::status_error(url, status, resp));
+                }
+                Err(ureq::Error::Transport(t)) => {
+                    if attempt > self.cfg.max_retries {
+                        return Err(RemoteError::Unreachable {
+                            url: url.to_string(),
+                            attempts: attempt,
+                            message: t.to_string(),
+                        });
+                    }
+                    std::thread::sleep(self.cfg.retry_backoff * 2u32.saturating_pow(attempt - 1));
+                }
+            }
+        }
+    }
+
+    /// Start waiting requests while streams are free.
+    fn pump(&mut self) {
+        if self.connected.is_none() {
+            return;
+        }
+        while self.active.len() < self.streams {
+            let Some(job) = self.queue.pop() else { break };
+            let control = Arc::new(StreamControl::default());
+            self.active.insert(job.id, control.clone());
+            let cfg = self.cfg.clone();
+            let events = self.events.clone();
+            let done = self.done_tx.clone();
+            let generated = self.generated.clone();
+            let spawned = std::thread::Builder::new()
+                .name("npc-llm-stream".into())
+                .spawn(move || {
+                    let outcome = stream::run(&cfg, &job, &control, &events, &generated);
+                    let _ = done.send((job.id, outcome));
+                });
+            if let Err(e) = spawned {
+                // The job moved into the closure that failed to start.
+                self.send(Event::Stopped {
+                    reason: Some(format!("cannot start a stream thread: {e}")),
+                });
+                return;
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        self.counters.generated_tokens = self.generated.load(Ordering::Relaxed);
+        self.counters.queued = self.queue.len();
+        self.counters.active_sequences = self.active.len();
+        self.counters.slots = self.streams;
+        self.send(Event::Counters(Box::new(self.counters.clone())));
+    }
+}

@@ -1,0 +1,188 @@
+//! The OpenAI streaming format: server-sent events whose `data:` fields
+//! hold JSON chunks, ended by `data: [DONE]`.
+
+use serde_json::Value;
+
+/// One decoded event of a completion stream.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Chunk {
+    /// Generated text (possibly empty, e.g. the role-only first chat delta),
+    /// with the finish reason when this chunk ends the answer.
+    Delta {
+        text: String,
+        finish: Option<String>,
+        /// `usage.prompt_tokens` when the server reports it.
+        prompt_tokens: Option<usize>,
+        /// `usage.completion_tokens` when the server reports it.
+        completion_tokens: Option<usize>,
+    },
+    /// `data: [DONE]`.
+    Done,
+}
+
+/// Assembles SSE lines into events (`data:` lines up to a blank line).
+#[derive(Debug, Default)]
+pub(crate) struct SseParser {
+    data: Option<String>,
+}
+
+impl SseParser {
+    /// Feed one line (without its line ending). Returns a chunk when the
+    /// line completed an event.
+    pub(crate) fn line(&mut self, line: &str) -> Result<Option<Chunk>, String> {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.is_empty() {
+            return match self.data.take() {
+                Some(data) => parse_data(&data).map(Some),
+                None => Ok(None),
+            };
+        }
+        if line.starts_with(':') {
+            return Ok(None); // comment / keep-alive
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "data" => {
+                match &mut self.data {
+                    Some(d) => {
+                        d.push('\n');
+                        d.push_str(value);
+                    }
+                    None => self.data = Some(value.to_string()),
+                }
+                Ok(None)
+            }
+            "event" | "id" | "retry" => Ok(None),
+            _ => Err(format!("not a server-sent event line: {:?}", clip(line))),
+        }
+    }
+
+    /// The stream ended: an event still being assembled counts.
+    pub(crate) fn finish(&mut self) -> Result<Option<Chunk>, String> {
+        match self.data.take() {
+            Some(data) => parse_data(&data).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(120).collect()
+}
+
+fn parse_data(data: &str) -> Result<Chunk, String> {
+    if data.trim() == "[DONE]" {
+        return Ok(Chunk::Done);
+    }
+    let v: Value = serde_json::from_str(data)
+        .map_err(|e| format!("bad JSON in a chunk ({e}): {:?}", clip(data)))?;
+    if let Some(err) = v.get("error") {
+        let msg = err
+            .get("message")
+            .and_then(Value::as_str)
+            .map_or_else(|| err.to_string(), str::to_string);
+        return Err(format!("the server reported an error mid-stream: {msg}"));
+    }
+    let usage = v.get("usage");
+    let count = |k: &str| {
+        usage
+            .and_then(|u| u.get(k))
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+    };
+    let choices = v
+        .get("choices")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("a chunk without `choices`: {:?}", clip(data)))?;
+    let Some(choice) = choices.first() else {
+        // The usage-only chunk some servers send last.
+        return Ok(Chunk::Delta {
+            text: String::new(),
+            finish: None,
+            prompt_tokens: count("prompt_tokens"),
+            completion_tokens: count("completion_tokens"),
+        });
+    };
+    let text = match (choice.get("delta"), choice.get("text")) {
+        (Some(delta), _) => match delta.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => String::new(),
+            Some(other) => return Err(format!("`delta.content` is not text: {other}")),
+        },
+        (None, Some(Value::String(s))) => s.clone(),
+        (None, Some(Value::Null)) => String::new(),
+        _ => {
+            return Err(format!(
+                "a choice without `delta` or `text`: {:?}",
+                clip(data)
+            ));
+        }
+    };
+    let finish = match choice.get("finish_reason") {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    Ok(Chunk::Delta {
+        text,
+        finish,
+        prompt_tokens: count("prompt_tokens"),
+        completion_tokens: count("completion_tokens"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(p: &mut SseParser, text: &str) -> Vec<Result<Option<Chunk>, String>> {
+        text.split('\n').map(|l| p.line(l)).collect()
+    }
+
+    #[test]
+    fn chat_and_completion_chunks_decode() {
+        let mut p = SseParser::default();
+        let out = feed(
+            &mut p,
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":null}}]}\n\n\
+             : keep-alive\n\
+             data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n\
+             data: {\"choices\":[{\"text\":\"lo\",\"finish_reason\":\"length\"}],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\r\n\r\n\
+             data: [DONE]\n\n",
+        );
+        let chunks: Vec<Chunk> = out.into_iter().filter_map(|r| r.unwrap()).collect();
+        assert_eq!(chunks.len(), 4);
+        assert!(matches!(&chunks[0], Chunk::Delta { text, .. } if text.is_empty()));
+        assert!(matches!(&chunks[1], Chunk::Delta { text, .. } if text == "Hel"));
+        assert_eq!(
+            chunks[2],
+            Chunk::Delta {
+                text: "lo".into(),
+                finish: Some("length".into()),
+                prompt_tokens: Some(7),
+                completion_tokens: Some(2)
+            }
+        );
+        assert_eq!(chunks[3], Chunk::Done);
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_not_a_panic() {
+        for bad in [
+            "data: {not json}\n\n",
+            "data: {\"choices\":3}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":5}}]}\n\n",
+            "garbage line\n",
+            "data: {\"error\":{\"message\":\"out of memory\"}}\n\n",
+        ] {
+            let mut p = SseParser::default();
+            assert!(feed(&mut p, bad).iter().any(Result::is_err), "{bad}");
+        }
+        // An event cut off by the end of the stream still parses.
+        let mut p = SseParser::default();
+        p.line("data: [DONE]").unwrap();
+        assert_eq!(p.finish().unwrap(), Some(Chunk::Done));
+    }
+}

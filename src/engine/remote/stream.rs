@@ -1,0 +1,321 @@
+//! One request against the server: build the JSON body, POST it (retrying
+//! connection failures only), read the server-sent events, and turn them
+//! into the same events the local worker sends.
+
+use std::io::{BufRead, BufReader, ErrorKind, Read};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use serde_json::{Value, json};
+
+use super::RemoteConfig;
+use super::sse::{Chunk, SseParser};
+use crate::engine::prompt::{completion_stops, completion_text};
+use crate::engine::protocol::{Event, Job};
+use crate::engine::text_stream::StopMatcher;
+use crate::errors::{LlmError, RemoteError};
+use crate::request::{FinishReason, LlmPrompt, RequestStats};
+use crate::settings::RemotePromptFormat;
+
+/// How a stream ended, for the worker's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// Shared between a stream's thread and the worker: whoever sets `ended`
+/// first sends the request's one terminal event.
+#[derive(Debug, Default)]
+pub(super) struct StreamControl {
+    pub ended: AtomicBool,
+}
+
+impl StreamControl {
+    /// Claim the right to send the terminal event.
+    pub(super) fn claim(&self) -> bool {
+        !self.ended.swap(true, Ordering::AcqRel)
+    }
+    fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+}
+
+/// The request's endpoint path and JSON body, and the stop strings to apply.
+pub(super) fn request_body(cfg: &RemoteConfig, job: &Job) -> (&'static str, Value, Vec<String>) {
+    let s = job.base_sampling.with_overrides(&job.overrides);
+    let mut stops = s.stop.clone();
+    let mut body = json!({
+        "model": cfg.model,
+        "stream": true,
+        "max_tokens": s.max_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "min_p": s.min_p,
+        "repeat_penalty": s.repeat_penalty,
+        "repeat_last_n": s.repeat_last_n,
+    });
+    if let Some(seed) = s.seed {
+        body["seed"] = json!(seed);
+    }
+    if s.ignore_eos {
+        body["ignore_eos"] = json!(true);
+    }
+    let path = match (&job.prompt, cfg.prompt_format) {
+        (LlmPrompt::Chat(messages), RemotePromptFormat::Chat) => {
+            let msgs: Vec<Value> = messages
+                .iter()
+                .map(|m| json!({ "role": m.role.as_str(), "content": m.content }))
+                .collect();
+            body["messages"] = Value::Array(msgs);
+            "/v1/chat/completions"
+        }
+        (LlmPrompt::Chat(messages), RemotePromptFormat::Completion) => {
+            for stop in completion_stops(messages) {
+                if !stops.contains(&stop) {
+                    stops.push(stop);
+                }
+            }
+            body["prompt"] = json!(completion_text(messages));
+            "/v1/completions"
+        }
+        (LlmPrompt::Raw(text), _) => {
+            body["prompt"] = json!(text);
+            "/v1/completions"
+        }
+    };
+    if !stops.is_empty() {
+        body["stop"] = json!(stops);
+    }
+    (path, body, stops)
+}
+
+/// POST `body` to `url`, retrying connection failures with backoff.
+/// `Ok(None)`: cancelled while waiting to retry.
+pub(super) fn post(
+    cfg: &RemoteConfig,
+    url: &str,
+    body: &Value,
+    control: Option<&StreamControl>,
+) -> Result<Option<ureq::Response>, RemoteError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut req = cfg
+            .agent
+            .post(url)
+            .set("Accept", "text/event-stream")
+            .set("Content-Type", "application/json");
+        if let Some(key) = &cfg.api_key {
+            req = req.set("Authorization", &format!("Bearer {key}"));
+        }
+        match req.send_string(&body.to_string()) {
+            Ok(resp) => return Ok(Some(resp)),
+            Err(ureq::Error::Status(status, resp)) => {
+                return Err(status_error(url, status, resp));
+            }
+            Err(ureq::Error::Transport(t)) => {
+                let connect = matches!(
+                    t.kind(),
+                    ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::Dns
+                );
+                if !connect {
+                    return Err(transport_error(&t, cfg.token_timeout));
+                }
+                if attempt > cfg.max_retries {
+                    return Err(RemoteError::Unreachable {
+                        url: url.to_string(),
+                        attempts: attempt,
+                        message: t.to_string(),
+                    });
+                }
+                let wait = cfg.retry_backoff * 2u32.saturating_pow(attempt - 1);
+                let until = Instant::now() + wait;
+                while Instant::now() < until {
+                    if control.is_some_and(StreamControl::is_ended) {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(Duration::from_millis(10).min(wait));
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn status_error(url: &str, status: u16, resp: ureq::Response) -> RemoteError {
+    let mut body = String::new();
+    let _ = resp.into_reader().take(2048).read_to_string(&mut body);
+    RemoteError::Status {
+        url: url.to_string(),
+        status,
+        body: body.trim().chars().take(500).collect(),
+    }
+}
+
+fn transport_error(t: &ureq::Transport, timeout: Duration) -> RemoteError {
+    let text = t.to_string();
+    if text.contains("timed out") || text.contains("WouldBlock") {
+        RemoteError::Timeout {
+            waited_ms: timeout.as_millis() as u64,
+        }
+    } else {
+        RemoteError::Io(text)
+    }
+}
+
+/// Run one request to its end. Sends `Started`, `Token`s, and one terminal
+/// event (unless the worker already sent `Cancelled`).
+pub(super) fn run(
+    cfg: &RemoteConfig,
+    job: &Job,
+    control: &StreamControl,
+    events: &Sender<Event>,
+    generated: &AtomicU64,
+) -> Outcome {
+    let id = job.id;
+    let started = Instant::now();
+    let fail = |error: RemoteError| {
+        if control.claim() {
+            let _ = events.send(Event::Failed {
+                id,
+                error: LlmError::Remote(error),
+            });
+            Outcome::Failed
+        } else {
+            Outcome::Cancelled
+        }
+    };
+    let (path, body, stops) = request_body(cfg, job);
+    let url = format!("{}{path}", cfg.base_url);
+    let resp = match post(cfg, &url, &body, Some(control)) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Outcome::Cancelled,
+        Err(e) => return fail(e),
+    };
+    if control.is_ended() {
+        return Outcome::Cancelled;
+    }
+    let _ = events.send(Event::Started {
+        id,
+        prompt_tokens: 0,
+        reused: 0,
+    });
+    let queue_time = started.duration_since(job.submitted);
+    let mut reader = BufReader::new(resp.into_reader());
+    let mut parser = SseParser::default();
+    let mut matcher = StopMatcher::new(stops);
+    let mut text = String::new();
+    let mut tokens = 0usize;
+    let mut first: Option<Instant> = None;
+    let mut finish: Option<FinishReason> = None;
+    let mut usage: (Option<usize>, Option<usize>) = (None, None);
+    let mut line = String::new();
+    let mut done = false;
+    while !done {
+        line.clear();
+        let chunk = match reader.read_line(&mut line) {
+            Ok(0) => match parser.finish() {
+                Ok(c) => {
+                    done = true;
+                    c
+                }
+                Err(m) => return fail(RemoteError::Malformed(m)),
+            },
+            Ok(_) => match parser.line(line.trim_end_matches('\n')) {
+                Ok(c) => c,
+                Err(m) => return fail(RemoteError::Malformed(m)),
+            },
+            Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+                return fail(RemoteError::Timeout {
+                    waited_ms: cfg.token_timeout.as_millis() as u64,
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::InvalidData => {
+                return fail(RemoteError::Malformed(format!("not UTF-8 text: {e}")));
+            }
+            Err(e) => return fail(RemoteError::Io(e.to_string())),
+        };
+        if control.is_ended() {
+            // Cancelled: dropping the reader closes the connection.
+            return Outcome::Cancelled;
+        }
+        match chunk {
+            None => {}
+            Some(Chunk::Done) => {
+                done = true;
+                finish.get_or_insert(FinishReason::EndOfTurn);
+            }
+            Some(Chunk::Delta {
+                text: piece,
+                finish: reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                usage.0 = prompt_tokens.or(usage.0);
+                usage.1 = completion_tokens.or(usage.1);
+                if !piece.is_empty() {
+                    tokens += 1;
+                    generated.fetch_add(1, Ordering::Relaxed);
+                    first.get_or_insert_with(Instant::now);
+                    let released = matcher.push(&piece);
+                    if !released.text.is_empty() {
+                        text.push_str(&released.text);
+                        let _ = events.send(Event::Token {
+                            id,
+                            text: released.text,
+                        });
+                    }
+                    if released.stopped {
+                        finish = Some(FinishReason::StopString);
+                        break; // drop the stream: the server stops generating
+                    }
+                }
+                if let Some(r) = reason {
+                    finish.get_or_insert(match r.as_str() {
+                        "length" => FinishReason::MaxTokens,
+                        _ => FinishReason::EndOfTurn,
+                    });
+                }
+            }
+        }
+    }
+    let Some(finish) = finish else {
+        return fail(RemoteError::ClosedMidStream { tokens });
+    };
+    if finish != FinishReason::StopString {
+        let tail = matcher.finish();
+        if !tail.is_empty() {
+            text.push_str(&tail);
+            let _ = events.send(Event::Token { id, text: tail });
+        }
+    }
+    if !control.claim() {
+        return Outcome::Cancelled;
+    }
+    let generation_time = first.map_or(Duration::ZERO, |f| f.elapsed());
+    let generated_tokens = usage.1.unwrap_or(tokens).max(tokens);
+    let stats = RequestStats {
+        prompt_tokens: usage.0.unwrap_or(0),
+        reused_prefix_tokens: 0,
+        generated_tokens,
+        queue_time,
+        time_to_first_token: first.map(|f| f.duration_since(job.submitted)),
+        generation_time,
+        tokens_per_second: if generation_time.as_secs_f32() > 0.0 && generated_tokens > 1 {
+            (generated_tokens - 1) as f32 / generation_time.as_secs_f32()
+        } else {
+            0.0
+        },
+        slot: 0,
+    };
+    let _ = events.send(Event::Completed {
+        id,
+        text,
+        finish,
+        stats,
+    });
+    Outcome::Completed
+}

@@ -1,0 +1,220 @@
+//! Entry points for the `cargo fuzz` targets in `fuzz/` (feature `fuzzing`,
+//! not part of the public API). Each function panics when an invariant the
+//! crate promises is broken; libFuzzer reports the panic as a crash.
+
+use std::path::Path;
+
+use bevy::prelude::{Entity, World};
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+
+use crate::dialogue::{
+    Conversation, ConversationLimits, ConversationState, Persona, TranscriptLine,
+};
+use crate::engine::prompt::{Piece, PromptRenderer, tokenize_pieces};
+use crate::registry::{ModelRegistry, PromptFormat};
+use crate::request::{ChatMessage, ChatRole, LlmPrompt};
+use crate::settings::LlmSettings;
+
+/// Parse `text` as every RON file the crate reads: a model registry, the
+/// settings, a persona list and a dialogue save. Errors are fine (and are
+/// formatted, to exercise their `Display`); panics are not, and what parses
+/// must also pass its own validation.
+pub fn parse_configs(text: &str) {
+    match ModelRegistry::from_ron_str(text, "models", "fuzz.ron") {
+        Ok(registry) => {
+            for entry in registry.iter() {
+                assert!(registry.get(&entry.id).is_some());
+                assert_eq!(
+                    entry.sha256.len(),
+                    64,
+                    "an accepted entry has a full sha256"
+                );
+            }
+        }
+        Err(e) => drop(e.to_string()),
+    }
+    match LlmSettings::from_ron_str(text, "fuzz.ron") {
+        Ok(settings) => {
+            settings.validate().expect("parsed settings are valid");
+            assert!(settings.capacity() >= 1);
+        }
+        Err(e) => drop(e.to_string()),
+    }
+    match Persona::list_from_ron(text, "fuzz.ron") {
+        Ok(list) => assert!(list.iter().all(|p| !p.name.trim().is_empty())),
+        Err(e) => drop(e.to_string()),
+    }
+    let mut world = World::new();
+    if let Err(e) = crate::dialogue::load_dialogue(&mut world, text) {
+        drop(e.to_string());
+    }
+}
+
+/// The SmolLM2 model (ChatML template) loaded once, to check what player
+/// and persona text becomes after rendering and tokenization.
+pub struct PromptHarness {
+    model: LlamaModel,
+    chat: PromptRenderer,
+    completion: PromptRenderer,
+}
+
+impl PromptHarness {
+    /// Load the model at `path` (vocabulary only matters; no context is made).
+    ///
+    /// # Panics
+    /// When the model does not load: the fuzz script fetches it first.
+    #[must_use]
+    pub fn new(path: &Path) -> Self {
+        let backend = crate::llama_backend().expect("llama.cpp backend");
+        let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+            .unwrap_or_else(|e| panic!("load {}: {e}", path.display()));
+        let chat = PromptRenderer::new(&model, &PromptFormat::ChatTemplate).expect("chat template");
+        let completion =
+            PromptRenderer::new(&model, &PromptFormat::Completion).expect("completion");
+        Self {
+            model,
+            chat,
+            completion,
+        }
+    }
+
+    fn control_tokens(&self, tokens: &[llama_cpp_2::token::LlamaToken]) -> usize {
+        let vocab = self.model.vocab();
+        tokens.iter().filter(|t| vocab.is_control(**t)).count()
+    }
+
+    /// Build a dialogue prompt from a fuzzed persona, an earlier player line
+    /// and new player text, render and tokenize it for the chat template and
+    /// the completion format, and check that:
+    /// - sanitized player text holds no control-token text and respects its length limit;
+    /// - the system prompt is the first message and starts with the persona, intact;
+    /// - the message text never yields a control token: the prompt has exactly
+    ///   as many control tokens as the same prompt with neutral text;
+    /// - the rendered text pieces are the messages' contents, in order.
+    ///
+    /// # Panics
+    /// When one of those invariants breaks.
+    pub fn check(&self, persona: [&str; 4], player: &str) {
+        let [name, identity, style, goal] = persona;
+        if name.trim().is_empty() {
+            return;
+        }
+        let max_chars = 200;
+        let said = crate::dialogue::sanitize_player_text(player, max_chars);
+        assert!(said.chars().count() <= max_chars);
+        assert!(!said.contains("<|") && !said.contains("|>"), "{said:?}");
+        let mut p = Persona::new(name, identity);
+        p.speaking_style = style.to_string();
+        p.goal = goal.to_string();
+        p.traits = vec![goal.chars().take(12).collect()];
+        let conv = Conversation {
+            participants: vec![Entity::PLACEHOLDER],
+            names: vec![name.to_string(), "Traveler".into()],
+            with_player: true,
+            topic: Some(style.chars().take(40).collect()),
+            lines: vec![
+                TranscriptLine {
+                    speaker: "Traveler".into(),
+                    text: said.clone(),
+                    time: 0.0,
+                },
+                TranscriptLine {
+                    speaker: name.to_string(),
+                    text: player.chars().take(300).collect(),
+                    time: 1.0,
+                },
+                TranscriptLine {
+                    speaker: "Traveler".into(),
+                    text: player.to_string(),
+                    time: 2.0,
+                },
+            ],
+            next_speaker: 0,
+            state: ConversationState::Active,
+            limits: ConversationLimits::default(),
+            retries: 0,
+            fallbacks: 0,
+        };
+        // Chat models: a chat prompt with the persona as the system message.
+        let line = crate::dialogue::line_prompt(&conv, 0, &p, &[], false, 4000);
+        let LlmPrompt::Chat(messages) = &line.prompt else {
+            panic!("chat-model dialogue prompts are chat prompts");
+        };
+        assert_eq!(messages[0].role, ChatRole::System, "system prompt first");
+        let expected_start = format!("You are {}. {}", name, identity.trim());
+        assert!(
+            messages[0].content.starts_with(&expected_start),
+            "system prompt intact: {:?}",
+            messages[0].content
+        );
+        self.check_rendering(&self.chat, messages);
+        self.check_rendering(&self.completion, messages);
+        // Base models: one plain-text prompt, persona first, tokenized as text.
+        let line = crate::dialogue::line_prompt(&conv, 0, &p, &[], true, 4000);
+        let LlmPrompt::Raw(text) = &line.prompt else {
+            panic!("base-model dialogue prompts are plain text");
+        };
+        assert!(text.starts_with(&format!("{name} is ")), "{text:?}");
+        let tokens = tokenize_pieces(&self.model, &[Piece::Text(text.clone())]);
+        assert_eq!(
+            self.control_tokens(&tokens),
+            0,
+            "plain text became a control token"
+        );
+        // The raw player text straight into a chat prompt, unsanitized: the
+        // engine alone must keep it plain text.
+        let raw = vec![
+            ChatMessage::system(format!("You are {name}.")),
+            ChatMessage::user(player),
+        ];
+        self.check_rendering(&self.chat, &raw);
+    }
+
+    fn check_rendering(&self, renderer: &PromptRenderer, messages: &[ChatMessage]) {
+        let Ok(pieces) = renderer.render(&self.model, messages) else {
+            return;
+        };
+        let texts: Vec<&str> = pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Text(t) => Some(t.as_str()),
+                Piece::Scaffold(_) => None,
+            })
+            .collect();
+        if matches!(pieces.as_slice(), [Piece::Text(_)]) {
+            // Completion format: one text piece holding everything; it
+            // must start with the system prompt.
+            assert!(texts[0].starts_with(messages[0].content.trim_end()));
+        } else {
+            let contents: Vec<&str> = messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .filter(|c| !c.is_empty())
+                .collect();
+            assert_eq!(texts, contents, "message text rendered whole and in order");
+        }
+        let tokens = tokenize_pieces(&self.model, &pieces);
+        let neutral: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m.role,
+                content: if m.content.is_empty() {
+                    String::new()
+                } else {
+                    "x".into()
+                },
+                name: m.name.as_ref().map(|_| "X".into()),
+            })
+            .collect();
+        let baseline = renderer
+            .render(&self.model, &neutral)
+            .expect("neutral prompt renders");
+        let base_tokens = tokenize_pieces(&self.model, &baseline);
+        assert_eq!(
+            self.control_tokens(&tokens),
+            self.control_tokens(&base_tokens),
+            "message text became a control token"
+        );
+    }
+}

@@ -1,0 +1,494 @@
+//! The remote backend against a real OpenAI-compatible server (llama.cpp's
+//! `llama-server` with the SmolLM2 test model, built by
+//! `scripts/llama-server.sh`) and, for the failure cases a real server does
+//! not produce on demand, a misbehaving stub (`tests/support/stub_openai.py`).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bevy::prelude::*;
+use bevy_npc_llm::dialogue::{NpcDialoguePlugin, Persona};
+use bevy_npc_llm::errors::{LlmError, ModelLoadError, RemoteError};
+use bevy_npc_llm::prelude::*;
+use bevy_npc_llm::request::FinishReason;
+use common::*;
+
+/// A child process killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn llama_server_binary() -> PathBuf {
+    let path = std::env::var_os("BEVY_NPC_LLM_LLAMA_SERVER").map_or_else(
+        || {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/bevy_npc_llm/llama-server/bin/llama-server")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/llama-server.sh (the README's test command does), \
+         or point BEVY_NPC_LLM_LLAMA_SERVER at a llama-server binary",
+        path.display()
+    );
+    path
+}
+
+fn http_get_ok(port: u16, path: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
+
+/// llama-server with SmolLM2, 8 slots, on a free port; ready when /health says so.
+fn llama_server() -> Server {
+    let port = free_port();
+    let child = Command::new(llama_server_binary())
+        .args(["-m"])
+        .arg(smol_file())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["-np", "8", "-c", "8192", "-t", "2", "--no-webui"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start llama-server");
+    let server = Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let start = Instant::now();
+    while !http_get_ok(port, "/health") {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "llama-server did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server
+}
+
+/// The stub server; `modes` are extra behaviours for every request (e.g. "auth").
+fn stub(modes: &[&str]) -> Server {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/stub_openai.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg("0")
+        .args(modes)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start python3 stub server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("stub said {line:?}"));
+    Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+fn remote_settings(url: &str) -> LlmSettings {
+    let mut s = settings();
+    s.backend = BackendChoice::Remote;
+    s.remote = RemoteSettings::new(url);
+    s.remote.token_timeout_ms = 20_000;
+    s.remote.retry_backoff_ms = 20;
+    s
+}
+
+fn ready(app: &mut App) {
+    app.world_mut().write_message(LoadModel::default());
+    run_until(app, 60, |app| {
+        app.world().resource::<LlmModelState>().is_ready()
+    });
+}
+
+#[test]
+fn eight_npcs_stream_concurrently_from_llama_server() {
+    let server = llama_server();
+    let mut app = app_with(remote_settings(&server.url));
+    ready(&mut app);
+    match app.world().resource::<LlmModelState>() {
+        LlmModelState::Ready(info) => assert_eq!(info.remote.as_deref(), Some(server.url.as_str())),
+        other => panic!("{other:?}"),
+    }
+    let topics = [
+        "bread", "swords", "rain", "cats", "boats", "songs", "stars", "owls",
+    ];
+    let es: Vec<Entity> = topics
+        .iter()
+        .map(|t| {
+            request(
+                &mut app,
+                chat(&format!("Tell me about {t}."))
+                    .with_max_tokens(32)
+                    .with_cache_key(CacheKey(t.len() as u64)),
+            )
+        })
+        .collect();
+    let mut most_running = 0;
+    let wait = es.clone();
+    run_until(&mut app, 180, |app| {
+        let w = app.world();
+        let running = wait
+            .iter()
+            .filter(|e| {
+                w.get::<LlmRequestStatus>(**e)
+                    .is_some_and(|s| s.state == RequestState::Running)
+            })
+            .count();
+        most_running = most_running.max(running);
+        let r = w.resource::<Recorded>();
+        wait.iter().all(|e| r.finished(*e))
+    });
+    assert!(
+        most_running >= 2,
+        "requests ran one at a time ({most_running})"
+    );
+    let r = app.world().resource::<Recorded>();
+    for e in &es {
+        let recs = r.of(*e);
+        assert!(matches!(recs[0], Rec::Started(..)), "{recs:?}");
+        let streamed: String = recs
+            .iter()
+            .filter_map(|x| match x {
+                Rec::Token(_, t) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        let Some(Rec::Completed(_, text, finish, stats)) = recs.last() else {
+            panic!("{recs:?}")
+        };
+        assert_eq!(&streamed, text, "tokens add up to the completed text");
+        assert!(!text.trim().is_empty());
+        assert!(matches!(
+            finish,
+            FinishReason::EndOfTurn | FinishReason::MaxTokens
+        ));
+        assert!(stats.generated_tokens >= 1 && stats.generated_tokens <= 32);
+        assert!(stats.time_to_first_token.is_some());
+    }
+    let stats = app.world().resource::<LlmEngineStats>();
+    assert_eq!(stats.remote_server.as_deref(), Some(server.url.as_str()));
+    assert!(stats.counters.generated_tokens > 0);
+    assert_eq!(stats.in_flight, 0);
+}
+
+#[test]
+fn cancel_and_despawn_close_remote_streams_and_the_server_keeps_serving() {
+    let server = llama_server();
+    let mut app = app_with(remote_settings(&server.url));
+    ready(&mut app);
+    let long = || {
+        let mut r = chat("Count from one to five hundred.").with_max_tokens(400);
+        r.sampling.ignore_eos = Some(true);
+        r
+    };
+    let a = request(&mut app, long());
+    let b = request(&mut app, long());
+    run_until(&mut app, 60, |app| {
+        let r = app.world().resource::<Recorded>();
+        [a, b]
+            .iter()
+            .all(|e| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..))))
+    });
+    app.world_mut()
+        .write_message(CancelLlmRequest { entity: a });
+    app.world_mut().despawn(b);
+    run_until(&mut app, 30, |app| {
+        app.world().resource::<Recorded>().finished(a)
+            && app.world().resource::<LlmEngineStats>().in_flight == 0
+    });
+    let r = app.world().resource::<Recorded>();
+    assert!(
+        matches!(r.of(a).last(), Some(Rec::Cancelled(_))),
+        "{:?}",
+        r.of(a)
+    );
+    assert!(!r.finished(b), "a despawned request sends nothing more");
+    let text = complete(&mut app, chat("Say hello.").with_max_tokens(8));
+    assert!(!text.is_empty());
+}
+
+#[test]
+fn conversation_system_runs_unchanged_on_the_remote_backend() {
+    let server = llama_server();
+    let mut s = remote_settings(&server.url);
+    s.sampling.max_tokens = 32;
+    let mut app = app_with(s);
+    app.add_plugins(NpcDialoguePlugin);
+    ready(&mut app);
+    let mira = app
+        .world_mut()
+        .spawn(Persona::new(
+            "Mira",
+            "The village baker, cheerful and busy.",
+        ))
+        .id();
+    let brom = app
+        .world_mut()
+        .spawn(Persona::new("Brom", "The blacksmith, gruff but kind."))
+        .id();
+    app.world_mut().write_message(StartConversation {
+        participants: vec![mira, brom],
+        topic: Some("the harvest festival".into()),
+    });
+    run_until(&mut app, 240, |app| {
+        let mut q = app.world_mut().query::<&Conversation>();
+        q.iter(app.world())
+            .any(|c| c.state == ConversationState::Ended)
+    });
+    let mut q = app.world_mut().query::<&Conversation>();
+    let conv = q.iter(app.world()).next().unwrap().clone();
+    assert!(conv.lines.len() >= 2, "{conv:?}");
+    for (i, line) in conv.lines.iter().enumerate() {
+        assert_eq!(line.speaker, ["Mira", "Brom"][i % 2], "{conv:?}");
+        assert!(!line.text.is_empty());
+        assert!(!line.text.contains("Brom:") && !line.text.contains("Mira:"));
+    }
+    assert!(app.world().get::<NpcMemory>(mira).is_some());
+}
+
+fn failure_of(app: &mut App, model: &str) -> LlmError {
+    let e = request(app, chat("Hi").with_max_tokens(8));
+    run_until_finished(app, &[e]);
+    app.world()
+        .resource::<Recorded>()
+        .failure(e)
+        .unwrap_or_else(|| panic!("{model}: {:?}", app.world().resource::<Recorded>().of(e)))
+}
+
+#[test]
+fn server_errors_become_typed_failures_and_the_game_keeps_going() {
+    let server = stub(&[]);
+    let mut s = remote_settings(&server.url);
+    s.remote.token_timeout_ms = 700;
+    s.remote.model = "ok".into();
+    let mut app = app_with(s);
+    ready(&mut app);
+    type Check = fn(&RemoteError) -> bool;
+    let cases: [(&str, Check); 6] = [
+        (
+            "status500",
+            |e| matches!(e, RemoteError::Status { status: 500, body, .. } if body.contains("stub says 500")),
+        ),
+        ("status400", |e| {
+            matches!(e, RemoteError::Status { status: 400, .. })
+        }),
+        ("malformed", |e| matches!(e, RemoteError::Malformed(_))),
+        ("badjson", |e| matches!(e, RemoteError::Malformed(_))),
+        ("close", |e| {
+            matches!(e, RemoteError::ClosedMidStream { tokens: 2 })
+        }),
+        ("slow", |e| {
+            matches!(e, RemoteError::Timeout { waited_ms: 700 })
+        }),
+    ];
+    assert_eq!(complete(&mut app, chat("Hi")), "Hello there friend");
+    // The stub takes its behaviour from the model name, which the remote
+    // worker reads when it starts: one app per case.
+    for (model, check) in cases {
+        let mut s = remote_settings(&server.url);
+        s.remote.token_timeout_ms = 700;
+        s.remote.model = model.into();
+        let mut app = app_with(s);
+        ready(&mut app);
+        let start = Instant::now();
+        match failure_of(&mut app, model) {
+            LlmError::Remote(e) => assert!(check(&e), "{model}: {e}"),
+            other => panic!("{model}: {other}"),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{model} took {:?}",
+            start.elapsed()
+        );
+        // Still running: the next frame updates, nothing is left in flight.
+        app.update();
+        assert_eq!(app.world().resource::<LlmEngineStats>().in_flight, 0);
+    }
+}
+
+#[test]
+fn unreachable_or_refusing_servers_fail_the_connection_check() {
+    // Nothing listens on this port.
+    let port = free_port();
+    let mut s = remote_settings(&format!("http://127.0.0.1:{port}"));
+    s.remote.max_retries = 2;
+    let mut app = app_with(s);
+    let e = request(&mut app, chat("Anyone there?"));
+    run_until_finished(&mut app, &[e]);
+    match app.world().resource::<Recorded>().failure(e) {
+        Some(LlmError::ModelUnavailable(ModelLoadError::Remote(RemoteError::Unreachable {
+            attempts: 3,
+            ..
+        }))) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        app.world().resource::<LlmModelState>(),
+        LlmModelState::Failed {
+            error: ModelLoadError::Remote(_),
+            ..
+        }
+    ));
+    // A server that refuses the API key.
+    let server = stub(&["auth"]);
+    let mut s = remote_settings(&server.url);
+    s.remote.api_key = Some("wrong".into());
+    let mut app = app_with(s);
+    app.world_mut().write_message(LoadModel::default());
+    run_until(&mut app, 30, |app| {
+        matches!(
+            app.world().resource::<LlmModelState>(),
+            LlmModelState::Failed { .. }
+        )
+    });
+    match app.world().resource::<LlmModelState>() {
+        LlmModelState::Failed {
+            error: ModelLoadError::Remote(RemoteError::Status { status: 401, .. }),
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn local_with_remote_fallback_serves_when_no_local_model_can_run() {
+    let server = stub(&[]);
+    let mut s = settings();
+    s.backend = BackendChoice::LocalWithRemoteFallback;
+    s.remote = RemoteSettings::new(server.url.clone());
+    s.remote.model = "ok".into();
+    // A model the registry does not have: the local plan fails.
+    s.model = "no-such-model".into();
+    let mut app = app_with(s.clone());
+    let e = request(&mut app, chat("Hi"));
+    run_until_finished(&mut app, &[e]);
+    assert_eq!(
+        app.world()
+            .resource::<Recorded>()
+            .completed_text(e)
+            .as_deref(),
+        Some("Hello there friend")
+    );
+    assert_eq!(
+        app.world()
+            .resource::<LlmEngineStats>()
+            .remote_server
+            .as_deref(),
+        Some(server.url.as_str())
+    );
+    // A local file that fails to load: requests already queued on the local
+    // worker move to the server instead of failing.
+    let dir = std::env::temp_dir().join(format!("npc-llm-fallback-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.gguf");
+    std::fs::write(&bad, b"GGUF but not really").unwrap();
+    s.model = "broken-smol".into();
+    s.verify_sha256 = false;
+    let mut app = app_with(s);
+    {
+        let mut reg = app
+            .world_mut()
+            .resource_mut::<bevy_npc_llm::registry::ModelRegistry>();
+        let mut entry = reg.get(SMOL).unwrap().clone();
+        entry.id = "broken-smol".into();
+        entry.file = bad;
+        reg.add(entry).unwrap();
+    }
+    let es: Vec<Entity> = (0..3)
+        .map(|i| request(&mut app, chat(&format!("Hi {i}"))))
+        .collect();
+    run_until_finished(&mut app, &es);
+    let r = app.world().resource::<Recorded>();
+    for e in &es {
+        assert_eq!(
+            r.completed_text(*e).as_deref(),
+            Some("Hello there friend"),
+            "{:?}",
+            r.of(*e)
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn remote_settings_are_validated_and_parse_from_ron() {
+    use bevy_npc_llm::errors::SettingsError;
+    use bevy_npc_llm::settings::RemotePromptFormat;
+    let s = LlmSettings::from_ron_str(
+        r#"(backend: LocalWithRemoteFallback, remote: (base_url: "http://10.0.0.5:8080/v1", model: "smol", prompt_format: Completion, token_timeout_ms: 5000))"#,
+        "llm_settings.ron",
+    )
+    .unwrap();
+    assert_eq!(s.backend, BackendChoice::LocalWithRemoteFallback);
+    assert_eq!(s.remote.prompt_format, RemotePromptFormat::Completion);
+    assert_eq!(s.remote.token_timeout_ms, 5000);
+    assert_eq!(s.remote.max_retries, 2, "unset fields keep their defaults");
+    for (url, why) in [
+        ("127.0.0.1:8080", "must start with http"),
+        ("ftp://host", "must start with http"),
+        ("http://", "names no host"),
+    ] {
+        let text = format!(r#"(backend: Remote, remote: (base_url: "{url}"))"#);
+        match LlmSettings::from_ron_str(&text, "s.ron") {
+            Err(SettingsError::Invalid {
+                field: "remote.base_url",
+                message,
+            }) => {
+                assert!(message.contains(why), "{url}: {message}");
+            }
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+    let zero = r#"(backend: Remote, remote: (token_timeout_ms: 0))"#;
+    assert!(matches!(
+        LlmSettings::from_ron_str(zero, "s.ron"),
+        Err(SettingsError::Invalid { .. })
+    ));
+    // A local backend does not care about an unused remote block.
+    assert!(LlmSettings::from_ron_str(r#"(remote: (base_url: "nope"))"#, "s.ron").is_ok());
+    let mut r = RemoteSettings::new("http://x");
+    r.api_key = None;
+    r.api_key_env = Some("BEVY_NPC_LLM_TEST_KEY_UNSET".into());
+    assert_eq!(r.resolved_api_key(), None);
+    r.api_key = Some("k".into());
+    assert_eq!(r.resolved_api_key().as_deref(), Some("k"));
+}
