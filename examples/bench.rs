@@ -408,7 +408,23 @@ fn remote(args: &Args, f: &mut Figures) {
         s.context_per_sequence = 512;
         s.max_parallel_sequences = n as u32;
         s.queue_capacity = n as u32;
-        let reqs = || (0..n).map(npc_request).collect::<Vec<_>>();
+        // A tag unique to this run: the server's prompt cache must not
+        // remember the prompts from an earlier run (the local side has its
+        // prefix cache off).
+        let tag = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let reqs = || {
+            (0..n)
+                .map(|i| {
+                    let mut r = npc_request(i);
+                    if let bevy_npc_llm::request::LlmPrompt::Chat(m) = &mut r.prompt {
+                        m[0].content = format!("[{tag}] {}", m[0].content);
+                    }
+                    r
+                })
+                .collect::<Vec<_>>()
+        };
         let mut local = ready_app(s.clone());
         let (ls, lw) = run(&mut local, reqs());
         drop(local);

@@ -22,6 +22,7 @@ use common::*;
 struct Server {
     child: Child,
     url: String,
+    port: u16,
 }
 
 impl Drop for Server {
@@ -56,18 +57,20 @@ fn llama_server_binary() -> PathBuf {
     path
 }
 
-fn http_get_ok(port: u16, path: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
+/// A plain GET; the whole response when the status is 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
+    s.write_all(req.as_bytes()).ok()?;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
-    out.starts_with("HTTP/1.1 200")
+    out.starts_with("HTTP/1.1 200").then_some(out)
+}
+
+/// How many of llama-server's slots are generating now.
+fn busy_slots(server: &Server) -> usize {
+    http_get(server.port, "/slots").map_or(0, |body| body.matches("\"is_processing\":true").count())
 }
 
 /// llama-server with SmolLM2, 8 slots, on a free port; ready when /health says so.
@@ -85,9 +88,10 @@ fn llama_server() -> Server {
     let server = Server {
         child,
         url: format!("http://127.0.0.1:{port}"),
+        port,
     };
     let start = Instant::now();
-    while !http_get_ok(port, "/health") {
+    while http_get(port, "/health").is_none() {
         assert!(
             start.elapsed() < Duration::from_secs(90),
             "llama-server did not become ready"
@@ -120,6 +124,7 @@ fn stub(modes: &[&str]) -> Server {
     Server {
         child,
         url: format!("http://127.0.0.1:{port}"),
+        port,
     }
 }
 
@@ -216,7 +221,8 @@ fn cancel_and_despawn_close_remote_streams_and_the_server_keeps_serving() {
     let mut app = app_with(remote_settings(&server.url));
     ready(&mut app);
     let long = || {
-        let mut r = chat("Count from one to five hundred.").with_max_tokens(400);
+        // 900 tokens: far longer than the few seconds the check below allows.
+        let mut r = chat("Count from one to five hundred.").with_max_tokens(900);
         r.sampling.ignore_eos = Some(true);
         r
     };
@@ -228,6 +234,7 @@ fn cancel_and_despawn_close_remote_streams_and_the_server_keeps_serving() {
             .iter()
             .all(|e| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..))))
     });
+    assert_eq!(busy_slots(&server), 2, "both answers are being generated");
     app.world_mut()
         .write_message(CancelLlmRequest { entity: a });
     app.world_mut().despawn(b);
@@ -235,6 +242,15 @@ fn cancel_and_despawn_close_remote_streams_and_the_server_keeps_serving() {
         app.world().resource::<Recorded>().finished(a)
             && app.world().resource::<LlmEngineStats>().in_flight == 0
     });
+    // Closing the streams makes the server stop generating: its slots go idle.
+    let closed = Instant::now();
+    while busy_slots(&server) > 0 {
+        assert!(
+            closed.elapsed() < Duration::from_secs(5),
+            "llama-server still generates for cancelled requests"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let r = app.world().resource::<Recorded>();
     assert!(
         matches!(r.of(a).last(), Some(Rec::Cancelled(_))),
