@@ -263,3 +263,100 @@ fn a_gguf_of_the_wrong_architecture_for_its_entry_is_refused() {
     }
     complete(&mut app, chat("Still serving?").with_max_tokens(4));
 }
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A model file without read permission fails with a typed `VerifyError::Io`
+/// naming the file, and a request gets `ModelUnavailable`. Root reads any
+/// file, so as root the test runs itself again as `nobody` (util-linux
+/// `setpriv`) from a world-readable copy of this test binary.
+#[test]
+fn unreadable_model_file_fails_typed() {
+    use bevy_npc_llm::errors::VerifyError;
+    const CHILD: &str = "BEVY_NPC_LLM_UNREADABLE_CHILD";
+    if std::env::var_os(CHILD).is_none() && running_as_root() {
+        let dir =
+            std::env::temp_dir().join(format!("npc-llm-unreadable-exe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("reliability-test");
+        std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .args([
+                "--exact",
+                "unreadable_model_file_fails_typed",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("setpriv (util-linux) runs the test as nobody");
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "as nobody: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("npc-llm-unreadable-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("locked.gguf");
+    std::fs::write(&file, vec![7u8; 1 << 20]).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o000)).unwrap();
+    assert!(
+        std::fs::File::open(&file).is_err(),
+        "this user can still read a mode-000 file"
+    );
+    let mut app = app();
+    {
+        let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
+        let mut e = reg.get(SMOL).unwrap().clone();
+        e.id = "locked".into();
+        e.file = file.clone();
+        e.size_bytes = 1 << 20; // the size check passes; reading does not
+        reg.add(e).unwrap();
+    }
+    app.world_mut().write_message(LoadModel {
+        model: Some("locked".into()),
+    });
+    run_until(&mut app, 60, |app| {
+        matches!(
+            app.world().resource::<LlmModelState>(),
+            LlmModelState::Failed { .. }
+        )
+    });
+    match app.world().resource::<LlmModelState>() {
+        LlmModelState::Failed {
+            error: ModelLoadError::Verify(VerifyError::Io { path, message }),
+            ..
+        } => {
+            assert_eq!(path, &file);
+            assert!(message.to_lowercase().contains("permission"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = request(&mut app, chat("Hello?"));
+    run_until_finished(&mut app, &[e]);
+    assert!(matches!(
+        app.world().resource::<Recorded>().failure(e),
+        Some(LlmError::ModelUnavailable(_))
+    ));
+    let _ = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600));
+    let _ = std::fs::remove_dir_all(dir);
+}
