@@ -5,10 +5,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bevy::prelude::*;
@@ -16,117 +12,8 @@ use bevy_npc_llm::dialogue::{NpcDialoguePlugin, Persona};
 use bevy_npc_llm::errors::{LlmError, ModelLoadError, RemoteError};
 use bevy_npc_llm::prelude::*;
 use bevy_npc_llm::request::FinishReason;
+use common::servers::*;
 use common::*;
-
-/// A child process killed when dropped.
-struct Server {
-    child: Child,
-    url: String,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn llama_server_binary() -> PathBuf {
-    let path = std::env::var_os("BEVY_NPC_LLM_LLAMA_SERVER").map_or_else(
-        || {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/bevy_npc_llm/llama-server/bin/llama-server")
-        },
-        PathBuf::from,
-    );
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/llama-server.sh (the README's test command does), \
-         or point BEVY_NPC_LLM_LLAMA_SERVER at a llama-server binary",
-        path.display()
-    );
-    path
-}
-
-/// A plain GET; the whole response when the status is 200.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).ok()?;
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.starts_with("HTTP/1.1 200").then_some(out)
-}
-
-/// How many of llama-server's slots are generating now.
-fn busy_slots(server: &Server) -> usize {
-    http_get(server.port, "/slots").map_or(0, |body| body.matches("\"is_processing\":true").count())
-}
-
-/// llama-server with SmolLM2, 8 slots, on a free port; ready when /health says so.
-fn llama_server() -> Server {
-    let port = free_port();
-    let child = Command::new(llama_server_binary())
-        .args(["-m"])
-        .arg(smol_file())
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["-np", "8", "-c", "8192", "-t", "2", "--no-webui"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start llama-server");
-    let server = Server {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        port,
-    };
-    let start = Instant::now();
-    while http_get(port, "/health").is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "llama-server did not become ready"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    server
-}
-
-/// The stub server; `modes` are extra behaviours for every request (e.g. "auth").
-fn stub(modes: &[&str]) -> Server {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/stub_openai.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .arg("0")
-        .args(modes)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start python3 stub server");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line
-        .trim()
-        .strip_prefix("ready ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("stub said {line:?}"));
-    Server {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        port,
-    }
-}
 
 fn remote_settings(url: &str) -> LlmSettings {
     let mut s = settings();

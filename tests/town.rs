@@ -17,6 +17,23 @@ use town::*;
 fn town_villagers_meet_and_talk_headless() {
     let mut s = settings();
     s.max_parallel_sequences = 4;
+    town_runs(s);
+}
+
+/// The same town served by llama-server through the remote backend
+/// (`ai_town --remote URL`).
+#[test]
+fn town_runs_unchanged_on_the_remote_backend() {
+    let server = common::servers::llama_server();
+    let mut s = settings();
+    s.max_parallel_sequences = 4;
+    s.backend = BackendChoice::Remote;
+    s.remote = RemoteSettings::new(server.url.clone());
+    town_runs(s);
+}
+
+fn town_runs(s: LlmSettings) {
+    let remote = s.backend == BackendChoice::Remote;
     let mut app = app_with(s);
     app.add_plugins(NpcDialoguePlugin);
     app.add_plugins(TownPlugin {
@@ -50,6 +67,13 @@ fn town_villagers_meet_and_talk_headless() {
         .cloned()
         .collect();
     assert!(ended.len() >= 2);
+    assert_eq!(
+        app.world()
+            .resource::<LlmEngineStats>()
+            .remote_server
+            .is_some(),
+        remote
+    );
     for c in &ended {
         assert!(c.lines.len() >= 2 && c.lines.len() <= c.limits.max_lines);
         for (i, l) in c.lines.iter().enumerate() {

@@ -258,14 +258,17 @@ fn on_line(
 /// The summary printed at the end of a headless run.
 pub fn summary(s: &TownStats, e: &LlmEngineStats, elapsed: Duration) -> String {
     let secs = elapsed.as_secs_f64().max(1e-3);
+    let served = match &e.remote_server {
+        Some(url) => format!("served by the remote server {url}"),
+        None => format!("largest batch {} sequences", e.counters.max_batch_sequences),
+    };
     format!(
-        "summary: {} lines, {} conversations started, {} ended, {} tokens generated in {:.0} s ({:.1} tok/s), largest batch {} sequences",
+        "summary: {} lines, {} conversations started, {} ended, {} tokens generated in {:.0} s ({:.1} tok/s), {served}",
         s.lines,
         s.started,
         s.ended,
         e.counters.generated_tokens,
         secs,
         e.counters.generated_tokens as f64 / secs,
-        e.counters.max_batch_sequences
     )
 }

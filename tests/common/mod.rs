@@ -3,6 +3,8 @@
 //! bounded update loop.
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
