@@ -249,7 +249,7 @@ fn server_errors_become_typed_failures_and_the_game_keeps_going() {
 }
 
 #[test]
-fn unreachable_or_refusing_servers_fail_the_connection_check() {
+fn unreachable_refusing_and_vanished_servers_fail_typed() {
     // Nothing listens on this port.
     let port = free_port();
     let mut s = remote_settings(&format!("http://127.0.0.1:{port}"));
@@ -271,6 +271,21 @@ fn unreachable_or_refusing_servers_fail_the_connection_check() {
             ..
         }
     ));
+    // A server that goes away after the connection check: each request
+    // retries the connection `max_retries` times, then fails.
+    let server = stub(&[]);
+    let mut s = remote_settings(&server.url);
+    s.remote.model = "ok".into();
+    s.remote.max_retries = 2;
+    let mut app = app_with(s);
+    ready(&mut app);
+    drop(server);
+    let e = request(&mut app, chat("Still there?"));
+    run_until_finished(&mut app, &[e]);
+    match app.world().resource::<Recorded>().failure(e) {
+        Some(LlmError::Remote(RemoteError::Unreachable { attempts: 3, .. })) => {}
+        other => panic!("{other:?}"),
+    }
     // A server that refuses the API key.
     let server = stub(&["auth"]);
     let mut s = remote_settings(&server.url);
