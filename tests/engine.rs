@@ -358,19 +358,7 @@ fn over_long_prompt_full_queue_missing_and_corrupt_models_fail_typed_and_app_rec
             )
         }),
     ] {
-        app.world_mut().write_message(LoadModel {
-            model: Some(id.into()),
-        });
-        run_until(&mut app, 60, |app| {
-            matches!(
-                app.world().resource::<LlmModelState>(),
-                LlmModelState::Failed { .. }
-            )
-        });
-        let state = app.world().resource::<LlmModelState>().clone();
-        let LlmModelState::Failed { error, .. } = state else {
-            unreachable!()
-        };
+        let error = load_failure(&mut app, Some(id));
         assert!(check(&error), "{id}: {error:?}");
         // The previous model keeps serving.
         let e = request(&mut app, chat("Still there?"));

@@ -161,20 +161,8 @@ fn broken_gguf_files_fail_typed_and_the_previous_model_keeps_serving() {
             e.file = path.clone();
             reg.add(e).unwrap();
         }
-        app.world_mut().write_message(LoadModel {
-            model: Some((*name).into()),
-        });
-        run_until(&mut app, 60, |app| {
-            matches!(
-                app.world().resource::<LlmModelState>(),
-                LlmModelState::Failed { .. }
-            )
-        });
-        match app.world().resource::<LlmModelState>() {
-            LlmModelState::Failed {
-                error: ModelLoadError::Llama { .. },
-                ..
-            } => {}
+        match load_failure(&mut app, Some(name)) {
+            ModelLoadError::Llama { .. } => {}
             other => panic!("{name}: {other:?}"),
         }
         assert_eq!(
@@ -242,22 +230,9 @@ fn a_gguf_of_the_wrong_architecture_for_its_entry_is_refused() {
         e.architecture = Some("llama".into());
         reg.add(e).unwrap();
     }
-    app.world_mut().write_message(LoadModel {
-        model: Some("mislabelled".into()),
-    });
-    run_until(&mut app, 60, |app| {
-        matches!(
-            app.world().resource::<LlmModelState>(),
-            LlmModelState::Failed { .. }
-        )
-    });
-    match app.world().resource::<LlmModelState>() {
-        LlmModelState::Failed {
-            error:
-                ModelLoadError::WrongArchitecture {
-                    expected, found, ..
-                },
-            ..
+    match load_failure(&mut app, Some("mislabelled")) {
+        ModelLoadError::WrongArchitecture {
+            expected, found, ..
         } => assert_eq!((expected.as_str(), found.as_str()), ("llama", "gemma3")),
         other => panic!("{other:?}"),
     }
@@ -332,21 +307,9 @@ fn unreadable_model_file_fails_typed() {
         e.size_bytes = 1 << 20; // the size check passes; reading does not
         reg.add(e).unwrap();
     }
-    app.world_mut().write_message(LoadModel {
-        model: Some("locked".into()),
-    });
-    run_until(&mut app, 60, |app| {
-        matches!(
-            app.world().resource::<LlmModelState>(),
-            LlmModelState::Failed { .. }
-        )
-    });
-    match app.world().resource::<LlmModelState>() {
-        LlmModelState::Failed {
-            error: ModelLoadError::Verify(VerifyError::Io { path, message }),
-            ..
-        } => {
-            assert_eq!(path, &file);
+    match load_failure(&mut app, Some("locked")) {
+        ModelLoadError::Verify(VerifyError::Io { path, message }) => {
+            assert_eq!(path, file);
             assert!(message.to_lowercase().contains("permission"), "{message}");
         }
         other => panic!("{other:?}"),

@@ -291,18 +291,8 @@ fn unreachable_refusing_and_vanished_servers_fail_typed() {
     let mut s = remote_settings(&server.url);
     s.remote.api_key = Some("wrong".into());
     let mut app = app_with(s);
-    app.world_mut().write_message(LoadModel::default());
-    run_until(&mut app, 30, |app| {
-        matches!(
-            app.world().resource::<LlmModelState>(),
-            LlmModelState::Failed { .. }
-        )
-    });
-    match app.world().resource::<LlmModelState>() {
-        LlmModelState::Failed {
-            error: ModelLoadError::Remote(RemoteError::Status { status: 401, .. }),
-            ..
-        } => {}
+    match load_failure(&mut app, None) {
+        ModelLoadError::Remote(RemoteError::Status { status: 401, .. }) => {}
         other => panic!("{other:?}"),
     }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bevy::prelude::*;
-use bevy_npc_llm::errors::LlmError;
+use bevy_npc_llm::errors::{LlmError, ModelLoadError};
 use bevy_npc_llm::prelude::*;
 use bevy_npc_llm::request::{FinishReason, RequestStats};
 
@@ -202,6 +202,24 @@ pub fn load_ready(app: &mut App, model: Option<&str>) {
     run_until(app, 60, |app| {
         app.world().resource::<LlmModelState>().is_ready()
     });
+}
+
+/// Ask for a model (`None`: the settings' model) that must fail to load,
+/// update until it has, and return why.
+pub fn load_failure(app: &mut App, model: Option<&str>) -> ModelLoadError {
+    app.world_mut().write_message(LoadModel {
+        model: model.map(String::from),
+    });
+    run_until(app, 60, |app| {
+        matches!(
+            app.world().resource::<LlmModelState>(),
+            LlmModelState::Failed { .. }
+        )
+    });
+    match app.world().resource::<LlmModelState>() {
+        LlmModelState::Failed { error, .. } => error.clone(),
+        _ => unreachable!(),
+    }
 }
 
 /// Submit a request, run it to its end, and return its text; panics when it
