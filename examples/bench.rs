@@ -340,10 +340,8 @@ fn npcs(args: &Args, f: &mut Figures) {
             .counters
             .clone();
         let (ss, sw) = run(&mut sequential, reqs());
-        let bt: usize = bs.iter().map(|s| s.stats.generated_tokens).sum();
-        let stt: usize = ss.iter().map(|s| s.stats.generated_tokens).sum();
-        let b = bt as f64 / bw.as_secs_f64();
-        let q = stt as f64 / sw.as_secs_f64();
+        let b = aggregate(&bs, bw);
+        let q = aggregate(&ss, sw);
         f.add("npcs", &format!("N={n:<2} batched aggregate"), b, "tok/s");
         f.add(
             "npcs",
@@ -396,6 +394,11 @@ fn npcs(args: &Args, f: &mut Figures) {
     f.add("npcs", "largest batch (sequences)", max_batch as f64, "seq");
 }
 
+/// Generated tokens per second of wall time over a set of requests.
+fn aggregate(done: &[LlmRequestStatus], wall: Duration) -> f64 {
+    done.iter().map(|s| s.stats.generated_tokens).sum::<usize>() as f64 / wall.as_secs_f64()
+}
+
 /// The same N-NPC load through the remote backend and the local engine.
 fn remote(args: &Args, f: &mut Figures) {
     let url = args
@@ -432,10 +435,8 @@ fn remote(args: &Args, f: &mut Figures) {
         s.remote = RemoteSettings::new(url.clone());
         let mut remote = ready_app(s);
         let (rs, rw) = run(&mut remote, reqs());
-        let lt: usize = ls.iter().map(|s| s.stats.generated_tokens).sum();
-        let rt: usize = rs.iter().map(|s| s.stats.generated_tokens).sum();
-        let l = lt as f64 / lw.as_secs_f64();
-        let r = rt as f64 / rw.as_secs_f64();
+        let l = aggregate(&ls, lw);
+        let r = aggregate(&rs, rw);
         f.add("remote", &format!("N={n:<2} local aggregate"), l, "tok/s");
         f.add("remote", &format!("N={n:<2} remote aggregate"), r, "tok/s");
         f.add("remote", &format!("N={n:<2} remote / local"), r / l, "x");
