@@ -323,3 +323,34 @@ fn unreadable_model_file_fails_typed() {
     let _ = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A request that starts a load which then fails (here: the file is gone)
+/// gets `ModelUnavailable` instead of waiting for a model forever.
+#[test]
+fn a_request_waiting_on_a_failing_load_fails_typed() {
+    let mut s = settings();
+    s.model = "gone".into();
+    let mut app = app_with(s);
+    {
+        let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
+        let mut e = reg.get(SMOL).unwrap().clone();
+        e.id = "gone".into();
+        e.file = std::env::temp_dir().join("npc-llm-no-such-model.gguf");
+        reg.add(e).unwrap();
+    }
+    let es: Vec<Entity> = (0..3)
+        .map(|i| request(&mut app, chat(&format!("Hello {i}?"))))
+        .collect();
+    run_until(&mut app, 30, |app| {
+        let r = app.world().resource::<Recorded>();
+        es.iter().all(|e| r.finished(*e))
+    });
+    let r = app.world().resource::<Recorded>();
+    for e in &es {
+        assert!(
+            matches!(r.failure(*e), Some(LlmError::ModelUnavailable(_))),
+            "{:?}",
+            r.of(*e)
+        );
+    }
+}

@@ -191,6 +191,7 @@ impl WorkerHandle {
                         abort: abort2,
                         queue: JobQueue::new(knobs.queue_capacity as usize),
                         knobs,
+                        no_model: None,
                     }
                     .run();
                 }));
@@ -252,6 +253,9 @@ struct Worker {
     abort: Arc<AtomicBool>,
     queue: JobQueue<Job>,
     knobs: Knobs,
+    /// Why the last load failed when no model is left: requests arriving
+    /// after it fail at once instead of waiting for a load nobody asked for.
+    no_model: Option<ModelLoadError>,
 }
 
 /// The loaded model and how it was loaded.
@@ -285,15 +289,18 @@ impl Worker {
                         Err(reason) => {
                             // The context could not be created again: drop the model.
                             let model = loaded.spec.model_id.clone();
+                            let error = ModelLoadError::Context {
+                                n_ctx: loaded.spec.context_per_sequence * loaded.spec.sequences,
+                                n_seq: loaded.spec.sequences,
+                                message: reason,
+                            };
                             self.send(Event::LoadFailed {
                                 model: model.clone(),
-                                error: ModelLoadError::Context {
-                                    n_ctx: loaded.spec.context_per_sequence * loaded.spec.sequences,
-                                    n_seq: loaded.spec.sequences,
-                                    message: reason,
-                                },
+                                error: error.clone(),
                                 still_loaded: None,
                             });
+                            self.fail_queue(|| LlmError::ModelUnavailable(error.clone()));
+                            self.no_model = Some(error);
                             current = None;
                             self.send(Event::Unloaded { model });
                             continue;
@@ -319,6 +326,7 @@ impl Worker {
                 }
                 Next::Load(spec) => {
                     self.abort.store(false, Ordering::Relaxed);
+                    self.no_model = None;
                     match self.load(&spec) {
                         Ok(loaded) => {
                             if let Some(old) = current.take() {
@@ -340,6 +348,7 @@ impl Worker {
                             });
                             if still_loaded.is_none() {
                                 self.fail_queue(|| LlmError::ModelUnavailable(error.clone()));
+                                self.no_model = Some(error.clone());
                             }
                         }
                     }
@@ -352,8 +361,8 @@ impl Worker {
         }
     }
 
-    /// No model: wait for commands. Submitted jobs wait in the queue for a
-    /// load; with none coming, they are failed by the Bevy side's policy.
+    /// No model: wait for commands. Submitted jobs wait in the queue for the
+    /// next load, or fail at once when the last load failed.
     fn idle(&mut self) -> Option<Next> {
         loop {
             let cmd = self.commands.recv().ok()?;
@@ -367,7 +376,10 @@ impl Worker {
         match cmd {
             Command::Submit(job) => {
                 let id = job.id;
-                if self.queue.push(job.priority, *job).is_err() {
+                if let Some(error) = &self.no_model {
+                    let error = LlmError::ModelUnavailable(error.clone());
+                    self.send(Event::Failed { id, error });
+                } else if self.queue.push(job.priority, *job).is_err() {
                     self.send(Event::Failed {
                         id,
                         error: LlmError::QueueFull {
