@@ -36,9 +36,10 @@ use crate::request::{FinishReason, RequestStats};
 pub struct LlmStarted {
     /// The requesting entity.
     pub entity: Entity,
-    /// Prompt length in tokens.
+    /// Prompt length in tokens (0 from a remote server, which reports it
+    /// only at the end: see [`RequestStats::prompt_tokens`]).
     pub prompt_tokens: usize,
-    /// Prompt tokens reused from the prefix cache.
+    /// Prompt tokens reused from the prefix cache (0 from a remote server).
     pub reused_prefix_tokens: usize,
 }
 

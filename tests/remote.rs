@@ -94,6 +94,10 @@ fn eight_npcs_stream_concurrently_from_llama_server() {
             FinishReason::EndOfTurn | FinishReason::MaxTokens
         ));
         assert!(stats.generated_tokens >= 1 && stats.generated_tokens <= 32);
+        assert!(
+            stats.prompt_tokens > 10,
+            "the server reports the prompt size"
+        );
         assert!(stats.time_to_first_token.is_some());
     }
     let stats = app.world().resource::<LlmEngineStats>();

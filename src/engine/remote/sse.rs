@@ -15,6 +15,9 @@ pub(crate) enum Chunk {
         prompt_tokens: Option<usize>,
         /// `usage.completion_tokens` when the server reports it.
         completion_tokens: Option<usize>,
+        /// Prompt tokens the server took from its prompt cache
+        /// (llama-server's `timings.cache_n`).
+        cached_tokens: Option<usize>,
     },
     /// `data: [DONE]`.
     Done,
@@ -86,13 +89,22 @@ fn parse_data(data: &str) -> Result<Chunk, String> {
             .map_or_else(|| err.to_string(), str::to_string);
         return Err(format!("the server reported an error mid-stream: {msg}"));
     }
-    let usage = v.get("usage");
-    let count = |k: &str| {
-        usage
+    // OpenAI's `usage` (with `stream_options.include_usage`), else
+    // llama-server's own `timings`.
+    let field = |obj: &str, k: &str| {
+        v.get(obj)
             .and_then(|u| u.get(k))
             .and_then(Value::as_u64)
             .map(|n| n as usize)
     };
+    let prompt_tokens = field("usage", "prompt_tokens").or_else(|| {
+        field("timings", "prompt_n")
+            .zip(field("timings", "cache_n"))
+            .map(|(p, c)| p + c)
+    });
+    let completion_tokens =
+        field("usage", "completion_tokens").or_else(|| field("timings", "predicted_n"));
+    let cached_tokens = field("timings", "cache_n");
     let choices = v
         .get("choices")
         .and_then(Value::as_array)
@@ -102,8 +114,9 @@ fn parse_data(data: &str) -> Result<Chunk, String> {
         return Ok(Chunk::Delta {
             text: String::new(),
             finish: None,
-            prompt_tokens: count("prompt_tokens"),
-            completion_tokens: count("completion_tokens"),
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
         });
     };
     let text = match (choice.get("delta"), choice.get("text")) {
@@ -128,8 +141,9 @@ fn parse_data(data: &str) -> Result<Chunk, String> {
     Ok(Chunk::Delta {
         text,
         finish,
-        prompt_tokens: count("prompt_tokens"),
-        completion_tokens: count("completion_tokens"),
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens,
     })
 }
 
@@ -162,8 +176,22 @@ mod tests {
                 text: "lo".into(),
                 finish: Some("length".into()),
                 prompt_tokens: Some(7),
-                completion_tokens: Some(2)
+                completion_tokens: Some(2),
+                cached_tokens: None,
             }
+        );
+        // llama-server's own figures when there is no `usage`.
+        let mut p = SseParser::default();
+        p.line(r#"data: {"choices":[{"delta":{},"finish_reason":"stop"}],"timings":{"cache_n":20,"prompt_n":11,"predicted_n":5}}"#).unwrap();
+        assert_eq!(
+            p.line("").unwrap(),
+            Some(Chunk::Delta {
+                text: String::new(),
+                finish: Some("stop".into()),
+                prompt_tokens: Some(31),
+                completion_tokens: Some(5),
+                cached_tokens: Some(20),
+            })
         );
         assert_eq!(chunks[3], Chunk::Done);
     }

@@ -50,6 +50,7 @@ pub(super) fn request_body(cfg: &RemoteConfig, job: &Job) -> (&'static str, Valu
     let mut body = json!({
         "model": cfg.model,
         "stream": true,
+        "stream_options": { "include_usage": true },
         "max_tokens": s.max_tokens,
         "temperature": s.temperature,
         "top_p": s.top_p,
@@ -211,7 +212,8 @@ pub(super) fn run(
     let mut tokens = 0usize;
     let mut first: Option<Instant> = None;
     let mut finish: Option<FinishReason> = None;
-    let mut usage: (Option<usize>, Option<usize>) = (None, None);
+    // Prompt, generated and cached tokens as the server reports them.
+    let mut usage: (Option<usize>, Option<usize>, Option<usize>) = (None, None, None);
     let mut line = String::new();
     let mut done = false;
     while !done {
@@ -253,9 +255,11 @@ pub(super) fn run(
                 finish: reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             }) => {
                 usage.0 = prompt_tokens.or(usage.0);
                 usage.1 = completion_tokens.or(usage.1);
+                usage.2 = cached_tokens.or(usage.2);
                 if !piece.is_empty() {
                     tokens += 1;
                     generated.fetch_add(1, Ordering::Relaxed);
@@ -299,7 +303,7 @@ pub(super) fn run(
     let generated_tokens = usage.1.unwrap_or(tokens).max(tokens);
     let stats = RequestStats {
         prompt_tokens: usage.0.unwrap_or(0),
-        reused_prefix_tokens: 0,
+        reused_prefix_tokens: usage.2.unwrap_or(0),
         generated_tokens,
         queue_time,
         time_to_first_token: first.map(|f| f.duration_since(job.submitted)),
