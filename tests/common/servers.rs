@@ -72,7 +72,9 @@ pub fn llama_server() -> Server {
         .args(["-m"])
         .arg(smol_file())
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["-np", "8", "-c", "8192", "-t", "2", "--no-webui"])
+        // One thread: tests run in parallel on small machines, and
+        // llama.cpp's spinning thread pools crawl when oversubscribed.
+        .args(["-np", "8", "-c", "8192", "-t", "1", "--no-webui"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
