@@ -20,9 +20,13 @@ fn rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
-/// Run `n` requests, at most `wave` submitted per frame; returns latencies.
-fn run(app: &mut App, npcs: &[Entity], n: usize, wave: usize) -> Vec<Duration> {
+/// Run `n` requests back to back, `wave` in flight; finished requests are
+/// despawned as a game would. Returns the latencies and the RSS when the
+/// first `warm` had finished (one continuous stream: no drained pipeline
+/// between warm-up and measurement).
+fn run(app: &mut App, npcs: &[Entity], n: usize, wave: usize, warm: usize) -> (Vec<Duration>, u64) {
     let mut latencies = Vec::with_capacity(n);
+    let mut rss_warm = 0;
     let mut pending: Vec<(Entity, Instant)> = Vec::new();
     let mut sent = 0;
     let start = Instant::now();
@@ -44,6 +48,7 @@ fn run(app: &mut App, npcs: &[Entity], n: usize, wave: usize) -> Vec<Duration> {
             sent += 1;
         }
         app.update();
+        let mut finished = Vec::new();
         pending.retain(|(e, t)| {
             let status = app.world().get::<LlmRequestStatus>(*e).cloned();
             match status {
@@ -53,27 +58,25 @@ fn run(app: &mut App, npcs: &[Entity], n: usize, wave: usize) -> Vec<Duration> {
                         std::process::exit(1);
                     }
                     latencies.push(t.elapsed());
+                    finished.push(*e);
                     false
                 }
                 _ => true,
             }
         });
+        for e in finished {
+            app.world_mut().despawn(e);
+        }
+        if rss_warm == 0 && latencies.len() >= warm {
+            rss_warm = rss_kb();
+        }
         std::thread::sleep(Duration::from_micros(300));
         assert!(
             start.elapsed() < Duration::from_secs(1200),
             "soak timed out"
         );
     }
-    // Despawn finished requests so the world does not grow.
-    let done: Vec<Entity> = app
-        .world_mut()
-        .query_filtered::<Entity, With<LlmRequestStatus>>()
-        .iter(app.world())
-        .collect();
-    for e in done {
-        app.world_mut().despawn(e);
-    }
-    latencies
+    (latencies, rss_warm)
 }
 
 fn mean(d: &[Duration]) -> f64 {
@@ -99,17 +102,16 @@ fn main() {
         .map(|_| app.world_mut().spawn_empty().id())
         .collect();
     let t0 = Instant::now();
-    let warm = run(&mut app, &npcs, 200, 16);
-    let rss_warm = rss_kb();
-    let lat = run(&mut app, &npcs, n, 16);
+    let warm = 200;
+    let (all, rss_warm) = run(&mut app, &npcs, warm + n, 16, warm);
     let rss_end = rss_kb();
+    let lat = &all[warm..];
     let tenth = (n / 10).max(1);
     let (first, last) = (mean(&lat[..tenth]), mean(&lat[n - tenth..]));
     let c = app.world().resource::<LlmEngineStats>().counters.clone();
     let growth = (rss_end as f64 - rss_warm as f64) / rss_warm.max(1) as f64 * 100.0;
     println!(
-        "soak: {} warm-up + {n} requests in {:.1} s",
-        warm.len(),
+        "soak: {warm} warm-up + {n} requests in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
     println!(
@@ -121,6 +123,11 @@ fn main() {
         "latency mean: first 10% {first:.1} ms, last 10% {last:.1} ms (ratio {:.2})",
         last / first
     );
+    let deciles: Vec<String> = lat
+        .chunks(tenth)
+        .map(|c| format!("{:.0}", mean(c)))
+        .collect();
+    println!("latency mean per tenth (ms): {}", deciles.join(" "));
     println!(
         "slots: {} active, {} queued, {} cached of {}; {} completed, {} failed, {} evictions",
         c.active_sequences, c.queued, c.cached_slots, c.slots, c.completed, c.failed, c.evictions
