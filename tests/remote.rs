@@ -69,9 +69,12 @@ fn eight_npcs_stream_concurrently_from_llama_server() {
         let r = w.resource::<Recorded>();
         wait.iter().all(|e| r.finished(*e))
     });
+    // All 8 stream at once on a quiet machine (llama-server has 8 slots);
+    // a little slack for a loaded CI machine, far from one at a time.
+    eprintln!("most requests streaming at once: {most_running} of 8");
     assert!(
-        most_running >= 2,
-        "requests ran one at a time ({most_running})"
+        most_running >= 6,
+        "requests did not stream concurrently ({most_running} at most)"
     );
     let r = app.world().resource::<Recorded>();
     for e in &es {
