@@ -11,6 +11,22 @@ pub use plugin::{NpcLlmOverlayPlugin, OverlayState};
 
 use egui::{Color32, RichText};
 
+/// Where requests are served, as the overlay shows it: the backend and the
+/// device (a remote server's URL, or the GPU the hardware plan chose).
+#[cfg_attr(not(feature = "debug-ui"), allow(dead_code))]
+pub(crate) fn backend_label(
+    remote_server: Option<&str>,
+    plan: Option<&crate::hardware::BackendPlan>,
+) -> (String, Option<String>) {
+    match remote_server {
+        Some(url) => ("Remote server".into(), Some(url.to_string())),
+        None => (
+            plan.map_or("CPU".into(), |p| p.backend.clone()),
+            plan.and_then(|p| p.device.clone()),
+        ),
+    }
+}
+
 /// The model's state, as the overlay shows it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum OverlayModelState {
@@ -414,6 +430,22 @@ mod tests {
             egui::Shape::Vec(v) => v.iter().for_each(|s| collect(s, out)),
             _ => {}
         }
+    }
+
+    #[test]
+    fn a_remote_server_is_shown_as_the_backend() {
+        let (backend, device) = backend_label(Some("http://10.0.0.5:8080"), None);
+        let mut d = data(OverlayModelState::Ready {
+            model: "smol".into(),
+        });
+        d.backend = backend;
+        d.device = device;
+        let out = texts(&d, &mut OverlayUi::default());
+        assert!(
+            out.contains("Backend: Remote server (http://10.0.0.5:8080)"),
+            "{out}"
+        );
+        assert_eq!(backend_label(None, None), ("CPU".to_string(), None));
     }
 
     fn data(state: OverlayModelState) -> OverlayData {

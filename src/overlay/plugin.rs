@@ -88,8 +88,12 @@ fn draw(
     let ctx = contexts.ctx_mut()?;
     let c = &stats.counters;
     let plan_ref = backend.plan.as_ref();
-    let remote = stats.remote_server.clone();
-    let plan_ref = if remote.is_some() { None } else { plan_ref };
+    let plan_ref = if stats.remote_server.is_some() {
+        None
+    } else {
+        plan_ref
+    };
+    let (backend_name, device) = backend_label(stats.remote_server.as_deref(), plan_ref);
     let mut data = OverlayData {
         state: match &*model {
             LlmModelState::Unloaded => OverlayModelState::Unloaded,
@@ -114,11 +118,8 @@ fn draw(
                 error: error.to_string(),
             },
         },
-        backend: match &remote {
-            Some(_) => "Remote server".into(),
-            None => plan_ref.map_or("CPU".into(), |p| p.backend.clone()),
-        },
-        device: remote.or_else(|| plan_ref.and_then(|p| p.device.clone())),
+        backend: backend_name,
+        device,
         gpu_layers: backend.layers_offloaded.unwrap_or(0),
         threads: plan_ref.map_or(0, |p| p.threads),
         kv_mb: plan_ref.map_or(0.0, |p| p.kv_bytes as f64 / 1e6),
