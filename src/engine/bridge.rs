@@ -48,17 +48,6 @@ pub(crate) enum WorkerKind {
     Remote,
 }
 
-fn request_id(ev: &Event) -> Option<RequestId> {
-    match ev {
-        Event::Started { id, .. }
-        | Event::Token { id, .. }
-        | Event::Completed { id, .. }
-        | Event::Failed { id, .. }
-        | Event::Cancelled { id } => Some(*id),
-        _ => None,
-    }
-}
-
 impl LlmEngine {
     pub(crate) fn new(worker: Option<WorkerHandle>, verification_cache: Option<PathBuf>) -> Self {
         Self {
@@ -104,14 +93,13 @@ impl LlmEngine {
         }
         let mut answered = HashSet::new();
         for ev in leftovers {
-            let Some(id) = request_id(&ev) else { continue };
+            let Some((id, terminal)) = ev.request() else {
+                continue;
+            };
             if moved.contains(&id) {
                 continue;
             }
-            if matches!(
-                ev,
-                Event::Completed { .. } | Event::Failed { .. } | Event::Cancelled { .. }
-            ) {
+            if terminal {
                 answered.insert(id);
             }
             self.local.push(ev);
@@ -504,7 +492,7 @@ pub(crate) fn receive(
     // events for them are dropped.
     let mut moved: HashSet<RequestId> = HashSet::new();
     for ev in events {
-        if request_id(&ev).is_some_and(|id| moved.contains(&id)) {
+        if ev.request().is_some_and(|(id, _)| moved.contains(&id)) {
             continue;
         }
         match ev {
@@ -632,12 +620,8 @@ fn deliver(
     out: &mut Writers,
     ev: Event,
 ) {
-    let (id, terminal) = match &ev {
-        Event::Started { id, .. } | Event::Token { id, .. } => (*id, false),
-        Event::Completed { id, .. } | Event::Failed { id, .. } | Event::Cancelled { id } => {
-            (*id, true)
-        }
-        _ => return,
+    let Some((id, terminal)) = ev.request() else {
+        return;
     };
     if terminal || matches!(ev, Event::Started { .. }) {
         engine.pending.remove(&id);

@@ -185,3 +185,17 @@ pub(crate) enum Event {
         reason: Option<String>,
     },
 }
+
+impl Event {
+    /// The request an event is about, and whether it is that request's last
+    /// (`Completed`, `Failed`, `Cancelled`); `None` for model and engine events.
+    pub(crate) fn request(&self) -> Option<(RequestId, bool)> {
+        match self {
+            Self::Started { id, .. } | Self::Token { id, .. } => Some((*id, false)),
+            Self::Completed { id, .. } | Self::Failed { id, .. } | Self::Cancelled { id } => {
+                Some((*id, true))
+            }
+            _ => None,
+        }
+    }
+}
