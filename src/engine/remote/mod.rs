@@ -24,7 +24,7 @@ use super::slots::JobQueue;
 use super::worker::WorkerHandle;
 use crate::errors::{LlmError, ModelLoadError, RemoteError};
 use crate::settings::{RemotePromptFormat, RemoteSettings};
-use stream::{Outcome, StreamControl};
+use stream::{Outcome, Reply, StreamControl};
 
 /// Resolved remote settings, shared with the stream threads.
 pub(crate) struct RemoteConfig {
@@ -287,47 +287,29 @@ impl RemoteWorker {
 
     /// The first model id the server lists, if any.
     fn probe(&self, url: &str) -> Result<Option<String>, RemoteError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut req = self.cfg.agent.get(url);
-            if let Some(key) = &self.cfg.api_key {
-                req = req.set("Authorization", &format!("Bearer {key}"));
+        let reply = stream::send_with_retries(&self.cfg, url, None, |agent| agent.get(url), None)?;
+        match reply {
+            Some(Reply::Ok(resp)) => {
+                let v: Option<Value> = resp
+                    .into_string()
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok());
+                Ok(v.and_then(|v| {
+                    v.get("data")?
+                        .get(0)?
+                        .get("id")?
+                        .as_str()
+                        .map(str::to_string)
+                }))
             }
-            match req.call() {
-                Ok(resp) => {
-                    let v: Option<Value> = resp
-                        .into_string()
-                        .ok()
-                        .and_then(|t| serde_json::from_str(&t).ok());
-                    return Ok(v.and_then(|v| {
-                        v.get("data")?
-                            .get(0)?
-                            .get("id")?
-                            .as_str()
-                            .map(str::to_string)
-                    }));
-                }
-                // Reachable, but no model list: fine for serving, except
-                // when the server refuses our credentials.
-                Err(ureq::Error::Status(status, resp)) if status == 401 || status == 403 => {
-                    return Err(stream::status_error(url, status, resp));
-                }
-                Err(ureq::Error::Status(status, _)) if status < 500 => return Ok(None),
-                Err(ureq::Error::Status(status, resp)) => {
-                    return Err(stream::status_error(url, status, resp));
-                }
-                Err(ureq::Error::Transport(t)) => {
-                    if attempt > self.cfg.max_retries {
-                        return Err(RemoteError::Unreachable {
-                            url: url.to_string(),
-                            attempts: attempt,
-                            message: t.to_string(),
-                        });
-                    }
-                    std::thread::sleep(self.cfg.retry_backoff * 2u32.saturating_pow(attempt - 1));
-                }
+            // Reachable, but no model list: fine for serving, except
+            // when the server refuses our credentials.
+            Some(Reply::Status(status, resp))
+                if status == 401 || status == 403 || status >= 500 =>
+            {
+                Err(stream::status_error(url, status, resp))
             }
+            Some(Reply::Status(..)) | None => Ok(None),
         }
     }
 

@@ -94,30 +94,37 @@ pub(super) fn request_body(cfg: &RemoteConfig, job: &Job) -> (&'static str, Valu
     (path, body, stops)
 }
 
-/// POST `body` to `url`, retrying connection failures with backoff.
-/// `Ok(None)`: cancelled while waiting to retry.
-pub(super) fn post(
+/// What the server answered: a success, or an error status for the caller to judge.
+pub(super) enum Reply {
+    Ok(ureq::Response),
+    Status(u16, ureq::Response),
+}
+
+/// Send the request `build` makes for `url` (the API key added; `body`, if
+/// any, as its content), retrying
+/// connection failures only (a request the server saw is never sent twice)
+/// with doubling backoff. `Ok(None)`: `control` ended while waiting to retry.
+pub(super) fn send_with_retries(
     cfg: &RemoteConfig,
     url: &str,
-    body: &Value,
     control: Option<&StreamControl>,
-) -> Result<Option<ureq::Response>, RemoteError> {
+    build: impl Fn(&ureq::Agent) -> ureq::Request,
+    body: Option<&str>,
+) -> Result<Option<Reply>, RemoteError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let mut req = cfg
-            .agent
-            .post(url)
-            .set("Accept", "text/event-stream")
-            .set("Content-Type", "application/json");
+        let mut req = build(&cfg.agent);
         if let Some(key) = &cfg.api_key {
             req = req.set("Authorization", &format!("Bearer {key}"));
         }
-        match req.send_string(&body.to_string()) {
-            Ok(resp) => return Ok(Some(resp)),
-            Err(ureq::Error::Status(status, resp)) => {
-                return Err(status_error(url, status, resp));
-            }
+        let sent = match body {
+            Some(b) => req.send_string(b),
+            None => req.call(),
+        };
+        match sent {
+            Ok(resp) => return Ok(Some(Reply::Ok(resp))),
+            Err(ureq::Error::Status(status, resp)) => return Ok(Some(Reply::Status(status, resp))),
             Err(ureq::Error::Transport(t)) => {
                 let connect = matches!(
                     t.kind(),
@@ -191,8 +198,22 @@ pub(super) fn run(
     };
     let (path, body, stops) = request_body(cfg, job);
     let url = format!("{}{path}", cfg.base_url);
-    let resp = match post(cfg, &url, &body, Some(control)) {
-        Ok(Some(r)) => r,
+    let body = body.to_string();
+    let sent = send_with_retries(
+        cfg,
+        &url,
+        Some(control),
+        |agent| {
+            agent
+                .post(&url)
+                .set("Accept", "text/event-stream")
+                .set("Content-Type", "application/json")
+        },
+        Some(&body),
+    );
+    let resp = match sent {
+        Ok(Some(Reply::Ok(r))) => r,
+        Ok(Some(Reply::Status(status, r))) => return fail(status_error(&url, status, r)),
         Ok(None) => return Outcome::Cancelled,
         Err(e) => return fail(e),
     };
