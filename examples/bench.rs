@@ -141,21 +141,19 @@ fn ready_app(settings: LlmSettings) -> App {
     app
 }
 
-/// Spawn requests, update until all finish; returns statuses and wall time.
-fn run(app: &mut App, reqs: Vec<LlmRequest>) -> (Vec<LlmRequestStatus>, Duration) {
+/// Whether every entity's request status satisfies `ok`.
+fn all_status(w: &World, es: &[Entity], ok: impl Fn(&LlmRequestStatus) -> bool) -> bool {
+    es.iter()
+        .all(|e| w.get::<LlmRequestStatus>(*e).is_some_and(&ok))
+}
+
+/// Update until every entity's status satisfies `ok` (panics after 600 s).
+fn update_until(app: &mut App, es: &[Entity], ok: impl Fn(&LlmRequestStatus) -> bool) {
     let start = Instant::now();
-    let es: Vec<Entity> = reqs
-        .into_iter()
-        .map(|r| app.world_mut().spawn(r).id())
-        .collect();
     loop {
         app.update();
-        let w = app.world();
-        if es.iter().all(|e| {
-            w.get::<LlmRequestStatus>(*e)
-                .is_some_and(LlmRequestStatus::is_finished)
-        }) {
-            break;
+        if all_status(app.world(), es, &ok) {
+            return;
         }
         assert!(
             start.elapsed() < Duration::from_secs(600),
@@ -165,6 +163,16 @@ fn run(app: &mut App, reqs: Vec<LlmRequest>) -> (Vec<LlmRequestStatus>, Duration
         // steal a core from inference on small machines.
         std::thread::sleep(Duration::from_micros(500));
     }
+}
+
+/// Spawn requests, update until all finish; returns statuses and wall time.
+fn run(app: &mut App, reqs: Vec<LlmRequest>) -> (Vec<LlmRequestStatus>, Duration) {
+    let start = Instant::now();
+    let es: Vec<Entity> = reqs
+        .into_iter()
+        .map(|r| app.world_mut().spawn(r).id())
+        .collect();
+    update_until(app, &es, LlmRequestStatus::is_finished);
     let wall = start.elapsed();
     let out = es
         .iter()
@@ -582,11 +590,7 @@ fn frames(args: &Args, f: &mut Figures) {
             ft.push(t.elapsed().as_secs_f64() * 1e3);
             pt.push(app.world().resource::<PluginTimer>().last.as_secs_f64() * 1e3);
             if let Some(es) = until_done
-                && es.iter().all(|e| {
-                    app.world()
-                        .get::<LlmRequestStatus>(*e)
-                        .is_some_and(LlmRequestStatus::is_finished)
-                })
+                && all_status(app.world(), es, LlmRequestStatus::is_finished)
             {
                 break;
             }
@@ -709,16 +713,9 @@ fn player(args: &Args, f: &mut Figures) {
         .map(|i| app.world_mut().spawn(npc_request(i)).id())
         .collect();
     // Wait until all eight generate.
-    loop {
-        app.update();
-        let w = app.world();
-        if bg.iter().all(|e| {
-            w.get::<LlmRequestStatus>(*e)
-                .is_some_and(|s| s.stats.generated_tokens > 0 || !s.text.is_empty())
-        }) {
-            break;
-        }
-    }
+    update_until(&mut app, &bg, |s| {
+        s.stats.generated_tokens > 0 || !s.text.is_empty()
+    });
     let (st, _) = run(&mut app, vec![player_req(1)]);
     let busy = st[0].stats.time_to_first_token.unwrap().as_secs_f64() * 1e3;
     for e in bg {
