@@ -322,15 +322,10 @@ fn over_long_prompt_full_queue_missing_and_corrupt_models_fail_typed_and_app_rec
         .map(|i| request(&mut app, chat(&format!("Hi {i}"))))
         .collect();
     run_until_finished(&mut app, &four);
-    let r = app.world().resource::<Recorded>();
-    let full = four
-        .iter()
-        .filter(|e| matches!(r.failure(**e), Some(LlmError::QueueFull { .. })))
-        .count();
-    let done = four
-        .iter()
-        .filter(|e| r.completed_text(**e).is_some())
-        .count();
+    let (done, full) = app
+        .world()
+        .resource::<Recorded>()
+        .completed_and_queue_full(&four);
     assert_eq!((full, done), (2, 2));
 
     // A missing file and a sha256 mismatch, added at run time.

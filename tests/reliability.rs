@@ -72,15 +72,10 @@ fn five_hundred_requests_in_one_frame_reject_exactly_the_overflow() {
         })
         .collect();
     run_until_finished(&mut app, &es);
-    let r = app.world().resource::<Recorded>();
-    let full = es
-        .iter()
-        .filter(|e| matches!(r.failure(**e), Some(LlmError::QueueFull { .. })))
-        .count();
-    let done = es
-        .iter()
-        .filter(|e| r.completed_text(**e).is_some())
-        .count();
+    let (done, full) = app
+        .world()
+        .resource::<Recorded>()
+        .completed_and_queue_full(&es);
     let capacity = s.capacity();
     assert_eq!(capacity, 72);
     assert_eq!((done, full), (capacity, 500 - capacity));

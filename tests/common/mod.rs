@@ -90,6 +90,14 @@ impl Recorded {
             _ => None,
         })
     }
+    /// Of `es`: how many completed, and how many were rejected with `QueueFull`.
+    pub fn completed_and_queue_full(&self, es: &[Entity]) -> (usize, usize) {
+        let done = es.iter().filter(|e| self.completed_text(**e).is_some());
+        let full = es
+            .iter()
+            .filter(|e| matches!(self.failure(**e), Some(LlmError::QueueFull { .. })));
+        (done.count(), full.count())
+    }
     pub fn failure(&self, e: Entity) -> Option<LlmError> {
         self.0.iter().find_map(|r| match r {
             Rec::Failed(x, err) if *x == e => Some(err.clone()),
