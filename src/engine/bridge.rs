@@ -276,34 +276,8 @@ impl Loader<'_> {
 
     /// Serve requests from the remote server in the settings.
     fn start_remote(&mut self) {
-        let model = self.settings.remote.model.clone();
-        if self.engine.kind != WorkerKind::Remote || self.engine.worker.is_none() {
-            let streams = self.settings.max_parallel_sequences as usize;
-            match super::remote::spawn(&self.settings.remote, knobs(&self.settings), streams) {
-                Ok(w) => {
-                    self.engine.replace_worker(w, WorkerKind::Remote);
-                }
-                Err(error) => return self.fail(model, error),
-            }
-        }
-        info!(
-            "bevy_npc_llm: serving requests from the remote server {}",
-            self.settings.remote.base_url
-        );
-        if self
-            .engine
-            .send(Command::Load(Box::new(super::remote::remote_spec(
-                &self.settings,
-            ))))
-        {
-            *self.state = LlmModelState::Loading {
-                model,
-                phase: LoadPhase::Connecting,
-                progress: 0.0,
-            };
-        } else {
-            self.engine.worker = None;
-            self.fail(model, ModelLoadError::WorkerGone);
+        if let Err(error) = serve_remotely(&mut self.engine, &self.settings, &mut self.state) {
+            self.fail(self.settings.remote.model.clone(), error);
         }
     }
 
@@ -440,36 +414,36 @@ pub(crate) struct Writers<'w> {
     unloaded: MessageWriter<'w, ModelUnloaded>,
 }
 
-/// The local model failed to load and the settings allow the remote
-/// server: a remote worker takes over, with the requests still waiting.
-fn fall_back_to_remote(
+/// Serve requests from the remote server in `settings`: unless the worker
+/// already is a remote one, a remote worker takes its place (requests not yet
+/// started move to it: their ids are returned); then the server is checked.
+fn serve_remotely(
     engine: &mut LlmEngine,
     settings: &LlmSettings,
     state: &mut LlmModelState,
-) -> HashSet<RequestId> {
-    warn!(
-        "bevy_npc_llm: falling back to the remote server {}",
+) -> Result<HashSet<RequestId>, ModelLoadError> {
+    let mut moved = HashSet::new();
+    if engine.kind != WorkerKind::Remote || engine.worker.is_none() {
+        let streams = settings.max_parallel_sequences as usize;
+        let worker = super::remote::spawn(&settings.remote, knobs(settings), streams)?;
+        moved = engine.replace_worker(worker, WorkerKind::Remote);
+    }
+    info!(
+        "bevy_npc_llm: serving requests from the remote server {}",
         settings.remote.base_url
     );
-    let streams = settings.max_parallel_sequences as usize;
-    match super::remote::spawn(&settings.remote, knobs(settings), streams) {
-        Ok(w) => {
-            let moved = engine.replace_worker(w, WorkerKind::Remote);
-            let spec = super::remote::remote_spec(settings);
-            if engine.send(Command::Load(Box::new(spec))) {
-                *state = LlmModelState::Loading {
-                    model: settings.remote.model.clone(),
-                    phase: LoadPhase::Connecting,
-                    progress: 0.0,
-                };
-            }
-            moved
-        }
-        Err(e) => {
-            error!("bevy_npc_llm: {e}");
-            HashSet::new()
-        }
+    if !engine.send(Command::Load(Box::new(super::remote::remote_spec(
+        settings,
+    )))) {
+        engine.worker = None;
+        return Err(ModelLoadError::WorkerGone);
     }
+    *state = LlmModelState::Loading {
+        model: settings.remote.model.clone(),
+        phase: LoadPhase::Connecting,
+        progress: 0.0,
+    };
+    Ok(moved)
 }
 
 /// [`NpcLlmSystems::Receive`](crate::NpcLlmSystems::Receive): worker events → status, events, messages.
@@ -543,7 +517,16 @@ pub(crate) fn receive(
                 };
                 out.load_failed.write(ModelLoadFailed { model, error });
                 if fall_back {
-                    moved = fall_back_to_remote(&mut engine, &settings, &mut state);
+                    warn!(
+                        "bevy_npc_llm: falling back to the remote server {}",
+                        settings.remote.base_url
+                    );
+                    match serve_remotely(&mut engine, &settings, &mut state) {
+                        Ok(m) => moved = m,
+                        Err(e) => {
+                            error!("bevy_npc_llm: cannot fall back to the remote server: {e}")
+                        }
+                    }
                 }
             }
             Event::Unloaded { model } => {
