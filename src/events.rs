@@ -152,7 +152,9 @@ pub struct ModelUnloaded {
 // Dialogue (NpcDialoguePlugin). Each is a Message and an EntityEvent on the
 // conversation entity. Dialogue UIs handle `ConversationLineToken` (stream a
 // speech bubble), `ConversationLineFinished` (the cleaned line to show and
-// log) and `ConversationEnded` (close the bubble / free the NPCs).
+// log) and `ConversationEnded` (close the bubble / free the NPCs). Games with a
+// player chat also handle `PlayerLineUnanswered` (tell the player the NPC did
+// not answer).
 // ---------------------------------------------------------------------------
 
 /// A conversation began.
@@ -193,13 +195,52 @@ pub struct ConversationLineFinished {
     pub fallback: bool,
 }
 
-/// A conversation ended (memories are written).
+/// A conversation ended (memories are written). Sent exactly once per
+/// conversation. The conversation entity is despawned in the next frame's
+/// [`NpcLlmSystems::Dialogue`](crate::NpcLlmSystems::Dialogue): keep what you
+/// need from this event (it carries the whole transcript).
 #[derive(EntityEvent, Message, Debug, Clone, PartialEq)]
 pub struct ConversationEnded {
-    /// The conversation entity.
+    /// The conversation entity (despawned next frame).
     pub entity: Entity,
-    /// Lines spoken.
+    /// Lines in the transcript (NPC and player lines).
     pub lines: usize,
+    /// Participants' names (the player last in a player conversation).
+    pub names: Vec<String>,
+    /// The whole transcript.
+    pub transcript: Vec<crate::dialogue::TranscriptLine>,
+    /// Player lines at the end of the transcript that no NPC line answered
+    /// (the player left, the NPC went away or a time-out ended it); each was
+    /// also reported with a [`PlayerLineUnanswered`].
+    pub unanswered_player_lines: usize,
+}
+
+/// Why a player line got no NPC reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnansweredReason {
+    /// The NPC is talking with other NPCs.
+    Busy,
+    /// The player's conversation with this NPC is already ending (writing
+    /// memories); say it again once [`ConversationEnded`] arrived.
+    ConversationEnding,
+    /// The conversation ended before the NPC answered (the player left, the
+    /// NPC went away or a time-out ended it).
+    ConversationEnded,
+}
+
+/// A player line that will get no NPC reply, with the reason. Together with
+/// [`ConversationLineFinished`], every [`PlayerSays`] with non-empty text ends
+/// in an answer or in this event: no player line is silently lost.
+#[derive(EntityEvent, Message, Debug, Clone, PartialEq)]
+pub struct PlayerLineUnanswered {
+    /// The NPC the player spoke to.
+    pub entity: Entity,
+    /// The conversation (possibly an NPC-only one, for [`UnansweredReason::Busy`]).
+    pub conversation: Entity,
+    /// The player's line (sanitized).
+    pub text: String,
+    /// Why.
+    pub reason: UnansweredReason,
 }
 
 /// Start a conversation between NPCs (entities with a
@@ -224,7 +265,10 @@ pub struct PlayerSays {
     pub text: String,
 }
 
-/// The player walks away from an NPC: the conversation ends and the NPC remembers it.
+/// The player walks away from an NPC: a line the NPC is still generating is
+/// cancelled (it is not shown), player lines it had not answered yet are
+/// reported with [`PlayerLineUnanswered`], then the NPC remembers the
+/// conversation and it ends ([`ConversationEnded`]).
 #[derive(Message, Debug, Clone, PartialEq)]
 pub struct PlayerLeaves {
     /// The NPC.

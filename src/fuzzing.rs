@@ -218,3 +218,49 @@ impl PromptHarness {
         );
     }
 }
+
+/// [`clean_line`](crate::dialogue::clean_line) and
+/// [`sanitize_memory_text`](crate::dialogue::sanitize_memory_text) on
+/// arbitrary model output and speaker names: no panic, bounded in
+/// characters, no control-token text, trimmed; the memory text also has no
+/// newline or quote.
+pub fn clean_line_invariants(raw: &str, speaker: &str, max_chars: usize) {
+    let out = crate::dialogue::clean_line(raw, speaker, max_chars);
+    assert!(
+        out.chars().count() <= max_chars,
+        "{out:?} longer than {max_chars}"
+    );
+    assert!(!out.contains("<|") && !out.contains("|>"), "{out:?}");
+    assert_eq!(out, out.trim());
+    let mem = crate::dialogue::sanitize_memory_text(raw, max_chars);
+    assert!(mem.chars().count() <= max_chars);
+    assert!(
+        !mem.contains("<|") && !mem.contains("|>") && !mem.contains('\n') && !mem.contains('"')
+    );
+    assert!(!mem.to_lowercase().contains("system:"), "{mem:?}");
+}
+
+/// A dialogue save: what parses and validates must load, and save back to
+/// the same snapshot; what does not is a typed error that leaves the world
+/// untouched.
+pub fn save_round_trip(text: &str) {
+    match crate::dialogue::parse_dialogue(text) {
+        Ok(mut snap) => {
+            let mut world = World::new();
+            crate::dialogue::load_dialogue(&mut world, text).expect("a validated save loads");
+            let mut again = crate::dialogue::snapshot(&mut world);
+            snap.npcs
+                .sort_by(|a, b| a.persona.name.cmp(&b.persona.name));
+            snap.conversations.sort_by(|a, b| a.names.cmp(&b.names));
+            again.conversations.sort_by(|a, b| a.names.cmp(&b.names));
+            assert_eq!(again, snap, "load + save changed the save");
+        }
+        Err(e) => {
+            drop(e.to_string());
+            let mut world = World::new();
+            let npc = world.spawn(Persona::new("Keep", "x")).id();
+            assert!(crate::dialogue::load_dialogue(&mut world, text).is_err());
+            assert!(world.get::<Persona>(npc).is_some_and(|p| p.name == "Keep"));
+        }
+    }
+}

@@ -59,8 +59,8 @@ pub mod prelude {
     pub use crate::events::{
         CancelLlmRequest, ConversationEnded, ConversationLineFinished, ConversationLineToken,
         ConversationStarted, LlmCancelled, LlmCompleted, LlmFailed, LlmStarted, LlmToken,
-        LoadModel, ModelLoadFailed, ModelLoaded, PlayerLeaves, PlayerSays, StartConversation,
-        UnloadModel,
+        LoadModel, ModelLoadFailed, ModelLoaded, PlayerLeaves, PlayerLineUnanswered, PlayerSays,
+        StartConversation, UnloadModel,
     };
     pub use crate::hardware::{BackendStatus, HardwareProfile};
     pub use crate::request::{

@@ -30,9 +30,14 @@ pub enum NpcLlmSystems {
     /// [`LlmRequestStatus`](crate::request::LlmRequestStatus), the request
     /// events, the model messages, [`LlmModelState`] and [`LlmEngineStats`].
     Receive,
-    /// In `Update` (with [`NpcDialoguePlugin`](crate::dialogue::NpcDialoguePlugin)):
-    /// starts conversations, turns finished requests into transcript lines,
-    /// retries and memories, asks for the next lines, announces ends.
+    /// In `Update` (with [`NpcDialoguePlugin`](crate::dialogue::NpcDialoguePlugin)),
+    /// chained: despawns conversations that ended last frame; routes
+    /// [`StartConversation`](crate::events::StartConversation),
+    /// [`PlayerSays`](crate::events::PlayerSays) and
+    /// [`PlayerLeaves`](crate::events::PlayerLeaves) to their conversations;
+    /// routes the engine's events for line and summary requests; then runs
+    /// each conversation's state machine once over what arrived (and the
+    /// time-outs) and carries out its commands (requests, lines, memories, ends).
     Dialogue,
 }
 

@@ -11,7 +11,10 @@ use common::*;
 struct Lines(Vec<ConversationLineFinished>);
 
 #[derive(Resource, Default)]
-struct Ended(Vec<Entity>);
+struct Ended(Vec<ConversationEnded>);
+
+#[derive(Resource, Default)]
+struct Unanswered(Vec<PlayerLineUnanswered>);
 
 #[derive(Resource, Default)]
 struct Streamed(Vec<ConversationLineToken>);
@@ -24,11 +27,17 @@ fn dialogue_app(model: &str) -> App {
     app.add_plugins(NpcDialoguePlugin);
     app.init_resource::<Lines>()
         .init_resource::<Ended>()
-        .init_resource::<Streamed>();
+        .init_resource::<Streamed>()
+        .init_resource::<Unanswered>();
     app.add_observer(|e: On<ConversationLineFinished>, mut l: ResMut<Lines>| {
         l.0.push(e.event().clone());
     });
-    app.add_observer(|e: On<ConversationEnded>, mut l: ResMut<Ended>| l.0.push(e.entity));
+    app.add_observer(|e: On<ConversationEnded>, mut l: ResMut<Ended>| {
+        l.0.push(e.event().clone());
+    });
+    app.add_observer(|e: On<PlayerLineUnanswered>, mut l: ResMut<Unanswered>| {
+        l.0.push(e.event().clone());
+    });
     app.add_observer(|e: On<ConversationLineToken>, mut l: ResMut<Streamed>| {
         l.0.push(e.event().clone());
     });
@@ -85,13 +94,37 @@ fn run_until_ended(app: &mut App, convs: usize) {
     });
 }
 
+/// The live conversation of an NPC, or the last ended one (rebuilt from its
+/// `ConversationEnded`: ended conversations are despawned a frame later).
 fn conversation_of(app: &mut App, npc_name: &str) -> Conversation {
     let w = app.world_mut();
     let mut q = w.query::<&Conversation>();
-    q.iter(w)
+    if let Some(c) = q
+        .iter(w)
         .find(|c| c.names.iter().any(|n| n == npc_name))
         .cloned()
-        .expect("conversation")
+    {
+        return c;
+    }
+    let ended = w
+        .resource::<Ended>()
+        .0
+        .iter()
+        .rev()
+        .find(|e| e.names.iter().any(|n| n == npc_name));
+    let e = ended.expect("conversation");
+    Conversation {
+        participants: vec![],
+        names: e.names.clone(),
+        with_player: e.names.last().is_some_and(|n| n == "Traveler"),
+        topic: None,
+        lines: e.transcript.clone(),
+        next_speaker: 0,
+        state: ConversationState::Ended,
+        limits: ConversationLimits::default(),
+        retries: 0,
+        fallbacks: 0,
+    }
 }
 
 /// The line rules of the acceptance: alternating speakers, 2 ≤ lines ≤ limit,
@@ -183,11 +216,12 @@ fn two_npcs_talk_to_the_end_and_remember_it() {
     let LlmPrompt::Chat(msgs) = p.prompt else {
         panic!()
     };
+    // The memory is quoted context in a user turn, never system text.
     assert!(
-        msgs[0].content.contains(memory.entries[0].text.trim()),
-        "{}",
-        msgs[0].content
+        msgs[1].content.contains(memory.entries[0].text.trim()),
+        "{msgs:?}"
     );
+    assert!(!msgs[0].content.contains(memory.entries[0].text.trim()));
     // Cooldown: the same pair cannot start again right away.
     let now = app.world().resource::<Time>().elapsed_secs_f64();
     assert!(
@@ -197,6 +231,7 @@ fn two_npcs_talk_to_the_end_and_remember_it() {
     );
 }
 
+use bevy_npc_llm::events::UnansweredReason;
 use bevy_npc_llm::request::LlmPrompt;
 
 #[test]
@@ -388,4 +423,218 @@ fn personas_load_from_ron_with_clear_errors() {
         err.to_string().contains("agents.ron:1:") && err.to_string().contains("identiti"),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// The player's paths through a conversation, mid-line, with the real model.
+// ---------------------------------------------------------------------------
+
+/// A dialogue app whose lines are long enough to interrupt reliably.
+fn player_app() -> (App, Vec<Entity>) {
+    let mut app = dialogue_app(SMOL);
+    app.world_mut()
+        .resource_mut::<DialogueSettings>()
+        .limits
+        .max_tokens = 96;
+    let v = villagers(&mut app);
+    (app, v)
+}
+
+fn lines_by(app: &App, npc: Entity) -> usize {
+    app.world()
+        .resource::<Lines>()
+        .0
+        .iter()
+        .filter(|l| l.speaker == npc)
+        .count()
+}
+
+/// Run until the NPC is streaming a line it has not finished (mid-line).
+fn until_mid_line(app: &mut App, npc: Entity) {
+    let finished = lines_by(app, npc);
+    let streamed = app.world().resource::<Streamed>().0.len();
+    run_until(app, 120, |app| {
+        app.world().resource::<Streamed>().0[streamed..]
+            .iter()
+            .any(|t| t.speaker == npc)
+    });
+    assert_eq!(
+        lines_by(app, npc),
+        finished,
+        "the line finished before we could interrupt it"
+    );
+}
+
+fn ended_for(app: &App, name: &str) -> Vec<ConversationEnded> {
+    app.world()
+        .resource::<Ended>()
+        .0
+        .iter()
+        .filter(|e| e.names.iter().any(|n| n == name))
+        .cloned()
+        .collect()
+}
+
+/// Regression (36c2f29: the finished line overwrote the leave; the
+/// conversation sat in AwaitingPlayer forever and the NPC stayed busy).
+#[test]
+fn player_leaving_mid_answer_ends_the_conversation_once() {
+    let (mut app, v) = player_app();
+    app.world_mut().write_message(PlayerSays {
+        npc: v[0],
+        text: "Hello Mira, tell me all about your bakery and your bread.".into(),
+    });
+    until_mid_line(&mut app, v[0]);
+    app.world_mut().write_message(PlayerLeaves { npc: v[0] });
+    run_until(&mut app, 120, |app| !ended_for(app, "Mira").is_empty());
+    // A few more frames: nothing else happens, the entity goes.
+    for _ in 0..5 {
+        app.update();
+    }
+    let ended = ended_for(&app, "Mira");
+    assert_eq!(ended.len(), 1, "ConversationEnded exactly once");
+    assert_eq!(ended[0].unanswered_player_lines, 1, "{:?}", ended[0]);
+    assert!(
+        app.world().get::<InConversation>(v[0]).is_none(),
+        "Mira is free again"
+    );
+    let unanswered = &app.world().resource::<Unanswered>().0;
+    assert_eq!(unanswered.len(), 1);
+    assert!(unanswered[0].text.contains("bakery"));
+    assert_eq!(unanswered[0].reason, UnansweredReason::ConversationEnded);
+    let w = app.world_mut();
+    assert_eq!(
+        w.query::<&Conversation>().iter(w).count(),
+        0,
+        "ended conversation despawned"
+    );
+    // Mira remembers the talk and can start a new one.
+    assert_eq!(app.world().get::<NpcMemory>(v[0]).unwrap().entries.len(), 1);
+    app.world_mut().write_message(PlayerSays {
+        npc: v[0],
+        text: "I'm back!".into(),
+    });
+    run_until(&mut app, 120, |app| lines_by(app, v[0]) >= 1);
+}
+
+/// Regression (36c2f29: a second player line sent mid-answer was pushed into
+/// the transcript, then the state was overwritten: it was never answered).
+/// Then the walk-away path: every player line is answered or reported.
+#[test]
+fn player_lines_mid_answer_are_queued_and_answered_then_leaving_closes() {
+    let (mut app, v) = player_app();
+    let said = [
+        "Good morning Mira! What are you baking today?",
+        "And how much does a loaf of rye cost?",
+        "Do you also sell honey cakes?",
+    ];
+    app.world_mut().write_message(PlayerSays {
+        npc: v[0],
+        text: said[0].into(),
+    });
+    until_mid_line(&mut app, v[0]);
+    app.world_mut().write_message(PlayerSays {
+        npc: v[0],
+        text: said[1].into(),
+    });
+    // The first answer, then the queued line's own answer.
+    run_until(&mut app, 180, |app| lines_by(app, v[0]) >= 2);
+    let conv = conversation_of(&mut app, "Mira");
+    let speakers: Vec<&str> = conv.lines.iter().map(|l| l.speaker.as_str()).collect();
+    assert_eq!(
+        speakers,
+        ["Traveler", "Mira", "Traveler", "Mira"],
+        "{conv:#?}"
+    );
+    assert_eq!(conv.lines[2].text, said[1]);
+    // Third line mid-answer? No: now the player says one and walks away mid-line.
+    app.world_mut().write_message(PlayerSays {
+        npc: v[0],
+        text: said[2].into(),
+    });
+    until_mid_line(&mut app, v[0]);
+    app.world_mut().write_message(PlayerLeaves { npc: v[0] });
+    run_until(&mut app, 120, |app| !ended_for(app, "Mira").is_empty());
+    for _ in 0..5 {
+        app.update();
+    }
+    let ended = ended_for(&app, "Mira");
+    assert_eq!(ended.len(), 1);
+    let e = &ended[0];
+    let player_lines: Vec<&str> = e
+        .transcript
+        .iter()
+        .filter(|l| l.speaker == "Traveler")
+        .map(|l| l.text.as_str())
+        .collect();
+    assert_eq!(
+        player_lines, said,
+        "every player line is in the transcript, in order"
+    );
+    assert_eq!(e.unanswered_player_lines, 1);
+    let unanswered = &app.world().resource::<Unanswered>().0;
+    assert_eq!(unanswered.len(), 1);
+    assert_eq!(unanswered[0].text, said[2]);
+    assert!(app.world().get::<InConversation>(v[0]).is_none());
+}
+
+/// Regression (36c2f29: `LlmCancelled` was not handled; the conversation
+/// waited for the cancelled line forever).
+#[test]
+fn a_cancelled_line_is_retried_and_the_conversation_goes_on() {
+    let (mut app, v) = player_app();
+    app.world_mut().write_message(PlayerSays {
+        npc: v[0],
+        text: "Hello there, baker!".into(),
+    });
+    until_mid_line(&mut app, v[0]);
+    // Cancel the line's request from outside (a game, a model switch).
+    let req = app
+        .world()
+        .resource::<Recorded>()
+        .0
+        .iter()
+        .rev()
+        .find_map(|r| match r {
+            Rec::Token(e, _) => Some(*e),
+            _ => None,
+        })
+        .expect("a streaming request");
+    app.world_mut()
+        .write_message(CancelLlmRequest { entity: req });
+    run_until(&mut app, 120, |app| lines_by(app, v[0]) >= 1);
+    let lines = &app.world().resource::<Lines>().0;
+    assert!(
+        lines[0].retried,
+        "the cancelled line was asked again: {:?}",
+        lines[0]
+    );
+    assert_eq!(
+        conversation_of(&mut app, "Mira").state,
+        ConversationState::AwaitingPlayer
+    );
+    assert!(
+        app.world().get_entity(req).is_err(),
+        "the request entity is gone"
+    );
+}
+
+/// An NPC despawned mid-line: its conversation ends, the other NPC is free.
+#[test]
+fn a_despawned_npc_ends_its_conversation() {
+    let (mut app, v) = player_app();
+    app.world_mut().write_message(StartConversation {
+        participants: vec![v[0], v[1]],
+        topic: None,
+    });
+    until_mid_line(&mut app, v[0]);
+    app.world_mut().despawn(v[0]);
+    run_until(&mut app, 120, |app| !ended_for(app, "Brom").is_empty());
+    for _ in 0..5 {
+        app.update();
+    }
+    assert_eq!(ended_for(&app, "Brom").len(), 1);
+    assert!(app.world().get::<InConversation>(v[1]).is_none());
+    let w = app.world_mut();
+    assert_eq!(w.query::<&Conversation>().iter(w).count(), 0);
 }

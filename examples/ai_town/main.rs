@@ -4,9 +4,14 @@
 //!
 //! ```text
 //! cargo run --features debug-ui --example ai_town -- [--headless] [--seconds N] [--npcs N]
+//!     [--time-scale X] [--game-minutes N]
 //!     [--model ID] [--seed N] [--screenshot PATH --screenshot-after SECS]
 //!     [--remote URL [--remote-model NAME] [--remote-completion]]
 //!
+//! `--time-scale X` runs the town's clock X times faster (inference still runs
+//! in real time; line time-outs are scaled with it); `--game-minutes N` stops
+//! after N minutes of game time. A long soak: `--headless --time-scale 15
+//! --game-minutes 60`.
 //! `--remote URL` serves the NPCs from an OpenAI-compatible server (e.g.
 //! `llama-server -m model.gguf -np 8`) instead of llama.cpp in process.
 //! ```
@@ -42,6 +47,8 @@ struct Args {
     remote: Option<String>,
     remote_model: Option<String>,
     remote_completion: bool,
+    time_scale: f64,
+    game_minutes: Option<f64>,
 }
 
 fn parse_args() -> Args {
@@ -56,6 +63,8 @@ fn parse_args() -> Args {
         remote: None,
         remote_model: None,
         remote_completion: false,
+        time_scale: 1.0,
+        game_minutes: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,9 +85,11 @@ fn parse_args() -> Args {
             "--remote" => a.remote = Some(val()),
             "--remote-model" => a.remote_model = Some(val()),
             "--remote-completion" => a.remote_completion = true,
+            "--time-scale" => a.time_scale = val().parse().unwrap_or(1.0),
+            "--game-minutes" => a.game_minutes = val().parse().ok(),
             "--help" | "-h" => {
                 println!(
-                    "ai_town [--headless] [--seconds N] [--npcs N] [--model ID] [--seed N] [--screenshot PATH --screenshot-after SECS] [--remote URL [--remote-model NAME] [--remote-completion]]"
+                    "ai_town [--headless] [--seconds N] [--game-minutes N] [--time-scale X] [--npcs N] [--model ID] [--seed N] [--screenshot PATH --screenshot-after SECS] [--remote URL [--remote-model NAME] [--remote-completion]]"
                 );
                 std::process::exit(0);
             }
@@ -160,26 +171,33 @@ fn main() -> AppExit {
             ..default()
         }));
     }
-    app.insert_resource(DialogueSettings {
+    let mut dialogue = DialogueSettings {
         seed: args.seed as u32,
         ..Default::default()
-    })
-    .add_plugins((
-        NpcLlmPlugin::default()
-            .with_settings(settings)
-            .with_load_on_startup(true),
-        NpcDialoguePlugin,
-        TownPlugin { agents },
-    ))
-    .insert_resource(TownConfig {
-        npcs: args.npcs,
-        seed: args.seed,
-        print_lines: args.headless,
-        ..Default::default()
-    })
-    .insert_resource(args.clone())
-    .insert_resource(RunClock(Instant::now()))
-    .add_systems(Update, stop_after);
+    };
+    // Inference runs in real time: a line may take as long in real seconds
+    // at any time scale.
+    dialogue.timeouts.line_secs *= args.time_scale.max(1.0);
+    dialogue.timeouts.summary_secs *= args.time_scale.max(1.0);
+    app.insert_resource(dialogue)
+        .add_plugins((
+            NpcLlmPlugin::default()
+                .with_settings(settings)
+                .with_load_on_startup(true),
+            NpcDialoguePlugin,
+            TownPlugin { agents },
+        ))
+        .insert_resource(TownConfig {
+            npcs: args.npcs,
+            seed: args.seed,
+            print_lines: args.headless,
+            time_scale: args.time_scale,
+            ..Default::default()
+        })
+        .insert_resource(args.clone())
+        .insert_resource(RunClock(Instant::now(), rss_bytes()))
+        .add_systems(Update, stop_after)
+        .add_systems(Last, summary_on_exit);
     if !args.headless {
         app.add_plugins(NpcLlmOverlayPlugin)
             .init_resource::<ChatBox>()
@@ -204,23 +222,83 @@ fn main() -> AppExit {
 }
 
 #[derive(Resource)]
-struct RunClock(Instant);
+struct RunClock(Instant, Option<u64>);
+
+/// Resident memory of this process (Linux), for the soak figures.
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
 
 fn stop_after(
     args: Res<Args>,
     clock: Res<RunClock>,
-    world_stats: Res<TownStats>,
-    engine: Res<LlmEngineStats>,
+    time: Res<Time>,
+    mut config: ResMut<TownConfig>,
+    convs: Query<&Conversation>,
     mut exit: MessageWriter<AppExit>,
+    mut draining: Local<Option<Instant>>,
     mut done: Local<bool>,
 ) {
-    let Some(secs) = args.seconds else { return };
-    let elapsed = clock.0.elapsed();
-    if !*done && elapsed.as_secs_f64() >= secs {
+    if *done {
+        return;
+    }
+    let wall = args
+        .seconds
+        .is_some_and(|s| clock.0.elapsed().as_secs_f64() >= s);
+    let game = args
+        .game_minutes
+        .is_some_and(|m| time.elapsed_secs_f64() >= m * 60.0);
+    if game && draining.is_none() {
+        // A soak ends cleanly: no new meetings; the open conversations finish.
+        config.max_conversations = 0;
+        *draining = Some(Instant::now());
+    }
+    let drained = draining.is_some_and(|since| {
+        convs.iter().all(|c| c.state == ConversationState::Ended)
+            || since.elapsed() > Duration::from_secs(300)
+    });
+    if wall || drained {
         *done = true;
-        println!("{}", summary(&world_stats, &engine, elapsed));
         exit.write(AppExit::Success);
     }
+}
+
+/// The run's last line: what the town did (also when the window closes).
+fn summary_on_exit(
+    mut exits: MessageReader<AppExit>,
+    clock: Res<RunClock>,
+    time: Res<Time<Virtual>>,
+    town: Res<TownStats>,
+    dialogue: Res<bevy_npc_llm::dialogue::DialogueStats>,
+    engine: Res<LlmEngineStats>,
+    entities: Query<Entity>,
+    convs: Query<&Conversation>,
+    mut printed: Local<bool>,
+) {
+    if exits.read().next().is_none() || *printed {
+        return;
+    }
+    *printed = true;
+    let mb = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{:.0} MB", b as f64 / 1e6));
+    println!(
+        "soak: {} entities, {} conversation entities, RSS {} at start, {} now",
+        entities.iter().count(),
+        convs.iter().count(),
+        mb(clock.1),
+        mb(rss_bytes())
+    );
+    println!(
+        "{}",
+        summary(
+            &town,
+            &dialogue,
+            &engine,
+            clock.0.elapsed(),
+            time.elapsed_secs_f64()
+        )
+    );
 }
 
 // ---------------------------------------------------------------- drawing --

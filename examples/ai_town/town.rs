@@ -44,6 +44,9 @@ pub struct TownConfig {
     pub meet_distance: f32,
     /// Walking speed, units per second.
     pub speed: f32,
+    /// Game seconds per real second (`Time<Virtual>`'s relative speed): a
+    /// long run is cheap at 10–20×. Inference still runs in real time.
+    pub time_scale: f64,
 }
 
 impl Default for TownConfig {
@@ -55,6 +58,7 @@ impl Default for TownConfig {
             max_conversations: 3,
             meet_distance: 60.0,
             speed: 90.0,
+            time_scale: 1.0,
         }
     }
 }
@@ -85,6 +89,18 @@ pub struct TownStats {
     pub started: usize,
     /// Conversations ended.
     pub ended: usize,
+    /// Conversations started in each 10 minutes of game time (index = minute / 10).
+    pub started_per_10_min: Vec<u32>,
+}
+
+/// Sets the game clock's speed from [`TownConfig::time_scale`]; frames may
+/// then advance game time by more than the default 250 ms cap.
+fn apply_time_scale(config: Res<TownConfig>, mut time: ResMut<Time<Virtual>>) {
+    if config.is_changed() {
+        let scale = config.time_scale.clamp(0.01, 1000.0);
+        time.set_relative_speed_f64(scale);
+        time.set_max_delta(Duration::from_secs_f64(0.25 * scale.max(1.0)));
+    }
 }
 
 #[derive(Resource)]
@@ -142,10 +158,20 @@ impl Plugin for TownPlugin {
                     }
                 },
             )
+            .add_systems(First, apply_time_scale)
             .add_systems(Update, (walk, meet))
             .add_observer(on_line)
             .add_observer(|_: On<ConversationEnded>, mut s: ResMut<TownStats>| s.ended += 1)
-            .add_observer(|_: On<ConversationStarted>, mut s: ResMut<TownStats>| s.started += 1);
+            .add_observer(
+                |_: On<ConversationStarted>, time: Res<Time>, mut s: ResMut<TownStats>| {
+                    s.started += 1;
+                    let window = (time.elapsed_secs_f64() / 600.0) as usize;
+                    if s.started_per_10_min.len() <= window {
+                        s.started_per_10_min.resize(window + 1, 0);
+                    }
+                    s.started_per_10_min[window] += 1;
+                },
+            );
     }
 }
 
@@ -155,7 +181,8 @@ fn walk(
     mut rng: ResMut<Rng>,
     mut q: Query<(&mut Position, &mut Villager, Option<&InConversation>)>,
 ) {
-    let dt = time.delta_secs().min(0.1);
+    // Large steps are fine at a high time scale: walking is a straight line.
+    let dt = time.delta_secs().min(5.0);
     for (mut pos, mut v, talking) in &mut q {
         if talking.is_some() {
             continue;
@@ -189,13 +216,17 @@ fn meet(
     cooldowns: Res<DialogueCooldowns>,
     mut rng: ResMut<Rng>,
     free: Query<(Entity, &Position), (With<Villager>, Without<InConversation>)>,
-    talking: Query<(), With<Conversation>>,
+    talking: Query<&Conversation>,
     mut start: MessageWriter<StartConversation>,
 ) {
     let now = time.elapsed_secs_f64();
     // A start takes effect next frame: don't ask twice for the same villagers.
     asked.retain(|_, t| now - *t < 2.0);
-    let mut running = talking.iter().count();
+    // Only live conversations count (ended ones are despawned a frame later).
+    let mut running = talking
+        .iter()
+        .filter(|c| c.state != ConversationState::Ended)
+        .count();
     let list: Vec<(Entity, Vec2)> = free.iter().map(|(e, p)| (e, p.0)).collect();
     let mut used = Vec::new();
     for (i, (a, pa)) in list.iter().enumerate() {
@@ -255,20 +286,35 @@ fn on_line(
     }
 }
 
-/// The summary printed at the end of a headless run.
-pub fn summary(s: &TownStats, e: &LlmEngineStats, elapsed: Duration) -> String {
+/// The summary printed at the end of a run: the town's figures, the
+/// dialogue system's and the engine's.
+pub fn summary(
+    s: &TownStats,
+    d: &bevy_npc_llm::dialogue::DialogueStats,
+    e: &LlmEngineStats,
+    elapsed: Duration,
+    game_secs: f64,
+) -> String {
     let secs = elapsed.as_secs_f64().max(1e-3);
     let served = match &e.remote_server {
         Some(url) => format!("served by the remote server {url}"),
         None => format!("largest batch {} sequences", e.counters.max_batch_sequences),
     };
+    let windows: Vec<String> = s.started_per_10_min.iter().map(u32::to_string).collect();
     format!(
-        "summary: {} lines, {} conversations started, {} ended, {} tokens generated in {:.0} s ({:.1} tok/s), {served}",
+        "summary: {} lines spoken; conversations {} started / {} ended / {} still open; {} retries, {} fallbacks; player lines {} answered of {}; started per 10 game-minutes [{}]; {:.1} game-minutes in {:.0} s; {} tokens generated ({:.1} tok/s), {served}",
         s.lines,
         s.started,
         s.ended,
-        e.counters.generated_tokens,
+        s.started.saturating_sub(s.ended),
+        d.retries,
+        d.fallbacks,
+        d.player_lines.saturating_sub(d.player_lines_unanswered),
+        d.player_lines,
+        windows.join(", "),
+        game_secs / 60.0,
         secs,
+        e.counters.generated_tokens,
         e.counters.generated_tokens as f64 / secs,
     )
 }

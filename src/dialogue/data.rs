@@ -94,6 +94,54 @@ pub struct NpcMemory {
     pub entries: Vec<MemoryEntry>,
 }
 
+/// How much an NPC remembers: [`NpcMemory::remember`] keeps at most
+/// `max_entries` entries and `max_chars` characters of text in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemoryLimits {
+    /// Most entries kept.
+    pub max_entries: usize,
+    /// Most characters of text kept over all entries.
+    pub max_chars: usize,
+}
+
+impl Default for MemoryLimits {
+    fn default() -> Self {
+        Self {
+            max_entries: 32,
+            max_chars: 4000,
+        }
+    }
+}
+
+impl NpcMemory {
+    /// Add an entry, then forget until within `limits`. The policy: the
+    /// entry with the lowest importance goes first; among equals, the oldest
+    /// (by time, then by position). The new entry itself may go when it is
+    /// the least important. Entries stay in time order.
+    pub fn remember(&mut self, entry: MemoryEntry, limits: &MemoryLimits) {
+        self.entries.push(entry);
+        let chars = |es: &[MemoryEntry]| es.iter().map(|e| e.text.chars().count()).sum::<usize>();
+        while !self.entries.is_empty()
+            && (self.entries.len() > limits.max_entries || chars(&self.entries) > limits.max_chars)
+        {
+            let victim = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by(|(i, a), (j, b)| {
+                    a.importance
+                        .total_cmp(&b.importance)
+                        .then(a.time.total_cmp(&b.time))
+                        .then(i.cmp(j))
+                })
+                .map(|(i, _)| i)
+                .unwrap_or(0);
+            self.entries.remove(victim);
+        }
+    }
+}
+
 /// One line of a transcript.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TranscriptLine {

@@ -26,6 +26,7 @@
 //! ```
 
 mod data;
+mod machine;
 mod prompt;
 mod save;
 mod systems;
@@ -33,15 +34,17 @@ mod systems;
 use bevy::prelude::*;
 
 pub use data::{
-    Conversation, ConversationLimits, ConversationState, MemoryEntry, NpcMemory, Persona,
-    TranscriptLine,
+    Conversation, ConversationLimits, ConversationState, MemoryEntry, MemoryLimits, NpcMemory,
+    Persona, TranscriptLine,
 };
+pub use machine::ConversationTimeouts;
 pub use prompt::{
     KeywordRanker, LinePrompt, MemoryQuery, MemoryRanker, clean_line, is_degenerate, line_prompt,
-    relevant_memories, sanitize_player_text, summary_prompt,
+    relevant_memories, sanitize_memory_text, sanitize_player_text, summary_prompt,
 };
 pub use save::{
-    ConversationSnapshot, DialogueSnapshot, NpcSnapshot, load_dialogue, save_dialogue, snapshot,
+    ConversationSnapshot, DialogueSnapshot, MAX_SAVED_LINES, MAX_SAVED_TEXT_CHARS, NpcSnapshot,
+    load_dialogue, parse_dialogue, save_dialogue, snapshot, validate_snapshot,
 };
 pub use systems::{DialogueCooldowns, InConversation};
 
@@ -65,6 +68,10 @@ pub struct DialogueSettings {
     pub max_player_chars: usize,
     /// Base seed (each line derives its own).
     pub seed: u32,
+    /// How long a conversation waits in each state before it moves on.
+    pub timeouts: ConversationTimeouts,
+    /// How much each NPC remembers (older, less important memories go first).
+    pub memory_limits: MemoryLimits,
 }
 
 impl Default for DialogueSettings {
@@ -77,6 +84,8 @@ impl Default for DialogueSettings {
             player_name: "Traveler".into(),
             max_player_chars: 300,
             seed: 1234,
+            timeouts: ConversationTimeouts::default(),
+            memory_limits: MemoryLimits::default(),
         }
     }
 }
@@ -96,6 +105,10 @@ pub struct DialogueStats {
     pub fallbacks: u64,
     /// Memories written.
     pub memories: u64,
+    /// Player lines taken into conversations.
+    pub player_lines: u64,
+    /// Player lines that got no NPC reply ([`PlayerLineUnanswered`]).
+    pub player_lines_unanswered: u64,
 }
 
 /// Conversations between NPCs and with the player. Needs
@@ -116,13 +129,14 @@ impl Plugin for NpcDialoguePlugin {
             .add_message::<StartConversation>()
             .add_message::<PlayerSays>()
             .add_message::<PlayerLeaves>()
+            .add_message::<PlayerLineUnanswered>()
             .add_systems(
                 Update,
                 (
-                    systems::start,
-                    systems::collect,
-                    systems::drive,
-                    systems::announce_ends,
+                    systems::despawn_ended,
+                    systems::route_inputs,
+                    systems::route_engine,
+                    systems::step,
                 )
                     .chain()
                     .in_set(NpcLlmSystems::Dialogue),

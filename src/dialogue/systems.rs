@@ -1,11 +1,12 @@
 //! The systems that run conversations turn by turn on top of the engine.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use bevy::ecs::system::SystemParam;
 use bevy::prelude::*;
 
 use super::data::*;
+use super::machine::{Command, Event, Machine};
 use super::prompt::*;
 use super::{DialogueSettings, DialogueStats};
 use crate::events::*;
@@ -18,32 +19,73 @@ use crate::{LlmEngineStats, LlmModelState};
 #[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InConversation(pub Entity);
 
-/// Bookkeeping of a conversation that is not saved.
-#[derive(Component, Debug, Clone, Default)]
+/// Bookkeeping of a conversation that is not saved: its state machine, the
+/// requests it has in flight and what waits to be routed into it.
+#[derive(Component, Debug, Clone)]
 pub(crate) struct ConversationRuntime {
+    /// The conversation's state machine (the only writer of its state).
+    machine: Machine,
+    /// Events for the machine, in arrival order, handled in `step`.
+    inbox: Vec<Event>,
     /// The request entity of the line being generated.
     pending: Option<Entity>,
+    /// The cleaned text of the line that just finished.
+    output: Option<String>,
+    /// Player lines held until the NPC line in flight is appended.
+    held: VecDeque<TranscriptLine>,
     /// Summary requests still running, with their participant index.
     summaries: Vec<(Entity, usize)>,
-    summaries_started: bool,
     /// Game time the conversation started (memories are ranked as of then,
     /// so every turn's prompt keeps the same prefix for the cache).
     started_at: f64,
     seed: u32,
 }
 
+impl ConversationRuntime {
+    /// Fresh bookkeeping for `conv` (new, or restored from a save).
+    pub(crate) fn new(conv: &Conversation, now: f64, seed: u32) -> Self {
+        let npc_lines = conv
+            .lines
+            .iter()
+            .filter(|l| {
+                conv.names
+                    .get(..conv.participants.len())
+                    .is_some_and(|npcs| npcs.contains(&l.speaker))
+            })
+            .count();
+        Self {
+            machine: Machine::new(
+                conv.participants.len(),
+                conv.with_player,
+                conv.limits.max_lines,
+                conv.state,
+                conv.next_speaker,
+                conv.lines.len(),
+                npc_lines,
+                now,
+            ),
+            inbox: vec![Event::Begin],
+            pending: None,
+            output: None,
+            held: VecDeque::new(),
+            summaries: Vec::new(),
+            started_at: now,
+            seed,
+        }
+    }
+}
+
 /// A request entity producing a line.
 #[derive(Component, Debug, Clone, Copy)]
 pub(crate) struct LineRequest {
-    conversation: Entity,
+    pub(crate) conversation: Entity,
     speaker: usize,
-    attempt: u32,
 }
 
 /// A request entity producing a memory.
 #[derive(Component, Debug, Clone, Copy)]
 pub(crate) struct SummaryRequest {
-    conversation: Entity,
+    pub(crate) conversation: Entity,
     who: usize,
 }
 
@@ -126,29 +168,52 @@ impl EngineView<'_> {
     }
 }
 
-/// Start NPC conversations and player conversations.
+/// A conversation created this frame, not yet spawned.
+struct NewConversation {
+    entity: Entity,
+    conv: Conversation,
+    runtime: ConversationRuntime,
+}
+
+/// Despawn conversations that ended in an earlier frame (their
+/// [`ConversationEnded`] has been delivered; it carries the transcript).
+pub(crate) fn despawn_ended(mut commands: Commands, convs: Query<(Entity, &Conversation)>) {
+    for (e, c) in &convs {
+        if c.state == ConversationState::Ended {
+            commands.entity(e).despawn();
+        }
+    }
+}
+
+/// Route the game's messages into conversations: start new ones, hand
+/// player lines and departures to the conversation they belong to.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn start(
+pub(crate) fn route_inputs(
     mut commands: Commands,
     time: Res<Time>,
     settings: Res<DialogueSettings>,
-    cooldowns: Res<DialogueCooldowns>,
+    mut cooldowns: ResMut<DialogueCooldowns>,
     mut stats: ResMut<DialogueStats>,
     mut starts: MessageReader<StartConversation>,
     mut says: MessageReader<PlayerSays>,
     mut leaves: MessageReader<PlayerLeaves>,
     npcs: Query<(&Persona, Option<&InConversation>)>,
-    mut convs: Query<&mut Conversation>,
-    mut started: MessageWriter<ConversationStarted>,
+    mut convs: Query<(&Conversation, &mut ConversationRuntime)>,
+    mut out: DialogueOut,
 ) {
     let t = now(&time);
+    // Expired cooldowns go: the map holds only pairs still cooling down.
+    cooldowns.0.retain(|_, until| *until > t);
+    let mut new: Vec<NewConversation> = Vec::new();
+    let busy =
+        |e: Entity, new: &[NewConversation]| new.iter().any(|n| n.conv.participants.contains(&e));
     for s in starts.read() {
         let mut names = Vec::new();
         let mut ok = s.participants.len() >= 2;
         for (i, e) in s.participants.iter().enumerate() {
             match npcs.get(*e) {
-                Ok((p, None)) => names.push(p.name.clone()),
-                Ok((p, Some(_))) => {
+                Ok((p, None)) if !busy(*e, &new) => names.push(p.name.clone()),
+                Ok((p, _)) => {
                     warn!("bevy_npc_llm: {} is already in a conversation", p.name);
                     ok = false;
                 }
@@ -158,7 +223,7 @@ pub(crate) fn start(
                 }
             }
             for other in &s.participants[i + 1..] {
-                if !cooldowns.ready(*e, *other, t) {
+                if other == e || !cooldowns.ready(*e, *other, t) {
                     ok = false;
                 }
             }
@@ -166,23 +231,8 @@ pub(crate) fn start(
         if !ok {
             continue;
         }
-        let conv = spawn_conversation(
-            &mut commands,
-            s.participants.clone(),
-            names.clone(),
-            false,
-            s.topic.clone(),
-            &settings,
-            t,
-            stats.started as u32,
-        );
-        stats.started += 1;
-        let e = ConversationStarted {
-            entity: conv,
-            names,
-        };
-        started.write(e.clone());
-        commands.trigger(e);
+        let conv = new_conversation(s.participants.clone(), names, false, s.topic.clone());
+        new.push(create(&mut commands, conv, &settings, t, &mut stats));
     }
     for s in says.read() {
         let Ok((persona, in_conv)) = npcs.get(s.npc) else {
@@ -201,181 +251,530 @@ pub(crate) fn start(
             text,
             time: t,
         };
-        // Continue the player's conversation with this NPC, or start one.
-        if let Some(c) = in_conv
-            && let Ok(mut conv) = convs.get_mut(c.0)
-            && conv.with_player
-            && conv.state != ConversationState::Ended
-            && conv.state != ConversationState::Summarizing
+        // This frame's new conversation with this NPC, an existing one, or a new one.
+        if let Some(n) = new
+            .iter_mut()
+            .find(|n| n.conv.participants.contains(&s.npc))
         {
-            conv.lines.push(line);
-            conv.next_speaker = 0;
-            conv.state = ConversationState::Active;
+            if n.conv.with_player {
+                n.runtime.held.push_back(line);
+                n.runtime.inbox.push(Event::PlayerSays);
+            } else {
+                unanswered(
+                    &mut commands,
+                    &mut out,
+                    s.npc,
+                    n.entity,
+                    line.text,
+                    UnansweredReason::Busy,
+                );
+            }
             continue;
         }
-        if in_conv.is_some() {
-            warn!(
-                "bevy_npc_llm: {} is busy talking with someone else",
-                persona.name
-            );
+        if let Some(c) = in_conv
+            && let Ok((conv, mut rt)) = convs.get_mut(c.0)
+            && conv.state != ConversationState::Ended
+        {
+            if conv.with_player {
+                rt.held.push_back(line);
+                rt.inbox.push(Event::PlayerSays);
+            } else {
+                warn!(
+                    "bevy_npc_llm: {} is busy talking with someone else",
+                    persona.name
+                );
+                unanswered(
+                    &mut commands,
+                    &mut out,
+                    s.npc,
+                    c.0,
+                    line.text,
+                    UnansweredReason::Busy,
+                );
+            }
             continue;
         }
         let names = vec![persona.name.clone(), settings.player_name.clone()];
-        let conv = spawn_conversation(
-            &mut commands,
-            vec![s.npc],
-            names.clone(),
-            true,
-            None,
-            &settings,
-            t,
-            stats.started as u32,
-        );
-        stats.started += 1;
-        commands
-            .entity(conv)
-            .entry::<Conversation>()
-            .and_modify(move |mut c| {
-                c.lines.push(line);
-            });
-        let e = ConversationStarted {
-            entity: conv,
-            names,
-        };
-        started.write(e.clone());
-        commands.trigger(e);
+        let mut conv = new_conversation(vec![s.npc], names, true, None);
+        conv.state = ConversationState::AwaitingPlayer;
+        conv.next_speaker = 1;
+        let mut n = create(&mut commands, conv, &settings, t, &mut stats);
+        n.runtime.held.push_back(line);
+        n.runtime.inbox.push(Event::PlayerSays);
+        new.push(n);
     }
     for l in leaves.read() {
-        if let Ok((_, Some(c))) = npcs.get(l.npc)
-            && let Ok(mut conv) = convs.get_mut(c.0)
-            && conv.with_player
+        if let Some(n) = new
+            .iter_mut()
+            .find(|n| n.conv.participants.contains(&l.npc))
         {
-            conv.state = ConversationState::Summarizing;
+            n.runtime.inbox.push(Event::PlayerLeaves);
+        } else if let Ok((_, Some(c))) = npcs.get(l.npc)
+            && let Ok((_, mut rt)) = convs.get_mut(c.0)
+        {
+            rt.inbox.push(Event::PlayerLeaves);
         }
+    }
+    for n in new {
+        for p in &n.conv.participants {
+            commands.entity(*p).insert(InConversation(n.entity));
+        }
+        let e = ConversationStarted {
+            entity: n.entity,
+            names: n.conv.names.clone(),
+        };
+        commands.entity(n.entity).insert((
+            Name::new(format!("Conversation: {}", n.conv.names.join(", "))),
+            n.conv,
+            n.runtime,
+        ));
+        out.started.write(e.clone());
+        commands.trigger(e);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn spawn_conversation(
-    commands: &mut Commands,
+fn new_conversation(
     participants: Vec<Entity>,
     names: Vec<String>,
     with_player: bool,
     topic: Option<String>,
-    settings: &DialogueSettings,
-    t: f64,
-    seed: u32,
-) -> Entity {
-    let conv = commands
-        .spawn((
-            Name::new(format!("Conversation: {}", names.join(", "))),
-            Conversation {
-                participants: participants.clone(),
-                names,
-                with_player,
-                topic,
-                lines: Vec::new(),
-                next_speaker: 0,
-                state: ConversationState::Active,
-                limits: settings.limits.clone(),
-                retries: 0,
-                fallbacks: 0,
-            },
-            ConversationRuntime {
-                started_at: t,
-                seed: settings.seed.wrapping_add(seed.wrapping_mul(7919)),
-                ..Default::default()
-            },
-        ))
-        .id();
-    for p in participants {
-        commands.entity(p).insert(InConversation(conv));
+) -> Conversation {
+    Conversation {
+        participants,
+        names,
+        with_player,
+        topic,
+        lines: Vec::new(),
+        next_speaker: 0,
+        state: ConversationState::Active,
+        limits: ConversationLimits::default(),
+        retries: 0,
+        fallbacks: 0,
     }
-    conv
 }
 
-/// Ask the engine for the next line (or the memories) of each conversation.
-pub(crate) fn drive(
+fn create(
+    commands: &mut Commands,
+    mut conv: Conversation,
+    settings: &DialogueSettings,
+    t: f64,
+    stats: &mut DialogueStats,
+) -> NewConversation {
+    conv.limits = settings.limits.clone();
+    let seed = settings
+        .seed
+        .wrapping_add((stats.started as u32).wrapping_mul(7919));
+    stats.started += 1;
+    let runtime = ConversationRuntime::new(&conv, t, seed);
+    NewConversation {
+        entity: commands.spawn_empty().id(),
+        conv,
+        runtime,
+    }
+}
+
+fn unanswered(
+    commands: &mut Commands,
+    out: &mut DialogueOut,
+    npc: Entity,
+    conversation: Entity,
+    text: String,
+    reason: UnansweredReason,
+) {
+    let e = PlayerLineUnanswered {
+        entity: npc,
+        conversation,
+        text,
+        reason,
+    };
+    out.unanswered.write(e.clone());
+    commands.trigger(e);
+}
+
+/// Everything the dialogue systems write.
+#[derive(SystemParam)]
+pub(crate) struct DialogueOut<'w> {
+    started: MessageWriter<'w, ConversationStarted>,
+    tokens: MessageWriter<'w, ConversationLineToken>,
+    finished: MessageWriter<'w, ConversationLineFinished>,
+    ended: MessageWriter<'w, ConversationEnded>,
+    unanswered: MessageWriter<'w, PlayerLineUnanswered>,
+}
+
+/// Route the engine's events into conversations: streamed text out as
+/// [`ConversationLineToken`], finished lines cleaned and handed to the
+/// machine, summaries written as memories.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn route_engine(
     mut commands: Commands,
     time: Res<Time>,
     settings: Res<DialogueSettings>,
-    engine: EngineView,
-    mut convs: Query<(Entity, &mut Conversation, Option<&mut ConversationRuntime>)>,
-    npcs: Query<(&Persona, Option<&NpcMemory>)>,
+    mut stats: ResMut<DialogueStats>,
+    mut tokens: MessageReader<LlmToken>,
+    mut completed: MessageReader<LlmCompleted>,
+    mut failed: MessageReader<LlmFailed>,
+    mut cancelled: MessageReader<LlmCancelled>,
+    lines: Query<&LineRequest>,
+    summaries: Query<&SummaryRequest>,
+    mut convs: Query<(&Conversation, &mut ConversationRuntime)>,
+    mut npcs: Query<(&Persona, Option<&mut NpcMemory>)>,
+    mut out: DialogueOut,
 ) {
-    let completion = engine.completion();
+    let t = now(&time);
+    for tok in tokens.read() {
+        if let Ok(lr) = lines.get(tok.entity)
+            && let Ok((conv, rt)) = convs.get(lr.conversation)
+            && rt.pending == Some(tok.entity)
+            && let Some(npc) = conv.npc(lr.speaker)
+        {
+            let e = ConversationLineToken {
+                entity: lr.conversation,
+                speaker: npc,
+                text: tok.text.clone(),
+            };
+            out.tokens.write(e.clone());
+            commands.trigger(e);
+        }
+    }
+    enum Outcome {
+        Done(String),
+        Failed,
+        Cancelled,
+    }
+    let mut results: Vec<(Entity, Outcome)> = completed
+        .read()
+        .map(|c| (c.entity, Outcome::Done(c.text.clone())))
+        .collect();
+    results.extend(failed.read().map(|f| (f.entity, Outcome::Failed)));
+    results.extend(cancelled.read().map(|c| (c.entity, Outcome::Cancelled)));
+    for (req, outcome) in results {
+        if let Ok(lr) = lines.get(req).copied() {
+            commands.entity(req).despawn();
+            let Ok((conv, mut rt)) = convs.get_mut(lr.conversation) else {
+                continue;
+            };
+            if rt.pending != Some(req) {
+                continue; // a request the conversation no longer waits for
+            }
+            rt.pending = None;
+            let event = match outcome {
+                Outcome::Done(text) => {
+                    let name = &conv.names[lr.speaker];
+                    let cleaned = clean_line(&text, name, conv.limits.max_line_chars);
+                    let earlier: Vec<String> = conv.lines.iter().map(|l| l.text.clone()).collect();
+                    let usable = !cleaned.is_empty() && !is_degenerate(&cleaned, &earlier);
+                    let goodbye = says_goodbye(&cleaned);
+                    rt.output = Some(cleaned);
+                    Event::LineDone { usable, goodbye }
+                }
+                Outcome::Failed => Event::LineFailed,
+                Outcome::Cancelled => Event::LineCancelled,
+            };
+            rt.inbox.push(event);
+        } else if let Ok(sr) = summaries.get(req).copied() {
+            commands.entity(req).despawn();
+            let Ok((conv, mut rt)) = convs.get_mut(sr.conversation) else {
+                continue;
+            };
+            let before = rt.summaries.len();
+            rt.summaries.retain(|(e, _)| *e != req);
+            if rt.summaries.len() == before {
+                continue;
+            }
+            rt.inbox.push(Event::SummaryDone);
+            let me = conv.names[sr.who].clone();
+            let text = match outcome {
+                Outcome::Done(text) => Some(text),
+                _ => None,
+            };
+            let summary = text
+                .as_deref()
+                .map(|t| sanitize_memory_text(&clean_line(t, &me, MEMORY_CHARS), MEMORY_CHARS))
+                .filter(|s| !s.is_empty() && !is_degenerate(s, &[]))
+                .unwrap_or_else(|| {
+                    // The model gave nothing usable: remember the bare facts.
+                    format!(
+                        "I talked with {}.",
+                        conv.names
+                            .iter()
+                            .filter(|n| **n != me)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(" and ")
+                    )
+                });
+            let about: Vec<String> = conv.names.iter().filter(|n| **n != me).cloned().collect();
+            let importance = (0.3 + 0.05 * conv.lines.len() as f32).min(0.9);
+            if let Some(npc) = conv.npc(sr.who)
+                && let Ok((_, memory)) = npcs.get_mut(npc)
+            {
+                let entry = MemoryEntry {
+                    time: t,
+                    text: summary,
+                    importance,
+                    about,
+                };
+                match memory {
+                    Some(mut m) => m.remember(entry, &settings.memory_limits),
+                    None => {
+                        let mut m = NpcMemory::default();
+                        m.remember(entry, &settings.memory_limits);
+                        commands.entity(npc).insert(m);
+                    }
+                }
+                stats.memories += 1;
+            }
+        }
+    }
+}
+
+/// Longest memory text kept, in characters.
+const MEMORY_CHARS: usize = 300;
+
+/// What `step` reads besides the conversations.
+#[derive(SystemParam)]
+pub(crate) struct StepCtx<'w, 's> {
+    time: Res<'w, Time>,
+    settings: Res<'w, DialogueSettings>,
+    engine: EngineView<'w>,
+    stats: ResMut<'w, DialogueStats>,
+    cooldowns: ResMut<'w, DialogueCooldowns>,
+    npcs: Query<'w, 's, (&'static Persona, Option<&'static NpcMemory>)>,
+    in_conv: Query<'w, 's, &'static InConversation>,
+}
+
+/// Feed each conversation's events (and the time) through its state machine
+/// and carry out the commands it returns. The only place a conversation's
+/// state changes.
+pub(crate) fn step(
+    mut commands: Commands,
+    mut ctx: StepCtx,
+    mut convs: Query<(Entity, &mut Conversation, Option<&mut ConversationRuntime>)>,
+    mut out: DialogueOut,
+) {
+    let t = now(&ctx.time);
+    let completion = ctx.engine.completion();
     for (ce, mut conv, runtime) in &mut convs {
         let Some(mut rt) = runtime else {
-            // Restored from a save: fresh bookkeeping.
-            commands.entity(ce).insert(ConversationRuntime {
-                started_at: now(&time),
-                seed: settings.seed,
-                ..Default::default()
-            });
+            // Restored from a save: fresh bookkeeping, started next frame.
+            let seed = ctx.settings.seed.wrapping_add(ce.to_bits() as u32);
+            commands
+                .entity(ce)
+                .insert(ConversationRuntime::new(&conv, t, seed));
             continue;
         };
-        if rt.pending.is_some() {
+        if conv.state == ConversationState::Ended {
             continue;
         }
-        match conv.state {
-            ConversationState::Active | ConversationState::Closing => {
-                if conv.with_player && conv.next_speaker != 0 {
-                    conv.state = ConversationState::AwaitingPlayer;
-                    continue;
-                }
-                let speaker = conv.next_speaker;
-                let Some(npc) = conv.npc(speaker) else {
-                    continue;
-                };
-                let Ok((persona, memory)) = npcs.get(npc) else {
-                    conv.state = ConversationState::Summarizing;
-                    continue;
-                };
-                let req = line_request(
-                    &conv, &rt, speaker, persona, memory, &settings, &engine, completion, 0,
+        // Participants that went away.
+        for (i, p) in conv.participants.iter().enumerate() {
+            if !rt.machine.gone[i] && ctx.npcs.get(*p).is_err() {
+                rt.inbox.push(Event::NpcGone(i));
+            }
+        }
+        let mut inbox = std::mem::take(&mut rt.inbox);
+        inbox.push(Event::Tick);
+        for event in inbox {
+            let timeouts = ctx.settings.timeouts;
+            let cmds = rt.machine.handle(event, t, &timeouts);
+            conv.state = rt.machine.public_state();
+            conv.next_speaker = rt.machine.next_speaker;
+            for cmd in cmds {
+                apply(
+                    &mut commands,
+                    &mut ctx,
+                    &mut out,
+                    ce,
+                    &mut conv,
+                    &mut rt,
+                    cmd,
+                    completion,
                 );
-                let e = commands
-                    .spawn((
-                        req.with_cache_key(npc),
-                        LineRequest {
-                            conversation: ce,
-                            speaker,
-                            attempt: 0,
-                        },
-                    ))
-                    .id();
-                rt.pending = Some(e);
             }
-            ConversationState::Summarizing if !rt.summaries_started => {
-                rt.summaries_started = true;
-                if conv.lines.is_empty() {
-                    continue;
+        }
+    }
+}
+
+/// Carry out one command of a conversation's machine.
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    commands: &mut Commands,
+    ctx: &mut StepCtx,
+    out: &mut DialogueOut,
+    ce: Entity,
+    conv: &mut Conversation,
+    rt: &mut ConversationRuntime,
+    cmd: Command,
+    completion: bool,
+) {
+    let t = now(&ctx.time);
+    match cmd {
+        Command::RequestLine {
+            speaker, attempt, ..
+        } => {
+            let Some(npc) = conv.npc(speaker) else { return };
+            let Ok((persona, memory)) = ctx.npcs.get(npc) else {
+                return; // gone: the machine hears of it next frame
+            };
+            if attempt > 0 {
+                conv.retries += 1;
+                ctx.stats.retries += 1;
+            }
+            let req = line_request(
+                conv,
+                rt,
+                speaker,
+                persona,
+                memory,
+                &ctx.settings,
+                &ctx.engine,
+                completion,
+                attempt,
+            );
+            let e = commands
+                .spawn((
+                    req.with_cache_key(npc),
+                    LineRequest {
+                        conversation: ce,
+                        speaker,
+                    },
+                ))
+                .id();
+            rt.pending = Some(e);
+        }
+        Command::CancelLine => {
+            if let Some(e) = rt.pending.take() {
+                // Despawning cancels the request in the engine.
+                commands.entity(e).try_despawn();
+            }
+            rt.output = None;
+        }
+        Command::AppendLine {
+            speaker,
+            fallback,
+            retried,
+            closing,
+        } => {
+            let name = conv.names[speaker].clone();
+            let text = match (fallback, rt.output.take()) {
+                (false, Some(text)) => text,
+                _ => {
+                    conv.fallbacks += 1;
+                    ctx.stats.fallbacks += 1;
+                    if closing {
+                        FALLBACK_CLOSING.to_string()
+                    } else {
+                        FALLBACKS[conv.lines.len() % FALLBACKS.len()].to_string()
+                    }
                 }
-                for who in 0..conv.participants.len() {
-                    let req = LlmRequest::new(summary_prompt(&conv, who, completion))
-                        .with_max_tokens(60)
-                        .with_temperature(0.3)
-                        .with_seed(rt.seed)
-                        .with_trim_prompt(true)
-                        .with_stop(if completion {
-                            vec!["\n".to_string()]
-                        } else {
-                            vec![]
-                        })
-                        .with_priority(RequestPriority::Background);
-                    let e = commands
-                        .spawn((
-                            req,
-                            SummaryRequest {
-                                conversation: ce,
-                                who,
-                            },
-                        ))
-                        .id();
-                    rt.summaries.push((e, who));
+            };
+            ctx.stats.lines += 1;
+            conv.lines.push(TranscriptLine {
+                speaker: name.clone(),
+                text: text.clone(),
+                time: t,
+            });
+            let e = ConversationLineFinished {
+                entity: ce,
+                speaker: conv.npc(speaker).unwrap_or(Entity::PLACEHOLDER),
+                name,
+                text,
+                retried,
+                fallback,
+            };
+            out.finished.write(e.clone());
+            commands.trigger(e);
+        }
+        Command::TakePlayerLines(n) => {
+            for _ in 0..n {
+                if let Some(line) = rt.held.pop_front() {
+                    conv.lines.push(line);
+                    ctx.stats.player_lines += 1;
                 }
             }
-            _ => {}
+        }
+        Command::RejectPlayerLine => {
+            if let Some(line) = rt.held.pop_back() {
+                let npc = conv.npc(0).unwrap_or(Entity::PLACEHOLDER);
+                unanswered(
+                    commands,
+                    out,
+                    npc,
+                    ce,
+                    line.text,
+                    UnansweredReason::ConversationEnding,
+                );
+            }
+        }
+        Command::Summarize { who } => {
+            let req = LlmRequest::new(summary_prompt(conv, who, completion))
+                .with_max_tokens(60)
+                .with_temperature(0.3)
+                .with_seed(rt.seed)
+                .with_trim_prompt(true)
+                .with_stop(if completion {
+                    vec!["\n".to_string()]
+                } else {
+                    vec![]
+                })
+                .with_priority(RequestPriority::Background);
+            let e = commands
+                .spawn((
+                    req,
+                    SummaryRequest {
+                        conversation: ce,
+                        who,
+                    },
+                ))
+                .id();
+            rt.summaries.push((e, who));
+        }
+        Command::CancelSummaries => {
+            for (e, _) in rt.summaries.drain(..) {
+                commands.entity(e).try_despawn();
+            }
+        }
+        Command::End { unanswered: n } => {
+            let npc = conv.npc(0).unwrap_or(Entity::PLACEHOLDER);
+            let player_lines: Vec<String> = conv
+                .lines
+                .iter()
+                .rev()
+                .take(n)
+                .map(|l| l.text.clone())
+                .collect();
+            for text in player_lines.into_iter().rev() {
+                ctx.stats.player_lines_unanswered += 1;
+                unanswered(
+                    commands,
+                    out,
+                    npc,
+                    ce,
+                    text,
+                    UnansweredReason::ConversationEnded,
+                );
+            }
+            ctx.stats.ended += 1;
+            let cooldown_until = t + ctx.settings.cooldown_secs;
+            for (i, a) in conv.participants.iter().enumerate() {
+                if ctx.in_conv.get(*a).is_ok_and(|c| c.0 == ce) {
+                    commands.entity(*a).remove::<InConversation>();
+                }
+                for b in &conv.participants[i + 1..] {
+                    ctx.cooldowns
+                        .0
+                        .insert(DialogueCooldowns::key(*a, *b), cooldown_until);
+                }
+            }
+            let ev = ConversationEnded {
+                entity: ce,
+                lines: conv.lines.len(),
+                names: conv.names.clone(),
+                transcript: conv.lines.clone(),
+                unanswered_player_lines: n,
+            };
+            out.ended.write(ev.clone());
+            commands.trigger(ev);
         }
     }
 }
@@ -423,7 +822,8 @@ fn line_request(
         .with_max_tokens(conv.limits.max_tokens)
         .with_seed(
             rt.seed
-                .wrapping_add(conv.lines.len() as u32 * 31 + attempt * 1_000_003),
+                .wrapping_add((conv.lines.len() as u32).wrapping_mul(31))
+                .wrapping_add(attempt.wrapping_mul(1_000_003)),
         )
         .with_trim_prompt(true)
         .with_priority(if conv.with_player {
@@ -431,209 +831,4 @@ fn line_request(
         } else {
             RequestPriority::Normal
         })
-}
-
-/// Everything `collect` writes.
-#[derive(SystemParam)]
-pub(crate) struct DialogueOut<'w> {
-    tokens: MessageWriter<'w, ConversationLineToken>,
-    finished: MessageWriter<'w, ConversationLineFinished>,
-}
-
-/// Turn the engine's events into transcript lines, retries, memories and ends.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn collect(
-    mut commands: Commands,
-    time: Res<Time>,
-    settings: Res<DialogueSettings>,
-    engine: EngineView,
-    mut stats: ResMut<DialogueStats>,
-    mut cooldowns: ResMut<DialogueCooldowns>,
-    mut tokens: MessageReader<LlmToken>,
-    mut completed: MessageReader<LlmCompleted>,
-    mut failed: MessageReader<LlmFailed>,
-    lines: Query<&LineRequest>,
-    summaries: Query<&SummaryRequest>,
-    mut convs: Query<(&mut Conversation, &mut ConversationRuntime)>,
-    mut npcs: Query<(&Persona, Option<&mut NpcMemory>)>,
-    mut out: DialogueOut,
-) {
-    let t = now(&time);
-    for tok in tokens.read() {
-        if let Ok(lr) = lines.get(tok.entity)
-            && let Ok((conv, _)) = convs.get(lr.conversation)
-            && let Some(npc) = conv.npc(lr.speaker)
-        {
-            let e = ConversationLineToken {
-                entity: lr.conversation,
-                speaker: npc,
-                text: tok.text.clone(),
-            };
-            out.tokens.write(e.clone());
-            commands.trigger(e);
-        }
-    }
-    // Results: Some(text) on completion, None on failure.
-    let mut results: Vec<(Entity, Option<String>)> = completed
-        .read()
-        .map(|c| (c.entity, Some(c.text.clone())))
-        .collect();
-    results.extend(failed.read().map(|f| (f.entity, None)));
-    let completion = engine.completion();
-    for (req_entity, text) in results {
-        if let Ok(lr) = lines.get(req_entity).copied() {
-            commands.entity(req_entity).despawn();
-            let Ok((mut conv, mut rt)) = convs.get_mut(lr.conversation) else {
-                continue;
-            };
-            rt.pending = None;
-            let name = conv.names[lr.speaker].clone();
-            let earlier: Vec<String> = conv.lines.iter().map(|l| l.text.clone()).collect();
-            let cleaned = text
-                .as_deref()
-                .map(|t| clean_line(t, &name, conv.limits.max_line_chars))
-                .unwrap_or_default();
-            let bad = cleaned.is_empty() || is_degenerate(&cleaned, &earlier);
-            if bad && lr.attempt == 0 {
-                // Retry once with another seed.
-                conv.retries += 1;
-                stats.retries += 1;
-                if let Some(npc) = conv.npc(lr.speaker)
-                    && let Ok((persona, memory)) = npcs.get(npc)
-                {
-                    let req = line_request(
-                        &conv, &rt, lr.speaker, persona, memory, &settings, &engine, completion, 1,
-                    );
-                    let e = commands
-                        .spawn((req.with_cache_key(npc), LineRequest { attempt: 1, ..lr }))
-                        .id();
-                    rt.pending = Some(e);
-                }
-                continue;
-            }
-            let closing = conv.state == ConversationState::Closing;
-            let (text, fallback) = if bad {
-                conv.fallbacks += 1;
-                stats.fallbacks += 1;
-                let f = if closing {
-                    FALLBACK_CLOSING
-                } else {
-                    FALLBACKS[conv.lines.len() % FALLBACKS.len()]
-                };
-                (f.to_string(), true)
-            } else {
-                (cleaned, false)
-            };
-            stats.lines += 1;
-            conv.lines.push(TranscriptLine {
-                speaker: name.clone(),
-                text: text.clone(),
-                time: t,
-            });
-            let speaker = conv.npc(lr.speaker).unwrap_or(Entity::PLACEHOLDER);
-            let e = ConversationLineFinished {
-                entity: lr.conversation,
-                speaker,
-                name,
-                text: text.clone(),
-                retried: lr.attempt > 0,
-                fallback,
-            };
-            out.finished.write(e.clone());
-            commands.trigger(e);
-            // Who next, and whether to leave.
-            let n = conv.names.len();
-            conv.next_speaker = (lr.speaker + 1) % n;
-            let count = conv.lines.len();
-            if conv.with_player {
-                conv.state = ConversationState::AwaitingPlayer;
-            } else if closing || count >= conv.limits.max_lines {
-                conv.state = ConversationState::Summarizing;
-            } else if count + 1 >= conv.limits.max_lines || (count >= 2 && says_goodbye(&text)) {
-                conv.state = ConversationState::Closing;
-            }
-        } else if let Ok(sr) = summaries.get(req_entity).copied() {
-            commands.entity(req_entity).despawn();
-            let Ok((conv, mut rt)) = convs.get_mut(sr.conversation) else {
-                continue;
-            };
-            rt.summaries.retain(|(e, _)| *e != req_entity);
-            let me = conv.names[sr.who].clone();
-            let summary = text
-                .as_deref()
-                .map(|t| clean_line(t, &me, 300))
-                .filter(|s| !s.is_empty() && !is_degenerate(s, &[]))
-                .unwrap_or_else(|| {
-                    // The model gave nothing usable: remember the bare facts.
-                    format!(
-                        "I talked with {}.",
-                        conv.names
-                            .iter()
-                            .filter(|n| **n != me)
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(" and ")
-                    )
-                });
-            let about: Vec<String> = conv.names.iter().filter(|n| **n != me).cloned().collect();
-            let importance = (0.3 + 0.05 * conv.lines.len() as f32).min(0.9);
-            if let Some(npc) = conv.npc(sr.who)
-                && let Ok((_, memory)) = npcs.get_mut(npc)
-            {
-                let entry = MemoryEntry {
-                    time: t,
-                    text: summary,
-                    importance,
-                    about,
-                };
-                match memory {
-                    Some(mut m) => m.entries.push(entry),
-                    None => {
-                        commands.entity(npc).insert(NpcMemory {
-                            entries: vec![entry],
-                        });
-                    }
-                }
-                stats.memories += 1;
-            }
-        }
-    }
-    // Conversations whose memories are all written end now.
-    for (mut conv, rt) in &mut convs {
-        if conv.state == ConversationState::Summarizing
-            && rt.summaries_started
-            && rt.summaries.is_empty()
-            && rt.pending.is_none()
-        {
-            conv.state = ConversationState::Ended;
-            stats.ended += 1;
-            for (i, a) in conv.participants.iter().enumerate() {
-                commands.entity(*a).remove::<InConversation>();
-                for b in &conv.participants[i + 1..] {
-                    cooldowns
-                        .0
-                        .insert(DialogueCooldowns::key(*a, *b), t + settings.cooldown_secs);
-                }
-            }
-        }
-    }
-}
-
-/// Send `ConversationEnded` for conversations that just ended.
-pub(crate) fn announce_ends(
-    mut commands: Commands,
-    convs: Query<(Entity, &Conversation), Changed<Conversation>>,
-    mut ended: MessageWriter<ConversationEnded>,
-    mut seen: Local<std::collections::HashSet<Entity>>,
-) {
-    for (e, c) in &convs {
-        if c.state == ConversationState::Ended && seen.insert(e) {
-            let ev = ConversationEnded {
-                entity: e,
-                lines: c.lines.len(),
-            };
-            ended.write(ev.clone());
-            commands.trigger(ev);
-        }
-    }
 }

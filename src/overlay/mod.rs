@@ -65,8 +65,9 @@ pub struct NpcView {
     pub speaking: Option<String>,
     /// Recent transcript lines (`Name: text`).
     pub transcript: Vec<String>,
-    /// Memories, newest last.
-    pub memories: Vec<String>,
+    /// Memories, newest last (shared with the overlay's cache: rebuilt only
+    /// when the NPC's memory changes, never copied per frame).
+    pub memories: std::sync::Arc<[String]>,
 }
 
 /// A model in the picker.
@@ -358,7 +359,7 @@ fn npc_section(ui: &mut egui::Ui, d: &OverlayData) {
                             }
                             if !npc.memories.is_empty() {
                                 ui.label(RichText::new("Memories").strong());
-                                for m in &npc.memories {
+                                for m in npc.memories.iter() {
                                     ui.label(RichText::new(format!("• {m}")).small());
                                 }
                             }
@@ -467,7 +468,7 @@ mod tests {
                 name: "Mira".into(),
                 speaking: Some("Good morn".into()),
                 transcript: vec!["Brom: Hello.".into()],
-                memories: vec!["I sold bread.".into()],
+                memories: vec!["I sold bread.".to_string()].into(),
             }],
             ..Default::default()
         }

@@ -26,6 +26,12 @@ pub struct OverlayState {
     pub ui: OverlayUi,
     playground: Option<Entity>,
     speaking: std::collections::HashMap<Entity, String>,
+    /// Each NPC's memory texts, rebuilt when its `NpcMemory` changes; pruned
+    /// to the NPCs that exist.
+    memories: std::collections::HashMap<Entity, std::sync::Arc<[String]>>,
+    /// The model picker's rows (a hardware plan per model), rebuilt when the
+    /// settings, registry or hardware profile change.
+    models: Option<Vec<ModelChoice>>,
 }
 
 impl Plugin for NpcLlmOverlayPlugin {
@@ -77,7 +83,7 @@ fn draw(
     npcs: Query<(
         Entity,
         &Persona,
-        Option<&NpcMemory>,
+        Option<Ref<NpcMemory>>,
         Option<&crate::dialogue::InConversation>,
     )>,
     convs: Query<&Conversation>,
@@ -135,7 +141,14 @@ fn draw(
         generated: c.generated_tokens,
         totals: (c.completed, c.failed, c.cancelled),
         dialogue: dialogue.map_or((0, 0, 0), |d| (d.lines, d.retries, d.fallbacks)),
-        models: registry
+        ..Default::default()
+    };
+    if state.models.is_none()
+        || settings.is_changed()
+        || registry.is_changed()
+        || profile.is_changed()
+    {
+        let models = registry
             .iter()
             .map(|e| {
                 let mut s = settings.clone();
@@ -146,12 +159,27 @@ fn draw(
                     shortfall: plan(&profile, &registry, &s).err().map(|e| e.to_string()),
                 }
             })
-            .collect(),
-        ..Default::default()
-    };
+            .collect();
+        state.models = Some(models);
+    }
+    data.models = state.models.clone().unwrap_or_default();
+    state.memories.retain(|e, _| npcs.contains(*e));
+    state.speaking.retain(|e, _| npcs.contains(*e));
+    for (e, _, mem, _) in &npcs {
+        match mem {
+            Some(m) if m.is_changed() || !state.memories.contains_key(&e) => {
+                let texts: Vec<String> = m.entries.iter().map(|x| x.text.clone()).collect();
+                state.memories.insert(e, texts.into());
+            }
+            Some(_) => {}
+            None => {
+                state.memories.remove(&e);
+            }
+        }
+    }
     let mut views: Vec<NpcView> = npcs
         .iter()
-        .map(|(e, p, mem, in_conv)| NpcView {
+        .map(|(e, p, _, in_conv)| NpcView {
             name: p.name.clone(),
             speaking: state.speaking.get(&e).cloned(),
             transcript: in_conv
@@ -166,9 +194,11 @@ fn draw(
                         .collect()
                 })
                 .unwrap_or_default(),
-            memories: mem
-                .map(|m| m.entries.iter().map(|e| e.text.clone()).collect())
-                .unwrap_or_default(),
+            memories: state
+                .memories
+                .get(&e)
+                .cloned()
+                .unwrap_or_else(|| Vec::new().into()),
         })
         .collect();
     views.sort_by(|a, b| a.name.cmp(&b.name));
