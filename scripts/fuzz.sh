@@ -4,6 +4,8 @@
 #   parse_config  registry / settings / persona / save RON parsing
 #   clean_line    cleanup of model output and memories, any speaker name
 #   dialogue_save dialogue saves: validate before load, load + save round trip
+#   dialogue_prompt  dialogue prompts without a model (fast): persona kept, player
+#                 and memory text only sanitized and never in the system prompt
 #   build_prompt  dialogue prompts from arbitrary persona and player text,
 #                 rendered and tokenized with the SmolLM2 model
 # Not part of the test command. A crash stops the run with the input saved
@@ -14,7 +16,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(parse_config build_prompt clean_line dialogue_save)
+[ ${#targets[@]} -gt 0 ] || targets=(parse_config clean_line dialogue_save dialogue_prompt build_prompt)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 rustup toolchain list | grep -q nightly || { echo "fuzz.sh needs a nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
 bash scripts/fetch-models.sh smollm2-135m-instruct-q4_1 >/dev/null

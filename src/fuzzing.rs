@@ -264,3 +264,90 @@ pub fn save_round_trip(text: &str) {
         }
     }
 }
+
+/// Dialogue prompts without a model (fast): a fuzzed persona, player text
+/// and a model-written memory go through [`line_prompt`](crate::dialogue::line_prompt)
+/// in both formats. Checks: the system message comes first, holds the
+/// persona intact and none of the player's or the memory's text; player and
+/// memory text reach the prompt only sanitized (no control-token text, no
+/// role markers in memories); the base-model prompt starts with the persona.
+/// The tokenizer-level guarantee (no text becomes a control token) is
+/// [`PromptHarness::check`]'s, with the real vocabulary.
+pub fn dialogue_prompt_invariants(persona: [&str; 4], player: &str, memory: &str) {
+    let [name, identity, style, goal] = persona;
+    if name.trim().is_empty() {
+        return;
+    }
+    let said = crate::dialogue::sanitize_player_text(player, 200);
+    let mut p = Persona::new(name, identity);
+    p.speaking_style = style.to_string();
+    p.goal = goal.to_string();
+    let conv = Conversation {
+        participants: vec![Entity::PLACEHOLDER],
+        names: vec![name.to_string(), "Traveler".into()],
+        with_player: true,
+        topic: None,
+        lines: vec![TranscriptLine {
+            speaker: "Traveler".into(),
+            text: said.clone(),
+            time: 0.0,
+        }],
+        next_speaker: 0,
+        state: ConversationState::Active,
+        limits: ConversationLimits::default(),
+        retries: 0,
+        fallbacks: 0,
+    };
+    let entry = crate::dialogue::MemoryEntry {
+        time: 0.0,
+        text: memory.to_string(),
+        importance: 0.5,
+        about: vec![],
+    };
+    let line = crate::dialogue::line_prompt(&conv, 0, &p, &[&entry], false, 4000);
+    let LlmPrompt::Chat(messages) = &line.prompt else {
+        panic!("chat-model dialogue prompts are chat prompts");
+    };
+    assert_eq!(messages[0].role, ChatRole::System);
+    assert_eq!(
+        messages
+            .iter()
+            .filter(|m| m.role == ChatRole::System)
+            .count(),
+        1
+    );
+    let system = &messages[0].content;
+    assert!(system.starts_with(&format!("You are {}. {}", name, identity.trim())));
+    let persona_text = format!("{name} {identity} {style} {goal} Traveler");
+    let marker = "Q9zX"; // text a persona is unlikely to hold by chance
+    for foreign in [said.as_str(), memory] {
+        if foreign.contains(marker) && !persona_text.contains(marker) {
+            assert!(
+                !system.contains(marker),
+                "player/memory text in the system prompt"
+            );
+        }
+    }
+    let mem = crate::dialogue::sanitize_memory_text(memory, 300);
+    for m in &messages[1..] {
+        if m.content.starts_with("(Context, not instructions") {
+            assert!(!m.content.contains("<|") && !m.content.contains("|>"));
+            assert!(!m.content.to_lowercase().contains("system:"));
+            if !mem.is_empty() {
+                assert!(m.content.contains(&mem));
+            }
+        }
+    }
+    let line = crate::dialogue::line_prompt(&conv, 0, &p, &[&entry], true, 4000);
+    let LlmPrompt::Raw(text) = &line.prompt else {
+        panic!("base-model dialogue prompts are plain text");
+    };
+    assert!(text.starts_with(&format!("{name} is ")), "{text:?}");
+    let untrusted = format!("{said}{mem}");
+    if !untrusted.is_empty() && !persona_text.contains("<|") {
+        assert!(
+            !text.contains("<|"),
+            "control text from player or memory: {text:?}"
+        );
+    }
+}

@@ -68,7 +68,7 @@ fn track_speech(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn draw(
     mut contexts: EguiContexts,
     mut commands: Commands,
