@@ -99,47 +99,44 @@ fn town_runs(s: LlmSettings) {
 #[derive(Resource, Default)]
 struct Starts(Vec<f64>);
 
-/// The town over 16 minutes of game time, bounded by frames: each frame is
-/// 80 ms of game time on a manual clock (about 6x real time at this pacing);
-/// inference runs in real time beside it. Conversations keep starting in every
-/// 4-minute window, every one that starts ends, and nothing piles up
-/// (entities, conversation entities).
+/// The town past many conversations, bounded by frames: each frame is
+/// 100 ms of game time on a manual clock; inference runs in real time beside
+/// it. The town keeps starting conversations long after its first
+/// `max_conversations` (36c2f29 went silent after 3 ever), every one that
+/// starts ends, and nothing piles up (entities, conversation entities).
+/// The per-10-game-minute rate over an hour is `scripts/town-soak.sh`'s.
 #[test]
-fn town_keeps_talking_for_sixteen_game_minutes() {
+fn town_keeps_talking_past_many_conversations() {
     let mut s = settings();
     s.max_parallel_sequences = 4;
     let mut app = town_app(s);
     {
         let mut d = app.world_mut().resource_mut::<DialogueSettings>();
         d.cooldown_secs = 60.0;
+        d.limits.max_lines = 4;
         // Real-time inference against a fast game clock: generous time-outs.
-        d.timeouts.line_secs = 1800.0;
-        d.timeouts.summary_secs = 1800.0;
+        d.timeouts.line_secs = 3600.0;
+        d.timeouts.summary_secs = 3600.0;
     }
-    app.init_resource::<Starts>();
-    app.add_observer(
-        |_: On<ConversationStarted>, time: Res<Time>, mut s: ResMut<Starts>| {
-            s.0.push(time.elapsed_secs_f64());
-        },
-    );
     app.insert_resource(TimeUpdateStrategy::ManualDuration(Duration::from_millis(
-        80,
+        100,
     )));
     app.insert_resource(TownConfig {
         npcs: 6,
         ..Default::default()
     });
-    const FRAMES_PER_MIN: usize = 750;
-    const MINUTES: usize = 16;
-    let mut entities_after_warmup = None;
+    const TARGET: usize = 7;
+    let mut entities_early = None;
     let mut max_entities = 0;
-    for frame in 0..MINUTES * FRAMES_PER_MIN {
+    let mut frames = 0;
+    while frames < 300_000 && app.world().resource::<TownStats>().started < TARGET {
         app.update();
-        std::thread::sleep(Duration::from_millis(12));
+        frames += 1;
+        std::thread::sleep(Duration::from_millis(4));
         let n = app.world().entities().count_spawned();
         max_entities = max_entities.max(n);
-        if frame == 2 * FRAMES_PER_MIN {
-            entities_after_warmup = Some(n);
+        if entities_early.is_none() && app.world().resource::<TownStats>().ended >= 1 {
+            entities_early = Some(n);
         }
     }
     let game_secs = app.world().resource::<Time>().elapsed_secs_f64();
@@ -147,9 +144,9 @@ fn town_keeps_talking_for_sixteen_game_minutes() {
     app.world_mut()
         .resource_mut::<TownConfig>()
         .max_conversations = 0;
-    for _ in 0..30_000 {
+    for _ in 0..100_000 {
         app.update();
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(4));
         let w = app.world_mut();
         if w.query::<&Conversation>().iter(w).count() == 0 {
             break;
@@ -157,32 +154,19 @@ fn town_keeps_talking_for_sixteen_game_minutes() {
     }
     let town = app.world().resource::<TownStats>().clone();
     let dialogue = app.world().resource::<DialogueStats>().clone();
-    let starts = app.world().resource::<Starts>().0.clone();
-    let windows: Vec<usize> = (0..MINUTES / 4)
-        .map(|w| {
-            let (a, b) = (w as f64 * 240.0, (w + 1) as f64 * 240.0);
-            starts.iter().filter(|t| **t >= a && **t < b).count()
-        })
-        .collect();
     eprintln!(
-        "town: {town:?}\ndialogue: {dialogue:?}\n{game_secs:.0} game-s; started per 4 game-minutes {windows:?}; entities after warm-up {entities_after_warmup:?}, max {max_entities}"
+        "town: {town:?}\ndialogue: {dialogue:?}\n{frames} frames, {game_secs:.0} game-s; entities after the first end {entities_early:?}, max {max_entities}"
     );
-    for (w, n) in windows.iter().enumerate() {
-        assert!(
-            *n >= 1,
-            "no conversation started in window {w}: {windows:?}"
-        );
-    }
-    assert!(town.started >= 4, "{town:?}");
+    assert!(town.started >= TARGET, "the town went silent: {town:?}");
     assert_eq!(town.started, town.ended, "every started conversation ended");
     assert_eq!(dialogue.started, dialogue.ended);
     let w = app.world_mut();
     assert_eq!(w.query::<&Conversation>().iter(w).count(), 0);
-    // Flat: at the end, no more entities than after warm-up.
+    // Flat: at the end, no more entities than when the first conversation ended.
     let end = app.world().entities().count_spawned();
     assert!(
-        end <= entities_after_warmup.unwrap(),
-        "{end} entities at the end, {entities_after_warmup:?} after warm-up"
+        end <= entities_early.unwrap(),
+        "{end} entities at the end, {entities_early:?} after the first end"
     );
     assert!(max_entities < 200, "{max_entities}");
 }
