@@ -95,10 +95,6 @@ fn town_runs(s: LlmSettings) {
     }
 }
 
-/// Game time at which each conversation started.
-#[derive(Resource, Default)]
-struct Starts(Vec<f64>);
-
 /// The town past many conversations, bounded by frames: each frame is
 /// 100 ms of game time on a manual clock; inference runs in real time beside
 /// it. The town keeps starting conversations long after its first
