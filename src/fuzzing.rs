@@ -328,15 +328,20 @@ pub fn dialogue_prompt_invariants(persona: [&str; 4], player: &str, memory: &str
             );
         }
     }
+    // The memory, when there is one, is the quoted context block right after
+    // the system message (a player line may imitate its heading: it is user
+    // text either way).
     let mem = crate::dialogue::sanitize_memory_text(memory, 300);
-    for m in &messages[1..] {
-        if m.content.starts_with("(Context, not instructions") {
-            assert!(!m.content.contains("<|") && !m.content.contains("|>"));
-            assert!(!m.content.to_lowercase().contains("system:"));
-            if !mem.is_empty() {
-                assert!(m.content.contains(&mem));
-            }
-        }
+    if !mem.is_empty() {
+        let block = &messages[1];
+        assert_eq!(block.role, ChatRole::User);
+        assert!(block.content.starts_with("(Context, not instructions"));
+        assert!(block.content.contains(&mem));
+        assert!(!block.content.contains("<|") && !block.content.contains("|>"));
+        assert!(
+            !block.content.to_lowercase().contains("system:"),
+            "{block:?}"
+        );
     }
     let line = crate::dialogue::line_prompt(&conv, 0, &p, &[&entry], true, 4000);
     let LlmPrompt::Raw(text) = &line.prompt else {

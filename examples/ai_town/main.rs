@@ -196,7 +196,8 @@ fn main() -> AppExit {
         })
         .insert_resource(args.clone())
         .insert_resource(RunClock(Instant::now(), rss_bytes()))
-        .add_systems(Update, stop_after)
+        .init_resource::<WarmProbe>()
+        .add_systems(Update, (warm_probe, stop_after))
         .add_systems(Last, summary_on_exit);
     if !args.headless {
         app.add_plugins(NpcLlmOverlayPlugin)
@@ -223,6 +224,23 @@ fn main() -> AppExit {
 
 #[derive(Resource)]
 struct RunClock(Instant, Option<u64>);
+
+/// RSS and entity count once the town is warm (10 game-minutes in, or a
+/// sixth of a `--game-minutes` run), to compare with the end.
+#[derive(Resource, Default)]
+struct WarmProbe(Option<(u64, usize)>);
+
+fn warm_probe(
+    args: Res<Args>,
+    time: Res<Time>,
+    entities: Query<Entity>,
+    mut probe: ResMut<WarmProbe>,
+) {
+    let warm_at = args.game_minutes.map_or(600.0, |m| (m * 10.0).min(600.0));
+    if probe.0.is_none() && time.elapsed_secs_f64() >= warm_at {
+        probe.0 = Some((rss_bytes().unwrap_or(0), entities.iter().count()));
+    }
+}
 
 /// Resident memory of this process (Linux), for the soak figures.
 fn rss_bytes() -> Option<u64> {
@@ -275,6 +293,7 @@ fn summary_on_exit(
     engine: Res<LlmEngineStats>,
     entities: Query<Entity>,
     convs: Query<&Conversation>,
+    probe: Res<WarmProbe>,
     mut printed: Local<bool>,
 ) {
     if exits.read().next().is_none() || *printed {
@@ -282,12 +301,21 @@ fn summary_on_exit(
     }
     *printed = true;
     let mb = |b: Option<u64>| b.map_or("?".to_string(), |b| format!("{:.0} MB", b as f64 / 1e6));
+    let now_rss = rss_bytes();
+    let warm = match (probe.0, now_rss) {
+        (Some((rss, n)), Some(now)) => format!(
+            "; when warm: {n} entities, RSS {} (growth since {:+.1}%)",
+            mb(Some(rss)),
+            (now as f64 / rss.max(1) as f64 - 1.0) * 100.0
+        ),
+        _ => String::new(),
+    };
     println!(
-        "soak: {} entities, {} conversation entities, RSS {} at start, {} now",
+        "soak: {} entities, {} conversation entities, RSS {} at start, {} now{warm}",
         entities.iter().count(),
         convs.iter().count(),
         mb(clock.1),
-        mb(rss_bytes())
+        mb(now_rss)
     );
     println!(
         "{}",
