@@ -45,10 +45,15 @@ pub fn parse_configs(text: &str) {
         Ok(list) => assert!(list.iter().all(|p| !p.name.trim().is_empty())),
         Err(e) => drop(e.to_string()),
     }
-    let mut world = World::new();
-    if let Err(e) = crate::dialogue::load_dialogue(&mut world, text) {
-        drop(e.to_string());
+    // One world per thread, emptied after a successful load: a new World
+    // per input would dominate the run.
+    thread_local! {
+        static WORLD: std::cell::RefCell<World> = std::cell::RefCell::new(World::new());
     }
+    WORLD.with_borrow_mut(|world| match crate::dialogue::load_dialogue(world, text) {
+        Ok(()) => world.clear_entities(),
+        Err(e) => drop(e.to_string()),
+    });
 }
 
 /// The SmolLM2 model (ChatML template) loaded once, to check what player
@@ -257,10 +262,21 @@ pub fn save_round_trip(text: &str) {
         }
         Err(e) => {
             drop(e.to_string());
-            let mut world = World::new();
-            let npc = world.spawn(Persona::new("Keep", "x")).id();
-            assert!(crate::dialogue::load_dialogue(&mut world, text).is_err());
-            assert!(world.get::<Persona>(npc).is_some_and(|p| p.name == "Keep"));
+            // A world with one NPC, kept across inputs: a rejected save must
+            // leave it exactly as it was, every time.
+            thread_local! {
+                static KEEP: std::cell::RefCell<(World, Entity, u32)> = {
+                    let mut world = World::new();
+                    let npc = world.spawn(Persona::new("Keep", "x")).id();
+                    let count = world.entities().count_spawned();
+                    std::cell::RefCell::new((world, npc, count))
+                };
+            }
+            KEEP.with_borrow_mut(|(world, npc, count)| {
+                assert!(crate::dialogue::load_dialogue(world, text).is_err());
+                assert_eq!(world.entities().count_spawned(), *count);
+                assert!(world.get::<Persona>(*npc).is_some_and(|p| p.name == "Keep"));
+            });
         }
     }
 }

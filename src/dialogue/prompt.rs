@@ -329,6 +329,17 @@ fn strip_name_prefix<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     Some(&text[rest..])
 }
 
+/// A character folded for matching the (ASCII) role markers
+/// case-insensitively: its ASCII lower case; the Kelvin sign, whose lower case
+/// is 'k', as 'k'; any other character as 0 (it matches no marker).
+fn fold_ascii(c: char) -> u8 {
+    match c {
+        c if c.is_ascii() => c.to_ascii_lowercase() as u8,
+        '\u{212A}' => b'k',
+        _ => 0,
+    }
+}
+
 /// Longest memory text put in a prompt, in characters.
 const MEMORY_PROMPT_CHARS: usize = 300;
 
@@ -357,33 +368,34 @@ const ROLE_MARKERS: [&str; 14] = [
 #[must_use]
 pub fn sanitize_memory_text(text: &str, max_chars: usize) -> String {
     let mut s = strip_control(text).replace(['\u{ff5c}', '"', '“', '”'], " ");
-    // Role markers, case-insensitively, until none is left.
+    // Role markers, case-insensitively: one linear pass at a time (each
+    // marker becomes a space), again until a pass removes nothing (a marker
+    // may only appear once an inner one is gone).
     loop {
-        let lower: Vec<(usize, char)> = s.char_indices().collect();
-        let mut found = None;
-        'outer: for (k, (i, _)) in lower.iter().enumerate() {
-            for m in ROLE_MARKERS {
-                let mut n = 0;
-                let mut ok = true;
-                for mc in m.chars() {
-                    match lower.get(k + n) {
-                        Some((_, c)) if chars_eq_ignore_case(*c, mc) => n += 1,
-                        _ => {
-                            ok = false;
-                            break;
-                        }
-                    }
+        let chars: Vec<char> = s.chars().collect();
+        let folded: Vec<u8> = chars.iter().map(|c| fold_ascii(*c)).collect();
+        let mut out = String::with_capacity(s.len());
+        let mut changed = false;
+        let mut k = 0;
+        while k < chars.len() {
+            match ROLE_MARKERS
+                .iter()
+                .find(|m| folded[k..].starts_with(m.as_bytes()))
+            {
+                Some(m) => {
+                    out.push(' ');
+                    k += m.len();
+                    changed = true;
                 }
-                if ok {
-                    let end = lower.get(k + n).map_or(s.len(), |(j, _)| *j);
-                    found = Some((*i, end));
-                    break 'outer;
+                None => {
+                    out.push(chars[k]);
+                    k += 1;
                 }
             }
         }
-        match found {
-            Some((a, b)) => s.replace_range(a..b, " "),
-            None => break,
+        s = out;
+        if !changed {
+            break;
         }
     }
     let s: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
