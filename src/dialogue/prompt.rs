@@ -139,8 +139,15 @@ pub fn line_prompt(
         .flat_map(|o| [format!("\n{o}:"), format!("{o}:")])
         .collect();
     if completion {
-        let mut text = system.replacen("You are", &format!("{me} is"), 1);
-        text = text.replace(" You ", &format!(" {me} "));
+        // Third person: "You are Mira. You bake." → "Mira is Mira. Mira bake.";
+        // the name itself is never rewritten (a name may hold " You ").
+        let head = format!("You are {me}.");
+        let mut text = match system.strip_prefix(&head) {
+            Some(rest) => format!("{me} is {me}.{}", rest.replace(" You ", &format!(" {me} "))),
+            None => system
+                .replacen("You are", &format!("{me} is"), 1)
+                .replace(" You ", &format!(" {me} ")),
+        };
         if !notes.is_empty() {
             text.push_str(&format!("\n\n{me}'s notes from earlier talks (quoted):"));
             for n in &notes {
@@ -548,6 +555,33 @@ mod tests {
         assert_eq!(clean_line("ééééé", "X", 3), "ééé");
         assert_eq!(clean_line("", "İlker", 10), "");
         assert_eq!(clean_line("İ", "İlker", 10), "İ");
+    }
+
+    #[test]
+    fn base_model_prompts_keep_a_name_holding_you() {
+        // Found by the dialogue_prompt fuzz target: " You " inside the name was
+        // rewritten with the name itself.
+        use crate::dialogue::{ConversationLimits, ConversationState};
+        let persona = Persona::new("Mira p You", "You bake bread.");
+        let conv = Conversation {
+            participants: vec![],
+            names: vec!["Mira p You".into(), "Traveler".into()],
+            with_player: true,
+            topic: None,
+            lines: vec![],
+            next_speaker: 0,
+            state: ConversationState::Active,
+            limits: ConversationLimits::default(),
+            retries: 0,
+            fallbacks: 0,
+        };
+        let LlmPrompt::Raw(text) = line_prompt(&conv, 0, &persona, &[], true, 4000).prompt else {
+            panic!("base-model prompt")
+        };
+        assert!(
+            text.starts_with("Mira p You is Mira p You. Mira p You bake bread."),
+            "{text}"
+        );
     }
 
     #[test]
