@@ -219,6 +219,29 @@ pub struct Conversation {
 }
 
 impl Conversation {
+    /// A conversation that has not begun: no lines yet, the first name speaks
+    /// first, [`ConversationState::Active`], default limits.
+    #[must_use]
+    pub fn new(
+        participants: Vec<Entity>,
+        names: Vec<String>,
+        with_player: bool,
+        topic: Option<String>,
+    ) -> Self {
+        Self {
+            participants,
+            names,
+            with_player,
+            topic,
+            lines: Vec::new(),
+            next_speaker: 0,
+            state: ConversationState::Active,
+            limits: ConversationLimits::default(),
+            retries: 0,
+            fallbacks: 0,
+        }
+    }
+
     /// The NPC entity of a speaker index (`None` for the player).
     #[must_use]
     pub fn npc(&self, speaker: usize) -> Option<Entity> {

@@ -347,18 +347,12 @@ mod tests {
         let a = world.spawn(Persona::new("Ada", "x")).id();
         let b = world.spawn(Persona::new("Bo", "y")).id();
         let c = world
-            .spawn(Conversation {
-                participants: vec![a, b],
-                names: vec!["Ada".into(), "Bo".into()],
-                with_player: false,
-                topic: None,
-                lines: vec![],
-                next_speaker: 0,
-                state: ConversationState::Active,
-                limits: ConversationLimits::default(),
-                retries: 0,
-                fallbacks: 0,
-            })
+            .spawn(Conversation::new(
+                vec![a, b],
+                vec!["Ada".into(), "Bo".into()],
+                false,
+                None,
+            ))
             .id();
         world.entity_mut(a).insert(InConversation(c));
         world.entity_mut(b).insert(InConversation(c));

@@ -231,7 +231,7 @@ pub(crate) fn route_inputs(
         if !ok {
             continue;
         }
-        let conv = new_conversation(s.participants.clone(), names, false, s.topic.clone());
+        let conv = Conversation::new(s.participants.clone(), names, false, s.topic.clone());
         new.push(create(&mut commands, conv, &settings, t, &mut stats));
     }
     for s in says.read() {
@@ -295,7 +295,7 @@ pub(crate) fn route_inputs(
             continue;
         }
         let names = vec![persona.name.clone(), settings.player_name.clone()];
-        let mut conv = new_conversation(vec![s.npc], names, true, None);
+        let mut conv = Conversation::new(vec![s.npc], names, true, None);
         conv.state = ConversationState::AwaitingPlayer;
         conv.next_speaker = 1;
         let mut n = create(&mut commands, conv, &settings, t, &mut stats);
@@ -330,26 +330,6 @@ pub(crate) fn route_inputs(
         ));
         out.started.write(e.clone());
         commands.trigger(e);
-    }
-}
-
-fn new_conversation(
-    participants: Vec<Entity>,
-    names: Vec<String>,
-    with_player: bool,
-    topic: Option<String>,
-) -> Conversation {
-    Conversation {
-        participants,
-        names,
-        with_player,
-        topic,
-        lines: Vec::new(),
-        next_speaker: 0,
-        state: ConversationState::Active,
-        limits: ConversationLimits::default(),
-        retries: 0,
-        fallbacks: 0,
     }
 }
 
