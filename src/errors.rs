@@ -223,6 +223,17 @@ pub enum LlmError {
     /// llama.cpp failed to decode.
     #[error("llama.cpp decode failed: {0}")]
     Decode(String),
+    /// The KV cache had no room for this sequence's next token even in a
+    /// batch of its own (llama.cpp's decode returned 1 at batch size 1).
+    #[error(
+        "no KV cache room: the sequence needs {needed} cells of {capacity} per sequence (raise `context_per_sequence`, or lower `max_parallel_sequences`)"
+    )]
+    KvCacheFull {
+        /// Cells the sequence needed.
+        needed: usize,
+        /// Cells one sequence may hold.
+        capacity: usize,
+    },
     /// The inference worker stopped or crashed.
     #[error("the inference worker stopped: {0}")]
     WorkerGone(String),

@@ -203,6 +203,13 @@ pub struct LlmSettings {
     pub queue_capacity: u32,
     /// Reuse each cache key's (NPC's) prompt prefix across requests.
     pub prefix_cache: bool,
+    /// Keep the whole KV of sliding-window-attention layers (Gemma 3,
+    /// Llama 4 class models). `true` (the default) lets every cached NPC
+    /// prefix be reused; `false` keeps only the window and saves memory on
+    /// such models, and a cached prefix whose window was dropped is read
+    /// again instead of reused (never wrong output). No effect on other
+    /// models.
+    pub swa_full: bool,
     /// Check size and sha256 against the registry before loading a model.
     pub verify_sha256: bool,
     /// Forward llama.cpp's own log lines to `tracing` (noisy).
@@ -363,6 +370,7 @@ impl Default for LlmSettings {
             gpu_layers: GpuLayers::Auto,
             queue_capacity: 64,
             prefix_cache: true,
+            swa_full: true,
             verify_sha256: true,
             llama_logs: false,
             sampling: SamplingParams::default(),
@@ -437,11 +445,28 @@ impl LlmSettings {
                 "must be at least 64 tokens (zero context cannot hold a prompt)",
             );
         }
-        if self.max_parallel_sequences == 0 || self.max_parallel_sequences > 256 {
-            return bad("max_parallel_sequences", "must be between 1 and 256");
+        // llama.cpp holds at most 256 sequences; one more than these is
+        // kept for the player's (High-priority) requests.
+        if self.max_parallel_sequences == 0 || self.max_parallel_sequences > 255 {
+            return bad(
+                "max_parallel_sequences",
+                "must be between 1 and 255 (llama.cpp holds 256 sequences; one is kept for the player's requests)",
+            );
         }
         if self.batch_size < 8 {
             return bad("batch_size", "must be at least 8 tokens");
+        }
+        // Every sequence (and the player's slot) may output a token in one
+        // step; a smaller batch makes llama.cpp abort the process.
+        if self.batch_size <= self.max_parallel_sequences + 1 {
+            return Err(SettingsError::Invalid {
+                field: "batch_size",
+                message: format!(
+                    "must be larger than max_parallel_sequences + 1 = {} (one token per sequence and the player's slot, and room for a prompt); got {}",
+                    self.max_parallel_sequences + 1,
+                    self.batch_size
+                ),
+            });
         }
         if self.prompt_chunk == 0 {
             return bad("prompt_chunk", "must be at least 1 token");

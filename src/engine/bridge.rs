@@ -177,6 +177,7 @@ pub(crate) fn load_spec(
         context_per_sequence: plan.context_per_sequence,
         sequences: plan.sequences,
         batch_size: settings.batch_size,
+        swa_full: settings.swa_full,
         threads: plan.threads,
         gpu_layers: plan.gpu_layers,
     };

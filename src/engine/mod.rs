@@ -7,6 +7,7 @@ pub(crate) mod prompt;
 pub(crate) mod protocol;
 pub(crate) mod remote;
 pub(crate) mod sampler;
+pub(crate) mod scheduler;
 pub(crate) mod serve;
 pub(crate) mod slots;
 pub(crate) mod text_stream;

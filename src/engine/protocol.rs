@@ -42,6 +42,8 @@ pub(crate) struct LoadSpec {
     pub context_per_sequence: u32,
     pub sequences: u32,
     pub batch_size: u32,
+    /// Keep the whole sliding-window cache (see `LlmSettings::swa_full`).
+    pub swa_full: bool,
     pub threads: u32,
     pub gpu_layers: u32,
 }

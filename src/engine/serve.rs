@@ -1,10 +1,14 @@
-//! Continuous batching: every decode step carries the next token of all
-//! generating sequences plus chunks of pending prompts, one llama.cpp
-//! sequence id per slot. Requests join and leave between steps.
+//! Continuous batching, the llama.cpp side: the [`Scheduler`] decides each
+//! step (which tokens of which sequence, admission, prefix reuse, retries);
+//! this module only turns its plan into a `LlamaBatch`, decodes, reports the
+//! outcome back and samples the sequences it names. One llama.cpp sequence
+//! id per slot; requests join and leave between steps.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
+use llama_cpp_2::DecodeError;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
@@ -13,21 +17,17 @@ use llama_cpp_2::token::LlamaToken;
 use super::prompt::PromptRenderer;
 use super::protocol::{EngineCounters, Event, Job, Knobs, LoadSpec, RequestId};
 use super::sampler::Sampler;
-use super::slots::SlotTable;
+use super::scheduler::{Limits, Outcome, Released, Scheduler};
 use super::text_stream::{StopMatcher, Utf8Stream};
+use super::worker::context_sequences;
 use crate::errors::LlmError;
 use crate::request::{FinishReason, RequestStats};
 use crate::settings::SamplingOverrides;
 
+/// What the worker keeps of a running request beyond its scheduling state
+/// (which lives in the [`Scheduler`]).
 struct Seq {
     job: Job,
-    slot: usize,
-    prompt: Vec<LlamaToken>,
-    /// Tokens of this sequence held in KV (kept prefix, decoded prompt, generated).
-    kv: Vec<LlamaToken>,
-    /// Prompt tokens already in KV.
-    fed: usize,
-    reused: usize,
     sampler: Sampler,
     utf8: Utf8Stream,
     stops: StopMatcher,
@@ -35,16 +35,13 @@ struct Seq {
     generated: usize,
     max_tokens: usize,
     ignore_eos: bool,
-    /// Sampled and emitted, to be decoded in the next step.
-    pending: Option<LlamaToken>,
-    /// Index in the current batch whose logits to sample.
-    logits_at: Option<i32>,
-    /// Prompt tokens of this sequence in the current batch.
-    in_batch: usize,
     started: Instant,
     first_token: Option<Instant>,
     last_token: Instant,
 }
+
+/// Steps a Normal sequence may sit out while the player's prompt is read.
+const MAX_SIT_OUT: u32 = 4;
 
 pub(crate) struct Server<'m> {
     model: &'m LlamaModel,
@@ -52,12 +49,9 @@ pub(crate) struct Server<'m> {
     batch: LlamaBatch<'static>,
     renderer: PromptRenderer,
     model_sampling: SamplingOverrides,
-    slots: SlotTable<LlamaToken>,
-    /// Slots jobs below high priority may use (one more is kept for high priority).
-    normal_slots: usize,
-    seqs: Vec<Seq>,
+    sched: Scheduler<LlamaToken>,
+    seqs: HashMap<RequestId, Seq>,
     per_seq: usize,
-    batch_size: usize,
     knobs: Knobs,
     events: Sender<Event>,
     counters: EngineCounters,
@@ -75,6 +69,18 @@ fn fresh_seed() -> u32 {
     h.finish() as u32
 }
 
+/// The model's sliding-window size from its GGUF metadata (0: none).
+pub(crate) fn sliding_window(model: &LlamaModel) -> usize {
+    let arch = model
+        .meta_val_str("general.architecture")
+        .unwrap_or_default();
+    model
+        .meta_val_str(&format!("{arch}.attention.sliding_window"))
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 impl<'m> Server<'m> {
     pub(crate) fn new(
         model: &'m LlamaModel,
@@ -84,10 +90,23 @@ impl<'m> Server<'m> {
         events: Sender<Event>,
     ) -> Result<Self, String> {
         let renderer = PromptRenderer::new(model, &spec.prompt_format)?;
-        let sequences = spec.sequences as usize + 1;
+        let sequences = context_sequences(spec) as usize;
         // llama.cpp may round the context; trust what it made.
         let per_seq = (ctx.n_ctx() as usize / sequences).min(spec.context_per_sequence as usize);
         let batch_size = ctx.n_batch() as usize;
+        let limits = Limits {
+            batch_tokens: batch_size,
+            prompt_chunk: knobs.prompt_chunk as usize,
+            cells_per_seq: per_seq,
+            slots: sequences,
+            // A full SWA cache keeps every position: no window to respect.
+            swa_window: if spec.swa_full {
+                0
+            } else {
+                sliding_window(model)
+            },
+            max_sit_out: MAX_SIT_OUT,
+        };
         let counters = EngineCounters {
             slots: sequences,
             kv_cells_total: per_seq * sequences,
@@ -99,11 +118,9 @@ impl<'m> Server<'m> {
             batch: LlamaBatch::new(batch_size, 1),
             renderer,
             model_sampling: spec.model_sampling.clone(),
-            slots: SlotTable::new(sequences, knobs.prefix_cache),
-            normal_slots: sequences - 1,
-            seqs: Vec::new(),
+            sched: Scheduler::new(limits, knobs.prefix_cache),
+            seqs: HashMap::new(),
             per_seq,
-            batch_size,
             knobs,
             events,
             counters,
@@ -116,20 +133,19 @@ impl<'m> Server<'m> {
     }
 
     pub(crate) fn is_idle(&self) -> bool {
-        self.seqs.is_empty()
+        self.sched.is_idle()
     }
 
-    /// Whether a job of `priority` may start now: high-priority jobs (the
-    /// player's) may use the one slot kept free for them.
+    /// Whether a job of `priority` may start now (the scheduler decides).
     pub(crate) fn has_free_slot_for(&self, priority: i32) -> bool {
-        self.slots.has_free() && (priority > 0 || self.slots.busy() < self.normal_slots)
+        self.sched.can_admit(priority)
     }
 
     pub(crate) fn configure(&mut self, knobs: Knobs) {
-        if !knobs.prefix_cache && self.knobs.prefix_cache {
-            self.slots.clear_idle();
+        for slot in self.sched.set_prefix_cache(knobs.prefix_cache) {
+            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
         }
-        self.slots.set_cache_enabled(knobs.prefix_cache);
+        self.sched.set_prompt_chunk(knobs.prompt_chunk as usize);
         self.knobs = knobs;
     }
 
@@ -138,7 +154,7 @@ impl<'m> Server<'m> {
         self.send(Event::Failed { id, error });
     }
 
-    /// Start a job on a free slot (the caller checked there is one).
+    /// Start a job on a free slot (the caller asked [`Self::has_free_slot_for`]).
     pub(crate) fn admit(&mut self, job: Job) {
         let sampling = job
             .base_sampling
@@ -163,20 +179,30 @@ impl<'m> Server<'m> {
                 return;
             }
         };
-        let Some(acq) = self.slots.acquire(job.cache_key, &prompt) else {
-            // Cannot happen: admit is only called with a free slot.
-            self.fail(job.id, LlmError::Decode("no free sequence slot".into()));
-            return;
+        let prompt_len = prompt.len();
+        let ctx = &self.ctx;
+        let admitted = match self
+            .sched
+            .admit(job.id, job.priority, job.cache_key, prompt, |slot| {
+                ctx.kv_cache_seq_pos_min(slot as i32)
+            }) {
+            Ok(a) => a,
+            Err(e) => {
+                self.fail(job.id, e);
+                return;
+            }
         };
-        let seq_id = acq.slot as i32;
-        let mut reuse = acq.reuse;
-        if self
-            .ctx
-            .kv_cache_seq_rm(seq_id, Some(reuse as u32), None)
-            .is_err()
-        {
+        // Drop the slot's KV past the kept prefix.
+        let seq_id = admitted.slot as u32;
+        let mut reuse = admitted.reuse;
+        if !matches!(
+            self.ctx
+                .clear_kv_cache_seq(Some(seq_id), Some(reuse as u32), None),
+            Ok(true)
+        ) {
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq_id), None, None);
+            self.sched.restart_prompt(job.id);
             reuse = 0;
-            let _ = self.ctx.kv_cache_seq_rm(seq_id, None, None);
         }
         let mut stops = sampling.stop.clone();
         for s in self.renderer.implied_stops(&job.prompt) {
@@ -189,184 +215,116 @@ impl<'m> Server<'m> {
         self.counters.reused_prefix_tokens += reuse as u64;
         self.send(Event::Started {
             id: job.id,
-            prompt_tokens: prompt.len(),
+            prompt_tokens: prompt_len,
             reused: reuse,
         });
         let now = Instant::now();
-        self.seqs.push(Seq {
-            slot: acq.slot,
-            kv: prompt[..reuse].to_vec(),
-            fed: reuse,
-            reused: reuse,
-            prompt,
-            sampler,
-            utf8: Utf8Stream::default(),
-            stops: StopMatcher::new(stops),
-            text: String::new(),
-            generated: 0,
-            max_tokens,
-            ignore_eos: sampling.ignore_eos,
-            pending: None,
-            logits_at: None,
-            in_batch: 0,
-            started: now,
-            first_token: None,
-            last_token: now,
-            job,
-        });
+        self.seqs.insert(
+            job.id,
+            Seq {
+                sampler,
+                utf8: Utf8Stream::default(),
+                stops: StopMatcher::new(stops),
+                text: String::new(),
+                generated: 0,
+                max_tokens,
+                ignore_eos: sampling.ignore_eos,
+                started: now,
+                first_token: None,
+                last_token: now,
+                job,
+            },
+        );
     }
 
     /// Cancel a running job; `false` when it is not running here.
     pub(crate) fn cancel(&mut self, id: RequestId) -> bool {
-        let Some(i) = self.seqs.iter().position(|s| s.job.id == id) else {
+        // The KV of what was decoded stays valid: kept as the key's cache.
+        if self.sched.finish(id).is_none() {
             return false;
-        };
-        let seq = self.seqs.swap_remove(i);
-        // The KV of what was decoded stays valid: keep it as the key's cache.
-        self.release(&seq);
+        }
+        self.seqs.remove(&id);
         self.counters.cancelled += 1;
         self.send(Event::Cancelled { id });
         true
     }
 
-    fn release(&mut self, seq: &Seq) {
-        self.slots.release(seq.slot, seq.kv.clone());
-    }
-
     /// Fail every running sequence (model going away).
     pub(crate) fn fail_all(&mut self, error: &LlmError) {
-        let seqs: Vec<Seq> = self.seqs.drain(..).collect();
-        for seq in seqs {
-            self.slots.invalidate(seq.slot);
-            self.fail(seq.job.id, error.clone());
+        for (id, slot) in self.sched.drop_all() {
+            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+            self.seqs.remove(&id);
+            self.fail(id, error.clone());
         }
     }
 
-    /// One decode step over all sequences.
+    /// One decode step: the scheduler's plan into a batch, decode, the
+    /// outcome back to the scheduler, then sampling of what it names.
     pub(crate) fn step(&mut self) {
-        if self.seqs.is_empty() {
+        if self.sched.is_idle() {
             return;
         }
+        let plan = self.sched.plan();
         self.batch.clear();
-        let mut n_tokens = 0usize;
-        let mut generating = 0usize;
-        // While a high-priority (player) prompt is being read, lower-priority
-        // sequences sit out so its prompt decodes alone, as fast as possible.
-        let urgent = self
-            .seqs
-            .iter()
-            .filter(|s| s.fed < s.prompt.len())
-            .map(|s| s.job.priority)
-            .max()
-            .filter(|&p| p > 0);
-        // 1. The next token of every generating sequence.
-        for seq in &mut self.seqs {
-            seq.logits_at = None;
-            if urgent.is_some_and(|p| seq.job.priority < p) {
-                continue;
-            }
-            if let Some(tok) = seq.pending {
-                let pos = seq.kv.len() as i32;
-                if self.batch.add(tok, pos, &[seq.slot as i32], true).is_ok() {
-                    seq.logits_at = Some(n_tokens as i32);
-                    n_tokens += 1;
-                    generating += 1;
-                }
-            }
-        }
-        // 2. Prompt chunks, higher priority first, bounded while others generate.
-        let mut order: Vec<usize> = (0..self.seqs.len())
-            .filter(|&i| self.seqs[i].fed < self.seqs[i].prompt.len())
-            .filter(|&i| urgent.is_none_or(|p| self.seqs[i].job.priority >= p))
-            .collect();
-        order.sort_by_key(|&i| -self.seqs[i].job.priority);
-        let chunk_cap = if generating > 0 {
-            self.knobs.prompt_chunk as usize
-        } else {
-            usize::MAX
-        };
-        let mut prompt_tokens = 0usize;
-        for i in order {
-            let budget = self.batch_size - n_tokens;
-            if budget == 0 {
+        let mut built = Ok(());
+        for t in &plan.tokens {
+            if let Err(e) = self.batch.add(t.token, t.pos, &[t.seq], t.logits) {
+                built = Err(format!(
+                    "cannot add token {} of {} to the batch: {e}",
+                    self.batch.n_tokens() + 1,
+                    plan.tokens.len()
+                ));
                 break;
             }
-            let seq = &mut self.seqs[i];
-            let remaining = seq.prompt.len() - seq.fed;
-            // The player's request is not held back by the chunk limit.
-            let cap = if seq.job.priority > 0 {
-                usize::MAX
-            } else {
-                chunk_cap
-            };
-            let take = remaining.min(budget).min(cap);
-            for k in 0..take {
-                let idx = seq.fed + k;
-                let last = idx + 1 == seq.prompt.len();
-                let _ = self
-                    .batch
-                    .add(seq.prompt[idx], idx as i32, &[seq.slot as i32], last);
-                if last {
-                    seq.logits_at = Some(n_tokens as i32);
-                }
-                n_tokens += 1;
-            }
-            seq.in_batch = take;
-            prompt_tokens += take;
         }
-        if n_tokens == 0 {
+        let n_tokens = plan.tokens.len();
+        let sequences_in_batch = plan.sequences();
+        let prompt_tokens = plan.prompt_tokens();
+        let outcome = match built {
+            Err(message) => {
+                bevy::log::error!("bevy_npc_llm: {message}");
+                Outcome::Failed(message)
+            }
+            Ok(()) => {
+                let t0 = Instant::now();
+                let result = self.ctx.decode(&mut self.batch);
+                self.counters.decode_time += t0.elapsed();
+                self.counters.decode_calls += 1;
+                match result {
+                    Ok(()) => Outcome::Decoded,
+                    Err(DecodeError::NoKvCacheSlot) => Outcome::NoKvSlot,
+                    Err(e) => Outcome::Failed(e.to_string()),
+                }
+            }
+        };
+        let decoded = outcome == Outcome::Decoded;
+        let applied = self.sched.apply(plan, outcome);
+        for slot in applied.evicted {
+            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+        }
+        for d in applied.failed {
+            let _ = self.ctx.clear_kv_cache_seq(Some(d.slot as u32), None, None);
+            self.seqs.remove(&d.id);
+            self.fail(d.id, d.error);
+        }
+        if !decoded {
             return;
         }
-        let sequences_in_batch = self
-            .seqs
-            .iter()
-            .filter(|s| s.pending.is_some() || s.fed < s.prompt.len())
-            .count();
-        let t0 = Instant::now();
-        let result = self.ctx.decode(&mut self.batch);
-        self.counters.decode_time += t0.elapsed();
-        self.counters.decode_calls += 1;
         if sequences_in_batch > 1 {
             self.counters.multi_sequence_batches += 1;
         }
         self.counters.max_batch_sequences =
             self.counters.max_batch_sequences.max(sequences_in_batch);
         self.counters.max_batch_tokens = self.counters.max_batch_tokens.max(n_tokens);
-        if let Err(e) = result {
-            for seq in &mut self.seqs {
-                seq.in_batch = 0;
-            }
-            // Every sequence in this batch has unknown KV now: fail them.
-            let err = LlmError::Decode(e.to_string());
-            let seqs: Vec<Seq> = self.seqs.drain(..).collect();
-            for seq in seqs {
-                let _ = self.ctx.kv_cache_seq_rm(seq.slot as i32, None, None);
-                self.slots.invalidate(seq.slot);
-                self.fail(seq.job.id, err.clone());
-            }
-            return;
-        }
         self.counters.prompt_tokens_decoded += prompt_tokens as u64;
-        // 3. Book-keeping: what this batch put in each sequence's KV.
-        for seq in &mut self.seqs {
-            if let Some(tok) = seq.pending.take() {
-                seq.kv.push(tok);
-            }
-            if seq.in_batch > 0 {
-                let (from, to) = (seq.fed, seq.fed + seq.in_batch);
-                seq.kv.extend_from_slice(&seq.prompt[from..to]);
-                seq.fed = to;
-                seq.in_batch = 0;
-            }
-        }
-        // 4. Sample every sequence that has logits in this batch.
+        // Sample every sequence the scheduler names.
         let t_sample = Instant::now();
-        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
-        for (i, seq) in self.seqs.iter_mut().enumerate() {
-            let Some(at) = seq.logits_at.take() else {
+        let mut finished: Vec<(RequestId, FinishReason)> = Vec::new();
+        for (id, at) in applied.sample {
+            let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
-            let tok = LlamaToken(seq.sampler.sample(self.ctx.get_logits_ith(at)));
+            let tok = LlamaToken(seq.sampler.sample(self.ctx.get_logits_ith(at as i32)));
             let now = Instant::now();
             if seq.first_token.is_none() {
                 seq.first_token = Some(now);
@@ -374,7 +332,7 @@ impl<'m> Server<'m> {
             seq.last_token = now;
             self.counters.generated_tokens += 1;
             if self.model.vocab().is_eog(tok) && !seq.ignore_eos {
-                finished.push((i, FinishReason::EndOfTurn));
+                finished.push((id, FinishReason::EndOfTurn));
                 continue;
             }
             seq.generated += 1;
@@ -384,30 +342,27 @@ impl<'m> Server<'m> {
             if !released.text.is_empty() {
                 seq.text.push_str(&released.text);
                 let _ = self.events.send(Event::Token {
-                    id: seq.job.id,
+                    id,
                     text: released.text,
                 });
             }
             if released.stopped {
-                finished.push((i, FinishReason::StopString));
+                finished.push((id, FinishReason::StopString));
             } else if seq.generated >= seq.max_tokens {
-                finished.push((i, FinishReason::MaxTokens));
-            } else if seq.kv.len() >= self.per_seq {
-                finished.push((i, FinishReason::ContextFull));
-            } else {
-                seq.pending = Some(tok);
+                finished.push((id, FinishReason::MaxTokens));
+            } else if !self.sched.sampled(id, tok) {
+                finished.push((id, FinishReason::ContextFull));
             }
         }
         self.counters.sample_time += t_sample.elapsed();
-        // Highest index first so swap_remove keeps the other indices valid.
-        finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-        for (i, reason) in finished {
-            let seq = self.seqs.swap_remove(i);
-            self.complete(seq, reason);
+        for (id, reason) in finished {
+            if let (Some(released), Some(seq)) = (self.sched.finish(id), self.seqs.remove(&id)) {
+                self.complete(seq, reason, released);
+            }
         }
     }
 
-    fn complete(&mut self, mut seq: Seq, finish: FinishReason) {
+    fn complete(&mut self, mut seq: Seq, finish: FinishReason, released: Released) {
         let tail = seq.utf8.finish();
         let mut rest = String::new();
         if !tail.is_empty() {
@@ -428,8 +383,8 @@ impl<'m> Server<'m> {
             .first_token
             .map_or(Duration::ZERO, |f| seq.last_token.duration_since(f));
         let stats = RequestStats {
-            prompt_tokens: seq.prompt.len(),
-            reused_prefix_tokens: seq.reused,
+            prompt_tokens: released.prompt_tokens,
+            reused_prefix_tokens: released.reused,
             generated_tokens: seq.generated,
             queue_time: seq.started.duration_since(seq.job.submitted),
             time_to_first_token: seq.first_token.map(|f| f.duration_since(seq.job.submitted)),
@@ -439,9 +394,8 @@ impl<'m> Server<'m> {
             } else {
                 0.0
             },
-            slot: seq.slot,
+            slot: released.slot,
         };
-        self.release(&seq);
         self.counters.completed += 1;
         self.send(Event::Completed {
             id: seq.job.id,
@@ -452,16 +406,16 @@ impl<'m> Server<'m> {
     }
 
     pub(crate) fn send_counters(&mut self, queued: usize) {
-        if self.last_counters.elapsed() < Duration::from_millis(50) && !self.seqs.is_empty() {
+        if self.last_counters.elapsed() < Duration::from_millis(50) && !self.sched.is_idle() {
             return;
         }
         self.last_counters = Instant::now();
         self.counters.queued = queued;
-        self.counters.active_sequences = self.seqs.len();
-        self.counters.cached_slots = self.slots.cached();
-        self.counters.evictions = self.slots.evictions;
-        self.counters.kv_cells_used =
-            self.slots.cells_used() + self.seqs.iter().map(|s| s.kv.len()).sum::<usize>();
+        self.counters.active_sequences = self.sched.running();
+        let slots = self.sched.slot_table();
+        self.counters.cached_slots = slots.cached();
+        self.counters.evictions = slots.evictions;
+        self.counters.kv_cells_used = slots.cells_used() + self.sched.running_cells();
         self.send(Event::Counters(Box::new(self.counters.clone())));
     }
 }

@@ -83,9 +83,16 @@ impl<T: PartialEq + Clone> SlotTable<T> {
     }
 
     /// Give a free slot to a request with `key` and `prompt`; `None` when
-    /// every slot is busy. The caller must drop the slot's KV from
-    /// `reuse` onwards and mark the slot's tokens as the kept prefix.
-    pub(crate) fn acquire(&mut self, key: Option<u64>, prompt: &[T]) -> Option<Acquired> {
+    /// every slot is busy. `keep(slot, lcp)` says how much of a common
+    /// prefix of `lcp` tokens the slot's KV can really serve (a sliding-window
+    /// cache may have dropped its start). The caller must drop the slot's KV
+    /// from `reuse` onwards.
+    pub(crate) fn acquire(
+        &mut self,
+        key: Option<u64>,
+        prompt: &[T],
+        keep: impl Fn(usize, usize) -> usize,
+    ) -> Option<Acquired> {
         let max_reuse = prompt.len().saturating_sub(1);
         let free = |s: &Slot<T>| !s.busy;
         let mut pick: Option<(usize, usize, bool)> = None;
@@ -129,7 +136,7 @@ impl<T: PartialEq + Clone> SlotTable<T> {
             self.evictions += 1;
         }
         let reuse = if self.cache_enabled {
-            lcp.min(max_reuse)
+            keep(slot, lcp).min(lcp).min(max_reuse)
         } else {
             0
         };
@@ -168,12 +175,50 @@ impl<T: PartialEq + Clone> SlotTable<T> {
         s.tokens.clear();
     }
 
-    /// Forget every cached prefix (the caller clears the KV cache).
-    pub(crate) fn clear_idle(&mut self) {
-        for s in self.slots.iter_mut().filter(|s| !s.busy) {
+    /// Forget every cached prefix; returns the slots whose KV the caller
+    /// must clear.
+    pub(crate) fn clear_idle(&mut self) -> Vec<usize> {
+        let mut cleared = Vec::new();
+        for (i, s) in self.slots.iter_mut().enumerate().filter(|(_, s)| !s.busy) {
+            if !s.tokens.is_empty() {
+                cleared.push(i);
+            }
             s.key = None;
             s.tokens.clear();
         }
+        cleared
+    }
+
+    /// Idle slots holding cached tokens.
+    pub(crate) fn idle_cached_slots(&self) -> Vec<usize> {
+        (0..self.slots.len())
+            .filter(|&i| !self.slots[i].busy && !self.slots[i].tokens.is_empty())
+            .collect()
+    }
+
+    /// Drop the least recently used idle cache (the caller clears its KV).
+    pub(crate) fn evict_lru_idle(&mut self) -> Option<usize> {
+        let slot = self
+            .idle_cached_slots()
+            .into_iter()
+            .min_by_key(|&i| self.slots[i].last_used)?;
+        let s = &mut self.slots[slot];
+        s.key = None;
+        s.tokens.clear();
+        self.evictions += 1;
+        Some(slot)
+    }
+
+    /// Tokens the slot's KV holds, as recorded.
+    #[cfg(test)]
+    pub(crate) fn tokens(&self, slot: usize) -> &[T] {
+        &self.slots[slot].tokens
+    }
+
+    /// Whether `slot` serves a request now.
+    #[cfg(test)]
+    pub(crate) fn is_busy(&self, slot: usize) -> bool {
+        self.slots[slot].busy
     }
 }
 
@@ -249,49 +294,55 @@ mod tests {
     #[test]
     fn same_key_reuses_longest_common_prefix() {
         let mut t = SlotTable::<u32>::new(2, true);
-        let a = t.acquire(Some(7), &[1, 2, 3]).unwrap();
+        let a = t.acquire(Some(7), &[1, 2, 3], |_, l| l).unwrap();
         assert_eq!(a.reuse, 0);
         t.release(a.slot, vec![1, 2, 3, 9]);
-        let b = t.acquire(Some(7), &[1, 2, 3, 9, 4, 5]).unwrap();
+        let b = t.acquire(Some(7), &[1, 2, 3, 9, 4, 5], |_, l| l).unwrap();
         assert_eq!((b.slot, b.reuse), (a.slot, 4));
         t.release(b.slot, vec![1, 2, 3, 9, 4, 5]);
         // Diverging history keeps only the shared part.
-        let c = t.acquire(Some(7), &[1, 2, 8]).unwrap();
+        let c = t.acquire(Some(7), &[1, 2, 8], |_, l| l).unwrap();
         assert_eq!(c.reuse, 2);
     }
 
     #[test]
     fn whole_prompt_cached_still_decodes_last_token() {
         let mut t = SlotTable::<u32>::new(1, true);
-        let a = t.acquire(Some(1), &[1, 2, 3]).unwrap();
+        let a = t.acquire(Some(1), &[1, 2, 3], |_, l| l).unwrap();
         t.release(a.slot, vec![1, 2, 3]);
-        assert_eq!(t.acquire(Some(1), &[1, 2, 3]).unwrap().reuse, 2);
+        assert_eq!(t.acquire(Some(1), &[1, 2, 3], |_, l| l).unwrap().reuse, 2);
     }
 
     #[test]
     fn lru_keyed_slot_is_evicted_when_full() {
         let mut t = SlotTable::<u32>::new(2, true);
-        let a = t.acquire(Some(1), &[1]).unwrap();
-        let b = t.acquire(Some(2), &[2]).unwrap();
+        let a = t.acquire(Some(1), &[1], |_, l| l).unwrap();
+        let b = t.acquire(Some(2), &[2], |_, l| l).unwrap();
         t.release(a.slot, vec![1]);
         t.release(b.slot, vec![2]);
         assert!(!t.has_free() || t.cached() == 2);
-        let c = t.acquire(Some(3), &[3]).unwrap();
+        let c = t.acquire(Some(3), &[3], |_, l| l).unwrap();
         assert!(c.evicted);
         assert_eq!(c.slot, a.slot, "key 1 was used least recently");
         assert_eq!(t.evictions, 1);
         // Key 2 still finds its prefix.
-        let d = t.acquire(Some(2), &[2, 5]).unwrap();
+        let d = t.acquire(Some(2), &[2, 5], |_, l| l).unwrap();
         assert_eq!((d.slot, d.reuse), (b.slot, 1));
-        assert!(t.acquire(Some(4), &[4]).is_none(), "all slots busy");
+        assert!(
+            t.acquire(Some(4), &[4], |_, l| l).is_none(),
+            "all slots busy"
+        );
     }
 
     #[test]
     fn cache_disabled_never_reuses() {
         let mut t = SlotTable::<u32>::new(1, false);
-        let a = t.acquire(Some(1), &[1, 2, 3]).unwrap();
+        let a = t.acquire(Some(1), &[1, 2, 3], |_, l| l).unwrap();
         t.release(a.slot, vec![1, 2, 3]);
-        assert_eq!(t.acquire(Some(1), &[1, 2, 3, 4]).unwrap().reuse, 0);
+        assert_eq!(
+            t.acquire(Some(1), &[1, 2, 3, 4], |_, l| l).unwrap().reuse,
+            0
+        );
     }
 
     #[test]

@@ -290,8 +290,9 @@ impl Worker {
                             // The context could not be created again: drop the model.
                             let model = loaded.spec.model_id.clone();
                             let error = ModelLoadError::Context {
-                                n_ctx: loaded.spec.context_per_sequence * loaded.spec.sequences,
-                                n_seq: loaded.spec.sequences,
+                                n_ctx: loaded.spec.context_per_sequence
+                                    * context_sequences(&loaded.spec),
+                                n_seq: context_sequences(&loaded.spec),
                                 message: reason,
                             };
                             self.send(Event::LoadFailed {
@@ -531,8 +532,8 @@ impl Worker {
             let ctx = model
                 .new_context(self.backend, context_params(&spec))
                 .map_err(|e| ModelLoadError::Context {
-                    n_ctx: per_seq * spec.sequences,
-                    n_seq: spec.sequences,
+                    n_ctx: per_seq * context_sequences(&spec),
+                    n_seq: context_sequences(&spec),
                     message: e.to_string(),
                 })?;
             drop(ctx);
@@ -554,8 +555,14 @@ impl Worker {
         let mut server = Server::new(&model, ctx, &loaded.spec, self.knobs, self.events.clone())
             .map_err(|e| e.to_string())?;
         loop {
-            // Commands first: new jobs join between decode steps.
-            let cmd = if server.is_idle() && self.queue.is_empty() {
+            // Commands first: new jobs join between decode steps. With no
+            // sequence running and nothing admissible, nothing can progress:
+            // block on the channel (the loop never spins).
+            let admissible = self
+                .queue
+                .peek_priority()
+                .is_some_and(|p| server.has_free_slot_for(p));
+            let cmd = if server.is_idle() && !admissible {
                 match self.commands.recv() {
                     Ok(c) => Some(c),
                     Err(_) => return Ok(Next::Shutdown),
@@ -606,14 +613,25 @@ impl Worker {
     }
 }
 
-/// One context for `sequences` slots plus one kept for high-priority requests.
+/// Sequences of the context: the plan's plus one kept for high-priority
+/// requests, within llama.cpp's limit.
+pub(crate) fn context_sequences(spec: &LoadSpec) -> u32 {
+    (spec.sequences + 1).min(super::scheduler::LLAMA_MAX_SEQ)
+}
+
+/// One context for `sequences` slots plus one kept for high-priority
+/// requests. A step may hold one output per sequence, so the batch holds at
+/// least one token more than there are sequences (llama.cpp aborts the
+/// process otherwise; settings validation refuses such values first).
 pub(crate) fn context_params(spec: &LoadSpec) -> LlamaContextParams {
-    let n_seq = spec.sequences + 1;
+    let n_seq = context_sequences(spec);
     let n_ctx = spec.context_per_sequence * n_seq;
+    let n_batch = spec.batch_size.max(n_seq + 1);
     LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(spec.batch_size)
-        .with_n_ubatch(spec.batch_size.min(512))
+        .with_n_batch(n_batch)
+        .with_n_ubatch(n_batch.min(512))
+        .with_swa_full(spec.swa_full)
         .with_n_seq_max(n_seq)
         .with_n_threads(spec.threads as i32)
         .with_n_threads_batch(spec.threads as i32)

@@ -77,6 +77,7 @@ pub(crate) fn remote_spec(settings: &crate::settings::LlmSettings) -> LoadSpec {
         context_per_sequence: settings.context_per_sequence,
         sequences: settings.max_parallel_sequences,
         batch_size: settings.batch_size,
+        swa_full: settings.swa_full,
         threads: 0,
         gpu_layers: 0,
     }

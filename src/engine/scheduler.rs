@@ -1,0 +1,609 @@
+//! The decode-step scheduler: every decision about which tokens of which
+//! sequence go into the next `llama_decode`, and what a decode's outcome
+//! does to each sequence. Pure: no llama.cpp or Bevy types; generic over
+//! the token type so the property tests drive it with a fake decoder.
+//!
+//! The worker's loop ([`serve`](super::serve)) only
+//! 1. asks [`Scheduler::can_admit`] / [`Scheduler::admit`] for queued jobs
+//!    (slot choice, prefix reuse, LRU eviction live in here and in
+//!    [`SlotTable`]);
+//! 2. turns [`Scheduler::plan`] into a `LlamaBatch` (every planned token is
+//!    added, or the step fails loudly);
+//! 3. reports the decode's [`Outcome`] to [`Scheduler::apply`], which is the
+//!    **only** place a sequence's KV record grows: a token is recorded only
+//!    when the batch holding it decoded;
+//! 4. samples the sequences [`Applied::sample`] names and reports each token
+//!    back ([`Scheduler::sampled`]) or ends the sequence
+//!    ([`Scheduler::finish`]).
+//!
+//! Rules, each in one place below: the High-priority sit-out rule
+//! ([`Scheduler::plan`]), its starvation bound ([`Limits::max_sit_out`]), the
+//! prompt chunk cap, the batch halving on "no KV slot" and its regrowth,
+//! and the sliding-window reuse check ([`reusable_prefix`]).
+
+use super::protocol::RequestId;
+use super::slots::SlotTable;
+use crate::errors::LlmError;
+
+/// llama.cpp's most sequences in one context (`LLAMA_MAX_SEQ`).
+pub(crate) const LLAMA_MAX_SEQ: u32 = 256;
+
+/// Priorities above this are High (the player's requests).
+const NORMAL: i32 = 0;
+
+/// The sizes a step must respect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// Tokens one decode call may hold (the context's `n_batch`).
+    pub batch_tokens: usize,
+    /// Most prompt tokens a Normal sequence adds to a step while other
+    /// sequences generate.
+    pub prompt_chunk: usize,
+    /// KV cells each sequence may hold (prompt and answer together).
+    pub cells_per_seq: usize,
+    /// Slots (llama.cpp sequence ids); the last one is kept for High
+    /// priority whenever there are two or more.
+    pub slots: usize,
+    /// Sliding-window size of the model when its KV keeps only the window
+    /// (`swa_full` off); 0 for full attention or a full SWA cache.
+    pub swa_window: usize,
+    /// Steps a Normal sequence may sit out while a High prompt is read
+    /// before it is scheduled regardless (no starvation).
+    pub max_sit_out: u32,
+}
+
+impl Limits {
+    /// Slots Normal-priority jobs may use.
+    pub(crate) fn normal_slots(&self) -> usize {
+        if self.slots > 1 {
+            self.slots - 1
+        } else {
+            self.slots
+        }
+    }
+}
+
+/// How many leading tokens of a cached prefix of `lcp` tokens may be kept,
+/// given the smallest position the sequence's KV still holds
+/// (`llama_memory_seq_pos_min`: -1 when empty). A sliding-window cache that
+/// dropped early positions can continue at position `n` only while it still
+/// holds the window before `n`; otherwise nothing is kept (every shorter
+/// prefix needs an even earlier window).
+pub(crate) fn reusable_prefix(lcp: usize, first_pos: i32, swa_window: usize) -> usize {
+    if first_pos <= 0 {
+        return lcp;
+    }
+    let first = first_pos as usize;
+    if swa_window > 0 && first <= lcp.saturating_sub(swa_window) {
+        lcp
+    } else {
+        0
+    }
+}
+
+/// A job given a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Admitted {
+    /// Slot = llama.cpp sequence id.
+    pub slot: usize,
+    /// Leading prompt tokens kept from the slot's cache: the caller drops
+    /// the slot's KV from this position on.
+    pub reuse: usize,
+}
+
+/// One token of a planned batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BatchToken<T> {
+    pub token: T,
+    pub pos: i32,
+    pub seq: i32,
+    pub logits: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// The sequence's sampled token.
+    Next,
+    /// Prompt tokens `from..to`.
+    Prompt { from: usize, to: usize },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    id: RequestId,
+    part: Part,
+    /// Index in the batch whose logits are sampled afterwards.
+    logits_at: Option<usize>,
+}
+
+/// The batch of one step. Hand it back to [`Scheduler::apply`] with the
+/// decode's outcome.
+#[derive(Debug)]
+#[must_use = "a plan must be decoded and applied"]
+pub(crate) struct Plan<T> {
+    /// The tokens to add to the batch, in order.
+    pub tokens: Vec<BatchToken<T>>,
+    entries: Vec<Entry>,
+}
+
+impl<T> Plan<T> {
+    /// Sequences in this batch.
+    pub(crate) fn sequences(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Prompt tokens in this batch.
+    pub(crate) fn prompt_tokens(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|e| match e.part {
+                Part::Prompt { from, to } => to - from,
+                Part::Next => 0,
+            })
+            .sum()
+    }
+
+    /// Whether the request has tokens in this batch.
+    #[cfg(test)]
+    pub(crate) fn holds(&self, id: RequestId) -> bool {
+        self.entries.iter().any(|e| e.id == id)
+    }
+}
+
+/// What `llama_decode` did with a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Decoded: logits are ready.
+    Decoded,
+    /// Return code 1: no KV slot for the batch. Nothing was decoded.
+    NoKvSlot,
+    /// Any other failure (or the batch could not be built).
+    Failed(String),
+}
+
+/// A sequence that ended inside [`Scheduler::apply`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Dropped {
+    pub id: RequestId,
+    /// Its slot; the caller clears that sequence's KV (it is unknown).
+    pub slot: usize,
+    pub error: LlmError,
+}
+
+/// The result of applying an outcome.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    /// Sequences to sample now: request and batch index of its logits.
+    pub sample: Vec<(RequestId, usize)>,
+    /// Sequences failed by this outcome.
+    pub failed: Vec<Dropped>,
+    /// The plan did not decode and will be retried smaller.
+    pub retry: bool,
+    /// Idle cached slots dropped to make room: the caller clears their KV.
+    pub evicted: Vec<usize>,
+}
+
+/// A sequence that left the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Released {
+    pub slot: usize,
+    pub prompt_tokens: usize,
+    pub reused: usize,
+}
+
+#[derive(Debug)]
+struct Running<T> {
+    id: RequestId,
+    priority: i32,
+    slot: usize,
+    prompt: Vec<T>,
+    /// Tokens of this sequence held in KV: only [`Scheduler::apply`] of a
+    /// decoded plan adds to it.
+    kv: Vec<T>,
+    /// Prompt tokens in KV.
+    fed: usize,
+    reused: usize,
+    /// Sampled, waiting to be decoded.
+    pending: Option<T>,
+    /// Consecutive steps this sequence had work and was left out.
+    sat_out: u32,
+    /// Admission order (ties).
+    order: u64,
+}
+
+impl<T> Running<T> {
+    fn has_work(&self) -> bool {
+        self.pending.is_some() || self.fed < self.prompt.len()
+    }
+}
+
+/// The scheduler: running sequences, the slot table, and the current batch
+/// limit.
+#[derive(Debug)]
+pub(crate) struct Scheduler<T> {
+    limits: Limits,
+    slots: SlotTable<T>,
+    seqs: Vec<Running<T>>,
+    /// Tokens the next plan may hold: halved after "no KV slot", doubled
+    /// back after each decoded step.
+    batch_limit: usize,
+    admitted: u64,
+}
+
+impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
+    pub(crate) fn new(limits: Limits, prefix_cache: bool) -> Self {
+        Self {
+            slots: SlotTable::new(limits.slots, prefix_cache),
+            batch_limit: limits.batch_tokens.max(1),
+            limits,
+            seqs: Vec::new(),
+            admitted: 0,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The prompt-chunk knob changed at run time.
+    pub(crate) fn set_prompt_chunk(&mut self, chunk: usize) {
+        self.limits.prompt_chunk = chunk.max(1);
+    }
+
+    /// Turn the prefix cache on or off; slots whose cache was dropped are
+    /// returned so the caller clears their KV.
+    pub(crate) fn set_prefix_cache(&mut self, enabled: bool) -> Vec<usize> {
+        let cleared = if enabled {
+            Vec::new()
+        } else {
+            self.slots.clear_idle()
+        };
+        self.slots.set_cache_enabled(enabled);
+        cleared
+    }
+
+    /// No sequence is running.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Running sequences.
+    pub(crate) fn running(&self) -> usize {
+        self.seqs.len()
+    }
+
+    pub(crate) fn slot_table(&self) -> &SlotTable<T> {
+        &self.slots
+    }
+
+    /// KV cells held by running sequences.
+    pub(crate) fn running_cells(&self) -> usize {
+        self.seqs.iter().map(|s| s.kv.len()).sum()
+    }
+
+    /// The current batch limit (tokens).
+    #[cfg(test)]
+    pub(crate) fn batch_limit(&self) -> usize {
+        self.batch_limit
+    }
+
+    /// Whether a queued job of `priority` may start now. High-priority
+    /// jobs may use the slot kept for them.
+    pub(crate) fn can_admit(&self, priority: i32) -> bool {
+        self.slots.has_free()
+            && (priority > NORMAL || self.slots.busy() < self.limits.normal_slots())
+    }
+
+    /// Start a job whose prompt is `prompt`. `first_pos(slot)` is the
+    /// smallest position the slot's KV holds (-1 when empty).
+    ///
+    /// # Errors
+    /// [`LlmError::EmptyPrompt`], [`LlmError::PromptTooLong`] when the prompt
+    /// leaves no room to answer, [`LlmError::Decode`] when no slot is free
+    /// (the caller asks [`Self::can_admit`] first).
+    pub(crate) fn admit(
+        &mut self,
+        id: RequestId,
+        priority: i32,
+        key: Option<u64>,
+        prompt: Vec<T>,
+        first_pos: impl Fn(usize) -> i32,
+    ) -> Result<Admitted, LlmError> {
+        if prompt.is_empty() {
+            return Err(LlmError::EmptyPrompt);
+        }
+        if prompt.len() >= self.limits.cells_per_seq {
+            return Err(LlmError::PromptTooLong {
+                tokens: prompt.len(),
+                limit: self.limits.cells_per_seq.saturating_sub(1),
+            });
+        }
+        if !self.can_admit(priority) {
+            return Err(LlmError::Decode("no free sequence slot".into()));
+        }
+        let window = self.limits.swa_window;
+        let acq = self
+            .slots
+            .acquire(key, &prompt, |slot, lcp| {
+                reusable_prefix(lcp, first_pos(slot), window)
+            })
+            .ok_or_else(|| LlmError::Decode("no free sequence slot".into()))?;
+        self.admitted += 1;
+        self.seqs.push(Running {
+            id,
+            priority,
+            slot: acq.slot,
+            kv: prompt[..acq.reuse].to_vec(),
+            fed: acq.reuse,
+            reused: acq.reuse,
+            prompt,
+            pending: None,
+            sat_out: 0,
+            order: self.admitted,
+        });
+        Ok(Admitted {
+            slot: acq.slot,
+            reuse: acq.reuse,
+        })
+    }
+
+    /// The next step's batch; empty only when no sequence runs.
+    ///
+    /// While a High-priority prompt is being read, lower-priority sequences
+    /// sit out so it decodes alone — except one that has sat out
+    /// [`Limits::max_sit_out`] steps in a row. Generated tokens go first
+    /// (higher priority first), then prompt chunks (higher priority, then
+    /// longest waiting); Normal prompts take at most
+    /// [`Limits::prompt_chunk`] tokens while others generate.
+    pub(crate) fn plan(&mut self) -> Plan<T> {
+        let urgent = self
+            .seqs
+            .iter()
+            .filter(|s| s.fed < s.prompt.len())
+            .map(|s| s.priority)
+            .max()
+            .filter(|&p| p > NORMAL);
+        let max_sit_out = self.limits.max_sit_out;
+        // A sequence left out `max_sit_out` steps in a row goes first.
+        let forced = |s: &Running<T>| s.sat_out >= max_sit_out;
+        let excused = |s: &Running<T>| forced(s) || urgent.is_none_or(|p| s.priority >= p);
+        let mut order: Vec<usize> = (0..self.seqs.len())
+            .filter(|&i| self.seqs[i].has_work() && excused(&self.seqs[i]))
+            .collect();
+        order.sort_by_key(|&i| {
+            let s = &self.seqs[i];
+            // Forced ones longest-waiting first (whatever their priority),
+            // then priority, then longest-waiting, then arrival.
+            let waited = if forced(s) { s.sat_out } else { 0 };
+            (
+                !forced(s),
+                std::cmp::Reverse(waited),
+                std::cmp::Reverse(s.priority),
+                std::cmp::Reverse(s.sat_out),
+                s.order,
+            )
+        });
+        let generating = order
+            .iter()
+            .filter(|&&i| self.seqs[i].pending.is_some())
+            .count();
+        let mut tokens = Vec::new();
+        let mut entries = Vec::new();
+        let mut budget = self.batch_limit;
+        // Forced sequences first, then the next token of every generating
+        // sequence, then prompt chunks.
+        // Pass 0: forced sequences; 1: the next token of every generating
+        // sequence; 2: prompt chunks.
+        let pass_of = |s: &Running<T>| match (forced(s), s.pending.is_some()) {
+            (true, _) => 0,
+            (false, true) => 1,
+            (false, false) => 2,
+        };
+        for pass in 0..3 {
+            for &i in &order {
+                let s = &self.seqs[i];
+                if budget == 0 || pass_of(s) != pass {
+                    continue;
+                }
+                if let Some(tok) = s.pending {
+                    entries.push(Entry {
+                        id: s.id,
+                        part: Part::Next,
+                        logits_at: Some(tokens.len()),
+                    });
+                    tokens.push(BatchToken {
+                        token: tok,
+                        pos: s.kv.len() as i32,
+                        seq: s.slot as i32,
+                        logits: true,
+                    });
+                    budget -= 1;
+                    continue;
+                }
+                let cap = if s.priority > NORMAL || generating == 0 {
+                    usize::MAX
+                } else {
+                    self.limits.prompt_chunk.max(1)
+                };
+                let take = (s.prompt.len() - s.fed).min(budget).min(cap);
+                let (from, to) = (s.fed, s.fed + take);
+                let last = to == s.prompt.len();
+                for (k, &tok) in s.prompt[from..to].iter().enumerate() {
+                    tokens.push(BatchToken {
+                        token: tok,
+                        pos: (from + k) as i32,
+                        seq: s.slot as i32,
+                        logits: last && from + k + 1 == to,
+                    });
+                }
+                entries.push(Entry {
+                    id: s.id,
+                    part: Part::Prompt { from, to },
+                    logits_at: last.then(|| tokens.len() - 1),
+                });
+                budget -= take;
+            }
+        }
+        Plan { tokens, entries }
+    }
+
+    /// Apply a plan's decode outcome: the only place KV records grow.
+    pub(crate) fn apply(&mut self, plan: Plan<T>, outcome: Outcome) -> Applied {
+        let mut applied = Applied::default();
+        match outcome {
+            Outcome::Decoded => {
+                for e in &plan.entries {
+                    let Some(s) = self.seqs.iter_mut().find(|s| s.id == e.id) else {
+                        continue;
+                    };
+                    match e.part {
+                        Part::Next => {
+                            if let Some(tok) = s.pending.take() {
+                                s.kv.push(tok);
+                            }
+                        }
+                        Part::Prompt { from, to } => {
+                            s.kv.extend_from_slice(&s.prompt[from..to]);
+                            s.fed = to;
+                        }
+                    }
+                    if let Some(at) = e.logits_at {
+                        applied.sample.push((e.id, at));
+                    }
+                }
+                self.batch_limit = (self.batch_limit * 2).min(self.limits.batch_tokens.max(1));
+            }
+            Outcome::NoKvSlot if plan.tokens.len() > 1 => {
+                self.batch_limit = (plan.tokens.len() / 2).max(1);
+                applied.retry = true;
+            }
+            Outcome::NoKvSlot if !self.slots.idle_cached_slots().is_empty() => {
+                // One token does not fit: make room by dropping the least
+                // recently used idle cache, then retry.
+                if let Some(slot) = self.slots.evict_lru_idle() {
+                    applied.evicted.push(slot);
+                }
+                applied.retry = true;
+            }
+            Outcome::NoKvSlot => {
+                // One token of one sequence does not fit even alone: it fails.
+                for e in &plan.entries {
+                    if let Some(d) = self.drop_failed(e.id, |s, cells| LlmError::KvCacheFull {
+                        needed: s + 1,
+                        capacity: cells,
+                    }) {
+                        applied.failed.push(d);
+                    }
+                }
+            }
+            Outcome::Failed(message) => {
+                for e in &plan.entries {
+                    if let Some(d) =
+                        self.drop_failed(e.id, |_, _| LlmError::Decode(message.clone()))
+                    {
+                        applied.failed.push(d);
+                    }
+                }
+            }
+        }
+        if !applied.retry && applied.failed.is_empty() {
+            // Sit-outs count only on steps that decoded.
+            for s in &mut self.seqs {
+                if plan.entries.iter().any(|e| e.id == s.id) {
+                    s.sat_out = 0;
+                } else if s.has_work() {
+                    s.sat_out = s.sat_out.saturating_add(1);
+                }
+            }
+        }
+        applied
+    }
+
+    fn drop_failed(
+        &mut self,
+        id: RequestId,
+        error: impl Fn(usize, usize) -> LlmError,
+    ) -> Option<Dropped> {
+        let i = self.seqs.iter().position(|s| s.id == id)?;
+        let s = self.seqs.swap_remove(i);
+        self.slots.invalidate(s.slot);
+        Some(Dropped {
+            id,
+            slot: s.slot,
+            error: error(s.kv.len(), self.limits.cells_per_seq),
+        })
+    }
+
+    /// A token was sampled for `id` and the sequence goes on: it is decoded
+    /// in a later step. `false` when the sequence's KV is full (the caller
+    /// finishes it with `ContextFull`) or it is not running.
+    pub(crate) fn sampled(&mut self, id: RequestId, token: T) -> bool {
+        let cells = self.limits.cells_per_seq;
+        let Some(s) = self.seqs.iter_mut().find(|s| s.id == id) else {
+            return false;
+        };
+        if s.kv.len() >= cells || s.fed < s.prompt.len() {
+            return false;
+        }
+        s.pending = Some(token);
+        true
+    }
+
+    /// The slot's KV could not be cut back to the kept prefix (the caller
+    /// cleared it): the job reads its whole prompt.
+    pub(crate) fn restart_prompt(&mut self, id: RequestId) {
+        if let Some(s) = self.seqs.iter_mut().find(|s| s.id == id) {
+            s.kv.clear();
+            s.fed = 0;
+            s.reused = 0;
+        }
+    }
+
+    /// End a running sequence (completed or cancelled): its decoded KV stays
+    /// as the slot's cache. `None` when it is not running.
+    pub(crate) fn finish(&mut self, id: RequestId) -> Option<Released> {
+        let i = self.seqs.iter().position(|s| s.id == id)?;
+        let s = self.seqs.swap_remove(i);
+        let released = Released {
+            slot: s.slot,
+            prompt_tokens: s.prompt.len(),
+            reused: s.reused,
+        };
+        self.slots.release(s.slot, s.kv);
+        Some(released)
+    }
+
+    /// End every running sequence with unknown KV (model going away);
+    /// returns their ids and slots.
+    pub(crate) fn drop_all(&mut self) -> Vec<(RequestId, usize)> {
+        let seqs: Vec<Running<T>> = self.seqs.drain(..).collect();
+        seqs.into_iter()
+            .map(|s| {
+                self.slots.invalidate(s.slot);
+                (s.id, s.slot)
+            })
+            .collect()
+    }
+
+    /// Tokens a running sequence holds in KV (for tests and counters).
+    #[cfg(test)]
+    pub(crate) fn kv_of(&self, id: RequestId) -> Option<&[T]> {
+        self.seqs
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.kv.as_slice())
+    }
+
+    /// (id, slot, priority, has work) of every running sequence.
+    #[cfg(test)]
+    pub(crate) fn snapshot(&self) -> Vec<(RequestId, usize, i32, bool)> {
+        self.seqs
+            .iter()
+            .map(|s| (s.id, s.slot, s.priority, s.has_work()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

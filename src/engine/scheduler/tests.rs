@@ -1,0 +1,740 @@
+//! The scheduler, model-free: hand-written cases for each rule, and
+//! properties over random interleavings of arrivals, priorities, cancels,
+//! samples and decode outcomes, checked against a fake decoder that keeps
+//! its own KV from the batches it really decoded.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::*;
+use crate::engine::slots::JobQueue;
+use proptest::prelude::*;
+
+const HIGH: i32 = 10;
+
+fn limits(slots: usize, batch: usize) -> Limits {
+    Limits {
+        batch_tokens: batch,
+        prompt_chunk: 4,
+        cells_per_seq: 64,
+        slots,
+        swa_window: 0,
+        max_sit_out: 3,
+    }
+}
+
+fn id(n: u64) -> RequestId {
+    RequestId(n)
+}
+
+/// Decode every plan; sample a fixed token for everything it names.
+fn run_step(s: &mut Scheduler<u32>) -> Applied {
+    let plan = s.plan();
+    let applied = s.apply(plan, Outcome::Decoded);
+    for &(rid, _) in &applied.sample {
+        assert!(s.sampled(rid, 7));
+    }
+    applied
+}
+
+#[test]
+fn reusable_prefix_table() {
+    // (lcp, first position held, window) -> kept
+    let cases = [
+        (10, -1, 0, 10), // empty KV: the caller's lcp (0 from the slot table)
+        (10, 0, 0, 10),  // full KV
+        (10, 0, 4, 10),  // SWA cache still holding position 0
+        (10, 6, 4, 10),  // window before 10 = 6..10, held
+        (10, 7, 4, 0),   // position 6 dropped: re-decode
+        (3, 2, 4, 0),    // a prefix shorter than the window needs position 0
+        (10, 3, 0, 0),   // full-attention KV missing its start: never reuse
+    ];
+    for (lcp, first, window, kept) in cases {
+        assert_eq!(
+            reusable_prefix(lcp, first, window),
+            kept,
+            "lcp {lcp}, first {first}, window {window}"
+        );
+    }
+}
+
+#[test]
+fn sat_out_sequences_record_nothing_while_a_high_prompt_is_read() {
+    // The bug this module exists for: six Normal sequences generating, then
+    // a High prompt arrives. Those that sit out must not record a token.
+    let mut s = Scheduler::new(limits(8, 64), true);
+    for n in 0..6 {
+        s.admit(id(n), 0, Some(n), vec![1, 2, 3], |_| -1).unwrap();
+    }
+    run_step(&mut s); // all six prompts decoded, each sampled once
+    let before: Vec<usize> = (0..6).map(|n| s.kv_of(id(n)).unwrap().len()).collect();
+    s.admit(id(99), HIGH, None, (0..40).collect(), |_| -1)
+        .unwrap();
+    let plan = s.plan();
+    assert_eq!(plan.sequences(), 1, "the High prompt decodes alone");
+    assert!((0..6).all(|n| !plan.holds(id(n))), "the six sit out");
+    let applied = s.apply(plan, Outcome::Decoded);
+    assert_eq!(applied.sample, vec![(id(99), 39)]);
+    for n in 0..6 {
+        assert_eq!(s.kv_of(id(n)).unwrap().len(), before[n as usize]);
+    }
+    assert!(s.sampled(id(99), 5));
+    // Next step: everyone generates together again.
+    let plan = s.plan();
+    assert_eq!(plan.sequences(), 7);
+    let _ = s.apply(plan, Outcome::Decoded);
+}
+
+#[test]
+fn a_sequence_sat_out_too_long_is_scheduled_regardless() {
+    let mut l = limits(3, 64);
+    l.max_sit_out = 2;
+    let mut s = Scheduler::new(l, true);
+    s.admit(id(0), 0, None, vec![1, 2], |_| -1).unwrap();
+    run_step(&mut s);
+    let mut next = 100;
+    let mut sat = 0;
+    for _ in 0..10 {
+        // A High request arrives every step and reads its prompt.
+        if s.can_admit(HIGH) {
+            s.admit(id(next), HIGH, None, (0..10).collect(), |_| -1)
+                .unwrap();
+            next += 1;
+        }
+        let plan = s.plan();
+        if plan.holds(id(0)) {
+            sat = 0;
+        } else {
+            sat += 1;
+        }
+        assert!(sat <= 2, "sat out {sat} steps in a row");
+        let applied = s.apply(plan, Outcome::Decoded);
+        for (rid, _) in applied.sample {
+            if rid != id(0) {
+                s.finish(rid);
+            } else {
+                assert!(s.sampled(rid, 1));
+            }
+        }
+    }
+}
+
+#[test]
+fn normal_prompts_are_chunked_while_others_generate_high_prompts_are_not() {
+    let mut s = Scheduler::new(limits(4, 64), true);
+    s.admit(id(0), 0, None, vec![1], |_| -1).unwrap();
+    run_step(&mut s);
+    s.admit(id(1), 0, None, (0..20).collect(), |_| -1).unwrap();
+    let plan = s.plan();
+    assert_eq!(plan.prompt_tokens(), 4, "chunk cap");
+    let _ = s.apply(plan, Outcome::Decoded);
+    s.admit(id(2), HIGH, None, (0..30).collect(), |_| -1)
+        .unwrap();
+    let plan = s.plan();
+    assert_eq!(
+        plan.prompt_tokens(),
+        30,
+        "the player's prompt is not capped"
+    );
+    assert_eq!(plan.sequences(), 1);
+    let _ = s.apply(plan, Outcome::Decoded);
+}
+
+#[test]
+fn no_kv_slot_halves_the_batch_then_fails_one_sequence_typed() {
+    let mut s = Scheduler::new(limits(4, 32), true);
+    s.admit(id(0), 0, None, (0..20).collect(), |_| -1).unwrap();
+    let plan = s.plan();
+    assert_eq!(plan.tokens.len(), 20);
+    let a = s.apply(plan, Outcome::NoKvSlot);
+    assert!(a.retry && a.failed.is_empty() && a.sample.is_empty());
+    assert_eq!(s.kv_of(id(0)).unwrap().len(), 0, "nothing recorded");
+    let mut sizes = Vec::new();
+    loop {
+        let plan = s.plan();
+        sizes.push(plan.tokens.len());
+        let a = s.apply(plan, Outcome::NoKvSlot);
+        if !a.retry {
+            assert_eq!(a.failed.len(), 1);
+            assert_eq!(
+                a.failed[0].error,
+                LlmError::KvCacheFull {
+                    needed: 1,
+                    capacity: 64
+                }
+            );
+            break;
+        }
+    }
+    assert_eq!(sizes, vec![10, 5, 2, 1]);
+    assert!(s.is_idle());
+    assert!(s.can_admit(0), "the slot is free again");
+}
+
+#[test]
+fn a_failed_decode_fails_only_the_sequences_in_that_batch() {
+    let mut s = Scheduler::new(limits(4, 64), true);
+    s.admit(id(0), 0, None, vec![1, 2], |_| -1).unwrap();
+    s.admit(id(1), 0, None, vec![1, 2], |_| -1).unwrap();
+    run_step(&mut s);
+    s.admit(id(2), HIGH, None, vec![3, 4, 5], |_| -1).unwrap();
+    let plan = s.plan();
+    assert!(plan.holds(id(2)) && !plan.holds(id(0)) && !plan.holds(id(1)));
+    let a = s.apply(plan, Outcome::Failed("boom".into()));
+    assert_eq!(a.failed.len(), 1);
+    assert_eq!(a.failed[0].id, id(2));
+    assert_eq!(s.running(), 2);
+    let a = run_step(&mut s);
+    assert_eq!(a.sample.len(), 2);
+}
+
+#[test]
+fn the_last_slot_is_kept_for_high_priority() {
+    let mut s = Scheduler::new(limits(3, 64), true);
+    s.admit(id(0), 0, None, vec![1], |_| -1).unwrap();
+    s.admit(id(1), 0, None, vec![1], |_| -1).unwrap();
+    assert!(!s.can_admit(0));
+    assert!(s.can_admit(HIGH));
+    s.admit(id(2), HIGH, None, vec![1], |_| -1).unwrap();
+    assert!(!s.can_admit(HIGH));
+    // One slot: it is shared, nothing is kept back.
+    let s1 = Scheduler::<u32>::new(limits(1, 8), true);
+    assert!(s1.can_admit(0));
+}
+
+#[test]
+fn prompts_that_leave_no_room_to_answer_are_rejected_typed() {
+    let mut s = Scheduler::new(limits(2, 64), true);
+    assert_eq!(
+        s.admit(id(0), 0, None, vec![0; 64], |_| -1),
+        Err(LlmError::PromptTooLong {
+            tokens: 64,
+            limit: 63
+        })
+    );
+    assert_eq!(
+        s.admit(id(0), 0, None, vec![], |_| -1),
+        Err(LlmError::EmptyPrompt)
+    );
+    assert!(s.is_idle() && s.can_admit(0));
+}
+
+#[test]
+fn prefix_reuse_respects_what_a_sliding_window_cache_still_holds() {
+    let mut l = limits(2, 64);
+    l.swa_window = 8;
+    for (first, want) in [(0, 20), (12, 20), (13, 0)] {
+        let mut s = Scheduler::new(l, true);
+        let prompt: Vec<u32> = (0..20).collect();
+        s.admit(id(0), 0, Some(1), prompt.clone(), |_| -1).unwrap();
+        run_step(&mut s);
+        s.finish(id(0)).unwrap();
+        let mut longer = prompt.clone();
+        longer.extend([7, 50, 51]);
+        let a = s.admit(id(1), 0, Some(1), longer, |_| first).unwrap();
+        assert_eq!(a.reuse, want, "first position {first}");
+    }
+}
+
+// ---------------------------------------------------------------------
+// Properties over random interleavings, with a fake decoder.
+
+/// A fake llama.cpp: per sequence id the tokens at positions `0..len`
+/// (positions below `first` dropped by a sliding window), and a shared pool
+/// of cells (the unified-KV case) that answers "no KV slot" when full.
+struct FakeKv {
+    seqs: Vec<Vec<u32>>,
+    first: Vec<usize>,
+    window: usize,
+    pool: usize,
+}
+
+impl FakeKv {
+    fn used(&self) -> usize {
+        self.seqs.iter().map(Vec::len).sum()
+    }
+
+    fn first_pos(&self, slot: usize) -> i32 {
+        if self.seqs[slot].is_empty() {
+            -1
+        } else {
+            self.first[slot] as i32
+        }
+    }
+
+    fn seq_rm(&mut self, slot: usize, from: usize) {
+        self.seqs[slot].truncate(from);
+        if self.first[slot] >= from {
+            self.first[slot] = 0;
+            self.seqs[slot].clear();
+        }
+    }
+
+    /// Decode a batch: positions must continue each sequence exactly, and
+    /// (sliding window) the window before each position must be held.
+    fn decode(&mut self, tokens: &[BatchToken<u32>], inject: Inject) -> Outcome {
+        assert!(!tokens.is_empty(), "an empty batch was planned");
+        match inject {
+            Inject::NoKvSlot => return Outcome::NoKvSlot,
+            Inject::Fail => {
+                // Half the batch may have landed: the KV of these sequences is unknown.
+                for t in &tokens[..tokens.len() / 2] {
+                    self.seqs[t.seq as usize].push(t.token);
+                }
+                return Outcome::Failed("injected".into());
+            }
+            Inject::None => {}
+        }
+        if self.used() + tokens.len() > self.pool {
+            return Outcome::NoKvSlot;
+        }
+        for t in tokens {
+            let slot = t.seq as usize;
+            assert_eq!(
+                t.pos as usize,
+                self.seqs[slot].len(),
+                "position gap or overlap in sequence {slot}"
+            );
+            if self.window > 0 && !self.seqs[slot].is_empty() {
+                assert!(
+                    self.first[slot] <= (t.pos as usize).saturating_sub(self.window),
+                    "decoding position {} of sequence {slot} whose window starts at {}",
+                    t.pos,
+                    self.first[slot]
+                );
+            }
+            self.seqs[slot].push(t.token);
+            if self.window > 0 {
+                let len = self.seqs[slot].len();
+                self.first[slot] = self.first[slot].max(len.saturating_sub(self.window));
+            }
+        }
+        Outcome::Decoded
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inject {
+    None,
+    NoKvSlot,
+    Fail,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Submit {
+        high: bool,
+        key: Option<u64>,
+        prefix: usize,
+        suffix: Vec<u32>,
+        max_tokens: usize,
+    },
+    Cancel(usize),
+    Step(Inject),
+    /// The next sampled token of the `n`th running sequence is an end of turn.
+    EndOfTurn(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (
+            proptest::bool::weighted(0.25),
+            proptest::option::of(0u64..4),
+            0usize..24,
+            proptest::collection::vec(100u32..200, 0..20),
+            1usize..12,
+        )
+            .prop_map(|(high, key, prefix, suffix, max_tokens)| Op::Submit {
+                high,
+                key,
+                prefix,
+                suffix,
+                max_tokens
+            }),
+        1 => (0usize..64).prop_map(Op::Cancel),
+        8 => prop_oneof![
+            20 => Just(Inject::None),
+            1 => Just(Inject::NoKvSlot),
+            1 => Just(Inject::Fail),
+        ]
+        .prop_map(Op::Step),
+        1 => (0usize..8).prop_map(Op::EndOfTurn),
+    ]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Completed,
+    Cancelled,
+    Failed,
+}
+
+struct JobInfo {
+    priority: i32,
+    max_tokens: usize,
+    generated: usize,
+    key: Option<u64>,
+    prompt: Vec<u32>,
+}
+
+/// The worker's loop around the scheduler, with the fake decoder.
+struct Harness {
+    s: Scheduler<u32>,
+    kv: FakeKv,
+    queue: JobQueue<RequestId>,
+    jobs: BTreeMap<RequestId, JobInfo>,
+    ends: HashMap<RequestId, Vec<End>>,
+    slot_of: HashMap<RequestId, usize>,
+    eot: Vec<usize>,
+    next: u64,
+    steps: u64,
+    /// Consecutive decoded steps each running sequence sat out (as the
+    /// scheduler counts them).
+    sat: HashMap<RequestId, u32>,
+    /// The same, reset whenever the batch limit is below its maximum.
+    starve: HashMap<RequestId, u32>,
+    /// Jobs refused before they ran (queue full, empty or too long prompt).
+    refused: Vec<RequestId>,
+}
+
+impl Harness {
+    fn new(l: Limits, pool: usize) -> Self {
+        Self {
+            s: Scheduler::new(l, true),
+            kv: FakeKv {
+                seqs: vec![Vec::new(); l.slots],
+                first: vec![0; l.slots],
+                window: l.swa_window,
+                pool,
+            },
+            queue: JobQueue::new(16),
+            jobs: BTreeMap::new(),
+            ends: HashMap::new(),
+            slot_of: HashMap::new(),
+            eot: Vec::new(),
+            next: 0,
+            steps: 0,
+            sat: HashMap::new(),
+            starve: HashMap::new(),
+            refused: Vec::new(),
+        }
+    }
+
+    fn end(&mut self, rid: RequestId, how: End) {
+        self.ends.entry(rid).or_default().push(how);
+        self.slot_of.remove(&rid);
+        self.sat.remove(&rid);
+        self.starve.remove(&rid);
+    }
+
+    fn submit(&mut self, high: bool, key: Option<u64>, prompt: Vec<u32>, max_tokens: usize) {
+        let rid = id(self.next);
+        self.next += 1;
+        let priority = if high { HIGH } else { 0 };
+        self.jobs.insert(
+            rid,
+            JobInfo {
+                priority,
+                max_tokens,
+                generated: 0,
+                key,
+                prompt,
+            },
+        );
+        if self.queue.push(priority, rid).is_err() {
+            self.refused.push(rid);
+            self.end(rid, End::Failed); // QueueFull
+        }
+    }
+
+    fn admit(&mut self) {
+        while let Some(p) = self.queue.peek_priority()
+            && self.s.can_admit(p)
+        {
+            let rid = self.queue.pop().unwrap();
+            let job = &self.jobs[&rid];
+            let (priority, key, prompt) = (job.priority, job.key, job.prompt.clone());
+            let kv = &self.kv;
+            match self
+                .s
+                .admit(rid, priority, key, prompt, |slot| kv.first_pos(slot))
+            {
+                Ok(a) => {
+                    assert!(
+                        !self.slot_of.values().any(|&s| s == a.slot),
+                        "slot {} given to two live jobs",
+                        a.slot
+                    );
+                    self.kv.seq_rm(a.slot, a.reuse);
+                    assert_eq!(
+                        self.kv.seqs[a.slot][..],
+                        self.jobs[&rid].prompt[..a.reuse],
+                        "reused KV is not the prompt's prefix"
+                    );
+                    self.slot_of.insert(rid, a.slot);
+                }
+                Err(_) => {
+                    self.refused.push(rid);
+                    self.end(rid, End::Failed);
+                }
+            }
+        }
+    }
+
+    fn cancel(&mut self, n: usize) {
+        if self.next == 0 {
+            return;
+        }
+        let rid = id(n as u64 % self.next);
+        if let Some(r) = self.s.finish(rid) {
+            self.kv_matches_cache(r.slot);
+            self.end(rid, End::Cancelled);
+        } else if self.queue.remove_where(|j| *j == rid).is_some() {
+            self.end(rid, End::Cancelled);
+        }
+    }
+
+    /// A finished sequence's cache is exactly what its KV holds.
+    fn kv_matches_cache(&self, slot: usize) {
+        assert_eq!(
+            self.s.slot_table().tokens(slot),
+            &self.kv.seqs[slot][..],
+            "slot {slot}'s cache record differs from its KV"
+        );
+    }
+
+    fn step(&mut self, inject: Inject) {
+        self.admit();
+        let limit = self.s.batch_limit();
+        let plan = self.s.plan();
+        if self.s.is_idle() {
+            assert!(plan.tokens.is_empty());
+            return;
+        }
+        self.steps += 1;
+        // The plan never exceeds the batch, and holds every running sequence
+        // it can: it is empty only when nothing runs.
+        assert!(!plan.tokens.is_empty(), "sequences run but nothing planned");
+        assert!(plan.tokens.len() <= limit && limit <= self.s.limits().batch_tokens);
+        // A High sequence is never left out behind a Normal one.
+        let snap = self.s.snapshot();
+        let high_out = snap
+            .iter()
+            .any(|&(r, _, p, work)| p > 0 && work && !plan.holds(r));
+        if high_out {
+            for &(r, _, p, _) in &snap {
+                if plan.holds(r) && p <= 0 {
+                    assert!(
+                        self.sat.get(&r).copied().unwrap_or(0) >= self.s.limits().max_sit_out,
+                        "a Normal sequence went ahead of a waiting High one"
+                    );
+                }
+            }
+        }
+        let tokens = plan.tokens.clone();
+        let held: Vec<(RequestId, bool)> = snap
+            .iter()
+            .map(|&(r, _, _, w)| (r, w && !plan.holds(r)))
+            .collect();
+        let outcome = self.kv.decode(&tokens, inject);
+        let applied = self.s.apply(plan, outcome.clone());
+        if outcome == Outcome::Decoded {
+            let full = limit == self.s.limits().batch_tokens;
+            for (r, out) in held {
+                let sat = self.sat.entry(r).or_default();
+                *sat = if out { *sat + 1 } else { 0 };
+                let starve = self.starve.entry(r).or_default();
+                *starve = if out && full { *starve + 1 } else { 0 };
+            }
+            let bound = self.s.limits().max_sit_out + self.s.limits().slots as u32;
+            for (&r, &n) in &self.starve {
+                assert!(n <= bound, "{r:?} sat out {n} steps in a row");
+            }
+        }
+        if applied.retry {
+            assert!(
+                self.s.batch_limit() < tokens.len() || !applied.evicted.is_empty(),
+                "a retry must be smaller or have made room"
+            );
+        }
+        for slot in applied.evicted {
+            assert!(
+                !self.slot_of.values().any(|&s| s == slot),
+                "evicted a live slot"
+            );
+            self.kv.seq_rm(slot, 0);
+        }
+        if outcome == Outcome::Decoded {
+            assert!(applied.failed.is_empty());
+        } else {
+            assert!(applied.sample.is_empty());
+        }
+        for d in applied.failed {
+            assert_eq!(self.slot_of.get(&d.id), Some(&d.slot));
+            self.kv.seq_rm(d.slot, 0);
+            if outcome == Outcome::NoKvSlot {
+                assert!(matches!(d.error, LlmError::KvCacheFull { .. }));
+                assert_eq!(tokens.len(), 1, "only a batch of one fails on no KV slot");
+            }
+            self.end(d.id, End::Failed);
+        }
+        // No token is in a sequence's KV record unless it was decoded.
+        for (&rid, &slot) in &self.slot_of {
+            assert_eq!(
+                self.s.kv_of(rid).unwrap(),
+                &self.kv.seqs[slot][..],
+                "KV record of {rid:?} differs from what was decoded"
+            );
+        }
+        for (rid, at) in applied.sample {
+            let slot = self.slot_of[&rid];
+            assert_eq!(tokens[at].seq as usize, slot);
+            assert!(tokens[at].logits);
+            let job = self.jobs.get_mut(&rid).unwrap();
+            job.generated += 1;
+            let running = self.s.snapshot();
+            let rank = running.iter().position(|r| r.0 == rid).unwrap();
+            let eot = self.eot.contains(&rank);
+            if eot
+                || job.generated >= job.max_tokens
+                || !self.s.sampled(rid, 1000 + job.generated as u32)
+            {
+                // End of turn, max tokens, or context full.
+                let r = self.s.finish(rid).unwrap();
+                self.kv_matches_cache(r.slot);
+                self.end(rid, End::Completed);
+            }
+        }
+        self.eot.clear();
+        // No slot leaks: busy slots are exactly the running sequences'.
+        for slot in 0..self.s.limits().slots {
+            assert_eq!(
+                self.s.slot_table().is_busy(slot),
+                self.slot_of.values().any(|&s| s == slot),
+                "slot {slot} busy flag disagrees with the running jobs"
+            );
+        }
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Submit {
+                high,
+                key,
+                prefix,
+                suffix,
+                max_tokens,
+            } => {
+                // Prompts of one key share a prefix, so the cache is exercised.
+                let base = key.unwrap_or(9) as u32 * 50;
+                let mut prompt: Vec<u32> = (base..base + prefix as u32).collect();
+                prompt.extend(suffix);
+                self.submit(high, key, prompt, max_tokens);
+            }
+            Op::Cancel(n) => self.cancel(n),
+            Op::Step(inject) => self.step(inject),
+            Op::EndOfTurn(n) => self.eot.push(n),
+        }
+    }
+
+    /// Run until every job ended; each must end exactly once, within a
+    /// bound on steps derived from the work there is.
+    fn drain(&mut self) {
+        let work: usize = self
+            .jobs
+            .values()
+            .map(|j| j.prompt.len() + j.max_tokens + 2)
+            .sum();
+        let bound = 4 * work as u64 + 64;
+        let start = self.steps;
+        while !(self.s.is_idle() && self.queue.is_empty()) {
+            self.step(Inject::None);
+            assert!(
+                self.steps - start <= bound,
+                "not finished after {bound} steps: {} running, {} queued",
+                self.s.running(),
+                self.queue.len()
+            );
+        }
+        for rid in self.jobs.keys() {
+            let ends = self.ends.get(rid).map_or(0, Vec::len);
+            assert_eq!(ends, 1, "{rid:?} ended {ends} times");
+        }
+        assert!(self.kv_is_cache_only());
+    }
+
+    fn kv_is_cache_only(&self) -> bool {
+        (0..self.s.limits().slots).all(|slot| !self.s.slot_table().is_busy(slot))
+    }
+}
+
+fn limits_strategy() -> impl Strategy<Value = (Limits, usize)> {
+    (
+        1usize..6,
+        0usize..24,
+        1usize..9,
+        prop_oneof![Just(0usize), 4usize..12],
+        1u32..4,
+    )
+        .prop_map(|(slots, extra, chunk, window, sit)| {
+            let l = Limits {
+                batch_tokens: slots + 1 + extra,
+                prompt_chunk: chunk,
+                cells_per_seq: 48,
+                slots,
+                swa_window: window,
+                max_sit_out: sit,
+            };
+            // A pool sometimes smaller than every slot's share: "no KV slot".
+            (l, 40 * slots)
+        })
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    /// Every job ends exactly once in bounded steps; nothing unplanned is
+    /// recorded in KV; batches fit; High is never behind Normal; Normal is
+    /// never starved; slots never shared or leaked; "no KV slot" retries
+    /// smaller and fails only a batch of one, typed.
+    #[test]
+    fn every_interleaving_keeps_the_invariants(
+        (l, pool) in limits_strategy(),
+        ops in proptest::collection::vec(op(), 0..120),
+    ) {
+        let mut h = Harness::new(l, pool);
+        for op in ops {
+            h.apply(op);
+        }
+        h.drain();
+    }
+
+    /// With a decoder that never fails and room for everyone, every job
+    /// completes (none fails), whatever the priorities and arrival times.
+    #[test]
+    fn with_room_every_job_completes(
+        (l, _) in limits_strategy(),
+        ops in proptest::collection::vec(op(), 0..120),
+    ) {
+        let mut h = Harness::new(l, usize::MAX);
+        for op in ops {
+            match op {
+                Op::Step(_) => h.step(Inject::None),
+                Op::Cancel(_) => {}
+                other => h.apply(other),
+            }
+        }
+        h.drain();
+        for (rid, ends) in &h.ends {
+            if !h.refused.contains(rid) {
+                prop_assert_eq!(ends, &vec![End::Completed], "{:?}", rid);
+            }
+        }
+    }
+}
