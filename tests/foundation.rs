@@ -319,6 +319,13 @@ fn settings_defaults_file_and_validation() {
         ),
         ("(sampling: (stop: [\"\"]))", "sampling.stop"),
         ("(batch_size: 1)", "batch_size"),
+        // One output per sequence plus the player's slot: llama.cpp aborts otherwise.
+        ("(max_parallel_sequences: 8, batch_size: 8)", "batch_size"),
+        ("(max_parallel_sequences: 8, batch_size: 9)", "batch_size"),
+        (
+            "(max_parallel_sequences: 256, batch_size: 512)",
+            "max_parallel_sequences",
+        ),
         ("(model: \"\")", "model"),
         (
             "(context_per_sequence: 128, sampling: (max_tokens: 200))",

@@ -223,6 +223,9 @@ impl Loader<'_> {
                 }
                 Err(error) => return self.fail(wanted, error),
             }
+        } else {
+            // Free memory changes while the game runs: plan with today's.
+            self.profile.refresh_free_memory();
         }
         let result = load_spec(
             &self.registry,

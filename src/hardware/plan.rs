@@ -34,7 +34,9 @@ pub struct BackendPlan {
     pub sequences: u32,
     /// Tokens per sequence.
     pub context_per_sequence: u32,
-    /// Estimated KV cache size in bytes for all sequences.
+    /// Estimated KV cache size in bytes for all sequences, the slot kept
+    /// for the player's requests included (the context holds
+    /// `sequences + 1`).
     pub kv_bytes: u64,
     /// The model to load.
     pub model: String,
@@ -183,7 +185,9 @@ pub fn plan(
             }
         }
     };
-    let fit = (memory_budget / per_seq_kv.max(1)).max(1);
+    // The context holds one sequence more than the plan's: the slot kept
+    // for the player's (High-priority) requests.
+    let fit = (memory_budget / per_seq_kv.max(1)).saturating_sub(1).max(1);
     let sequences = (settings.max_parallel_sequences as u64).min(fit) as u32;
     if sequences < settings.max_parallel_sequences {
         reason.push_str(&format!(
@@ -198,7 +202,7 @@ pub fn plan(
         threads,
         sequences,
         context_per_sequence: ctx,
-        kv_bytes: per_seq_kv * u64::from(sequences),
+        kv_bytes: per_seq_kv * u64::from(sequences + 1),
         model: entry.id.clone(),
         reason,
     })

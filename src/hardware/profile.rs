@@ -105,6 +105,25 @@ impl HardwareProfile {
         profile
     }
 
+    /// Re-read free RAM and each GPU's free memory (matched by index and
+    /// name), keeping everything else: memory changes while a game runs, so
+    /// the plugin calls this before each model load.
+    pub fn refresh_free_memory(&mut self) {
+        let now = Self::detect();
+        if now.ram_available_bytes > 0 {
+            self.ram_available_bytes = now.ram_available_bytes;
+        }
+        for g in &mut self.gpus {
+            if let Some(n) = now
+                .gpus
+                .iter()
+                .find(|n| n.index == g.index && n.name == g.name)
+            {
+                g.memory_free_bytes = n.memory_free_bytes;
+            }
+        }
+    }
+
     /// CPU and RAM only (no llama.cpp needed).
     #[must_use]
     pub fn detect_cpu_and_ram() -> Self {
