@@ -247,6 +247,7 @@ impl<J> JobQueue<J> {
         self.items.len()
     }
 
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
