@@ -179,7 +179,7 @@ fn villagers_finish_while_the_player_keeps_talking() {
         }
         // A new player line every 5 frames, at most two waiting at a time.
         let open = players.iter().filter(|e| !r.finished(**e)).count();
-        if frame % 5 == 0 && open < 2 {
+        if frame.is_multiple_of(5) && open < 2 {
             let line = player_line().with_max_tokens(4);
             players.push(request(&mut app, line));
         }
