@@ -20,6 +20,8 @@
 
 use std::time::Duration;
 
+pub use crate::engine::remote::control_text::defuse_control_text;
+
 use bevy::prelude::{Component, Entity};
 
 use crate::errors::LlmError;

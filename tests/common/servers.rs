@@ -60,6 +60,24 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     out.starts_with("HTTP/1.1 200").then_some(out)
 }
 
+/// A plain POST of a JSON body; the response body when the status is 200.
+pub fn http_post(port: u16, path: &str, body: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    if !out.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
 /// How many of llama-server's slots are generating now.
 pub fn busy_slots(server: &Server) -> usize {
     http_get(server.port, "/slots").map_or(0, |body| body.matches("\"is_processing\":true").count())
