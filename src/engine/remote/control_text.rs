@@ -78,7 +78,7 @@ fn opens_bracket_marker(rest: &[char]) -> bool {
         .take(32)
         .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || **c == '_')
         .count();
-    len >= 2 && len < 32 && name.get(len) == Some(&']')
+    (2..32).contains(&len) && name.get(len) == Some(&']')
 }
 
 #[cfg(test)]
