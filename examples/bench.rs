@@ -4,14 +4,16 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--model ID] [--npcs 1,2,4,8,16] [--tokens 64]
-//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player] [--json]
+//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player] [--json] [--json-out FILE]
 //!     [--remote URL]
 //!
 //! `--remote URL` (an OpenAI-compatible server such as `llama-server -np 8`)
 //! runs the `remote` section: the same N-NPC load through the remote backend
 //! and through the local engine, aggregate tokens/s side by side.
 //! ```
-//! Prints a table; with `--json` also one JSON object per figure.
+//! Prints a table; with `--json` also one JSON object per figure; with
+//! `--json-out FILE` writes every figure, its target and whether it was met
+//! as one JSON document (keep it beside the log).
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +37,8 @@ struct Args {
     sections: Vec<String>,
     json: bool,
     remote: Option<String>,
+    /// Write every figure and its target as one JSON document here.
+    json_out: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -49,6 +53,7 @@ fn parse_args() -> Args {
             .to_vec(),
         json: false,
         remote: None,
+        json_out: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,6 +71,7 @@ fn parse_args() -> Args {
             "--gpu-layers" => a.gpu_layers = Some(val().parse().unwrap()),
             "--sections" => a.sections = val().split(',').map(String::from).collect(),
             "--json" => a.json = true,
+            "--json-out" => a.json_out = Some(val()),
             "--remote" => {
                 a.remote = Some(val());
                 a.sections = vec!["remote".into()];
@@ -716,8 +722,22 @@ fn player(args: &Args, f: &mut Figures) {
     update_until(&mut app, &bg, |s| {
         s.stats.generated_tokens > 0 || !s.text.is_empty()
     });
+    let bg_start = Instant::now();
     let (st, _) = run(&mut app, vec![player_req(1)]);
     let busy = st[0].stats.time_to_first_token.unwrap().as_secs_f64() * 1e3;
+    // The villagers keep going: every one must finish (before the scheduler
+    // they stalled for good once a player request arrived mid-line).
+    update_until(&mut app, &bg, LlmRequestStatus::is_finished);
+    let bg_wall = bg_start.elapsed().as_secs_f64();
+    let statuses: Vec<LlmRequestStatus> = bg
+        .iter()
+        .map(|e| app.world().get::<LlmRequestStatus>(*e).unwrap().clone())
+        .collect();
+    let completed = statuses
+        .iter()
+        .filter(|s| matches!(s.state, RequestState::Completed(_)))
+        .count();
+    let tokens: usize = statuses.iter().map(|s| s.stats.generated_tokens).sum();
     for e in bg {
         app.world_mut().despawn(e);
     }
@@ -733,6 +753,18 @@ fn player(args: &Args, f: &mut Figures) {
         "ratio busy / idle (target <= 1.5)",
         busy / idle,
         "x",
+    );
+    f.add(
+        "player",
+        "background NPCs completed after the player's request (target >= 8)",
+        completed as f64,
+        "",
+    );
+    f.add(
+        "player",
+        "background aggregate from the player's request to the last NPC",
+        tokens as f64 / bg_wall.max(1e-9),
+        "tok/s",
     );
 }
 
@@ -797,4 +829,39 @@ fn main() {
         t0.elapsed().as_secs_f64(),
         figs.rows.len()
     );
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, figures_json(&figs.rows)).expect("write --json-out");
+        println!("figures and targets written to {path}");
+    }
+}
+
+/// A figure's target from its name, `(target <= x)` or `(target >= x)`.
+fn target(name: &str) -> Option<(&'static str, f64)> {
+    let t = name.split("(target ").nth(1)?;
+    let (op, rest) = if let Some(r) = t.strip_prefix("<= ") {
+        ("<=", r)
+    } else {
+        (">=", t.strip_prefix(">= ")?)
+    };
+    Some((op, rest.trim_end_matches(')').trim().parse().ok()?))
+}
+
+/// Every figure with its target and whether it was met, as JSON.
+fn figures_json(rows: &[(String, String, f64, String)]) -> String {
+    let figures: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(section, name, value, unit)| {
+            let t = target(name);
+            let met = t.map(|(op, x)| if op == "<=" { *value <= x } else { *value >= x });
+            serde_json::json!({
+                "section": section,
+                "name": name,
+                "value": if value.is_finite() { serde_json::json!(value) } else { serde_json::Value::Null },
+                "unit": unit,
+                "target": t.map(|(op, x)| serde_json::json!({ "op": op, "value": x })),
+                "met": met,
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&serde_json::json!({ "figures": figures })).unwrap()
 }

@@ -34,7 +34,7 @@ pub mod testing {
     /// state becomes `Failed`, and the next `LoadModel` starts a new worker.
     pub fn crash_worker(world: &mut World) {
         if let Some(w) = &world.resource::<crate::engine::bridge::LlmEngine>().worker {
-            w.send(crate::engine::protocol::Command::Crash);
+            w.crash();
         }
     }
 }
@@ -47,7 +47,7 @@ pub mod testing {
 /// [`errors::ModelLoadError::Backend`] when llama.cpp cannot start.
 pub fn llama_backend()
 -> Result<&'static llama_cpp_2::llama_backend::LlamaBackend, errors::ModelLoadError> {
-    engine::worker::backend_info(false).map(|b| &b.backend)
+    engine::backend::local::backend_info(false).map(|b| &b.backend)
 }
 
 /// The types most games need: `use bevy_npc_llm::prelude::*;`.

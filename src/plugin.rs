@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use bevy::prelude::*;
 
+use crate::engine::backend::local::LocalBackend;
 use crate::engine::bridge::{self, LlmEngine};
-use crate::engine::worker::WorkerHandle;
 use crate::engine::{LlmDiagnostics, LlmEngineStats, LlmModelState};
 use crate::events::*;
 use crate::hardware::{BackendStatus, HardwareProfile};
@@ -43,6 +43,11 @@ pub enum NpcLlmSystems {
 
 /// Adds talking NPCs to an app: the model registry, settings, the inference
 /// worker and the request/event systems.
+///
+/// `build` only registers: the registry and settings files are read, and the
+/// worker thread starts, in `PreStartup`. Change [`ModelRegistry`] or
+/// [`LlmSettings`] from a `Startup` system (or later); settings a game
+/// inserts itself before startup win over the settings file.
 ///
 /// ```no_run
 /// use bevy::prelude::*;
@@ -126,25 +131,26 @@ impl NpcLlmPlugin {
     }
 }
 
+/// What the plugin was built with, for [`start_engine`].
+#[derive(Resource, Debug, Clone)]
+pub(crate) struct PluginConfig {
+    registry_path: PathBuf,
+    /// Read at startup unless settings were given to the plugin.
+    settings_path: Option<PathBuf>,
+    /// The settings `build` inserted: a game that replaced them before
+    /// startup keeps its own.
+    inserted: LlmSettings,
+    model: Option<String>,
+    load_on_startup: bool,
+}
+
 impl Plugin for NpcLlmPlugin {
+    /// Registers resources (defaults until startup), messages and systems.
+    /// No I/O and no threads here: files are read and the worker starts in
+    /// a `PreStartup` system.
     fn build(&self, app: &mut App) {
         let mut diagnostics = LlmDiagnostics::default();
-        let registry_path = resolve_data_path(&self.registry_path);
-        let registry = ModelRegistry::load(&registry_path).unwrap_or_else(|e| {
-            error!("bevy_npc_llm: {e}");
-            diagnostics.registry_error = Some(e);
-            ModelRegistry::new(registry_path.parent().unwrap_or(&registry_path))
-        });
-        let mut settings = match (&self.settings, &self.settings_path) {
-            (Some(s), _) => s.clone(),
-            (None, Some(path)) => LlmSettings::load_or_default(resolve_data_path(path))
-                .unwrap_or_else(|e| {
-                    error!("bevy_npc_llm: {e}; using default settings");
-                    diagnostics.settings_error = Some(e);
-                    LlmSettings::default()
-                }),
-            (None, None) => LlmSettings::default(),
-        };
+        let mut settings = self.settings.clone().unwrap_or_default();
         if let Err(e) = settings.validate() {
             error!("bevy_npc_llm: {e}; using default settings");
             diagnostics.settings_error = Some(e);
@@ -153,64 +159,27 @@ impl Plugin for NpcLlmPlugin {
         if let Some(model) = &self.model {
             settings.model.clone_from(model);
         }
-        let mut state = LlmModelState::Unloaded;
-        let mut profile = HardwareProfile::default();
-        let mut status = BackendStatus::default();
-        let worker = match WorkerHandle::spawn(settings.llama_logs, bridge::knobs(&settings)) {
-            Ok((w, p)) => {
-                status.loaded_backends = p.gpus.iter().map(|g| g.backend.clone()).collect();
-                status.loaded_backends.push("CPU".into());
-                if !p.failed_backends.is_empty() {
-                    let line = format!(
-                        "GPU backend {} found but no device came up (driver missing?): using the CPU",
-                        p.failed_backends.join(", ")
-                    );
-                    warn!("bevy_npc_llm: {line}");
-                    status.fallback = Some(line);
-                }
-                info!(
-                    "bevy_npc_llm: {} ({} physical / {} logical cores, {}), {} RAM, GPUs: {}",
-                    p.cpu_brand,
-                    p.physical_cores,
-                    p.logical_cores,
-                    p.simd.join(" "),
-                    crate::hardware::gib(p.ram_total_bytes),
-                    if p.gpus.is_empty() {
-                        "none".to_string()
-                    } else {
-                        p.gpus
-                            .iter()
-                            .map(|g| {
-                                format!(
-                                    "{} {} ({} free)",
-                                    g.backend,
-                                    g.description,
-                                    crate::hardware::gib(g.memory_free_bytes)
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    }
-                );
-                profile = p;
-                Some(w)
-            }
-            Err(error) => {
-                error!("bevy_npc_llm: {error}");
-                state = LlmModelState::Failed {
-                    model: settings.model.clone(),
-                    error,
-                };
+        let registry_path = resolve_data_path(&self.registry_path);
+        let registry = ModelRegistry::new(registry_path.parent().unwrap_or(&registry_path));
+        app.insert_resource(PluginConfig {
+            registry_path,
+            settings_path: if self.settings.is_some() {
                 None
-            }
-        };
-        app.insert_resource(LlmEngine::new(worker, self.verification_cache.clone()))
-            .insert_resource(profile)
-            .insert_resource(status)
+            } else {
+                self.settings_path.clone()
+            },
+            inserted: settings.clone(),
+            model: self.model.clone(),
+            load_on_startup: self.load_on_startup,
+        });
+        app.insert_resource(LlmEngine::new(self.verification_cache.clone()))
+            .insert_resource(HardwareProfile::default())
+            .insert_resource(BackendStatus::default())
             .insert_resource(registry)
             .insert_resource(settings)
-            .insert_resource(state)
+            .insert_resource(LlmModelState::Unloaded)
             .insert_resource(diagnostics)
+            .add_systems(PreStartup, start_engine)
             .init_resource::<LlmEngineStats>()
             .add_message::<LlmStarted>()
             .add_message::<LlmToken>()
@@ -241,8 +210,147 @@ impl Plugin for NpcLlmPlugin {
                     bridge::receive.in_set(NpcLlmSystems::Receive),
                 ),
             );
-        if self.load_on_startup {
-            app.world_mut().write_message(LoadModel::default());
+    }
+}
+
+/// `PreStartup`: read the registry and settings files, start the local
+/// worker (llama.cpp's backend, hardware detection) unless requests go to a
+/// remote server, and ask for the model when the plugin loads on startup.
+/// Problems are kept in [`LlmDiagnostics`]; the app keeps running.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start_engine(
+    config: Res<PluginConfig>,
+    mut engine: ResMut<LlmEngine>,
+    mut registry: ResMut<ModelRegistry>,
+    mut settings: ResMut<LlmSettings>,
+    mut profile: ResMut<HardwareProfile>,
+    mut status: ResMut<BackendStatus>,
+    mut state: ResMut<LlmModelState>,
+    mut diagnostics: ResMut<LlmDiagnostics>,
+    mut loads: MessageWriter<LoadModel>,
+) {
+    match ModelRegistry::load(&config.registry_path) {
+        Ok(mut r) => {
+            // Entries the game added before startup stay.
+            for entry in registry.iter() {
+                if r.get(&entry.id).is_none() {
+                    let _ = r.add(entry.clone());
+                }
+            }
+            *registry = r;
         }
+        Err(e) => {
+            error!("bevy_npc_llm: {e}");
+            diagnostics.registry_error = Some(e);
+        }
+    }
+    if let Some(path) = &config.settings_path
+        && *settings == config.inserted
+    {
+        let mut loaded = LlmSettings::load_or_default(resolve_data_path(path))
+            .and_then(|s| s.validate().map(|()| s))
+            .unwrap_or_else(|e| {
+                error!("bevy_npc_llm: {e}; using default settings");
+                diagnostics.settings_error = Some(e);
+                LlmSettings::default()
+            });
+        if let Some(model) = &config.model {
+            loaded.model.clone_from(model);
+        }
+        *settings = loaded;
+    }
+    if settings.backend == crate::settings::BackendChoice::Remote {
+        // No llama.cpp needed: the machine as far as the CPU and RAM go.
+        *profile = HardwareProfile::detect_cpu_and_ram();
+    } else if engine.worker.is_none() {
+        match LocalBackend::spawn(settings.llama_logs, bridge::knobs(&settings)) {
+            Ok((w, p)) => {
+                report_machine(&p, &mut status);
+                *profile = p;
+                engine.worker = Some(Box::new(w));
+            }
+            Err(error) => {
+                error!("bevy_npc_llm: {error}");
+                *state = LlmModelState::Failed {
+                    model: settings.model.clone(),
+                    error,
+                };
+            }
+        }
+    }
+    if config.load_on_startup {
+        loads.write(LoadModel::default());
+    }
+}
+
+/// Log the detected machine and note backends that came up without a device.
+fn report_machine(p: &HardwareProfile, status: &mut BackendStatus) {
+    status.loaded_backends = p.gpus.iter().map(|g| g.backend.clone()).collect();
+    status.loaded_backends.push("CPU".into());
+    if !p.failed_backends.is_empty() {
+        let line = format!(
+            "GPU backend {} found but no device came up (driver missing?): using the CPU",
+            p.failed_backends.join(", ")
+        );
+        warn!("bevy_npc_llm: {line}");
+        status.fallback = Some(line);
+    }
+    info!(
+        "bevy_npc_llm: {} ({} physical / {} logical cores, {}), {} RAM, GPUs: {}",
+        p.cpu_brand,
+        p.physical_cores,
+        p.logical_cores,
+        p.simd.join(" "),
+        crate::hardware::gib(p.ram_total_bytes),
+        if p.gpus.is_empty() {
+            "none".to_string()
+        } else {
+            p.gpus
+                .iter()
+                .map(|g| {
+                    format!(
+                        "{} {} ({} free)",
+                        g.backend,
+                        g.description,
+                        crate::hardware::gib(g.memory_free_bytes)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Plugin::build` registers only: no file is read and no thread starts
+    /// until the app's startup runs.
+    #[test]
+    fn build_does_no_io_and_starts_no_thread() {
+        let dir = std::env::temp_dir().join(format!("npc-llm-build-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("models.ron"), "(models: [])").unwrap();
+        std::fs::write(dir.join("settings.ron"), "(max_parallel_sequences: 3)").unwrap();
+        let mut app = App::new();
+        app.add_plugins(MinimalPlugins).add_plugins(
+            NpcLlmPlugin::default()
+                .with_registry_path(dir.join("models.ron"))
+                .with_settings_path(Some(dir.join("settings.ron"))),
+        );
+        assert!(app.world().resource::<LlmEngine>().worker.is_none());
+        assert_eq!(
+            app.world().resource::<LlmSettings>().max_parallel_sequences,
+            LlmSettings::default().max_parallel_sequences,
+            "the settings file was read in build"
+        );
+        app.update();
+        assert!(app.world().resource::<LlmEngine>().worker.is_some());
+        assert_eq!(
+            app.world().resource::<LlmSettings>().max_parallel_sequences,
+            3
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

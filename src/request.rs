@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-pub use crate::engine::remote::control_text::defuse_control_text;
+pub use crate::engine::backend::remote::control_text::defuse_control_text;
 
 use bevy::prelude::{Component, Entity};
 

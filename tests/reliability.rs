@@ -294,6 +294,7 @@ fn unreadable_model_file_fails_typed() {
         "this user can still read a mode-000 file"
     );
     let mut app = app();
+    app.update(); // the registry file is read at startup
     {
         let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
         let mut e = reg.get(SMOL).unwrap().clone();
@@ -326,6 +327,7 @@ fn a_request_waiting_on_a_failing_load_fails_typed() {
     let mut s = settings();
     s.model = "gone".into();
     let mut app = app_with(s);
+    app.update(); // the registry file is read at startup
     {
         let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
         let mut e = reg.get(SMOL).unwrap().clone();

@@ -371,6 +371,7 @@ fn local_with_remote_fallback_serves_when_no_local_model_can_run() {
     s.model = "broken-smol".into();
     s.verify_sha256 = false;
     let mut app = app_with(s);
+    app.update(); // the registry file is read at startup
     {
         let mut reg = app
             .world_mut()

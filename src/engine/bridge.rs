@@ -10,8 +10,9 @@ use std::time::Instant;
 use bevy::ecs::system::SystemParam;
 use bevy::prelude::*;
 
-use super::protocol::{Command, Event, Job, Knobs, LoadSpec, RequestId};
-use super::worker::WorkerHandle;
+use super::backend::local::LocalBackend;
+use super::backend::{BackendKind, InferenceBackend, Retiring};
+use super::protocol::{Event, Job, Knobs, LoadSpec, RequestId};
 use super::{LlmEngineStats, LlmModelState};
 use crate::errors::{LlmError, ModelLoadError};
 use crate::events::*;
@@ -23,7 +24,7 @@ use crate::settings::{BackendChoice, LlmSettings};
 /// The Bevy side of the worker.
 #[derive(Resource)]
 pub(crate) struct LlmEngine {
-    pub(crate) worker: Option<WorkerHandle>,
+    pub(crate) worker: Option<Box<dyn InferenceBackend>>,
     next_id: u64,
     by_id: HashMap<RequestId, Entity>,
     by_entity: HashMap<Entity, RequestId>,
@@ -34,24 +35,18 @@ pub(crate) struct LlmEngine {
     pub(crate) verification_cache: Option<PathBuf>,
     knobs: Option<Knobs>,
     last_rate: Option<(Instant, u64)>,
-    /// What the worker is: llama.cpp in process or a remote server.
-    pub(crate) kind: WorkerKind,
+    /// Backends being replaced, until their threads ended and their last
+    /// events were delivered.
+    retiring: Vec<Retiring>,
     /// Copies of submitted requests that have not started, so they can move
     /// to another worker (the remote fallback) instead of failing.
     pending: HashMap<RequestId, Job>,
 }
 
-/// Which kind of worker serves requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum WorkerKind {
-    Local,
-    Remote,
-}
-
 impl LlmEngine {
-    pub(crate) fn new(worker: Option<WorkerHandle>, verification_cache: Option<PathBuf>) -> Self {
+    pub(crate) fn new(verification_cache: Option<PathBuf>) -> Self {
         Self {
-            worker,
+            worker: None,
             next_id: 0,
             by_id: HashMap::new(),
             by_entity: HashMap::new(),
@@ -60,70 +55,104 @@ impl LlmEngine {
             verification_cache,
             knobs: None,
             last_rate: None,
-            kind: WorkerKind::Local,
+            retiring: Vec::new(),
             pending: HashMap::new(),
         }
     }
 
-    /// Put `new` in place of the current worker, which is stopped. Requests
-    /// that had not started move to the new worker (their ids are returned:
-    /// events the old worker already sent for them must be dropped); the
-    /// old worker's other request events are delivered; requests left
-    /// without an answer fail with `WorkerGone`, so nothing hangs.
-    pub(crate) fn replace_worker(
-        &mut self,
-        new: WorkerHandle,
-        kind: WorkerKind,
-    ) -> HashSet<RequestId> {
+    /// The kind of backend serving requests now.
+    pub(crate) fn kind(&self) -> Option<BackendKind> {
+        self.worker.as_ref().map(|w| w.kind())
+    }
+
+    /// Put `new` in place of the current backend, which is retired without
+    /// waiting (its thread is joined on a reaper thread). Requests that had
+    /// not started move to the new backend at once (their ids are returned:
+    /// events the old one sent for them are dropped); the old backend's
+    /// other request events are delivered when it has ended, and requests it
+    /// left without an answer then fail with `WorkerGone`, so nothing hangs.
+    pub(crate) fn replace_worker(&mut self, new: Box<dyn InferenceBackend>) -> HashSet<RequestId> {
         let mut moved = HashSet::new();
         let old = self.worker.replace(new);
-        self.kind = kind;
         self.knobs = None;
         self.last_rate = None;
         let Some(old) = old else { return moved };
-        let rx = old.events.clone();
-        drop(old);
-        let leftovers: Vec<Event> = rx.try_iter().collect();
+        let held: HashSet<RequestId> = self.by_id.keys().copied().collect();
         let jobs: Vec<Job> = self.pending.values().cloned().collect();
         for job in jobs {
             let id = job.id;
-            if self.send(Command::Submit(Box::new(job))) {
+            if self.worker.as_ref().is_some_and(|w| w.submit(job)) {
                 moved.insert(id);
             }
         }
-        let mut answered = HashSet::new();
-        for ev in leftovers {
-            let Some((id, terminal)) = ev.request() else {
-                continue;
-            };
-            if moved.contains(&id) {
-                continue;
-            }
-            if terminal {
-                answered.insert(id);
-            }
-            self.local.push(ev);
-        }
-        let orphans: Vec<RequestId> = self
-            .by_id
-            .keys()
-            .filter(|id| !moved.contains(id) && !answered.contains(id))
-            .copied()
-            .collect();
-        for id in orphans {
-            self.local.push(Event::Failed {
-                id,
-                error: LlmError::WorkerGone("the inference backend was switched".into()),
-            });
-        }
+        self.retiring.push(Retiring {
+            moved: moved.clone(),
+            held,
+            last_events: old.retire(),
+        });
         moved
     }
 
-    fn send(&mut self, cmd: Command) -> bool {
-        match &self.worker {
-            Some(w) => w.send(cmd),
-            None => false,
+    /// Retire the current backend (it stopped, or cannot take commands).
+    fn drop_worker(&mut self) {
+        if let Some(old) = self.worker.take() {
+            let held = self.by_id.keys().copied().collect();
+            self.retiring.push(Retiring {
+                moved: HashSet::new(),
+                held,
+                last_events: old.retire(),
+            });
         }
+    }
+
+    /// The last events of retired backends whose threads have ended, and
+    /// `WorkerGone` for each request they left unanswered.
+    fn collect_retired(&mut self, events: &mut Vec<Event>) {
+        let mut still = Vec::new();
+        for r in std::mem::take(&mut self.retiring) {
+            let last = match r.last_events.try_recv() {
+                Ok(last) => last,
+                Err(crossbeam_channel::TryRecvError::Empty) => {
+                    still.push(r);
+                    continue;
+                }
+                Err(crossbeam_channel::TryRecvError::Disconnected) => Vec::new(),
+            };
+            let mut answered = HashSet::new();
+            for ev in last {
+                let Some((id, terminal)) = ev.request() else {
+                    continue;
+                };
+                if r.moved.contains(&id) {
+                    continue;
+                }
+                if terminal {
+                    answered.insert(id);
+                }
+                events.push(ev);
+            }
+            for id in r.held {
+                if !r.moved.contains(&id) && !answered.contains(&id) && self.by_id.contains_key(&id)
+                {
+                    events.push(Event::Failed {
+                        id,
+                        error: LlmError::WorkerGone("the inference backend was switched".into()),
+                    });
+                }
+            }
+        }
+        self.retiring = still;
+    }
+
+    fn cancel(&self, id: RequestId) {
+        if let Some(w) = self.backend() {
+            w.cancel(id);
+        }
+    }
+
+    /// The current backend, if any, to call.
+    fn backend(&self) -> Option<&dyn InferenceBackend> {
+        self.worker.as_deref()
     }
 
     fn fresh_id(&mut self) -> RequestId {
@@ -204,20 +233,11 @@ impl Loader<'_> {
             self.start_remote();
             return;
         }
-        if self.engine.kind == WorkerKind::Remote {
-            // Back to local: a local worker takes the remote one's place.
-            match WorkerHandle::spawn(self.settings.llama_logs, knobs(&self.settings)) {
+        if self.engine.kind() != Some(BackendKind::Local) {
+            // No backend yet, or back to local from a remote one.
+            match LocalBackend::spawn(self.settings.llama_logs, knobs(&self.settings)) {
                 Ok((w, profile)) => {
-                    self.engine.replace_worker(w, WorkerKind::Local);
-                    *self.profile = profile;
-                }
-                Err(error) => return self.fail(wanted, error),
-            }
-        }
-        if self.engine.worker.is_none() {
-            match WorkerHandle::spawn(self.settings.llama_logs, knobs(&self.settings)) {
-                Ok((w, profile)) => {
-                    self.engine.worker = Some(w);
+                    self.engine.replace_worker(Box::new(w));
                     self.engine.knobs = Some(knobs(&self.settings));
                     *self.profile = profile;
                 }
@@ -252,18 +272,18 @@ impl Loader<'_> {
                 );
                 self.status.plan = Some(plan);
                 self.status.layers_offloaded = None;
-                if let Some(w) = &self.engine.worker {
+                if let Some(w) = self.engine.backend() {
                     // Stop a verification or load still running for an older request.
                     w.abort_load();
                 }
-                if self.engine.send(Command::Load(Box::new(spec))) {
+                if self.engine.backend().is_some_and(|w| w.load(spec)) {
                     *self.state = LlmModelState::Loading {
                         model: id,
                         phase: LoadPhase::Verifying,
                         progress: 0.0,
                     };
                 } else {
-                    self.engine.worker = None;
+                    self.engine.drop_worker();
                     self.fail(id, ModelLoadError::WorkerGone);
                 }
             }
@@ -304,10 +324,12 @@ pub(crate) fn control(
     let k = knobs(&loader.settings);
     if loader.engine.knobs != Some(k) && loader.engine.worker.is_some() {
         loader.engine.knobs = Some(k);
-        loader.engine.send(Command::Configure(k));
+        if let Some(w) = loader.engine.backend() {
+            w.configure(k);
+        }
     }
     for _ in unloads.read() {
-        if loader.engine.send(Command::Unload) {
+        if loader.engine.backend().is_some_and(|w| w.unload()) {
             *loader.state = LlmModelState::Unloaded;
         }
     }
@@ -330,7 +352,7 @@ pub(crate) fn submit(
 ) {
     for c in cancels.read() {
         if let Some(&id) = loader.engine.by_entity.get(&c.entity) {
-            loader.engine.send(Command::Cancel(id));
+            loader.engine.cancel(id);
         }
     }
     for e in removed.read() {
@@ -339,7 +361,7 @@ pub(crate) fn submit(
             if new.contains(e) {
                 continue;
             }
-            loader.engine.send(Command::Cancel(id));
+            loader.engine.cancel(id);
             if !alive.contains(e) {
                 loader.engine.silent.insert(id);
                 loader.engine.by_entity.remove(&e);
@@ -350,7 +372,7 @@ pub(crate) fn submit(
         // A new request replaces the entity's previous one.
         if let Some(old) = loader.engine.by_entity.remove(&entity) {
             loader.engine.silent.insert(old);
-            loader.engine.send(Command::Cancel(old));
+            loader.engine.cancel(old);
         }
         // The first request loads the model (before it is registered: a
         // backend switch while starting must not count it as orphaned).
@@ -394,7 +416,7 @@ pub(crate) fn submit(
             submitted: Instant::now(),
         };
         loader.engine.pending.insert(id, job.clone());
-        if !loader.engine.send(Command::Submit(Box::new(job))) {
+        if !loader.engine.backend().is_some_and(|w| w.submit(job)) {
             loader.engine.pending.remove(&id);
             loader.engine.local.push(Event::Failed {
                 id,
@@ -427,19 +449,18 @@ fn serve_remotely(
     state: &mut LlmModelState,
 ) -> Result<HashSet<RequestId>, ModelLoadError> {
     let mut moved = HashSet::new();
-    if engine.kind != WorkerKind::Remote || engine.worker.is_none() {
+    if engine.kind() != Some(BackendKind::Remote) {
         let streams = settings.max_parallel_sequences as usize;
-        let worker = super::remote::spawn(&settings.remote, knobs(settings), streams)?;
-        moved = engine.replace_worker(worker, WorkerKind::Remote);
+        let worker = super::backend::remote::spawn(&settings.remote, knobs(settings), streams)?;
+        moved = engine.replace_worker(Box::new(worker));
     }
     info!(
         "bevy_npc_llm: serving requests from the remote server {}",
         settings.remote.base_url
     );
-    if !engine.send(Command::Load(Box::new(super::remote::remote_spec(
-        settings,
-    )))) {
-        engine.worker = None;
+    let spec = super::backend::remote::remote_spec(settings);
+    if !engine.backend().is_some_and(|w| w.load(spec)) {
+        engine.drop_worker();
         return Err(ModelLoadError::WorkerGone);
     }
     *state = LlmModelState::Loading {
@@ -463,8 +484,9 @@ pub(crate) fn receive(
     mut out: Writers,
 ) {
     let mut events: Vec<Event> = std::mem::take(&mut engine.local);
-    if let Some(w) = &engine.worker {
-        events.extend(w.events.try_iter());
+    engine.collect_retired(&mut events);
+    if let Some(w) = engine.backend() {
+        w.poll(&mut events);
     }
     // Requests moved to another worker during this frame: the old worker's
     // events for them are dropped.
@@ -513,7 +535,7 @@ pub(crate) fn receive(
                 warn!("bevy_npc_llm: model `{model}` failed to load: {error}");
                 let fall_back = still_loaded.is_none()
                     && settings.backend == BackendChoice::LocalWithRemoteFallback
-                    && engine.kind == WorkerKind::Local;
+                    && engine.kind() == Some(BackendKind::Local);
                 stats.serving_model = still_loaded;
                 *state = LlmModelState::Failed {
                     model: model.clone(),
@@ -563,7 +585,9 @@ pub(crate) fn receive(
                 stats.worker_failure = Some(reason.clone());
                 stats.serving_model = None;
                 stats.remote_server = None;
-                engine.worker = None;
+                // Its thread has ended (Stopped is its last event): joined
+                // on the reaper, never here.
+                engine.drop_worker();
                 *state = LlmModelState::Failed {
                     model: String::new(),
                     error: ModelLoadError::WorkerGone,

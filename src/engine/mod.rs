@@ -2,16 +2,15 @@
 //! its batching loop ([`serve`]), and the Bevy systems that connect
 //! requests and events to it ([`bridge`]).
 
+pub(crate) mod backend;
 pub(crate) mod bridge;
 pub(crate) mod prompt;
 pub(crate) mod protocol;
-pub(crate) mod remote;
 pub(crate) mod sampler;
 pub(crate) mod scheduler;
 pub(crate) mod serve;
 pub(crate) mod slots;
 pub(crate) mod text_stream;
-pub(crate) mod worker;
 
 use std::time::Duration;
 

@@ -253,7 +253,7 @@ mod tests {
             .join("assets/models")
             .join(file);
         assert!(path.exists(), "run scripts/fetch-models.sh first");
-        let backend = crate::engine::worker::backend(false).unwrap();
+        let backend = crate::engine::backend::local::backend(false).unwrap();
         LlamaModel::load_from_file(backend, &path, &LlamaModelParams::default()).unwrap()
     }
 

@@ -14,12 +14,12 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
+use super::backend::local::context_sequences;
 use super::prompt::PromptRenderer;
 use super::protocol::{EngineCounters, Event, Job, Knobs, LoadSpec, RequestId};
 use super::sampler::Sampler;
 use super::scheduler::{Limits, Outcome, Released, Scheduler};
 use super::text_stream::{StopMatcher, Utf8Stream};
-use super::worker::context_sequences;
 use crate::errors::LlmError;
 use crate::request::{FinishReason, RequestStats};
 use crate::settings::SamplingOverrides;

@@ -6,7 +6,6 @@ use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -15,9 +14,10 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
-use super::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadedModelInfo};
-use super::serve::Server;
-use super::slots::JobQueue;
+use super::{BackendKind, InferenceBackend, WorkerHandle};
+use crate::engine::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadedModelInfo};
+use crate::engine::serve::Server;
+use crate::engine::slots::JobQueue;
 use crate::errors::{LlmError, ModelLoadError};
 use crate::events::LoadPhase;
 use crate::registry::{VerifyOutcome, verify_model_file};
@@ -135,30 +135,24 @@ pub(crate) fn detect_hardware(info: &BackendInfo) -> crate::hardware::HardwarePr
     profile
 }
 
-/// Owner of the worker thread. Dropping it stops and joins the thread.
-pub(crate) struct WorkerHandle {
-    pub(crate) commands: Sender<Command>,
-    pub(crate) events: Receiver<Event>,
-    abort: Arc<AtomicBool>,
-    join: Option<JoinHandle<()>>,
-}
+/// The local backend: llama.cpp in this process, on its own worker thread.
+pub(crate) struct LocalBackend(WorkerHandle);
 
-impl WorkerHandle {
-    /// A handle over a worker thread started elsewhere (the remote backend).
-    pub(crate) fn from_parts(
-        commands: Sender<Command>,
-        events: Receiver<Event>,
-        abort: Arc<AtomicBool>,
-        join: JoinHandle<()>,
-    ) -> Self {
-        Self {
-            commands,
-            events,
-            abort,
-            join: Some(join),
-        }
+impl InferenceBackend for LocalBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Local
     }
 
+    fn handle(&self) -> &WorkerHandle {
+        &self.0
+    }
+
+    fn into_handle(self: Box<Self>) -> WorkerHandle {
+        self.0
+    }
+}
+
+impl LocalBackend {
     /// Start the worker and wait for its handshake (backend initialised).
     pub(crate) fn spawn(
         logs: bool,
@@ -206,12 +200,7 @@ impl WorkerHandle {
             .map_err(|e| ModelLoadError::Backend(format!("cannot spawn worker thread: {e}")))?;
         match ready_rx.recv() {
             Ok(Ok(profile)) => Ok((
-                Self {
-                    commands: cmd_tx,
-                    events: ev_rx,
-                    abort,
-                    join: Some(join),
-                },
+                Self(WorkerHandle::from_parts(cmd_tx, ev_rx, abort, join)),
                 profile,
             )),
             Ok(Err(e)) => {
@@ -222,26 +211,6 @@ impl WorkerHandle {
                 let _ = join.join();
                 Err(ModelLoadError::WorkerGone)
             }
-        }
-    }
-
-    /// Send a command; `false` when the worker is gone.
-    pub(crate) fn send(&self, cmd: Command) -> bool {
-        self.commands.send(cmd).is_ok()
-    }
-
-    /// Ask a running load or verification to stop early.
-    pub(crate) fn abort_load(&self) {
-        self.abort.store(true, Ordering::Relaxed);
-    }
-}
-
-impl Drop for WorkerHandle {
-    fn drop(&mut self) {
-        self.abort.store(true, Ordering::Relaxed);
-        let _ = self.commands.send(Command::Shutdown);
-        if let Some(join) = self.join.take() {
-            let _ = join.join();
         }
     }
 }
@@ -522,12 +491,12 @@ impl Worker {
         let mut spec = spec.clone();
         spec.context_per_sequence = per_seq;
         // Check once that the prompt format works and the context fits.
-        super::prompt::PromptRenderer::new(&model, &spec.prompt_format).map_err(|message| {
-            ModelLoadError::Llama {
+        crate::engine::prompt::PromptRenderer::new(&model, &spec.prompt_format).map_err(
+            |message| ModelLoadError::Llama {
                 path: spec.path.clone(),
                 message,
-            }
-        })?;
+            },
+        )?;
         {
             let ctx = model
                 .new_context(self.backend, context_params(&spec))
@@ -616,7 +585,7 @@ impl Worker {
 /// Sequences of the context: the plan's plus one kept for high-priority
 /// requests, within llama.cpp's limit.
 pub(crate) fn context_sequences(spec: &LoadSpec) -> u32 {
-    (spec.sequences + 1).min(super::scheduler::LLAMA_MAX_SEQ)
+    (spec.sequences + 1).min(crate::engine::scheduler::LLAMA_MAX_SEQ)
 }
 
 /// One context for `sequences` slots plus one kept for high-priority

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, select};
 use serde_json::Value;
 
-use super::protocol::{
+use super::{BackendKind, InferenceBackend, WorkerHandle};
+use crate::engine::protocol::{
     Command, EngineCounters, Event, Job, Knobs, LoadSpec, LoadedModelInfo, RequestId,
 };
-use super::slots::JobQueue;
-use super::worker::WorkerHandle;
+use crate::engine::slots::JobQueue;
 use crate::errors::{LlmError, ModelLoadError, RemoteError};
 use crate::settings::{RemotePromptFormat, RemoteSettings};
 use stream::{Outcome, Reply, StreamControl};
@@ -84,12 +84,30 @@ pub(crate) fn remote_spec(settings: &crate::settings::LlmSettings) -> LoadSpec {
     }
 }
 
+/// The remote backend: an OpenAI-compatible server, through a worker
+/// thread that keeps the queue and one stream thread per running request.
+pub(crate) struct RemoteBackend(WorkerHandle);
+
+impl InferenceBackend for RemoteBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Remote
+    }
+
+    fn handle(&self) -> &WorkerHandle {
+        &self.0
+    }
+
+    fn into_handle(self: Box<Self>) -> WorkerHandle {
+        self.0
+    }
+}
+
 /// Start a remote worker for `settings` (already validated).
 pub(crate) fn spawn(
     settings: &RemoteSettings,
     knobs: Knobs,
     streams: usize,
-) -> Result<WorkerHandle, ModelLoadError> {
+) -> Result<RemoteBackend, ModelLoadError> {
     let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
     let cfg = Arc::new(RemoteConfig::new(settings));
@@ -124,7 +142,9 @@ pub(crate) fn spawn(
         .map_err(|e| {
             ModelLoadError::Backend(format!("cannot spawn the remote worker thread: {e}"))
         })?;
-    Ok(WorkerHandle::from_parts(cmd_tx, ev_rx, abort, join))
+    Ok(RemoteBackend(WorkerHandle::from_parts(
+        cmd_tx, ev_rx, abort, join,
+    )))
 }
 
 struct RemoteWorker {

@@ -1,0 +1,163 @@
+//! Where inference runs, behind one trait: [`local`] (llama.cpp in this
+//! process, batched by the [scheduler](crate::engine::scheduler)) and
+//! [`remote`] (an OpenAI-compatible server). Both are a worker thread that
+//! takes [`Command`]s and answers with [`Event`]s over channels; the Bevy
+//! glue ([`bridge`](crate::engine::bridge)) only sees
+//! [`InferenceBackend`], never which one it is talking to, except for the
+//! status shown to the player ([`BackendKind`]).
+
+pub(crate) mod local;
+pub(crate) mod remote;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::protocol::{Command, Event, Job, Knobs, LoadSpec, RequestId};
+
+/// Which kind of backend serves requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BackendKind {
+    Local,
+    Remote,
+}
+
+/// One inference backend: submit, cancel, load/unload, configure, poll its
+/// events, and shut down. Every call returns at once (`false`: the backend
+/// is gone); answers come back as [`Event`]s from [`Self::poll`].
+pub(crate) trait InferenceBackend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+
+    /// The channels and thread of the backend's worker.
+    fn handle(&self) -> &WorkerHandle;
+
+    fn into_handle(self: Box<Self>) -> WorkerHandle;
+
+    fn submit(&self, job: Job) -> bool {
+        self.handle().send(Command::Submit(Box::new(job)))
+    }
+
+    fn cancel(&self, id: RequestId) -> bool {
+        self.handle().send(Command::Cancel(id))
+    }
+
+    fn load(&self, spec: LoadSpec) -> bool {
+        self.handle().send(Command::Load(Box::new(spec)))
+    }
+
+    fn unload(&self) -> bool {
+        self.handle().send(Command::Unload)
+    }
+
+    fn configure(&self, knobs: Knobs) -> bool {
+        self.handle().send(Command::Configure(knobs))
+    }
+
+    /// Ask a running load (or connection check) to stop early.
+    fn abort_load(&self) {
+        self.handle().abort_load();
+    }
+
+    /// Every event that arrived since the last poll, without waiting.
+    fn poll(&self, out: &mut Vec<Event>) {
+        out.extend(self.handle().events.try_iter());
+    }
+
+    /// Stop the backend without waiting for it (safe inside a system): its
+    /// thread is joined on a reaper thread, which then hands over the
+    /// events it sent last.
+    fn retire(self: Box<Self>) -> Receiver<Vec<Event>> {
+        self.into_handle().retire()
+    }
+
+    /// Test hook: make the worker thread panic.
+    #[cfg(debug_assertions)]
+    fn crash(&self) {
+        self.handle().send(Command::Crash);
+    }
+}
+
+/// A backend being replaced: the requests that moved to its successor, the
+/// requests it held, and its last events once its thread has ended.
+pub(crate) struct Retiring {
+    pub moved: HashSet<RequestId>,
+    pub held: HashSet<RequestId>,
+    pub last_events: Receiver<Vec<Event>>,
+}
+
+/// Owner of a backend's worker thread. Dropping it stops and joins the
+/// thread (at app exit); inside systems use [`WorkerHandle::retire`].
+pub(crate) struct WorkerHandle {
+    pub(crate) commands: Sender<Command>,
+    pub(crate) events: Receiver<Event>,
+    abort: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// A handle over a worker thread started by a backend.
+    pub(crate) fn from_parts(
+        commands: Sender<Command>,
+        events: Receiver<Event>,
+        abort: Arc<AtomicBool>,
+        join: JoinHandle<()>,
+    ) -> Self {
+        Self {
+            commands,
+            events,
+            abort,
+            join: Some(join),
+        }
+    }
+
+    /// Send a command; `false` when the worker is gone.
+    pub(crate) fn send(&self, cmd: Command) -> bool {
+        self.commands.send(cmd).is_ok()
+    }
+
+    /// Ask a running load or verification to stop early.
+    pub(crate) fn abort_load(&self) {
+        self.abort.store(true, Ordering::Relaxed);
+    }
+
+    /// Ask the worker to stop and join it on a reaper thread; the returned
+    /// channel yields every event the worker sent before it ended.
+    pub(crate) fn retire(mut self) -> Receiver<Vec<Event>> {
+        self.abort.store(true, Ordering::Relaxed);
+        let _ = self.commands.send(Command::Shutdown);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let join = self.join.take();
+        let events = self.events.clone();
+        let reap = move || {
+            if let Some(join) = join {
+                let _ = join.join();
+            }
+            let _ = tx.send(events.try_iter().collect());
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("npc-llm-reaper".into())
+            .spawn(reap)
+        {
+            // No thread to spare: the worker was told to stop and ends on
+            // its own; its events are whatever arrived so far.
+            bevy::log::warn!("bevy_npc_llm: cannot start a reaper thread: {e}");
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let _ = tx.send(self.events.try_iter().collect());
+            return rx;
+        }
+        rx
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.abort.store(true, Ordering::Relaxed);
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(join) = self.join.take() {
+            let _ = join.join();
+        }
+    }
+}
