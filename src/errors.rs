@@ -141,6 +141,10 @@ pub enum ModelLoadError {
     /// The remote inference server cannot be used.
     #[error("remote server: {0}")]
     Remote(RemoteError),
+    /// The settings forbid what was asked (e.g. an API key over plain
+    /// http to another machine).
+    #[error(transparent)]
+    InvalidSettings(#[from] SettingsError),
     /// The file failed its integrity check; it was not loaded.
     #[error(transparent)]
     Verify(#[from] VerifyError),

@@ -251,6 +251,66 @@ pub enum RemotePromptFormat {
     Completion,
 }
 
+/// A secret (the remote server's API key): never shown by `Debug`, never
+/// written when settings are serialised, readable only through
+/// [`ApiKey::expose`].
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wrap a key.
+    #[must_use]
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// The key itself, for the `Authorization` header.
+    #[must_use]
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+impl From<&str> for ApiKey {
+    fn from(key: &str) -> Self {
+        Self::new(key)
+    }
+}
+
+impl From<String> for ApiKey {
+    fn from(key: String) -> Self {
+        Self(key)
+    }
+}
+
+/// Whether `url`'s host is this machine (`localhost`, `127.0.0.0/8`, `::1`).
+fn is_loopback(url: &str) -> bool {
+    let rest = url
+        .trim()
+        .split_once("://")
+        .map_or(url, |(_, r)| r)
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or("");
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// An OpenAI-compatible inference server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -262,8 +322,10 @@ pub struct RemoteSettings {
     /// Model name sent with each request (llama-server ignores it; vLLM and
     /// Ollama need the served model's name).
     pub model: String,
-    /// API key sent as `Authorization: Bearer …`, if any.
-    pub api_key: Option<String>,
+    /// API key sent as `Authorization: Bearer …`, if any. Redacted in
+    /// `Debug` and never serialised (prefer `api_key_env`).
+    #[serde(skip_serializing)]
+    pub api_key: Option<ApiKey>,
     /// Environment variable read for the API key when `api_key` is `None`.
     pub api_key_env: Option<String>,
     /// How prompts are sent.
@@ -278,6 +340,10 @@ pub struct RemoteSettings {
     pub max_retries: u32,
     /// Wait before the first retry, doubled for each next one, in milliseconds.
     pub retry_backoff_ms: u64,
+    /// Send the API key over plain `http://` to a host other than this
+    /// machine. Off: such settings are refused (the key would cross the
+    /// network in clear text).
+    pub allow_api_key_over_http: bool,
 }
 
 impl Default for RemoteSettings {
@@ -292,6 +358,7 @@ impl Default for RemoteSettings {
             token_timeout_ms: 30_000,
             max_retries: 2,
             retry_backoff_ms: 200,
+            allow_api_key_over_http: false,
         }
     }
 }
@@ -343,17 +410,32 @@ impl RemoteSettings {
         if self.max_retries > 10 {
             return bad("remote.max_retries", "must be at most 10".into());
         }
+        if url.starts_with("http://")
+            && !is_loopback(url)
+            && !self.allow_api_key_over_http
+            && self.resolved_api_key().is_some()
+        {
+            return bad(
+                "remote.api_key",
+                format!(
+                    "an API key would cross the network in clear text to {}: use https, \
+                     or set `allow_api_key_over_http: true`",
+                    redact_url(url)
+                ),
+            );
+        }
         Ok(())
     }
 
     /// The API key: `api_key`, else the `api_key_env` variable, if set and not empty.
     #[must_use]
-    pub fn resolved_api_key(&self) -> Option<String> {
+    pub fn resolved_api_key(&self) -> Option<ApiKey> {
         self.api_key.clone().or_else(|| {
             self.api_key_env
                 .as_deref()
                 .and_then(|v| std::env::var(v).ok())
                 .filter(|k| !k.is_empty())
+                .map(ApiKey)
         })
     }
 }
@@ -495,5 +577,19 @@ impl LlmSettings {
     #[must_use]
     pub fn capacity(&self) -> usize {
         self.queue_capacity as usize + self.max_parallel_sequences as usize
+    }
+}
+
+/// `url` with any `user:password@` part replaced by `<redacted>@`, for logs
+/// and displays.
+#[must_use]
+pub fn redact_url(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.into();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]).into(),
+        None => url.into(),
     }
 }

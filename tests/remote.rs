@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bevy::prelude::*;
 use bevy_npc_llm::dialogue::{NpcDialoguePlugin, Persona};
-use bevy_npc_llm::errors::{LlmError, ModelLoadError, RemoteError};
+use bevy_npc_llm::errors::{LlmError, ModelLoadError, RemoteError, SettingsError};
 use bevy_npc_llm::prelude::*;
 use bevy_npc_llm::request::FinishReason;
 use common::servers::*;
@@ -438,7 +438,92 @@ fn remote_settings_are_validated_and_parse_from_ron() {
     r.api_key_env = Some("BEVY_NPC_LLM_TEST_KEY_UNSET".into());
     assert_eq!(r.resolved_api_key(), None);
     r.api_key = Some("k".into());
-    assert_eq!(r.resolved_api_key().as_deref(), Some("k"));
+    assert_eq!(
+        r.resolved_api_key()
+            .map(|k| k.expose().to_string())
+            .as_deref(),
+        Some("k")
+    );
+}
+
+/// The API key never shows: not in `Debug`, not in serialised settings, not
+/// in a URL the overlay or an error displays; and it never crosses the
+/// network in clear text unless the settings say so, checked again when the
+/// backend starts (settings edited at run time).
+#[test]
+fn the_api_key_stays_secret() {
+    const KEY: &str = "sk-very-secret-123";
+    let mut s = settings();
+    s.backend = BackendChoice::Remote;
+    s.remote = RemoteSettings::new("http://127.0.0.1:9");
+    s.remote.api_key = Some(KEY.into());
+    assert!(
+        s.validate().is_ok(),
+        "a key to this machine over http is fine"
+    );
+    assert!(!format!("{s:?}").contains(KEY));
+    assert!(!format!("{:?}", s.remote).contains(KEY));
+    let ron = ron::to_string(&s).unwrap();
+    assert!(!ron.contains(KEY), "{ron}");
+    // A saved file loads back without the key (use `api_key_env`).
+    let back = LlmSettings::from_ron_str(&ron, "saved.ron").unwrap();
+    assert_eq!(back.remote.api_key, None);
+    // Plain http to another machine: refused, naming the field.
+    for url in [
+        "http://10.1.2.3:8080",
+        "http://example.com",
+        "http://[2001:db8::1]:80",
+    ] {
+        s.remote.base_url = url.into();
+        match s.validate() {
+            Err(SettingsError::Invalid { field, message }) => {
+                assert_eq!(field, "remote.api_key");
+                assert!(!message.contains(KEY));
+            }
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+    for url in [
+        "http://localhost:8080",
+        "http://127.0.0.2/v1",
+        "http://[::1]:8080",
+    ] {
+        s.remote.base_url = url.into();
+        assert!(s.validate().is_ok(), "{url}");
+    }
+    s.remote.base_url = "http://10.1.2.3:8080".into();
+    s.remote.allow_api_key_over_http = true;
+    assert!(s.validate().is_ok(), "explicitly allowed");
+    s.remote.allow_api_key_over_http = false;
+    s.remote.api_key = None;
+    s.remote.api_key_env = None;
+    assert!(s.validate().is_ok(), "no key, nothing to leak");
+    // Credentials in a URL are redacted wherever it is shown.
+    assert_eq!(
+        bevy_npc_llm::settings::redact_url("http://user:pw@host:8080/v1"),
+        "http://<redacted>@host:8080/v1"
+    );
+    // Edited at run time to an insecure server: the backend refuses to start.
+    let mut app = app_with(settings());
+    app.update();
+    {
+        let mut live = app.world_mut().resource_mut::<LlmSettings>();
+        live.backend = BackendChoice::Remote;
+        live.remote = RemoteSettings::new("http://10.1.2.3:8080");
+        live.remote.api_key = Some(KEY.into());
+    }
+    let error = load_failure(&mut app, None);
+    assert!(
+        matches!(
+            error,
+            ModelLoadError::InvalidSettings(SettingsError::Invalid {
+                field: "remote.api_key",
+                ..
+            })
+        ),
+        "{error:?}"
+    );
+    assert!(!error.to_string().contains(KEY));
 }
 
 /// What llama-server makes of `text` with special-token parsing on (as it

@@ -456,7 +456,7 @@ fn serve_remotely(
     }
     info!(
         "bevy_npc_llm: serving requests from the remote server {}",
-        settings.remote.base_url
+        crate::settings::redact_url(&settings.remote.base_url)
     );
     let spec = super::backend::remote::remote_spec(settings);
     if !engine.backend().is_some_and(|w| w.load(spec)) {
@@ -545,7 +545,7 @@ pub(crate) fn receive(
                 if fall_back {
                     warn!(
                         "bevy_npc_llm: falling back to the remote server {}",
-                        settings.remote.base_url
+                        crate::settings::redact_url(&settings.remote.base_url)
                     );
                     match serve_remotely(&mut engine, &settings, &mut state) {
                         Ok(m) => moved = m,

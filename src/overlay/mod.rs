@@ -19,7 +19,10 @@ pub(crate) fn backend_label(
     plan: Option<&crate::hardware::BackendPlan>,
 ) -> (String, Option<String>) {
     match remote_server {
-        Some(url) => ("Remote server".into(), Some(url.to_string())),
+        Some(url) => (
+            "Remote server".into(),
+            Some(crate::settings::redact_url(url).into_owned()),
+        ),
         None => (
             plan.map_or("CPU".into(), |p| p.backend.clone()),
             plan.and_then(|p| p.device.clone()),

@@ -31,7 +31,7 @@ use stream::{Outcome, Reply, StreamControl};
 pub(crate) struct RemoteConfig {
     pub base_url: String,
     pub model: String,
-    pub api_key: Option<String>,
+    pub api_key: Option<crate::settings::ApiKey>,
     pub prompt_format: RemotePromptFormat,
     pub token_timeout: Duration,
     pub max_retries: u32,
@@ -108,6 +108,9 @@ pub(crate) fn spawn(
     knobs: Knobs,
     streams: usize,
 ) -> Result<RemoteBackend, ModelLoadError> {
+    // Settings may have changed since startup: never send a key in clear
+    // text to another machine, whatever they say now.
+    settings.validate()?;
     let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
     let cfg = Arc::new(RemoteConfig::new(settings));
@@ -282,7 +285,7 @@ impl RemoteWorker {
                     has_chat_template: self.cfg.prompt_format == RemotePromptFormat::Chat,
                     hashed: false,
                     load_time: started.elapsed(),
-                    remote: Some(self.cfg.base_url.clone()),
+                    remote: Some(crate::settings::redact_url(&self.cfg.base_url).into_owned()),
                 })));
                 self.pump();
             }

@@ -143,7 +143,7 @@ pub(super) fn send_with_retries(
         attempt += 1;
         let mut req = build(&cfg.agent);
         if let Some(key) = &cfg.api_key {
-            req = req.set("Authorization", &format!("Bearer {key}"));
+            req = req.set("Authorization", &format!("Bearer {}", key.expose()));
         }
         let sent = match body {
             Some(b) => req.send_string(b),
@@ -162,7 +162,7 @@ pub(super) fn send_with_retries(
                 }
                 if attempt > cfg.max_retries {
                     return Err(RemoteError::Unreachable {
-                        url: url.to_string(),
+                        url: crate::settings::redact_url(url).into_owned(),
                         attempts: attempt,
                         message: t.to_string(),
                     });
@@ -184,7 +184,7 @@ pub(super) fn status_error(url: &str, status: u16, resp: ureq::Response) -> Remo
     let mut body = String::new();
     let _ = resp.into_reader().take(2048).read_to_string(&mut body);
     RemoteError::Status {
-        url: url.to_string(),
+        url: crate::settings::redact_url(url).into_owned(),
         status,
         body: body.trim().chars().take(500).collect(),
     }
