@@ -339,3 +339,97 @@ pub enum DialogueError {
     #[error("invalid dialogue data: {0}")]
     Invalid(String),
 }
+
+/// Downloading a model file ([`DownloadModel`](crate::download::DownloadModel)).
+/// Nothing is loaded from a download that failed; a partial file
+/// (`<file>.part`) is kept for a later resume unless its content was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DownloadError {
+    /// The registry has no model with this id.
+    #[error("no model `{0}` in the registry")]
+    UnknownModel(String),
+    /// The entry names no URL to download from.
+    #[error("model `{0}` has no download URL in the registry")]
+    NoSource(String),
+    /// Downloads are switched off (`DownloadSettings::offline`).
+    #[error("downloads are off (offline mode in the settings)")]
+    Offline,
+    /// A URL the settings do not allow (plain http) or the build cannot
+    /// reach (https without the `remote-tls` feature).
+    #[error("cannot download from {url}: {reason}")]
+    Refused {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// Not enough free disk space for the rest of the file.
+    #[error("not enough disk space in {dir}: {needed} bytes needed, {available} available")]
+    NotEnoughDisk {
+        /// The folder the file goes to.
+        dir: PathBuf,
+        /// Bytes still to download.
+        needed: u64,
+        /// Bytes free there.
+        available: u64,
+    },
+    /// Another download of the same file (this or another game instance)
+    /// holds its lock file.
+    #[error("another download of this file is running (lock {lock})")]
+    Busy {
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// The server answered with an error status.
+    #[error("{url} answered HTTP {status}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// No connection, or it broke, after the retries.
+    #[error("cannot download {url}: {message}")]
+    Network {
+        /// The URL.
+        url: String,
+        /// What failed last.
+        message: String,
+    },
+    /// The server sent nothing for too long.
+    #[error("{url} sent nothing for {waited_ms} ms")]
+    Timeout {
+        /// The URL.
+        url: String,
+        /// How long the download waited.
+        waited_ms: u64,
+    },
+    /// The file's size is not the registry's.
+    #[error("downloaded {got} bytes, the registry says {expected}")]
+    SizeMismatch {
+        /// Registry size.
+        expected: u64,
+        /// What arrived.
+        got: u64,
+    },
+    /// The file's sha256 is not the registry's: it was deleted.
+    #[error("sha256 mismatch: expected {expected}, got {found} (file deleted)")]
+    HashMismatch {
+        /// Registry hash.
+        expected: String,
+        /// Hash of what arrived.
+        found: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's message.
+        message: String,
+    },
+    /// Cancelled by [`CancelModelDownload`](crate::download::CancelModelDownload)
+    /// (the partial file is kept for a resume).
+    #[error("download cancelled")]
+    Cancelled,
+}

@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 pub mod dialogue;
+pub mod download;
 mod engine;
 pub mod errors;
 pub mod events;
@@ -55,7 +56,11 @@ pub mod prelude {
     pub use crate::dialogue::{
         Conversation, ConversationState, NpcDialoguePlugin, NpcMemory, Persona,
     };
-    pub use crate::errors::{LlmError, ModelLoadError};
+    pub use crate::download::{
+        CancelModelDownload, DownloadModel, ModelDownloadFailed, ModelDownloadProgress,
+        ModelDownloaded, ModelDownloads,
+    };
+    pub use crate::errors::{DownloadError, LlmError, ModelLoadError};
     pub use crate::events::{
         CancelLlmRequest, ConversationEnded, ConversationLineFinished, ConversationLineToken,
         ConversationStarted, LlmCancelled, LlmCompleted, LlmFailed, LlmStarted, LlmToken,

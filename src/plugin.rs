@@ -20,7 +20,9 @@ use crate::settings::LlmSettings;
 #[derive(SystemSet, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum NpcLlmSystems {
     /// Handles [`LoadModel`] / [`UnloadModel`] and pushes changed
-    /// [`LlmSettings`] knobs (prefix cache, prompt chunk, queue capacity) to the worker.
+    /// [`LlmSettings`] knobs (prefix cache, prompt chunk, queue capacity) to the worker;
+    /// starts and cancels model downloads
+    /// ([`DownloadModel`](crate::download::DownloadModel)).
     Control,
     /// Submits new or replaced [`LlmRequest`](crate::request::LlmRequest)s, starting a
     /// lazy model load if none is loaded; sends cancels for
@@ -28,7 +30,8 @@ pub enum NpcLlmSystems {
     Submit,
     /// Drains the worker's events (never blocking) into
     /// [`LlmRequestStatus`](crate::request::LlmRequestStatus), the request
-    /// events, the model messages, [`LlmModelState`] and [`LlmEngineStats`].
+    /// events, the model messages, [`LlmModelState`] and [`LlmEngineStats`];
+    /// then the download threads' progress and outcomes into their messages.
     Receive,
     /// In `Update` (with [`NpcDialoguePlugin`](crate::dialogue::NpcDialoguePlugin)),
     /// chained: despawns conversations that ended last frame; routes
@@ -181,6 +184,12 @@ impl Plugin for NpcLlmPlugin {
             .insert_resource(diagnostics)
             .add_systems(PreStartup, start_engine)
             .init_resource::<LlmEngineStats>()
+            .init_resource::<crate::download::ModelDownloads>()
+            .add_message::<crate::download::DownloadModel>()
+            .add_message::<crate::download::CancelModelDownload>()
+            .add_message::<crate::download::ModelDownloadProgress>()
+            .add_message::<crate::download::ModelDownloaded>()
+            .add_message::<crate::download::ModelDownloadFailed>()
             .add_message::<LlmStarted>()
             .add_message::<LlmToken>()
             .add_message::<LlmCompleted>()
@@ -205,9 +214,13 @@ impl Plugin for NpcLlmPlugin {
             .add_systems(
                 PreUpdate,
                 (
-                    bridge::control.in_set(NpcLlmSystems::Control),
+                    (bridge::control, crate::download::start_downloads)
+                        .chain()
+                        .in_set(NpcLlmSystems::Control),
                     bridge::submit.in_set(NpcLlmSystems::Submit),
-                    bridge::receive.in_set(NpcLlmSystems::Receive),
+                    (bridge::receive, crate::download::report_downloads)
+                        .chain()
+                        .in_set(NpcLlmSystems::Receive),
                 ),
             );
     }

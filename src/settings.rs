@@ -222,6 +222,40 @@ pub struct LlmSettings {
     /// The remote server, for [`BackendChoice::Remote`] and
     /// [`BackendChoice::LocalWithRemoteFallback`].
     pub remote: RemoteSettings,
+    /// Model downloads ([`DownloadModel`](crate::download::DownloadModel)).
+    pub downloads: DownloadSettings,
+}
+
+/// How model files are downloaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownloadSettings {
+    /// Never download (the game ships its models, or the player is offline).
+    pub offline: bool,
+    /// Allow plain `http://` URLs (https only otherwise).
+    pub allow_http: bool,
+    /// Most time to connect, per attempt, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Most time the server may send nothing, in milliseconds.
+    pub read_timeout_ms: u64,
+    /// Extra attempts per mirror after a broken connection or a server
+    /// error (each resumes where the file stopped).
+    pub max_retries: u32,
+    /// Wait before the first retry, doubled for each next one, in milliseconds.
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for DownloadSettings {
+    fn default() -> Self {
+        Self {
+            offline: false,
+            allow_http: false,
+            connect_timeout_ms: 10_000,
+            read_timeout_ms: 30_000,
+            max_retries: 3,
+            retry_backoff_ms: 500,
+        }
+    }
 }
 
 /// Where inference runs. See the README's "Local or remote" section.
@@ -458,6 +492,7 @@ impl Default for LlmSettings {
             sampling: SamplingParams::default(),
             backend: BackendChoice::Local,
             remote: RemoteSettings::default(),
+            downloads: DownloadSettings::default(),
         }
     }
 }
@@ -569,6 +604,16 @@ impl LlmSettings {
         }
         if self.backend != BackendChoice::Local {
             self.remote.validate()?;
+        }
+        let d = &self.downloads;
+        if d.connect_timeout_ms == 0 || d.read_timeout_ms == 0 {
+            return bad(
+                "downloads.read_timeout_ms",
+                "timeouts must be at least 1 ms",
+            );
+        }
+        if d.max_retries > 20 {
+            return bad("downloads.max_retries", "must be at most 20");
         }
         Ok(())
     }

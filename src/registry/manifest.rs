@@ -120,9 +120,25 @@ pub struct ModelEntry {
     /// Where the development fetch script gets the file.
     #[serde(default)]
     pub source: Option<ModelSource>,
-    /// Where a game may download the file on a player's machine (not used by the plugin itself).
+    /// Where a game may download the file on a player's machine (one URL;
+    /// kept for older registries: it counts as the only mirror when
+    /// `download` is absent).
     #[serde(default)]
     pub download_url: Option<String>,
+    /// Where the plugin downloads the file from on a player's machine
+    /// ([`DownloadModel`](crate::download::DownloadModel)); checked against
+    /// `size_bytes` and `sha256`.
+    #[serde(default)]
+    pub download: Option<DownloadSource>,
+}
+
+/// Mirrors a model file can be downloaded from, tried in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownloadSource {
+    /// `https://` URLs (`http://` only when
+    /// [`DownloadSettings::allow_http`](crate::settings::DownloadSettings::allow_http)).
+    pub urls: Vec<String>,
 }
 
 impl ModelEntry {
@@ -130,6 +146,16 @@ impl ModelEntry {
     #[must_use]
     pub fn has_tag(&self, tag: &str) -> bool {
         self.tags.iter().any(|t| t == tag)
+    }
+
+    /// The URLs this file can be downloaded from, in order: `download`'s
+    /// mirrors, else `download_url`.
+    #[must_use]
+    pub fn download_urls(&self) -> Vec<String> {
+        match &self.download {
+            Some(d) if !d.urls.is_empty() => d.urls.clone(),
+            _ => self.download_url.iter().cloned().collect(),
+        }
     }
 }
 

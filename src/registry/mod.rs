@@ -28,7 +28,9 @@ use std::path::{Path, PathBuf};
 
 use bevy::prelude::Resource;
 
-pub use manifest::{ExplicitTemplate, HardwareRequirements, ModelEntry, ModelSource, PromptFormat};
+pub use manifest::{
+    DownloadSource, ExplicitTemplate, HardwareRequirements, ModelEntry, ModelSource, PromptFormat,
+};
 pub use verify::{VerificationCache, VerifyOutcome, verify_model_file};
 
 use crate::errors::RegistryError;
@@ -272,6 +274,11 @@ fn validate_entry(entry: &mut ModelEntry) -> Result<(), RegistryError> {
             "prompt_format",
             "an explicit template needs at least user_prefix or assistant_prefix".into(),
         );
+    }
+    for url in entry.download_urls() {
+        if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() < 10 {
+            return bad("download", format!("`{url}` is not an http(s) URL"));
+        }
     }
     let defaults = crate::settings::SamplingParams::default();
     if let Err(crate::errors::SettingsError::Invalid { field, message }) =

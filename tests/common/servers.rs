@@ -139,3 +139,32 @@ pub fn stub(modes: &[&str]) -> Server {
         port,
     }
 }
+
+/// `tests/support/file_server.py` serving `file`, logging each request as a
+/// JSON line to `log`.
+pub fn file_server(file: &std::path::Path, log: &std::path::Path) -> Server {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/file_server.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg("0")
+        .arg(file)
+        .arg(log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start python3 file server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("file server said {line:?}"));
+    Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        port,
+    }
+}
