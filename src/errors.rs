@@ -141,6 +141,9 @@ pub enum ModelLoadError {
     /// The remote inference server cannot be used.
     #[error("remote server: {0}")]
     Remote(RemoteError),
+    /// The model file was missing and downloading it failed.
+    #[error("cannot download the model: {0}")]
+    Download(DownloadError),
     /// The settings forbid what was asked (e.g. an API key over plain
     /// http to another machine).
     #[error(transparent)]

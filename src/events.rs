@@ -112,6 +112,9 @@ pub enum LoadPhase {
     Loading,
     /// Checking that the remote server answers.
     Connecting,
+    /// The model file is missing and is being downloaded from the
+    /// registry's mirrors (see [`ModelDownloads`](crate::download::ModelDownloads)).
+    Downloading,
 }
 
 /// Progress of a model load, `progress` in `0.0..=1.0` per phase.

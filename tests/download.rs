@@ -11,7 +11,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use bevy::prelude::*;
-use bevy_npc_llm::errors::DownloadError;
+use bevy_npc_llm::errors::{DownloadError, LlmError, ModelLoadError};
+use bevy_npc_llm::events::LoadPhase;
 use bevy_npc_llm::prelude::*;
 use bevy_npc_llm::registry::{DownloadSource, ModelRegistry};
 use common::servers::{Server, file_server};
@@ -224,9 +225,22 @@ fn a_wrong_hash_is_never_kept_or_loaded() {
     }
     assert!(!f.dest().exists(), "a wrong file took the model's name");
     assert!(!Path::new(&format!("{}.part", f.dest().display())).exists());
-    // Nothing to load.
+    // Loading it downloads again, fails the same way, and loads nothing.
     let error = load_failure(&mut app, Some("blob"));
-    assert!(error.to_string().contains("blob.gguf"), "{error}");
+    assert!(
+        matches!(
+            error,
+            ModelLoadError::Download(DownloadError::HashMismatch { .. })
+        ),
+        "{error}"
+    );
+    assert!(!f.dest().exists());
+    assert!(
+        app.world()
+            .resource::<LlmEngineStats>()
+            .serving_model
+            .is_none()
+    );
 }
 
 #[test]
@@ -403,6 +417,101 @@ fn the_real_model_downloads_then_loads_and_answers() {
     load_ready(&mut app, Some("smol-downloaded"));
     let answer = complete(&mut app, chat("Say hello.").with_max_tokens(8));
     assert!(!answer.trim().is_empty());
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A request for a model whose file is missing downloads it first (the
+/// model state says so), then loads it and answers; when the download fails,
+/// the waiting request fails typed instead of hanging. A cancelled download
+/// keeps its partial file.
+#[test]
+fn a_request_for_a_missing_model_downloads_it_first() {
+    let dir = std::env::temp_dir().join(format!("npc-llm-dl-lazy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let server = file_server(&smol_file(), &dir.join("requests.log"));
+    let entry = |app: &mut App, id: &str, mode: &str| {
+        let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
+        let mut e = reg.get(SMOL).unwrap().clone();
+        e.id = id.into();
+        e.file = dir.join(format!("{id}.gguf"));
+        e.download = Some(DownloadSource {
+            urls: vec![format!("{}/{mode}/{id}.gguf", server.url)],
+        });
+        reg.add(e).unwrap();
+    };
+    let mut s = settings();
+    s.downloads.allow_http = true;
+    s.model = "lazy".into();
+    let mut app = app_with(s.clone());
+    app.init_resource::<Outcomes>().add_systems(Update, record);
+    app.update();
+    entry(&mut app, "lazy", "plain");
+    let e = request(&mut app, chat("Say hello.").with_max_tokens(8));
+    let mut saw_downloading = false;
+    run_until(&mut app, 120, |app| {
+        saw_downloading |= matches!(
+            app.world().resource::<LlmModelState>(),
+            LlmModelState::Loading {
+                phase: LoadPhase::Downloading,
+                ..
+            }
+        );
+        app.world().resource::<Recorded>().finished(e)
+    });
+    assert!(saw_downloading);
+    let r = app.world().resource::<Recorded>();
+    assert!(r.completed_text(e).is_some(), "{:?}", r.of(e));
+    assert!(dir.join("lazy.gguf").exists());
+
+    // A download that fails: the waiting request fails typed.
+    s.model = "lazy-missing".into();
+    let mut app = app_with(s.clone());
+    app.init_resource::<Outcomes>().add_systems(Update, record);
+    app.update();
+    entry(&mut app, "lazy-missing", "missing");
+    let e = request(&mut app, chat("Hello?"));
+    run_until_finished(&mut app, &[e]);
+    let failure = app.world().resource::<Recorded>().failure(e);
+    assert!(
+        matches!(
+            failure,
+            Some(LlmError::ModelUnavailable(ModelLoadError::Download(
+                DownloadError::Status { status: 404, .. }
+            )))
+        ),
+        "{failure:?}"
+    );
+
+    // Cancel mid-file: typed `Cancelled`, the partial file stays for a resume.
+    s.model = SMOL.into();
+    let mut app = app_with(s);
+    app.init_resource::<Outcomes>().add_systems(Update, record);
+    app.update();
+    entry(&mut app, "slowpoke", "slow/2000000");
+    app.world_mut().write_message(DownloadModel {
+        id: "slowpoke".into(),
+    });
+    run_until(&mut app, 60, |app| {
+        app.world()
+            .resource::<ModelDownloads>()
+            .progress("slowpoke")
+            .is_some_and(|p| p.bytes > 0)
+    });
+    app.world_mut().write_message(CancelModelDownload {
+        id: "slowpoke".into(),
+    });
+    run_until(&mut app, 60, |app| {
+        !app.world().resource::<Outcomes>().failed.is_empty()
+    });
+    assert_eq!(
+        app.world().resource::<Outcomes>().failed[0].error,
+        DownloadError::Cancelled
+    );
+    let part = dir.join("slowpoke.gguf.part");
+    assert!(std::fs::metadata(&part).is_ok_and(|m| m.len() > 0));
+    assert!(!dir.join("slowpoke.gguf").exists());
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -110,6 +110,59 @@ impl ModelDownloads {
     pub fn is_downloading(&self, id: &str) -> bool {
         self.active.contains_key(id)
     }
+
+    /// Start downloading registry model `id` unless it already downloads.
+    pub(crate) fn start_for(
+        &mut self,
+        registry: &ModelRegistry,
+        settings: &LlmSettings,
+        id: &str,
+    ) -> Result<(), DownloadError> {
+        if self.active.contains_key(id) {
+            return Ok(());
+        }
+        let job = job_for(registry, settings, id)?;
+        self.start(id, job)
+    }
+
+    fn start(&mut self, id: &str, job: fetch::FetchJob) -> Result<(), DownloadError> {
+        let total = job.size;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let flag = cancel.clone();
+        std::thread::Builder::new()
+            .name(format!("npc-llm-download-{id}"))
+            .spawn(move || {
+                let mut last = Instant::now() - Duration::from_secs(1);
+                let result = fetch::fetch(&job, &flag, |done, total| {
+                    if last.elapsed() >= Duration::from_millis(100) || done == total {
+                        last = Instant::now();
+                        let _ = tx.send(Report::Progress(done, total));
+                    }
+                });
+                let _ = tx.send(Report::Done(result));
+            })
+            .map_err(|e| DownloadError::Io {
+                path: PathBuf::new(),
+                message: format!("cannot start a download thread: {e}"),
+            })?;
+        self.active.insert(
+            id.to_string(),
+            Active {
+                cancel,
+                reports: rx,
+                progress: ModelDownloadProgress {
+                    id: id.to_string(),
+                    bytes: 0,
+                    total,
+                    bytes_per_s: 0.0,
+                    eta: None,
+                },
+                window: (Instant::now(), 0),
+            },
+        );
+        Ok(())
+    }
 }
 
 impl Drop for ModelDownloads {
@@ -121,7 +174,7 @@ impl Drop for ModelDownloads {
 }
 
 /// The job for a registry model, or why there is none.
-fn job_for(
+pub(crate) fn job_for(
     registry: &ModelRegistry,
     settings: &LlmSettings,
     id: &str,
@@ -160,60 +213,12 @@ pub(crate) fn start_downloads(
         }
     }
     for m in starts.read() {
-        if downloads.active.contains_key(&m.id) {
-            continue;
-        }
-        let job = match job_for(&registry, &settings, &m.id) {
-            Ok(job) => job,
-            Err(error) => {
-                failed.write(ModelDownloadFailed {
-                    id: m.id.clone(),
-                    error,
-                });
-                continue;
-            }
-        };
-        let cancel = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let flag = cancel.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("npc-llm-download-{}", m.id))
-            .spawn(move || {
-                let mut last = Instant::now() - Duration::from_secs(1);
-                let result = fetch::fetch(&job, &flag, |done, total| {
-                    if last.elapsed() >= Duration::from_millis(100) || done == total {
-                        last = Instant::now();
-                        let _ = tx.send(Report::Progress(done, total));
-                    }
-                });
-                let _ = tx.send(Report::Done(result));
-            });
-        if let Err(e) = spawned {
+        if let Err(error) = downloads.start_for(&registry, &settings, &m.id) {
             failed.write(ModelDownloadFailed {
                 id: m.id.clone(),
-                error: DownloadError::Io {
-                    path: PathBuf::new(),
-                    message: format!("cannot start a download thread: {e}"),
-                },
+                error,
             });
-            continue;
         }
-        let total = registry.get(&m.id).map_or(0, |e| e.size_bytes);
-        downloads.active.insert(
-            m.id.clone(),
-            Active {
-                cancel,
-                reports: rx,
-                progress: ModelDownloadProgress {
-                    id: m.id.clone(),
-                    bytes: 0,
-                    total,
-                    bytes_per_s: 0.0,
-                    eta: None,
-                },
-                window: (Instant::now(), 0),
-            },
-        );
     }
 }
 

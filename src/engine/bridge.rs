@@ -34,6 +34,9 @@ pub(crate) struct LlmEngine {
     local: Vec<Event>,
     pub(crate) verification_cache: Option<PathBuf>,
     knobs: Option<Knobs>,
+    /// A load waiting for its model file to download: (registry id, the
+    /// model argument of the load).
+    load_after_download: Option<(String, Option<String>)>,
     last_rate: Option<(Instant, u64)>,
     /// Backends being replaced, until their threads ended and their last
     /// events were delivered.
@@ -54,6 +57,7 @@ impl LlmEngine {
             local: Vec::new(),
             verification_cache,
             knobs: None,
+            load_after_download: None,
             last_rate: None,
             retiring: Vec::new(),
             pending: HashMap::new(),
@@ -224,6 +228,7 @@ pub(crate) struct Loader<'w> {
     status: ResMut<'w, BackendStatus>,
     state: ResMut<'w, LlmModelState>,
     failed: MessageWriter<'w, ModelLoadFailed>,
+    downloads: ResMut<'w, crate::download::ModelDownloads>,
 }
 
 impl Loader<'_> {
@@ -272,6 +277,32 @@ impl Loader<'_> {
                 );
                 self.status.plan = Some(plan);
                 self.status.layers_offloaded = None;
+                // A missing file the registry can download: fetch it first.
+                if !spec.path.exists()
+                    && !self.settings.downloads.offline
+                    && self
+                        .registry
+                        .get(&id)
+                        .is_some_and(|e| !e.download_urls().is_empty())
+                {
+                    match self
+                        .downloads
+                        .start_for(&self.registry, &self.settings, &id)
+                    {
+                        Ok(()) => {
+                            info!("bevy_npc_llm: `{id}` is not on disk: downloading it first");
+                            self.engine.load_after_download =
+                                Some((id.clone(), model.map(String::from)));
+                            *self.state = LlmModelState::Loading {
+                                model: id,
+                                phase: LoadPhase::Downloading,
+                                progress: 0.0,
+                            };
+                        }
+                        Err(e) => self.fail(id, ModelLoadError::Download(e)),
+                    }
+                    return;
+                }
                 if let Some(w) = self.engine.backend() {
                     // Stop a verification or load still running for an older request.
                     w.abort_load();
@@ -320,7 +351,43 @@ pub(crate) fn control(
     mut loader: Loader,
     mut loads: MessageReader<LoadModel>,
     mut unloads: MessageReader<UnloadModel>,
+    mut downloaded: MessageReader<crate::download::ModelDownloaded>,
+    mut download_failed: MessageReader<crate::download::ModelDownloadFailed>,
+    mut download_progress: MessageReader<crate::download::ModelDownloadProgress>,
 ) {
+    // A load that waited for its file.
+    if let Some((id, model)) = loader.engine.load_after_download.clone() {
+        for p in download_progress.read().filter(|p| p.id == id) {
+            *loader.state = LlmModelState::Loading {
+                model: id.clone(),
+                phase: LoadPhase::Downloading,
+                progress: if p.total == 0 {
+                    0.0
+                } else {
+                    p.bytes as f32 / p.total as f32
+                },
+            };
+        }
+        if downloaded.read().any(|d| d.id == id) {
+            loader.engine.load_after_download = None;
+            // Not "already loading": the file is here now.
+            *loader.state = LlmModelState::Unloaded;
+            loader.start(model.as_deref());
+        } else if let Some(f) = download_failed.read().find(|f| f.id == id) {
+            loader.engine.load_after_download = None;
+            let error = ModelLoadError::Download(f.error.clone());
+            // Requests waiting for this model fail now, typed.
+            let ids: Vec<RequestId> = loader.engine.by_id.keys().copied().collect();
+            for rid in ids {
+                loader.engine.cancel(rid);
+                loader.engine.local.push(Event::Failed {
+                    id: rid,
+                    error: LlmError::ModelUnavailable(error.clone()),
+                });
+            }
+            loader.fail(id, error);
+        }
+    }
     let k = knobs(&loader.settings);
     if loader.engine.knobs != Some(k) && loader.engine.worker.is_some() {
         loader.engine.knobs = Some(k);

@@ -113,6 +113,7 @@ fn draw(
                     LoadPhase::Verifying => "verifying sha256".into(),
                     LoadPhase::Loading => "loading".into(),
                     LoadPhase::Connecting => "connecting to the server".into(),
+                    LoadPhase::Downloading => "downloading".into(),
                 },
                 progress: *progress,
             },
