@@ -436,11 +436,7 @@ fn finish(job: &FetchJob, part: Partial) -> Result<PathBuf, DownloadError> {
             got: len,
         });
     }
-    let found: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let found = crate::registry::verify::hex(&hasher.finalize());
     if !found.eq_ignore_ascii_case(&job.sha256) {
         drop(file);
         let _ = std::fs::remove_file(&path);

@@ -21,6 +21,7 @@
 //! assert!(registry.resolve("tiny").unwrap().ends_with("tiny.gguf"));
 //! ```
 
+mod from_gguf;
 mod manifest;
 pub(crate) mod verify;
 
@@ -28,9 +29,11 @@ use std::path::{Path, PathBuf};
 
 use bevy::prelude::Resource;
 
+pub use from_gguf::{GgufFacts, append_entry_to_ron, entry_from_gguf};
 pub use manifest::{
     DownloadSource, ExplicitTemplate, HardwareRequirements, ModelEntry, ModelSource, PromptFormat,
 };
+pub(crate) use verify::sha256_file;
 pub use verify::{VerificationCache, VerifyOutcome, verify_model_file};
 
 use crate::errors::RegistryError;

@@ -162,26 +162,10 @@ pub fn verify_model_file(
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    let mut file = std::fs::File::open(path).map_err(io_err)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut done = 0u64;
-    loop {
-        let n = file.read(&mut buf).map_err(io_err)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        done += n as u64;
-        if !progress(done, expected_size) {
-            return Err(VerifyError::Aborted);
-        }
-    }
-    let actual: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let actual = hash_reader(file, |done| progress(done, expected_size))
+        .map_err(io_err)?
+        .ok_or(VerifyError::Aborted)?;
     if !actual.eq_ignore_ascii_case(expected_sha256) {
         return Err(VerifyError::Sha256Mismatch {
             path: path.to_path_buf(),
@@ -193,4 +177,37 @@ pub fn verify_model_file(
         cache.store(path, &actual);
     }
     Ok(VerifyOutcome::Hashed)
+}
+
+/// Lower-case hex of a sha256 digest.
+pub(crate) fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of everything `reader` yields, in 1 MiB chunks; `progress(done)`
+/// returning false stops early (`Ok(None)`).
+pub(crate) fn hash_reader(
+    mut reader: impl Read,
+    mut progress: impl FnMut(u64) -> bool,
+) -> std::io::Result<Option<String>> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        done += n as u64;
+        if !progress(done) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(hex(&hasher.finalize())))
+}
+
+/// sha256 of a file, lower-case hex.
+pub(crate) fn sha256_file(path: &Path) -> std::io::Result<String> {
+    hash_reader(std::fs::File::open(path)?, |_| true).map(Option::unwrap_or_default)
 }
