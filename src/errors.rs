@@ -127,6 +127,12 @@ pub enum VerifyError {
     /// Verification was stopped (shutdown or a newer load request).
     #[error("verification aborted")]
     Aborted,
+    /// The registry entry has no sha256 yet (an example entry): run
+    /// `cargo run --example add_model` on the file to fill it in.
+    #[error(
+        "the registry entry for {0} has no sha256 to check it against (fill it with the add_model example)"
+    )]
+    NoSha256(PathBuf),
 }
 
 /// Loading a model into the inference worker.

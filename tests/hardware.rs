@@ -379,3 +379,66 @@ fn explicit_model_the_machine_cannot_run_fails_the_load_with_the_shortfall() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The example registry's real instruct models (docs/MODELS.md) on four
+/// simulated machines: which model each gets, and why. Bigger machines never
+/// get a smaller model; the 24 GB GPU runs a 3–4B model fully offloaded.
+#[test]
+fn real_model_tiers_on_simulated_machines() {
+    let reg = ModelRegistry::load(models_dir().join("models.example.ron")).unwrap();
+    assert_eq!(reg.len(), 8);
+    let machines = [
+        ("2 cores, 8 GB, no GPU", machine(2, 8, &["avx2"], None)),
+        (
+            "8 cores, 16 GB, no GPU",
+            machine(8, 16, &["avx2", "fma"], None),
+        ),
+        (
+            "8 cores, 32 GB, 8 GB GPU",
+            machine(8, 32, &["avx2"], Some(("GeForce RTX 3070", 15 * GB / 2))),
+        ),
+        (
+            "16 cores, 64 GB, 24 GB GPU",
+            machine(16, 64, &["avx2"], Some(("GeForce RTX 4090", 23 * GB))),
+        ),
+    ];
+    let mut sizes = Vec::new();
+    for (name, profile) in &machines {
+        let p = plan(profile, &reg, &LlmSettings::default()).unwrap();
+        let entry = reg.get(&p.model).unwrap();
+        println!(
+            "{name:<28} -> {:<30} on {} ({} layers, {} threads, {} sequences): {}",
+            p.model,
+            p.device.as_deref().unwrap_or(&p.backend),
+            p.gpu_layers,
+            p.threads,
+            p.sequences,
+            p.reason
+        );
+        assert!(entry.has_tag("instruct"));
+        sizes.push(entry.size_bytes);
+        if name.contains("24 GB") {
+            assert!(entry.size_bytes >= 2_000_000_000, "{p:?}");
+            assert_eq!(p.gpu_layers, entry.n_layers, "all layers on the GPU: {p:?}");
+        }
+        if name.starts_with("2 cores") {
+            assert!(entry.size_bytes <= 1_200_000_000, "{p:?}");
+        }
+    }
+    assert!(
+        sizes.windows(2).all(|w| w[0] <= w[1]),
+        "a bigger machine got a smaller model: {sizes:?}"
+    );
+    // Unverified example entries are never loaded as they are.
+    let e = reg.get("qwen2.5-0.5b-instruct-q4_k_m").unwrap();
+    assert_eq!(
+        bevy_npc_llm::registry::verify_model_file(
+            &smol_file(),
+            &e.sha256,
+            e.size_bytes,
+            None,
+            |_, _| true
+        ),
+        Err(bevy_npc_llm::errors::VerifyError::NoSha256(smol_file()))
+    );
+}

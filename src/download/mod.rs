@@ -189,6 +189,12 @@ pub(crate) fn job_for(
     if urls.is_empty() {
         return Err(DownloadError::NoSource(id.into()));
     }
+    if entry.sha256.is_empty() {
+        return Err(DownloadError::Refused {
+            url: urls[0].clone(),
+            reason: "the registry entry has no sha256 to check the file against".into(),
+        });
+    }
     Ok(fetch::FetchJob {
         urls,
         dest: crate::ron_util::resolve_data_path(&registry.path_of(entry)),

@@ -130,6 +130,9 @@ pub fn verify_model_file(
     cache: Option<&VerificationCache>,
     mut progress: impl FnMut(u64, u64) -> bool,
 ) -> Result<VerifyOutcome, VerifyError> {
+    if expected_sha256.is_empty() {
+        return Err(VerifyError::NoSha256(path.to_path_buf()));
+    }
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
