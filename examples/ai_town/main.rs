@@ -49,6 +49,9 @@ struct Args {
     remote_completion: bool,
     time_scale: f64,
     game_minutes: Option<f64>,
+    /// Download the model from here (the plugin's downloader) instead of
+    /// fetching it with the development script.
+    model_url: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -65,6 +68,7 @@ fn parse_args() -> Args {
         remote_completion: false,
         time_scale: 1.0,
         game_minutes: None,
+        model_url: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -87,9 +91,10 @@ fn parse_args() -> Args {
             "--remote-completion" => a.remote_completion = true,
             "--time-scale" => a.time_scale = val().parse().unwrap_or(1.0),
             "--game-minutes" => a.game_minutes = val().parse().ok(),
+            "--model-url" => a.model_url = Some(val()),
             "--help" | "-h" => {
                 println!(
-                    "ai_town [--headless] [--seconds N] [--game-minutes N] [--time-scale X] [--npcs N] [--model ID] [--seed N] [--screenshot PATH --screenshot-after SECS] [--remote URL [--remote-model NAME] [--remote-completion]]"
+                    "ai_town [--headless] [--seconds N] [--game-minutes N] [--time-scale X] [--npcs N] [--model ID] [--seed N] [--screenshot PATH --screenshot-after SECS] [--remote URL [--remote-model NAME] [--remote-completion]] [--model-url URL]"
                 );
                 std::process::exit(0);
             }
@@ -130,7 +135,7 @@ fn ensure_model(model: Option<&str>) {
 
 fn main() -> AppExit {
     let args = parse_args();
-    if args.remote.is_none() {
+    if args.remote.is_none() && args.model_url.is_none() {
         ensure_model(args.model.as_deref());
     }
     let agents = load_agents("assets/town/agents.ron");
@@ -139,6 +144,10 @@ fn main() -> AppExit {
         settings.model.clone_from(m);
     }
     settings.max_parallel_sequences = settings.max_parallel_sequences.max(args.npcs as u32 + 1);
+    if let Some(url) = &args.model_url {
+        // The plugin downloads the model when the first load finds it missing.
+        settings.downloads.allow_http = url.starts_with("http://");
+    }
     if let Some(url) = &args.remote {
         settings.backend = BackendChoice::Remote;
         settings.remote = RemoteSettings::new(url.clone());
@@ -197,7 +206,8 @@ fn main() -> AppExit {
         .insert_resource(args.clone())
         .insert_resource(RunClock(Instant::now(), rss_bytes()))
         .init_resource::<WarmProbe>()
-        .add_systems(Update, (warm_probe, stop_after))
+        .add_systems(Startup, model_url_in_registry)
+        .add_systems(Update, (warm_probe, stop_after, download_line))
         .add_systems(Last, summary_on_exit);
     if !args.headless {
         app.add_plugins(NpcLlmOverlayPlugin)
@@ -212,6 +222,7 @@ fn main() -> AppExit {
                     follow_camera,
                     talk_key,
                     screenshot,
+                    download_banner,
                 ),
             )
             .add_systems(EguiPrimaryContextPass, chat_window)
@@ -220,6 +231,85 @@ fn main() -> AppExit {
             .add_observer(bubble_clear);
     }
     app.run()
+}
+
+/// `--model-url`: the town's model gets that download mirror.
+fn model_url_in_registry(
+    args: Res<Args>,
+    settings: Res<LlmSettings>,
+    mut registry: ResMut<ModelRegistry>,
+) {
+    let Some(url) = &args.model_url else { return };
+    let id = registry.select(&settings.model).map(|e| e.id.clone());
+    let Ok(id) = id else { return };
+    let mut entry = registry.get(&id).cloned().expect("selected");
+    entry.download = Some(bevy_npc_llm::registry::DownloadSource {
+        urls: vec![url.clone()],
+    });
+    // Same id: replace the entry with its downloadable copy.
+    let mut fresh = ModelRegistry::new(registry.models_dir());
+    for e in registry.iter() {
+        let _ = fresh.add(if e.id == id { entry.clone() } else { e.clone() });
+    }
+    if let Some(d) = registry.default_model().map(|d| d.id.clone()) {
+        let _ = fresh.set_default_model(&d);
+    }
+    *registry = fresh;
+}
+
+/// While the model arrives: one progress line a second (the overlay shows a
+/// bar in the window).
+fn download_line(
+    mut progress: MessageReader<ModelDownloadProgress>,
+    mut done: MessageReader<ModelDownloaded>,
+    mut failed: MessageReader<ModelDownloadFailed>,
+    mut last: Local<Option<Instant>>,
+) {
+    if let Some(p) = progress.read().last()
+        && last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+    {
+        *last = Some(Instant::now());
+        println!(
+            "downloading model {}: {}",
+            p.id,
+            bevy_npc_llm::overlay::download_text(p)
+        );
+    }
+    for d in done.read() {
+        println!("model {} downloaded to {}", d.id, d.path.display());
+    }
+    for f in failed.read() {
+        println!("model {} download failed: {}", f.id, f.error);
+    }
+}
+
+/// The town's own progress line while its model arrives.
+fn download_banner(
+    downloads: Res<ModelDownloads>,
+    mut banner: Query<&mut Text2d, With<DownloadBanner>>,
+) {
+    let Ok(mut text) = banner.single_mut() else {
+        return;
+    };
+    let line = downloads
+        .iter()
+        .next()
+        .map(|p| {
+            let mb = |b: u64| b as f64 / 1e6;
+            let left = p
+                .eta
+                .map(|e| format!(", {} s left", e.as_secs()))
+                .unwrap_or_default();
+            format!(
+                "Downloading the villagers' voices: {:.1} of {:.1} MB{left}",
+                mb(p.bytes),
+                mb(p.total)
+            )
+        })
+        .unwrap_or_default();
+    if text.0 != line {
+        text.0 = line;
+    }
 }
 
 #[derive(Resource)]
@@ -358,8 +448,23 @@ fn rect(color: Color, size: Vec2, at: Vec3) -> impl Bundle {
     )
 }
 
+/// The on-screen line that shows the model's download (empty otherwise).
+#[derive(Component)]
+struct DownloadBanner;
+
 fn setup_scene(mut commands: Commands) {
-    commands.spawn((Camera2d, Transform::default()));
+    commands
+        .spawn((Camera2d, Transform::default()))
+        .with_children(|cam| {
+            // A child of the camera: fixed on screen, above the town.
+            cam.spawn((
+                DownloadBanner,
+                Text2d::new(""),
+                TextFont::from_font_size(20.0),
+                TextColor(Color::WHITE),
+                Transform::from_xyz(0.0, -370.0, 50.0),
+            ));
+        });
     // Grass, paths, plaza, houses.
     commands.spawn(rect(
         Color::srgb(0.36, 0.55, 0.3),

@@ -127,6 +127,8 @@ pub struct OverlayData {
     pub playground_output: String,
     /// A playground request is running.
     pub playground_running: bool,
+    /// Model downloads running now.
+    pub downloads: Vec<crate::download::ModelDownloadProgress>,
 }
 
 /// The overlay's own widget state (text fields, sliders), kept between frames.
@@ -211,6 +213,29 @@ pub fn draw_overlay(
     actions
 }
 
+/// Share of a download done, `0.0..=1.0`.
+pub(crate) fn download_fraction(p: &crate::download::ModelDownloadProgress) -> f32 {
+    if p.total == 0 {
+        0.0
+    } else {
+        (p.bytes as f64 / p.total as f64).clamp(0.0, 1.0) as f32
+    }
+}
+
+/// "12.0 / 98.4 MB · 3.1 MB/s · 28 s left", as the overlay and the AI town show it.
+#[must_use]
+pub fn download_text(p: &crate::download::ModelDownloadProgress) -> String {
+    let mb = |b: u64| b as f64 / 1e6;
+    let mut s = format!("{:.1} / {:.1} MB", mb(p.bytes), mb(p.total));
+    if p.bytes_per_s > 0.0 {
+        s.push_str(&format!(" · {:.1} MB/s", p.bytes_per_s / 1e6));
+    }
+    if let Some(eta) = p.eta {
+        s.push_str(&format!(" · {} s left", eta.as_secs()));
+    }
+    s
+}
+
 fn status_section(ui: &mut egui::Ui, d: &OverlayData) {
     match &d.state {
         OverlayModelState::Unloaded => {
@@ -233,6 +258,10 @@ fn status_section(ui: &mut egui::Ui, d: &OverlayData) {
             ui.label(RichText::new(format!("Model: {model} — failed")).color(Color32::LIGHT_RED));
             ui.label(RichText::new(error).color(Color32::LIGHT_RED).small());
         }
+    }
+    for dl in &d.downloads {
+        ui.label(format!("Downloading {}", dl.id));
+        ui.add(egui::ProgressBar::new(download_fraction(dl)).text(download_text(dl)));
     }
     ui.label(format!(
         "Backend: {}{} · GPU layers {} · threads {}",
@@ -505,6 +534,30 @@ mod tests {
             "max tokens",
             "Send",
             "Cancel",
+        ] {
+            assert!(t.contains(needle), "missing {needle:?} in:\n{t}");
+        }
+    }
+
+    #[test]
+    fn a_running_download_shows_a_progress_bar() {
+        let mut d = data(OverlayModelState::Loading {
+            model: "smollm2".into(),
+            phase: "downloading".into(),
+            progress: 0.25,
+        });
+        d.downloads = vec![crate::download::ModelDownloadProgress {
+            id: "smollm2".into(),
+            bytes: 24_600_000,
+            total: 98_400_000,
+            bytes_per_s: 3_100_000.0,
+            eta: Some(std::time::Duration::from_secs(23)),
+        }];
+        let t = texts(&d, &mut OverlayUi::default());
+        for needle in [
+            "Downloading smollm2",
+            "24.6 / 98.4 MB · 3.1 MB/s · 23 s left",
+            "downloading 25%",
         ] {
             assert!(t.contains(needle), "missing {needle:?} in:\n{t}");
         }

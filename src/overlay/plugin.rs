@@ -90,6 +90,7 @@ fn draw(
     requests: Query<&LlmRequestStatus>,
     mut loads: MessageWriter<LoadModel>,
     mut cancels: MessageWriter<CancelLlmRequest>,
+    downloads: Res<crate::download::ModelDownloads>,
 ) -> Result {
     let ctx = contexts.ctx_mut()?;
     let c = &stats.counters;
@@ -164,6 +165,7 @@ fn draw(
         state.models = Some(models);
     }
     data.models = state.models.clone().unwrap_or_default();
+    data.downloads = downloads.iter().cloned().collect();
     state.memories.retain(|e, _| npcs.contains(*e));
     state.speaking.retain(|e, _| npcs.contains(*e));
     for (e, _, mem, _) in &npcs {
