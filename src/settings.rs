@@ -351,7 +351,7 @@ fn is_loopback(url: &str) -> bool {
 pub struct RemoteSettings {
     /// Base URL, e.g. `http://127.0.0.1:8080` (the `/v1/...` paths are
     /// added; a trailing `/v1` is accepted). `https` needs the crate's
-    /// `remote-tls` feature.
+    /// `remote-tls` feature (on by default).
     pub base_url: String,
     /// Model name sent with each request (llama-server ignores it; vLLM and
     /// Ollama need the served model's name).

@@ -326,6 +326,20 @@ fn offline_plain_http_and_a_full_disk_are_refused_typed() {
         download(&mut app),
         Err(DownloadError::Refused { .. })
     ));
+    // https is the default and built in: a server that does not speak TLS
+    // fails the handshake, typed, after the retries.
+    let mut app = app_for(
+        &f,
+        vec![f.url("plain").replace("http://", "https://")],
+        |s| {
+            s.downloads.allow_http = false;
+            s.downloads.max_retries = 0;
+        },
+    );
+    assert!(
+        matches!(download(&mut app), Err(DownloadError::Network { .. })),
+        "an https URL is tried (TLS compiled in) and fails typed"
+    );
     // A file larger than any disk here.
     let mut app = app_for(&f, vec![f.url("plain")], |_| {});
     {
