@@ -135,8 +135,11 @@ impl<T: PartialEq + Clone> SlotTable<T> {
         if evicted {
             self.evictions += 1;
         }
+        // The window check is on the prefix really kept (the last prompt
+        // token is always decoded again), not on the common prefix.
         let reuse = if self.cache_enabled {
-            keep(slot, lcp).min(lcp).min(max_reuse)
+            let candidate = lcp.min(max_reuse);
+            keep(slot, candidate).min(candidate)
         } else {
             0
         };

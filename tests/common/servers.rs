@@ -115,15 +115,23 @@ pub fn llama_server() -> Server {
 
 /// The stub server; `modes` are extra behaviours for every request (e.g. "auth").
 pub fn stub(modes: &[&str]) -> Server {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/stub_openai.py");
+    python_server("stub_openai.py", modes.iter().map(std::ffi::OsStr::new))
+}
+
+/// A Python server from `tests/support/` started with port 0 and `args`;
+/// ready when it prints "ready PORT".
+fn python_server<'a>(script: &str, args: impl IntoIterator<Item = &'a std::ffi::OsStr>) -> Server {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(script);
     let mut child = Command::new("python3")
-        .arg(script)
+        .arg(&script)
         .arg("0")
-        .args(modes)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start python3 stub server");
+        .unwrap_or_else(|e| panic!("start python3 {}: {e}", script.display()));
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -132,7 +140,7 @@ pub fn stub(modes: &[&str]) -> Server {
         .trim()
         .strip_prefix("ready ")
         .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("stub said {line:?}"));
+        .unwrap_or_else(|| panic!("{} said {line:?}", script.display()));
     Server {
         child,
         url: format!("http://127.0.0.1:{port}"),
@@ -143,28 +151,5 @@ pub fn stub(modes: &[&str]) -> Server {
 /// `tests/support/file_server.py` serving `file`, logging each request as a
 /// JSON line to `log`.
 pub fn file_server(file: &std::path::Path, log: &std::path::Path) -> Server {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/file_server.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .arg("0")
-        .arg(file)
-        .arg(log)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start python3 file server");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line
-        .trim()
-        .strip_prefix("ready ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("file server said {line:?}"));
-    Server {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        port,
-    }
+    python_server("file_server.py", [file.as_os_str(), log.as_os_str()])
 }

@@ -218,6 +218,27 @@ fn prompts_that_leave_no_room_to_answer_are_rejected_typed() {
     assert!(s.is_idle() && s.can_admit(0));
 }
 
+/// Found by `every_interleaving_keeps_the_invariants`: the same prompt
+/// again reuses all but its last token, so the window must be checked for
+/// that shorter prefix, not for the whole common prefix.
+#[test]
+fn a_fully_cached_prompt_checks_the_window_before_its_last_token() {
+    let mut l = limits(2, 64);
+    l.swa_window = 4;
+    let mut s = Scheduler::new(l, true);
+    let prompt: Vec<u32> = (0..23).collect();
+    s.admit(id(0), 0, Some(1), prompt.clone(), |_| -1).unwrap();
+    run_step(&mut s);
+    s.finish(id(0)).unwrap();
+    // The window kept positions 19..23: position 22 needs 18.
+    let a = s.admit(id(1), 0, Some(1), prompt.clone(), |_| 19).unwrap();
+    assert_eq!(a.reuse, 0);
+    run_step(&mut s); // read again: the cache holds all 23 tokens
+    s.finish(id(1)).unwrap();
+    let a = s.admit(id(2), 0, Some(1), prompt, |_| 18).unwrap();
+    assert_eq!(a.reuse, 22);
+}
+
 #[test]
 fn prefix_reuse_respects_what_a_sliding_window_cache_still_holds() {
     let mut l = limits(2, 64);
@@ -693,7 +714,7 @@ fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1000)
+        .unwrap_or(3000)
 }
 
 proptest! {
