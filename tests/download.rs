@@ -135,8 +135,13 @@ fn app_for(f: &Fixture, urls: Vec<String>, tweak: impl FnOnce(&mut LlmSettings))
 
 /// Ask for the download and run until it ends.
 fn download(app: &mut App) -> Result<PathBuf, DownloadError> {
+    download_of(app, "blob")
+}
+
+/// Ask for registry model `id`'s download and run until it ends.
+fn download_of(app: &mut App, id: &str) -> Result<PathBuf, DownloadError> {
     app.world_mut()
-        .write_message(DownloadModel { id: "blob".into() });
+        .write_message(DownloadModel { id: id.into() });
     for _ in 0..FRAMES {
         app.update();
         let o = app.world().resource::<Outcomes>();
@@ -409,21 +414,7 @@ fn the_real_model_downloads_then_loads_and_answers() {
         });
         reg.add(e).unwrap();
     }
-    app.world_mut().write_message(DownloadModel {
-        id: "smol-downloaded".into(),
-    });
-    let mut path = None;
-    for _ in 0..FRAMES {
-        app.update();
-        let o = app.world().resource::<Outcomes>();
-        assert!(o.failed.is_empty(), "{:?}", o.failed);
-        if let Some(d) = o.done.first() {
-            path = Some(d.path.clone());
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    let path = path.expect("downloaded");
+    let path = download_of(&mut app, "smol-downloaded").expect("downloaded");
     assert_eq!(
         std::fs::metadata(&path).unwrap().len(),
         std::fs::metadata(smol_file()).unwrap().len()

@@ -55,6 +55,18 @@ pub struct ModelDownloadProgress {
     pub eta: Option<Duration>,
 }
 
+impl ModelDownloadProgress {
+    /// Share done, `0.0..=1.0` (0 while the size is unknown).
+    #[must_use]
+    pub fn fraction(&self) -> f32 {
+        if self.total == 0 {
+            0.0
+        } else {
+            (self.bytes as f64 / self.total as f64).clamp(0.0, 1.0) as f32
+        }
+    }
+}
+
 /// The file is complete, verified and in place.
 #[derive(Message, Debug, Clone, PartialEq, Eq)]
 pub struct ModelDownloaded {

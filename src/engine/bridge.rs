@@ -81,7 +81,6 @@ impl LlmEngine {
         self.knobs = None;
         self.last_rate = None;
         let Some(old) = old else { return moved };
-        let held: HashSet<RequestId> = self.by_id.keys().copied().collect();
         let jobs: Vec<Job> = self.pending.values().cloned().collect();
         for job in jobs {
             let id = job.id;
@@ -89,24 +88,25 @@ impl LlmEngine {
                 moved.insert(id);
             }
         }
-        self.retiring.push(Retiring {
-            moved: moved.clone(),
-            held,
-            last_events: old.retire(),
-        });
+        self.retire(old, moved.clone());
         moved
     }
 
     /// Retire the current backend (it stopped, or cannot take commands).
     fn drop_worker(&mut self) {
         if let Some(old) = self.worker.take() {
-            let held = self.by_id.keys().copied().collect();
-            self.retiring.push(Retiring {
-                moved: HashSet::new(),
-                held,
-                last_events: old.retire(),
-            });
+            self.retire(old, HashSet::new());
         }
+    }
+
+    /// Stop `old` without waiting; every request it holds now, except the
+    /// `moved` ones, is answered from its last events or fails later.
+    fn retire(&mut self, old: Box<dyn InferenceBackend>, moved: HashSet<RequestId>) {
+        self.retiring.push(Retiring {
+            moved,
+            held: self.by_id.keys().copied().collect(),
+            last_events: old.retire(),
+        });
     }
 
     /// The last events of retired backends whose threads have ended, and
@@ -361,11 +361,7 @@ pub(crate) fn control(
             *loader.state = LlmModelState::Loading {
                 model: id.clone(),
                 phase: LoadPhase::Downloading,
-                progress: if p.total == 0 {
-                    0.0
-                } else {
-                    p.bytes as f32 / p.total as f32
-                },
+                progress: p.fraction(),
             };
         }
         if downloaded.read().any(|d| d.id == id) {

@@ -213,15 +213,6 @@ pub fn draw_overlay(
     actions
 }
 
-/// Share of a download done, `0.0..=1.0`.
-pub(crate) fn download_fraction(p: &crate::download::ModelDownloadProgress) -> f32 {
-    if p.total == 0 {
-        0.0
-    } else {
-        (p.bytes as f64 / p.total as f64).clamp(0.0, 1.0) as f32
-    }
-}
-
 /// "12.0 / 98.4 MB · 3.1 MB/s · 28 s left", as the overlay and the AI town show it.
 #[must_use]
 pub fn download_text(p: &crate::download::ModelDownloadProgress) -> String {
@@ -261,7 +252,7 @@ fn status_section(ui: &mut egui::Ui, d: &OverlayData) {
     }
     for dl in &d.downloads {
         ui.label(format!("Downloading {}", dl.id));
-        ui.add(egui::ProgressBar::new(download_fraction(dl)).text(download_text(dl)));
+        ui.add(egui::ProgressBar::new(dl.fraction()).text(download_text(dl)));
     }
     ui.label(format!(
         "Backend: {}{} · GPU layers {} · threads {}",

@@ -116,7 +116,7 @@ pub fn entry_from_gguf(path: &Path) -> Result<(ModelEntry, GgufFacts), ModelLoad
         .unwrap_or_else(|| num(&a("embedding_length")).unwrap_or(0) / heads.max(1))
         as u32;
     let context_length = num(&a("context_length")).unwrap_or(2048) as u32;
-    let sliding_window = num(&a("attention.sliding_window")).unwrap_or(0) as u32;
+    let sliding_window = crate::engine::serve::sliding_window(&model) as u32;
     let has_chat_template = model.chat_template(None).is_ok();
     let quantization = num("general.file_type")
         .and_then(|t| quantization_name(t as u32))
