@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--model ID] [--npcs 1,2,4,8,16] [--tokens 64]
-//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player] [--json] [--json-out FILE]
+//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained]
+//!     [--json] [--json-out FILE]
 //!     [--remote URL]
 //!
 //! `--remote URL` (an OpenAI-compatible server such as `llama-server -np 8`)
@@ -48,9 +49,17 @@ fn parse_args() -> Args {
         tokens: 64,
         threads: 0,
         gpu_layers: None,
-        sections: ["binding", "npcs", "cache", "frames", "memory", "player"]
-            .map(String::from)
-            .to_vec(),
+        sections: [
+            "binding",
+            "npcs",
+            "cache",
+            "frames",
+            "memory",
+            "player",
+            "constrained",
+        ]
+        .map(String::from)
+        .to_vec(),
         json: false,
         remote: None,
         json_out: None,
@@ -406,6 +415,77 @@ fn npcs(args: &Args, f: &mut Figures) {
         max_batch = max_batch.max(c.max_batch_sequences);
     }
     f.add("npcs", "largest batch (sequences)", max_batch as f64, "seq");
+}
+
+/// The JSON every NPC answers in the `constrained` section: a long `say`
+/// string, so generation runs to `max_tokens` as free text does.
+const TURN_SCHEMA: &str = r#"{"type":"object","properties":{"say":{"type":"string","maxLength":4000},"mood":{"type":"integer","minimum":0,"maximum":10}},"required":["say","mood"]}"#;
+
+/// Per-token cost of JSON-schema-constrained generation against free text,
+/// same prompts, same engine, alternating runs (B = 1 and B = 8).
+fn constrained(args: &Args, f: &mut Figures) {
+    let mut s = base_settings(args);
+    s.prefix_cache = false;
+    s.context_per_sequence = 512;
+    s.max_parallel_sequences = 8;
+    s.queue_capacity = 16;
+    let mut app = ready_app(s);
+    let schema: serde_json::Value = serde_json::from_str(TURN_SCHEMA).unwrap();
+    for n in [1usize, 8] {
+        let mut wall = [Duration::ZERO; 2];
+        let mut tokens = [0usize; 2];
+        let mut steps = [0u64; 2];
+        let mut sample = [Duration::ZERO; 2];
+        for round in 0..4 {
+            for (k, constrain) in [false, true].into_iter().enumerate() {
+                let reqs = (0..n)
+                    .map(|i| {
+                        let r = npc_request(i + round);
+                        if constrain {
+                            r.with_json_schema(&schema)
+                        } else {
+                            r
+                        }
+                    })
+                    .collect();
+                let c0 = app.world().resource::<LlmEngineStats>().counters.clone();
+                let (done, w) = run(&mut app, reqs);
+                let c1 = app.world().resource::<LlmEngineStats>().counters.clone();
+                wall[k] += w;
+                tokens[k] += done.iter().map(|s| s.stats.generated_tokens).sum::<usize>();
+                steps[k] += c1.decode_calls - c0.decode_calls;
+                sample[k] += c1.sample_time - c0.sample_time;
+            }
+        }
+        let per_token = |k: usize| wall[k].as_secs_f64() * 1e3 / tokens[k].max(1) as f64;
+        f.add(
+            "constrained",
+            &format!("B={n} free text: wall time per generated token"),
+            per_token(0),
+            "ms",
+        );
+        f.add(
+            "constrained",
+            &format!("B={n} JSON schema: wall time per generated token"),
+            per_token(1),
+            "ms",
+        );
+        for (k, what) in ["free text", "JSON schema"].into_iter().enumerate() {
+            f.add(
+                "constrained",
+                &format!("B={n} {what}: sampling time per step"),
+                sample[k].as_secs_f64() * 1e3 / steps[k].max(1) as f64,
+                "ms",
+            );
+        }
+        let target = if n == 8 { " (target <= 1.3)" } else { "" };
+        f.add(
+            "constrained",
+            &format!("B={n} per-token time, JSON schema / free text{target}"),
+            per_token(1) / per_token(0),
+            "x",
+        );
+    }
 }
 
 /// Generated tokens per second of wall time over a set of requests.
@@ -820,6 +900,7 @@ fn main() {
             "memory" => memory(&args, &mut figs),
             "player" => player(&args, &mut figs),
             "remote" => remote(&args, &mut figs),
+            "constrained" => constrained(&args, &mut figs),
             other => panic!("unknown section {other}"),
         }
         println!("  ({section}: {:.1} s)", t.elapsed().as_secs_f64());

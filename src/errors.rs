@@ -221,6 +221,10 @@ pub enum LlmError {
     /// The request itself is malformed (e.g. bad sampling values).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The request's output constraint (JSON schema or grammar) cannot be
+    /// used: it does not parse, or the backend does not support its kind.
+    #[error("invalid output constraint: {0}")]
+    InvalidConstraint(String),
     /// The prompt could not be rendered with the model's template.
     #[error("cannot render the prompt with the model's template: {0}")]
     Template(String),

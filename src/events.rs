@@ -26,6 +26,7 @@
 //! # Messages a game sends
 //! [`LoadModel`] (load or switch), [`UnloadModel`], [`CancelLlmRequest`].
 
+use crate::constraint::OutputError;
 use bevy::prelude::{Entity, EntityEvent, Message};
 
 use crate::errors::{LlmError, ModelLoadError};
@@ -63,6 +64,26 @@ pub struct LlmCompleted {
     pub finish: FinishReason,
     /// Figures.
     pub stats: RequestStats,
+    /// For a JSON-constrained request ([`LlmRequest::with_json_schema`](crate::request::LlmRequest::with_json_schema),
+    /// [`with_output`](crate::request::LlmRequest::with_output)): the parsed
+    /// value, or why there is none. `None` for free text and grammars.
+    pub output: Option<Result<serde_json::Value, OutputError>>,
+}
+
+impl LlmCompleted {
+    /// The JSON output as `T` (the type given to
+    /// [`LlmRequest::with_output`](crate::request::LlmRequest::with_output)).
+    ///
+    /// # Errors
+    /// Why the output is not a `T`: unfinished, not JSON, the wrong shape,
+    /// or [`OutputError::NotRequested`] for a request without a JSON schema.
+    pub fn output_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, OutputError> {
+        match &self.output {
+            Some(Ok(v)) => crate::constraint::value_as(v),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(OutputError::NotRequested),
+        }
+    }
 }
 
 /// A request failed.
@@ -179,6 +200,10 @@ pub struct ConversationLineToken {
     pub speaker: Entity,
     /// The new text.
     pub text: String,
+    /// Which attempt at the line this text belongs to: 0 first, then 1, …
+    /// after an empty or degenerate attempt was thrown away. When it changes,
+    /// the line restarted: clear what the earlier attempt showed.
+    pub attempt: u32,
 }
 
 /// A line is final (cleaned, bounded).
@@ -196,6 +221,11 @@ pub struct ConversationLineFinished {
     pub retried: bool,
     /// The retry failed too: this is a neutral fallback line.
     pub fallback: bool,
+    /// The action the NPC chose with the line (JSON of its
+    /// [`NpcActions`](crate::dialogue::NpcActions) type), `None` for no
+    /// action. [`NpcActionPlugin`](crate::dialogue::NpcActionPlugin) turns it
+    /// into a typed [`NpcAction`](crate::dialogue::NpcAction).
+    pub action: Option<serde_json::Value>,
 }
 
 /// A conversation ended (memories are written). Sent exactly once per

@@ -16,11 +16,22 @@ use crate::registry::{ModelRegistry, PromptFormat};
 use crate::request::{ChatMessage, ChatRole, LlmPrompt};
 use crate::settings::LlmSettings;
 
-/// Parse `text` as every RON file the crate reads: a model registry, the
-/// settings, a persona list and a dialogue save. Errors are fine (and are
-/// formatted, to exercise their `Display`); panics are not, and what parses
-/// must also pass its own validation.
-pub fn parse_configs(text: &str) {
+/// Parse `text` as one of the RON files the crate reads, chosen by `which`
+/// (0 a model registry, 1 the settings, 2 a persona list, 3 a dialogue
+/// save; the fuzz target takes it from the input's first byte, so each
+/// execution runs one parser and the fuzzer moves inputs between them).
+/// Errors are fine (and are formatted, to exercise their `Display`); panics
+/// are not, and what parses must also pass its own validation.
+pub fn parse_config(which: u8, text: &str) {
+    match which % 4 {
+        0 => parse_registry(text),
+        1 => parse_settings(text),
+        2 => parse_personas(text),
+        _ => parse_save(text),
+    }
+}
+
+fn parse_registry(text: &str) {
     match ModelRegistry::from_ron_str(text, "models", "fuzz.ron") {
         Ok(registry) => {
             for entry in registry.iter() {
@@ -33,6 +44,9 @@ pub fn parse_configs(text: &str) {
         }
         Err(e) => drop(e.to_string()),
     }
+}
+
+fn parse_settings(text: &str) {
     match LlmSettings::from_ron_str(text, "fuzz.ron") {
         Ok(settings) => {
             settings.validate().expect("parsed settings are valid");
@@ -40,10 +54,16 @@ pub fn parse_configs(text: &str) {
         }
         Err(e) => drop(e.to_string()),
     }
+}
+
+fn parse_personas(text: &str) {
     match Persona::list_from_ron(text, "fuzz.ron") {
         Ok(list) => assert!(list.iter().all(|p| !p.name.trim().is_empty())),
         Err(e) => drop(e.to_string()),
     }
+}
+
+fn parse_save(text: &str) {
     // One world per thread, emptied after a successful load: a new World
     // per input would dominate the run.
     thread_local! {
@@ -55,23 +75,72 @@ pub fn parse_configs(text: &str) {
     });
 }
 
-/// The SmolLM2 model (ChatML template) loaded once, to check what player
-/// and persona text becomes after rendering and tokenization.
+/// How [`PromptHarness`] counts the control tokens of rendered pieces.
+enum Tokenizer {
+    /// llama.cpp's tokenizer with the model's whole vocabulary (exact, but
+    /// its regex pre-tokenizer makes it ~20 inputs/s).
+    Llama,
+    /// The model's control tokens only (the small vocabulary, read once):
+    /// a piece the engine tokenizes with special parsing
+    /// ([`Piece::text_and_special`]) yields one control token for each
+    /// control-token text in it (leftmost, longest first); a piece it
+    /// tokenizes without special parsing yields none, as llama.cpp does.
+    Specials(Vec<String>, Box<[bool; 256]>),
+}
+
+/// The SmolLM2 model's vocabulary (ChatML template) loaded once, to check
+/// what player and persona text becomes after rendering and tokenization.
 pub struct PromptHarness {
     model: LlamaModel,
     chat: PromptRenderer,
     completion: PromptRenderer,
+    tokenizer: Tokenizer,
+    /// Control tokens of neutral prompts, by renderer and message shape.
+    baselines: std::sync::Mutex<Baselines>,
 }
 
+type Baselines = std::collections::HashMap<(usize, Vec<(ChatRole, bool, bool)>), usize>;
+
 impl PromptHarness {
-    /// Load the model at `path` (vocabulary only matters; no context is made).
+    /// Load the model's vocabulary at `path` and count control tokens with
+    /// its control tokens only (fast: the `build_prompt` target).
     ///
     /// # Panics
     /// When the model does not load: the fuzz script fetches it first.
     #[must_use]
     pub fn new(path: &Path) -> Self {
+        let mut h = Self::with_llama_tokenizer(path);
+        let vocab = h.model.vocab();
+        let mut specials: Vec<String> = vocab
+            .tokens()
+            .filter(|t| vocab.is_control(*t))
+            .map(|t| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        specials.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        specials.dedup();
+        assert!(
+            specials.iter().any(|s| s == "<|im_start|>"),
+            "the SmolLM2 vocabulary has its ChatML control tokens"
+        );
+        let mut first = Box::new([false; 256]);
+        for s in &specials {
+            first[usize::from(s.as_bytes()[0])] = true;
+        }
+        h.tokenizer = Tokenizer::Specials(specials, first);
+        h
+    }
+
+    /// Load the model's vocabulary at `path` and tokenize with llama.cpp
+    /// (exact and slow: the `build_prompt_llama` target).
+    ///
+    /// # Panics
+    /// When the model does not load: the fuzz script fetches it first.
+    #[must_use]
+    pub fn with_llama_tokenizer(path: &Path) -> Self {
         let backend = crate::llama_backend().expect("llama.cpp backend");
-        let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+        let params = LlamaModelParams::default().with_vocab_only(true);
+        let model = LlamaModel::load_from_file(backend, path, &params)
             .unwrap_or_else(|e| panic!("load {}: {e}", path.display()));
         let chat = PromptRenderer::new(&model, &PromptFormat::ChatTemplate).expect("chat template");
         let completion =
@@ -80,12 +149,29 @@ impl PromptHarness {
             model,
             chat,
             completion,
+            tokenizer: Tokenizer::Llama,
+            baselines: std::sync::Mutex::default(),
         }
     }
 
-    fn control_tokens(&self, tokens: &[llama_cpp_2::token::LlamaToken]) -> usize {
-        let vocab = self.model.vocab();
-        tokens.iter().filter(|t| vocab.is_control(**t)).count()
+    /// Control tokens in the tokenized pieces.
+    fn control_tokens(&self, pieces: &[Piece]) -> usize {
+        match &self.tokenizer {
+            Tokenizer::Llama => {
+                let vocab = self.model.vocab();
+                tokenize_pieces(&self.model, pieces)
+                    .iter()
+                    .filter(|t| vocab.is_control(**t))
+                    .count()
+            }
+            Tokenizer::Specials(specials, first) => pieces
+                .iter()
+                .map(|p| match p.text_and_special() {
+                    (text, true) => count_specials(text, specials, first),
+                    (_, false) => 0,
+                })
+                .sum(),
+        }
     }
 
     /// Build a dialogue prompt from a fuzzed persona, an earlier player line
@@ -160,9 +246,8 @@ impl PromptHarness {
             panic!("base-model dialogue prompts are plain text");
         };
         assert!(text.starts_with(&format!("{name} is ")), "{text:?}");
-        let tokens = tokenize_pieces(&self.model, &[Piece::Text(text.clone())]);
         assert_eq!(
-            self.control_tokens(&tokens),
+            self.control_tokens(&[Piece::Text(text.clone())]),
             0,
             "plain text became a control token"
         );
@@ -198,7 +283,31 @@ impl PromptHarness {
                 .collect();
             assert_eq!(texts, contents, "message text rendered whole and in order");
         }
-        let tokens = tokenize_pieces(&self.model, &pieces);
+        // The neutral prompt's control tokens depend only on the roles, which
+        // messages are empty and which have names: counted once per shape.
+        let shape: Vec<(ChatRole, bool, bool)> = messages
+            .iter()
+            .map(|m| (m.role, m.content.is_empty(), m.name.is_some()))
+            .collect();
+        let key = (std::ptr::from_ref(renderer) as usize, shape);
+        let cached = self.baselines.lock().expect("baselines").get(&key).copied();
+        let expected = match cached {
+            Some(n) => n,
+            None => {
+                let n = self.neutral_control_tokens(renderer, messages);
+                self.baselines.lock().expect("baselines").insert(key, n);
+                n
+            }
+        };
+        assert_eq!(
+            self.control_tokens(&pieces),
+            expected,
+            "message text became a control token"
+        );
+    }
+
+    /// Control tokens of `messages` with every text replaced by "x".
+    fn neutral_control_tokens(&self, renderer: &PromptRenderer, messages: &[ChatMessage]) -> usize {
         let neutral: Vec<ChatMessage> = messages
             .iter()
             .map(|m| ChatMessage {
@@ -214,13 +323,35 @@ impl PromptHarness {
         let baseline = renderer
             .render(&self.model, &neutral)
             .expect("neutral prompt renders");
-        let base_tokens = tokenize_pieces(&self.model, &baseline);
-        assert_eq!(
-            self.control_tokens(&tokens),
-            self.control_tokens(&base_tokens),
-            "message text became a control token"
-        );
+        self.control_tokens(&baseline)
     }
+}
+
+/// Occurrences of the control-token texts in `text`, scanning left to right
+/// and taking the longest match at each position (`specials` is sorted
+/// longest first). A special token's text starts with a UTF-8 leading byte,
+/// so a byte-wise match always starts on a character boundary.
+fn count_specials(text: &str, specials: &[String], first: &[bool; 256]) -> usize {
+    let bytes = text.as_bytes();
+    let mut n = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if !first[usize::from(bytes[i])] {
+            i += 1;
+            continue;
+        }
+        match specials
+            .iter()
+            .find(|s| bytes[i..].starts_with(s.as_bytes()))
+        {
+            Some(s) => {
+                n += 1;
+                i += s.len();
+            }
+            None => i += 1,
+        }
+    }
+    n
 }
 
 /// [`clean_line`](crate::dialogue::clean_line) and

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+pub mod constraint;
 pub mod dialogue;
 pub mod download;
 mod engine;
@@ -53,6 +54,7 @@ pub fn llama_backend()
 
 /// The types most games need: `use bevy_npc_llm::prelude::*;`.
 pub mod prelude {
+    pub use crate::constraint::{OutputConstraint, OutputError};
     pub use crate::dialogue::{
         Conversation, ConversationState, NpcDialoguePlugin, NpcMemory, Persona,
     };

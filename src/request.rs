@@ -18,6 +18,7 @@
 //! }
 //! ```
 
+use crate::constraint::OutputConstraint;
 use std::time::Duration;
 
 pub use crate::engine::backend::remote::control_text::defuse_control_text;
@@ -157,6 +158,8 @@ pub struct LlmRequest {
     /// When the prompt is too long: drop the oldest non-system messages (or
     /// the oldest raw tokens) instead of failing.
     pub trim_prompt: bool,
+    /// What the output must match (JSON schema or grammar); `None` = free text.
+    pub constraint: Option<OutputConstraint>,
 }
 
 impl LlmRequest {
@@ -181,6 +184,7 @@ impl LlmRequest {
             priority: RequestPriority::Normal,
             cache_key: None,
             trim_prompt: false,
+            constraint: None,
         }
     }
 
@@ -233,6 +237,35 @@ impl LlmRequest {
     #[must_use]
     pub fn with_trim_prompt(mut self, trim: bool) -> Self {
         self.trim_prompt = trim;
+        self
+    }
+    /// Generate JSON matching this JSON Schema; [`LlmCompleted::output`](crate::events::LlmCompleted::output)
+    /// then holds the parsed value. Give `max_tokens` room for the whole
+    /// value (bound strings with `maxLength`): generation cut short is an
+    /// [`OutputError::Unfinished`](crate::constraint::OutputError::Unfinished).
+    /// Generation ends when the value is complete, even with `ignore_eos`.
+    #[must_use]
+    pub fn with_json_schema(mut self, schema: &serde_json::Value) -> Self {
+        self.constraint = Some(OutputConstraint::JsonSchema(schema.to_string()));
+        self
+    }
+    /// Generate JSON of the Rust type `T` (its `schemars` schema); read it
+    /// back with [`LlmCompleted::output_as`](crate::events::LlmCompleted::output_as).
+    #[must_use]
+    pub fn with_output<T: schemars::JsonSchema>(mut self) -> Self {
+        self.constraint = Some(OutputConstraint::json_for::<T>());
+        self
+    }
+    /// Generate text matching a GBNF grammar (llama.cpp's format, start rule `root`).
+    #[must_use]
+    pub fn with_grammar(mut self, gbnf: impl Into<String>) -> Self {
+        self.constraint = Some(OutputConstraint::Gbnf(gbnf.into()));
+        self
+    }
+    /// Any output constraint (also llguidance Lark grammars).
+    #[must_use]
+    pub fn with_constraint(mut self, constraint: OutputConstraint) -> Self {
+        self.constraint = Some(constraint);
         self
     }
 }

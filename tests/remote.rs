@@ -594,3 +594,87 @@ fn player_text_never_becomes_control_tokens_on_llama_server() {
     assert_eq!(count(special[1]), 2, "im_end: system, user");
     assert!(!toks.iter().any(|t| special[2..].contains(&t.0)));
 }
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+#[allow(dead_code)]
+enum Mood {
+    Happy,
+    Grumpy,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+#[allow(dead_code)]
+struct RemoteTurn {
+    #[schemars(length(min = 1, max = 60))]
+    say: String,
+    mood: Mood,
+}
+
+/// JSON schemas and GBNF go to llama-server as `response_format` /
+/// `json_schema` / `grammar`; what comes back is parsed as locally. A Lark
+/// grammar (local only) fails its request typed, nothing else.
+#[test]
+fn constrained_output_through_llama_server() {
+    let server = llama_server();
+    for format in [
+        bevy_npc_llm::settings::RemotePromptFormat::Chat,
+        bevy_npc_llm::settings::RemotePromptFormat::Completion,
+    ] {
+        let mut s = remote_settings(&server.url);
+        s.remote.prompt_format = format;
+        let mut app = app_with(s);
+        #[derive(Resource, Default)]
+        struct Done(Vec<LlmCompleted>);
+        app.init_resource::<Done>();
+        app.add_observer(|e: On<LlmCompleted>, mut d: ResMut<Done>| {
+            d.0.push(e.event().clone());
+        });
+        ready(&mut app);
+        let ask = |i: u32| {
+            LlmRequest::chat([
+                ChatMessage::system("You are Mira, the innkeeper. Answer in JSON."),
+                ChatMessage::user(format!("Guest {i} asks: is there soup tonight?")),
+            ])
+            .with_temperature(0.7)
+            .with_seed(i)
+            .with_max_tokens(120)
+        };
+        let json: Vec<Entity> = (0..8)
+            .map(|i| request(&mut app, ask(i).with_output::<RemoteTurn>()))
+            .collect();
+        let gbnf = request(
+            &mut app,
+            ask(9).with_grammar("root ::= (\"Yes\" | \"No\") \", \" [a-z ]{3,20} \".\""),
+        );
+        let lark = request(
+            &mut app,
+            ask(10).with_constraint(bevy_npc_llm::constraint::OutputConstraint::Lark(
+                "start: \"x\"".into(),
+            )),
+        );
+        let mut all = json.clone();
+        all.extend([gbnf, lark]);
+        run_until_finished(&mut app, &all);
+        let r = app.world().resource::<Recorded>();
+        assert!(
+            matches!(r.failure(lark), Some(LlmError::InvalidConstraint(_))),
+            "{format:?}: {:?}",
+            r.failure(lark)
+        );
+        let done = &app.world().resource::<Done>().0;
+        for e in &json {
+            let c = done.iter().find(|c| c.entity == *e).expect("completed");
+            let turn: RemoteTurn = c
+                .output_as()
+                .unwrap_or_else(|err| panic!("{format:?}: {err}; text {:?}", c.text));
+            assert!(!turn.say.is_empty() && turn.say.chars().count() <= 60);
+        }
+        let g = done.iter().find(|c| c.entity == gbnf).expect("completed");
+        assert!(
+            (g.text.starts_with("Yes, ") || g.text.starts_with("No, ")) && g.text.ends_with('.'),
+            "{format:?}: {:?}",
+            g.text
+        );
+        assert!(g.output.is_none());
+    }
+}

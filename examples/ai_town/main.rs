@@ -30,7 +30,7 @@ use bevy::sprite::Text2d;
 use bevy::text::{Justify, TextBounds, TextLayout};
 use bevy_egui::{EguiContexts, EguiPrimaryContextPass, egui};
 use bevy_npc_llm::dialogue::{DialogueSettings, InConversation, Persona};
-use bevy_npc_llm::overlay::NpcLlmOverlayPlugin;
+use bevy_npc_llm::overlay::{NpcLlmOverlayPlugin, OverlayState};
 use bevy_npc_llm::prelude::*;
 use bevy_npc_llm::registry::ModelRegistry;
 use town::*;
@@ -212,12 +212,19 @@ fn main() -> AppExit {
     if !args.headless {
         app.add_plugins(NpcLlmOverlayPlugin)
             .init_resource::<ChatBox>()
+            .add_systems(Startup, |mut o: ResMut<OverlayState>| {
+                // A title bar until clicked: the town stays in view.
+                o.ui.start_collapsed = true;
+            })
             .add_systems(Startup, (setup_scene, spawn_player))
             .add_systems(
                 Update,
                 (
                     decorate_villagers,
                     sync_transforms,
+                    (show_doing, lay_out_bubbles, lay_out_names)
+                        .chain()
+                        .after(sync_transforms),
                     move_player,
                     follow_camera,
                     talk_key,
@@ -437,7 +444,17 @@ struct BubbleParts {
 struct BubbleText {
     text: String,
     shown_until: f32,
+    /// Attempt of the line shown (a retry starts the bubble afresh).
+    attempt: u32,
 }
+
+/// A villager's badge under its name: an emote or where it is going.
+#[derive(Component)]
+struct Badge(Entity);
+
+/// A villager's name under it.
+#[derive(Component)]
+struct NameTag(Entity, f32);
 
 const PLAYER_SPEED: f32 = 220.0;
 
@@ -552,6 +569,7 @@ fn decorate_villagers(
         ));
         let name = commands
             .spawn((
+                NameTag(e, 8.0 * p.name.chars().count() as f32 + 6.0),
                 Text2d::new(p.name.clone()),
                 TextFont::from_font_size(15.0),
                 TextColor(Color::WHITE),
@@ -581,6 +599,7 @@ fn decorate_villagers(
                 BubbleText {
                     text: String::new(),
                     shown_until: 0.0,
+                    attempt: 0,
                 },
                 BubbleParts { bg, label },
                 Transform::from_xyz(0.0, 70.0, 5.0),
@@ -588,7 +607,16 @@ fn decorate_villagers(
             ))
             .add_children(&[bg, label])
             .id();
-        commands.entity(e).add_children(&[name, bubble]);
+        let badge = commands
+            .spawn((
+                Badge(e),
+                Text2d::new(""),
+                TextFont::from_font_size(13.0),
+                TextColor(Color::srgb(1.0, 0.85, 0.3)),
+                Transform::from_xyz(0.0, -42.0, 0.2),
+            ))
+            .id();
+        commands.entity(e).add_children(&[name, bubble, badge]);
     }
 }
 
@@ -623,6 +651,110 @@ fn sync_transforms(
     }
 }
 
+/// Badges: what a villager is doing ([`Doing`]), while it lasts.
+fn show_doing(time: Res<Time>, doing: Query<&Doing>, mut badges: Query<(&Badge, &mut Text2d)>) {
+    let now = time.elapsed_secs_f64();
+    for (b, mut text) in &mut badges {
+        let want = doing
+            .get(b.0)
+            .ok()
+            .filter(|d| d.until > now)
+            .map_or("", |d| d.label.as_str());
+        if text.0 != want {
+            text.0 = want.to_string();
+        }
+    }
+}
+
+/// Bubbles of villagers standing together would pile up: lift each shown
+/// bubble above every shown bubble it would overlap (lowest first), so none
+/// overlaps and each stays above its speaker.
+fn lay_out_bubbles(
+    villagers: Query<&Position>,
+    mut bubbles: Query<(&Bubble, &BubbleParts, &Visibility, &mut Transform)>,
+    boxes: Query<&Sprite>,
+) {
+    const GAP: f32 = 4.0;
+    let mut shown: Vec<(Entity, Vec2, Vec2)> = Vec::new(); // bubble, base centre, size
+    for (b, parts, vis, _) in &bubbles {
+        if *vis == Visibility::Hidden {
+            continue;
+        }
+        let (Ok(pos), Ok(sprite)) = (villagers.get(b.0), boxes.get(parts.bg)) else {
+            continue;
+        };
+        let size = sprite.custom_size.unwrap_or(Vec2::new(212.0, 30.0));
+        shown.push((b.0, pos.0 + Vec2::new(0.0, 52.0 + size.y / 2.0), size));
+    }
+    shown.sort_by(|a, b| a.1.y.total_cmp(&b.1.y).then(a.1.x.total_cmp(&b.1.x)));
+    let mut placed: Vec<(Entity, Vec2, Vec2)> = Vec::new();
+    for (e, base, size) in shown {
+        let mut at = base;
+        // Each lift clears one overlap; a bubble overlaps at most all placed ones.
+        for _ in 0..=placed.len() {
+            let hit = placed.iter().find(|(_, c, s)| {
+                (at.x - c.x).abs() < (size.x + s.x) / 2.0
+                    && (at.y - c.y).abs() < (size.y + s.y) / 2.0 + GAP
+            });
+            match hit {
+                Some((_, c, s)) => at.y = c.y + (size.y + s.y) / 2.0 + GAP,
+                None => break,
+            }
+        }
+        placed.push((e, at, size));
+    }
+    for (b, _, _, mut t) in &mut bubbles {
+        if let Some((_, at, _)) = placed.iter().find(|(e, ..)| *e == b.0)
+            && let Ok(pos) = villagers.get(b.0)
+        {
+            t.translation.y = at.y - pos.0.y;
+        }
+    }
+}
+
+/// Names (and badges under them) of villagers standing together would
+/// collide: shift each name down below every name it would overlap.
+fn lay_out_names(
+    villagers: Query<&Position>,
+    mut tags: Query<(&NameTag, &mut Transform), Without<Badge>>,
+    mut badges: Query<(&Badge, &mut Transform), Without<NameTag>>,
+) {
+    const H: f32 = 30.0; // a name and its badge
+    let mut all: Vec<(Entity, Vec2, f32)> = tags
+        .iter()
+        .filter_map(|(t, _)| Some((t.0, villagers.get(t.0).ok()?.0 + Vec2::new(0.0, -26.0), t.1)))
+        .collect();
+    all.sort_by(|a, b| b.1.y.total_cmp(&a.1.y).then(a.1.x.total_cmp(&b.1.x)));
+    let mut placed: Vec<(Entity, Vec2, f32)> = Vec::new();
+    for (e, base, w) in all {
+        let mut at = base;
+        for _ in 0..=placed.len() {
+            match placed
+                .iter()
+                .find(|(_, c, cw)| (at.x - c.x).abs() < (w + cw) / 2.0 && (at.y - c.y).abs() < H)
+            {
+                Some((_, c, _)) => at.y = c.y - H,
+                None => break,
+            }
+        }
+        placed.push((e, at, w));
+    }
+    for (t, mut tr) in &mut tags {
+        if let (Some((_, at, _)), Ok(pos)) =
+            (placed.iter().find(|(e, ..)| *e == t.0), villagers.get(t.0))
+        {
+            tr.translation.y = at.y - pos.0.y;
+        }
+    }
+    for (b, mut tr) in &mut badges {
+        if let (Some((_, at, _)), Ok(pos)) =
+            (placed.iter().find(|(e, ..)| *e == b.0), villagers.get(b.0))
+        {
+            tr.translation.y = at.y - pos.0.y - 16.0;
+        }
+    }
+}
+
 fn bubble_for<'a>(
     bubbles: &'a mut Query<(&Bubble, &mut BubbleText)>,
     speaker: Entity,
@@ -648,9 +780,11 @@ fn bubble_token(
         }
     }
     if let Some(mut b) = bubble_for(&mut bubbles, tok.speaker) {
-        // A finished line is still shown: this token starts a new one.
-        if b.shown_until < 1e8 {
+        // A finished line is still shown, or the line restarted after a
+        // thrown-away attempt: this token starts the bubble afresh.
+        if b.shown_until < 1e8 || b.attempt != tok.attempt {
             b.text.clear();
+            b.attempt = tok.attempt;
         }
         b.text.push_str(&tok.text);
         b.shown_until = 1e9;

@@ -8,9 +8,137 @@ use std::time::Duration;
 
 use bevy::math::Vec2;
 use bevy::prelude::*;
-use bevy_npc_llm::dialogue::{DialogueCooldowns, InConversation, Persona};
+use bevy_npc_llm::dialogue::{
+    DialogueCooldowns, InConversation, NpcAction, NpcActionPlugin, NpcActions, Persona,
+};
 use bevy_npc_llm::prelude::*;
+use schemars::JsonSchema;
 use serde::Deserialize;
+
+/// What a villager may do while it talks (the model picks one, or none,
+/// with each line; anything else cannot be generated).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+pub enum VillagerAction {
+    /// Walk to a place after the talk.
+    WalkTo {
+        /// Where.
+        place: Place,
+    },
+    /// Hand the other villager something the speaker carries.
+    Give {
+        /// What.
+        item: Item,
+    },
+    /// A gesture, shown above the villager.
+    Emote {
+        /// Which.
+        emote: Emote,
+    },
+    /// The villager wants to leave: it walks home after the talk.
+    EndConversation,
+}
+
+/// Named places of the town.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+pub enum Place {
+    /// The plaza in the middle.
+    Plaza,
+    /// The well, north-west.
+    Well,
+    /// The market, east.
+    Market,
+    /// The mill, south.
+    Mill,
+    /// The villager's own home.
+    Home,
+}
+
+impl Place {
+    /// Where it is (`home`: the villager's home).
+    pub fn position(self, home: Vec2) -> Vec2 {
+        match self {
+            Place::Plaza => PLAZA,
+            Place::Well => Vec2::new(-260.0, 200.0),
+            Place::Market => Vec2::new(320.0, 40.0),
+            Place::Mill => Vec2::new(40.0, -300.0),
+            Place::Home => home,
+        }
+    }
+}
+
+/// Things villagers carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+pub enum Item {
+    /// A loaf.
+    Bread,
+    /// An apple.
+    Apple,
+    /// A flower.
+    Flower,
+    /// A coin.
+    Coin,
+    /// A letter.
+    Letter,
+    /// Nails from the forge.
+    Nails,
+}
+
+/// Gestures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+pub enum Emote {
+    /// A wave.
+    Wave,
+    /// A laugh.
+    Laugh,
+    /// A nod.
+    Nod,
+    /// A shrug.
+    Shrug,
+}
+
+/// What each villager carries, by its place in `agents.ron` (a persona may
+/// only give these: its action schema lists no other item).
+const CARRIES: [&[Item]; 8] = [
+    &[Item::Bread, Item::Coin],
+    &[Item::Nails, Item::Coin],
+    &[Item::Flower, Item::Apple],
+    &[Item::Letter],
+    &[Item::Apple, Item::Bread],
+    &[Item::Coin, Item::Letter],
+    &[Item::Flower],
+    &[Item::Nails, Item::Apple],
+];
+
+/// The items a villager carries (what its `Give` actions may name).
+#[derive(Component, Debug, Clone)]
+pub struct Carries(pub Vec<Item>);
+
+/// A villager's actions: [`VillagerAction`] with `Give` limited to what it
+/// carries (the schema's item list is cut to those).
+pub fn villager_actions(items: &[Item]) -> NpcActions {
+    let mut schema = schemars::schema_for!(VillagerAction).to_value();
+    let names: Vec<serde_json::Value> = items
+        .iter()
+        .map(|i| serde_json::Value::String(format!("{i:?}")))
+        .collect();
+    if let Some(item) = schema.pointer_mut("/$defs/Item") {
+        item["enum"] = serde_json::Value::Array(names);
+        if let Some(obj) = item.as_object_mut() {
+            obj.remove("oneOf");
+        }
+    }
+    NpcActions::from_schema(schema)
+}
+
+/// What a villager shows above its head for a while (an emote or where it
+/// is going); the window draws it, the headless run counts it.
+#[derive(Component, Debug, Clone)]
+pub struct Doing {
+    /// The text of the badge.
+    pub label: String,
+    /// Game time it disappears.
+    pub until: f64,
+}
 
 /// One villager in `assets/town/agents.ron`.
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +219,11 @@ pub struct TownStats {
     pub ended: usize,
     /// Conversations started in each 10 minutes of game time (index = minute / 10).
     pub started_per_10_min: Vec<u32>,
+    /// Actions taken, by kind (`WalkTo`, `Give`, `Emote`, `EndConversation`).
+    pub actions: std::collections::BTreeMap<&'static str, usize>,
+    /// Actions outside the actor's declared set (a `Give` of an item it does
+    /// not carry); the schema makes them impossible, this counts to show it.
+    pub undeclared_actions: usize,
 }
 
 /// Sets the game clock's speed from [`TownConfig::time_scale`]; frames may
@@ -135,15 +268,19 @@ pub struct TownPlugin {
 impl Plugin for TownPlugin {
     fn build(&self, app: &mut App) {
         let agents = self.agents.clone();
-        app.init_resource::<TownConfig>()
+        app.add_plugins(NpcActionPlugin::<VillagerAction>::default())
+            .init_resource::<TownConfig>()
             .init_resource::<TownStats>()
             .add_systems(
                 Startup,
                 move |mut commands: Commands, config: Res<TownConfig>| {
                     commands.insert_resource(Rng(config.seed.max(1)));
-                    for a in agents.iter().take(config.npcs) {
+                    for (i, a) in agents.iter().take(config.npcs).enumerate() {
                         let home = Vec2::new(a.home.0, a.home.1);
+                        let items = CARRIES[i % CARRIES.len()];
                         commands.spawn((
+                            villager_actions(items),
+                            Carries(items.to_vec()),
                             Name::new(a.persona.name.clone()),
                             a.persona.clone(),
                             Position(home),
@@ -161,6 +298,7 @@ impl Plugin for TownPlugin {
             .add_systems(First, apply_time_scale)
             .add_systems(Update, (walk, meet))
             .add_observer(on_line)
+            .add_observer(on_action)
             .add_observer(|_: On<ConversationEnded>, mut s: ResMut<TownStats>| s.ended += 1)
             .add_observer(
                 |_: On<ConversationStarted>, time: Res<Time>, mut s: ResMut<TownStats>| {
@@ -256,6 +394,46 @@ fn meet(
     }
 }
 
+fn on_action(
+    action: On<NpcAction<VillagerAction>>,
+    time: Res<Time>,
+    config: Res<TownConfig>,
+    mut stats: ResMut<TownStats>,
+    mut villagers: Query<(&Persona, &mut Villager, &Carries)>,
+    mut commands: Commands,
+) {
+    let Ok((persona, mut v, carries)) = villagers.get_mut(action.entity) else {
+        return;
+    };
+    let now = time.elapsed_secs_f64();
+    let (kind, label) = match &action.action {
+        VillagerAction::WalkTo { place } => {
+            v.target = place.position(v.home);
+            v.rest = 0.0;
+            ("WalkTo", format!("-> {place:?}"))
+        }
+        VillagerAction::Give { item } => {
+            if !carries.0.contains(item) {
+                stats.undeclared_actions += 1;
+            }
+            ("Give", format!("gives {item:?}"))
+        }
+        VillagerAction::Emote { emote } => ("Emote", format!("{emote:?}!")),
+        VillagerAction::EndConversation => {
+            v.target = v.home;
+            ("EndConversation", "-> home".to_string())
+        }
+    };
+    *stats.actions.entry(kind).or_default() += 1;
+    if config.print_lines {
+        println!("[{now:6.1}s] {} does {:?}", persona.name, action.action);
+    }
+    commands.entity(action.entity).insert(Doing {
+        label,
+        until: now + 4.0,
+    });
+}
+
 fn on_line(
     line: On<ConversationLineFinished>,
     time: Res<Time>,
@@ -301,9 +479,15 @@ pub fn summary(
         None => format!("largest batch {} sequences", e.counters.max_batch_sequences),
     };
     let windows: Vec<String> = s.started_per_10_min.iter().map(u32::to_string).collect();
+    let actions: Vec<String> = ["WalkTo", "Give", "Emote", "EndConversation"]
+        .iter()
+        .map(|k| format!("{k} {}", s.actions.get(k).copied().unwrap_or(0)))
+        .collect();
     format!(
-        "summary: {} lines spoken; conversations {} started / {} ended / {} still open; {} retries, {} fallbacks; player lines {} answered of {}; started per 10 game-minutes [{}]; {:.1} game-minutes in {:.0} s; {} tokens generated ({:.1} tok/s), {served}",
+        "summary: {} lines spoken; actions {} ({} outside declared sets); conversations {} started / {} ended / {} still open; {} retries, {} fallbacks; player lines {} answered of {}; started per 10 game-minutes [{}]; {:.1} game-minutes in {:.0} s; {} tokens generated ({:.1} tok/s), {served}",
         s.lines,
+        actions.join(", "),
+        s.undeclared_actions,
         s.started,
         s.ended,
         s.started.saturating_sub(s.ended),

@@ -25,14 +25,17 @@
 //! }
 //! ```
 
+mod actions;
 mod data;
 mod machine;
 mod prompt;
 mod save;
+mod say_stream;
 mod systems;
 
 use bevy::prelude::*;
 
+pub use actions::{NpcAction, NpcActionPlugin, NpcActions, plain_speech_pattern};
 pub use data::{
     Conversation, ConversationLimits, ConversationState, MemoryEntry, MemoryLimits, NpcMemory,
     Persona, TranscriptLine,
@@ -72,6 +75,13 @@ pub struct DialogueSettings {
     pub timeouts: ConversationTimeouts,
     /// How much each NPC remembers (older, less important memories go first).
     pub memory_limits: MemoryLimits,
+    /// Lines are plain speech by construction (on by default): whole
+    /// sentences, no stage directions in parentheses or asterisks, no
+    /// `Name:` labels, no newlines (see [`plain_speech_pattern`]). Off: any
+    /// text up to the line's length.
+    pub plain_speech: bool,
+    /// Most sentences in one line with `plain_speech`.
+    pub max_sentences: u32,
 }
 
 impl Default for DialogueSettings {
@@ -86,6 +96,8 @@ impl Default for DialogueSettings {
             seed: 1234,
             timeouts: ConversationTimeouts::default(),
             memory_limits: MemoryLimits::default(),
+            plain_speech: true,
+            max_sentences: 2,
         }
     }
 }

@@ -91,6 +91,25 @@ pub struct LinePrompt {
     pub stops: Vec<String>,
 }
 
+impl LinePrompt {
+    /// Tell the speaker which actions it may take with its line (the
+    /// output constraint enforces them; this only lets the model choose
+    /// well). Chat prompts get a sentence in the system message; base-model
+    /// prompts are left as they are.
+    pub fn tell_actions(&mut self, hint: &str, completion: bool) {
+        if completion || hint.is_empty() {
+            return;
+        }
+        if let LlmPrompt::Chat(messages) = &mut self.prompt
+            && let Some(system) = messages.first_mut()
+        {
+            system.content.push_str(&format!(
+                " Besides speaking you may act, when it fits: {hint}; or do nothing."
+            ));
+        }
+    }
+}
+
 /// Build the prompt for `speaker`'s next line: persona first, then memories,
 /// then the most recent transcript lines that fit `budget_chars`, oldest
 /// dropped first. `completion` selects the base-model dialogue format.
@@ -174,7 +193,7 @@ pub fn line_prompt(
         };
     }
     system.push_str(&format!(
-        " Reply as {me} only, in one or two short sentences. Never write lines for {others_list}."
+        " Reply as {me} only, briefly. Never write lines for {others_list}."
     ));
     let mut msgs = vec![ChatMessage::system(system)];
     if !notes.is_empty() {
@@ -256,6 +275,10 @@ const CONTROL: [&str; 9] = [
 /// Remove control-token text (`<|...|>` and the known markers).
 #[must_use]
 pub fn strip_control(text: &str) -> String {
+    // Every marker holds '<' or '|': text without them has none.
+    if !text.contains(['<', '|']) {
+        return text.to_string();
+    }
     let mut s = text.to_string();
     for c in CONTROL {
         s = s.replace(c, " ");
@@ -369,6 +392,9 @@ const ROLE_MARKERS: [&str; 14] = [
     "<think>",
 ];
 
+/// The first bytes of the [`ROLE_MARKERS`].
+const MARKER_STARTS: [u8; 6] = [b'[', b'<', b'#', b's', b'a', b'u'];
+
 /// Make model-written memory text safe to quote in a prompt: no control-token
 /// text (including DeepSeek's full-width `<｜…｜>`), no role markers, no
 /// newlines, no double quotes (it is quoted), at most `max_chars`.
@@ -385,10 +411,13 @@ pub fn sanitize_memory_text(text: &str, max_chars: usize) -> String {
         let mut changed = false;
         let mut k = 0;
         while k < chars.len() {
-            match ROLE_MARKERS
-                .iter()
-                .find(|m| folded[k..].starts_with(m.as_bytes()))
-            {
+            // Every marker starts with one of these: most characters are
+            // settled by one comparison.
+            let first = folded[k];
+            let maybe = MARKER_STARTS.contains(&first);
+            match ROLE_MARKERS.iter().find(|m| {
+                maybe && m.as_bytes()[0] == first && folded[k..].starts_with(m.as_bytes())
+            }) {
                 Some(m) => {
                     out.push(' ');
                     k += m.len();
@@ -510,6 +539,14 @@ pub fn says_goodbye(line: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_role_marker_starts_with_a_listed_byte() {
+        for m in ROLE_MARKERS {
+            assert!(MARKER_STARTS.contains(&m.as_bytes()[0]), "{m}");
+            assert_eq!(m, m.to_ascii_lowercase(), "markers are matched folded");
+        }
+    }
 
     #[test]
     fn clean_line_is_unicode_correct() {

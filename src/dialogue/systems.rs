@@ -5,9 +5,11 @@ use std::collections::{HashMap, VecDeque};
 use bevy::ecs::system::SystemParam;
 use bevy::prelude::*;
 
+use super::actions::{NpcActions, line_schema};
 use super::data::*;
 use super::machine::{Command, Event, Machine};
 use super::prompt::*;
+use super::say_stream::SayStream;
 use super::{DialogueSettings, DialogueStats};
 use crate::events::*;
 use crate::registry::{ModelRegistry, PromptFormat};
@@ -31,6 +33,14 @@ pub(crate) struct ConversationRuntime {
     pending: Option<Entity>,
     /// The cleaned text of the line that just finished.
     output: Option<String>,
+    /// The action chosen with it (JSON), for an NPC with [`NpcActions`].
+    action: Option<serde_json::Value>,
+    /// The generated JSON of the line in flight so far, and the spoken text
+    /// streamed out of it.
+    raw: String,
+    say: SayStream,
+    /// Attempt number of the line in flight (0 first, 1 a retry).
+    attempt: u32,
     /// Player lines held until the NPC line in flight is appended.
     held: VecDeque<TranscriptLine>,
     /// Summary requests still running, with their participant index.
@@ -67,6 +77,10 @@ impl ConversationRuntime {
             inbox: vec![Event::Begin],
             pending: None,
             output: None,
+            action: None,
+            raw: String::new(),
+            say: SayStream::default(),
+            attempt: 0,
             held: VecDeque::new(),
             summaries: Vec::new(),
             started_at: now,
@@ -403,27 +417,50 @@ pub(crate) fn route_engine(
     let t = now(&time);
     for tok in tokens.read() {
         if let Ok(lr) = lines.get(tok.entity)
-            && let Ok((conv, rt)) = convs.get(lr.conversation)
+            && let Ok((conv, mut rt)) = convs.get_mut(lr.conversation)
             && rt.pending == Some(tok.entity)
             && let Some(npc) = conv.npc(lr.speaker)
         {
+            // The line is JSON: only the spoken text goes out.
+            rt.raw.push_str(&tok.text);
+            let rt = &mut *rt;
+            let text = rt.say.push(&rt.raw, &tok.text);
+            if text.is_empty() {
+                continue;
+            }
             let e = ConversationLineToken {
                 entity: lr.conversation,
                 speaker: npc,
-                text: tok.text.clone(),
+                text,
+                attempt: rt.attempt,
             };
             out.tokens.write(e.clone());
             commands.trigger(e);
         }
     }
     enum Outcome {
-        Done(String),
+        Done(String, Option<serde_json::Value>),
         Failed,
         Cancelled,
     }
     let mut results: Vec<(Entity, Outcome)> = completed
         .read()
-        .map(|c| (c.entity, Outcome::Done(c.text.clone())))
+        .map(|c| {
+            // A line's JSON gives its text and action; a summary is text. A
+            // line cut short (no JSON) has neither: retried like an empty one.
+            let (text, action) = match &c.output {
+                Some(Ok(v)) => (
+                    v.get("say")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    v.get("action").filter(|a| !a.is_null()).cloned(),
+                ),
+                Some(Err(_)) => (String::new(), None),
+                None => (c.text.clone(), None),
+            };
+            (c.entity, Outcome::Done(text, action))
+        })
         .collect();
     results.extend(failed.read().map(|f| (f.entity, Outcome::Failed)));
     results.extend(cancelled.read().map(|c| (c.entity, Outcome::Cancelled)));
@@ -438,7 +475,8 @@ pub(crate) fn route_engine(
             }
             rt.pending = None;
             let event = match outcome {
-                Outcome::Done(text) => {
+                Outcome::Done(text, action) => {
+                    rt.action = action;
                     let name = &conv.names[lr.speaker];
                     let cleaned = clean_line(&text, name, conv.limits.max_line_chars);
                     let earlier: Vec<String> = conv.lines.iter().map(|l| l.text.clone()).collect();
@@ -464,7 +502,7 @@ pub(crate) fn route_engine(
             rt.inbox.push(Event::SummaryDone);
             let me = conv.names[sr.who].clone();
             let text = match outcome {
-                Outcome::Done(text) => Some(text),
+                Outcome::Done(text, _) => Some(text),
                 _ => None,
             };
             let summary = text
@@ -519,7 +557,15 @@ pub(crate) struct StepCtx<'w, 's> {
     engine: EngineView<'w>,
     stats: ResMut<'w, DialogueStats>,
     cooldowns: ResMut<'w, DialogueCooldowns>,
-    npcs: Query<'w, 's, (&'static Persona, Option<&'static NpcMemory>)>,
+    npcs: Query<
+        'w,
+        's,
+        (
+            &'static Persona,
+            Option<&'static NpcMemory>,
+            Option<&'static NpcActions>,
+        ),
+    >,
     in_conv: Query<'w, 's, &'static InConversation>,
 }
 
@@ -593,9 +639,12 @@ fn apply(
             speaker, attempt, ..
         } => {
             let Some(npc) = conv.npc(speaker) else { return };
-            let Ok((persona, memory)) = ctx.npcs.get(npc) else {
+            let Ok((persona, memory, actions)) = ctx.npcs.get(npc) else {
                 return; // gone: the machine hears of it next frame
             };
+            rt.raw.clear();
+            rt.say = SayStream::default();
+            rt.attempt = attempt;
             if attempt > 0 {
                 conv.retries += 1;
                 ctx.stats.retries += 1;
@@ -606,6 +655,7 @@ fn apply(
                 speaker,
                 persona,
                 memory,
+                actions,
                 &ctx.settings,
                 &ctx.engine,
                 completion,
@@ -628,6 +678,7 @@ fn apply(
                 commands.entity(e).try_despawn();
             }
             rt.output = None;
+            rt.action = None;
         }
         Command::AppendLine {
             speaker,
@@ -636,6 +687,7 @@ fn apply(
             closing,
         } => {
             let name = conv.names[speaker].clone();
+            let action = rt.action.take().filter(|_| !fallback);
             let text = match (fallback, rt.output.take()) {
                 (false, Some(text)) => text,
                 _ => {
@@ -661,6 +713,7 @@ fn apply(
                 text,
                 retried,
                 fallback,
+                action,
             };
             out.finished.write(e.clone());
             commands.trigger(e);
@@ -766,6 +819,7 @@ fn line_request(
     speaker: usize,
     persona: &Persona,
     memory: Option<&NpcMemory>,
+    actions: Option<&NpcActions>,
     settings: &DialogueSettings,
     engine: &EngineView,
     completion: bool,
@@ -789,7 +843,7 @@ fn line_request(
         &query,
         settings.max_memories,
     );
-    let lp = line_prompt(
+    let mut lp = line_prompt(
         conv,
         speaker,
         persona,
@@ -797,9 +851,26 @@ fn line_request(
         completion,
         engine.budget_chars(conv.limits.max_tokens),
     );
+    if let Some(a) = actions {
+        lp.tell_actions(a.hint(), completion);
+    }
+    // Every line is JSON (`say`, and `action` for an NPC with actions):
+    // plain speech by construction; `say` gets about three characters per
+    // token of the line budget, the request room for the JSON around it.
+    let max_chars = conv
+        .limits
+        .max_line_chars
+        .min(3 * conv.limits.max_tokens as usize);
+    let schema = line_schema(
+        actions,
+        settings.plain_speech,
+        settings.max_sentences,
+        max_chars,
+    );
+    let max_tokens = conv.limits.max_tokens + max_chars as u32 / 3 + 40;
     LlmRequest::new(lp.prompt)
-        .with_stop(lp.stops)
-        .with_max_tokens(conv.limits.max_tokens)
+        .with_json_schema(&schema)
+        .with_max_tokens(max_tokens)
         .with_seed(
             rt.seed
                 .wrapping_add((conv.lines.len() as u32).wrapping_mul(31))

@@ -476,6 +476,7 @@ pub(crate) fn submit(
             priority: request.priority.rank(),
             cache_key: request.cache_key.map(|k| k.0),
             trim_prompt: request.trim_prompt,
+            constraint: request.constraint.clone(),
             submitted: Instant::now(),
         };
         loader.engine.pending.insert(id, job.clone());
@@ -744,6 +745,7 @@ fn deliver(
             text,
             finish,
             stats,
+            output,
             ..
         } => {
             status.state = RequestState::Completed(finish);
@@ -754,6 +756,7 @@ fn deliver(
                 text,
                 finish,
                 stats,
+                output,
             };
             out.completed.write(e.clone());
             commands.trigger(e);

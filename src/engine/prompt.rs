@@ -19,6 +19,18 @@ pub(crate) enum Piece {
     Text(String),
 }
 
+impl Piece {
+    /// The piece's text and whether the tokenizer may turn parts of it into
+    /// special (control) tokens: only template scaffolding may, message text
+    /// never. [`tokenize_pieces`] and the fuzz harness both follow this.
+    pub(crate) fn text_and_special(&self) -> (&str, bool) {
+        match self {
+            Piece::Scaffold(s) => (s, true),
+            Piece::Text(s) => (s, false),
+        }
+    }
+}
+
 /// Prompt rendering for one loaded model.
 pub(crate) struct PromptRenderer {
     format: PromptFormat,
@@ -231,10 +243,8 @@ pub(crate) fn tokenize_pieces(model: &LlamaModel, pieces: &[Piece]) -> Vec<Llama
     let vocab = model.vocab();
     let mut out = Vec::new();
     for p in pieces {
-        match p {
-            Piece::Scaffold(s) => out.extend(vocab.tokenize(s.as_bytes(), false, true)),
-            Piece::Text(s) => out.extend(vocab.tokenize(s.as_bytes(), false, false)),
-        }
+        let (text, special) = p.text_and_special();
+        out.extend(vocab.tokenize(text.as_bytes(), false, special));
     }
     if vocab.should_add_bos() && out.first() != Some(&vocab.bos()) {
         out.insert(0, vocab.bos());

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::constraint::{OutputConstraint, OutputError};
 use crate::errors::{LlmError, ModelLoadError};
 use crate::events::LoadPhase;
 use crate::registry::{PromptFormat, VerificationCache};
@@ -25,6 +26,7 @@ pub(crate) struct Job {
     pub priority: i32,
     pub cache_key: Option<u64>,
     pub trim_prompt: bool,
+    pub constraint: Option<OutputConstraint>,
     pub submitted: Instant,
 }
 
@@ -173,6 +175,8 @@ pub(crate) enum Event {
         text: String,
         finish: FinishReason,
         stats: RequestStats,
+        /// The parsed JSON of a JSON-constrained request.
+        output: Option<Result<serde_json::Value, OutputError>>,
     },
     Failed {
         id: RequestId,

@@ -26,6 +26,8 @@ pub(crate) struct Sampler {
     history: VecDeque<i32>,
     heap: Vec<(f32, i32)>,
     probs: Vec<f32>,
+    /// The row with forbidden tokens at -inf (constrained sampling; reused).
+    masked: Vec<f32>,
 }
 
 fn splitmix64(x: &mut u64) -> u64 {
@@ -49,6 +51,7 @@ impl Sampler {
             history: VecDeque::new(),
             heap: Vec::new(),
             probs: Vec::new(),
+            masked: Vec::new(),
         }
     }
 
@@ -73,13 +76,40 @@ impl Sampler {
         } else {
             self.draw(logits)
         };
+        self.remember(token);
+        token
+    }
+
+    /// [`Self::sample`] among the tokens `allowed` admits only (an output
+    /// constraint's mask): the same draw as over a row whose other logits
+    /// are -inf. `None` when no token is allowed.
+    pub(crate) fn sample_allowed(
+        &mut self,
+        logits: &[f32],
+        allowed: impl Fn(u32) -> bool,
+    ) -> Option<i32> {
+        let mut row = std::mem::take(&mut self.masked);
+        row.clear();
+        row.extend(logits.iter().enumerate().map(|(i, &l)| {
+            if allowed(i as u32) {
+                l
+            } else {
+                f32::NEG_INFINITY
+            }
+        }));
+        let any = row.iter().any(|l| *l > f32::NEG_INFINITY);
+        let token = any.then(|| self.sample(&row));
+        self.masked = row;
+        token
+    }
+
+    fn remember(&mut self, token: i32) {
         if self.repeat_last_n > 0 {
             if self.history.len() == self.repeat_last_n {
                 self.history.pop_front();
             }
             self.history.push_back(token);
         }
-        token
     }
 
     fn argmax(&mut self, logits: &[f32]) -> i32 {
@@ -189,6 +219,14 @@ impl Sampler {
             UNBOUNDED_K
         };
         self.top(logits, k);
+        // Forbidden tokens (-inf, constrained sampling) never take part; the
+        // best candidate is always allowed (the caller checked one exists).
+        let allowed = self
+            .heap
+            .iter()
+            .take_while(|c| c.0 > f32::NEG_INFINITY)
+            .count();
+        self.heap.truncate(allowed.max(1));
         let t = self.temperature;
         let max = self.heap[0].0 / t;
         self.probs.clear();

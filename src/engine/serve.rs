@@ -20,6 +20,7 @@ use super::protocol::{EngineCounters, Event, Job, Knobs, LoadSpec, RequestId};
 use super::sampler::Sampler;
 use super::scheduler::{Limits, Outcome, Released, Scheduler};
 use super::text_stream::{StopMatcher, Utf8Stream};
+use crate::constraint::matcher::ConstraintCompiler;
 use crate::errors::LlmError;
 use crate::request::{FinishReason, RequestStats};
 use crate::settings::SamplingOverrides;
@@ -29,6 +30,8 @@ use crate::settings::SamplingOverrides;
 struct Seq {
     job: Job,
     sampler: Sampler,
+    /// The output constraint's state (which tokens may come next).
+    matcher: Option<llguidance::Matcher>,
     utf8: Utf8Stream,
     stops: StopMatcher,
     text: String,
@@ -43,6 +46,22 @@ struct Seq {
 /// Steps a Normal sequence may sit out while the player's prompt is read.
 const MAX_SIT_OUT: u32 = 4;
 
+/// Sample one token among those the constraint allows, and advance it.
+fn constrained_sample(
+    m: &mut llguidance::Matcher,
+    sampler: &mut Sampler,
+    logits: &[f32],
+) -> Result<LlamaToken, String> {
+    let mask = m.compute_mask_or_eos().map_err(|e| e.to_string())?;
+    let tok = sampler
+        .sample_allowed(logits, |t| mask.is_allowed(t))
+        .ok_or_else(|| "the constraint allows no token here".to_string())?;
+    if !m.is_stopped() {
+        m.consume_token(tok as u32).map_err(|e| e.to_string())?;
+    }
+    Ok(LlamaToken(tok))
+}
+
 pub(crate) struct Server<'m> {
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
@@ -56,6 +75,9 @@ pub(crate) struct Server<'m> {
     events: Sender<Event>,
     counters: EngineCounters,
     last_counters: Instant,
+    /// Compiles output constraints for this model's vocabulary; built on the
+    /// first constrained request.
+    constraints: Option<ConstraintCompiler>,
 }
 
 fn fresh_seed() -> u32 {
@@ -125,6 +147,7 @@ impl<'m> Server<'m> {
             events,
             counters,
             last_counters: Instant::now(),
+            constraints: None,
         })
     }
 
@@ -164,6 +187,29 @@ impl<'m> Server<'m> {
             self.fail(job.id, LlmError::InvalidRequest(e.to_string()));
             return;
         }
+        let matcher = match &job.constraint {
+            None => None,
+            Some(c) => {
+                if self.constraints.is_none() {
+                    let env = llama_cpp_2::sampling::LlamaSampler::llguidance_tok_env(self.model);
+                    match ConstraintCompiler::new(&env) {
+                        Ok(compiler) => self.constraints = Some(compiler),
+                        Err(e) => {
+                            self.fail(job.id, LlmError::InvalidConstraint(e));
+                            return;
+                        }
+                    }
+                }
+                match self.constraints.as_ref().map(|k| k.matcher(c)) {
+                    Some(Ok(m)) => Some(m),
+                    Some(Err(e)) => {
+                        self.fail(job.id, LlmError::InvalidConstraint(e));
+                        return;
+                    }
+                    None => None,
+                }
+            }
+        };
         let max_tokens = (sampling.max_tokens as usize).min(self.per_seq.saturating_sub(1).max(1));
         let limit = self
             .per_seq
@@ -223,6 +269,7 @@ impl<'m> Server<'m> {
             job.id,
             Seq {
                 sampler,
+                matcher,
                 utf8: Utf8Stream::default(),
                 stops: StopMatcher::new(stops),
                 text: String::new(),
@@ -320,18 +367,31 @@ impl<'m> Server<'m> {
         // Sample every sequence the scheduler names.
         let t_sample = Instant::now();
         let mut finished: Vec<(RequestId, FinishReason)> = Vec::new();
+        let mut failed: Vec<(RequestId, String)> = Vec::new();
         for (id, at) in applied.sample {
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
-            let tok = LlamaToken(seq.sampler.sample(self.ctx.get_logits_ith(at as i32)));
+            let logits = self.ctx.get_logits_ith(at as i32);
+            let tok = match seq.matcher.as_mut() {
+                None => LlamaToken(seq.sampler.sample(logits)),
+                Some(m) => match constrained_sample(m, &mut seq.sampler, logits) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        failed.push((id, e));
+                        continue;
+                    }
+                },
+            };
             let now = Instant::now();
             if seq.first_token.is_none() {
                 seq.first_token = Some(now);
             }
             seq.last_token = now;
             self.counters.generated_tokens += 1;
-            if self.model.vocab().is_eog(tok) && !seq.ignore_eos {
+            // A constraint allows end-of-generation only once it is complete,
+            // and then nothing else: it ends the request even with ignore_eos.
+            if self.model.vocab().is_eog(tok) && (!seq.ignore_eos || seq.matcher.is_some()) {
                 finished.push((id, FinishReason::EndOfTurn));
                 continue;
             }
@@ -355,6 +415,12 @@ impl<'m> Server<'m> {
             }
         }
         self.counters.sample_time += t_sample.elapsed();
+        for (id, error) in failed {
+            if self.sched.finish(id).is_some() {
+                self.seqs.remove(&id);
+                self.fail(id, LlmError::InvalidConstraint(error));
+            }
+        }
         for (id, reason) in finished {
             if let (Some(released), Some(seq)) = (self.sched.finish(id), self.seqs.remove(&id)) {
                 self.complete(seq, reason, released);
@@ -397,11 +463,18 @@ impl<'m> Server<'m> {
             slot: released.slot,
         };
         self.counters.completed += 1;
+        let output = seq
+            .job
+            .constraint
+            .as_ref()
+            .filter(|c| c.is_json())
+            .map(|c| crate::constraint::parse_output(c, &seq.text, finish));
         self.send(Event::Completed {
             id: seq.job.id,
             text: std::mem::take(&mut seq.text),
             finish,
             stats,
+            output,
         });
     }
 

@@ -136,6 +136,9 @@ pub struct OverlayData {
 pub struct OverlayUi {
     /// The window is shown.
     pub open: bool,
+    /// The window starts collapsed to its title bar (click it to expand), so
+    /// it does not cover the game. Read when the window first appears.
+    pub start_collapsed: bool,
     /// Playground prompt text.
     pub prompt: String,
     /// Sampling sliders.
@@ -154,6 +157,7 @@ impl Default for OverlayUi {
     fn default() -> Self {
         Self {
             open: true,
+            start_collapsed: false,
             prompt: "Say hello to the village in one sentence.".into(),
             temperature: 0.7,
             top_p: 0.95,
@@ -201,6 +205,7 @@ pub fn draw_overlay(
         .open(&mut open)
         .default_width(340.0)
         .default_pos([10.0, 10.0])
+        .default_open(!ui_state.start_collapsed)
         .show(ctx, |ui| {
             status_section(ui, data);
             ui.separator();

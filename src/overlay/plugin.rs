@@ -25,7 +25,8 @@ pub struct OverlayState {
     /// Widget state.
     pub ui: OverlayUi,
     playground: Option<Entity>,
-    speaking: std::collections::HashMap<Entity, String>,
+    /// The line each NPC is speaking, with its attempt number.
+    speaking: std::collections::HashMap<Entity, (u32, String)>,
     /// Each NPC's memory texts, rebuilt when its `NpcMemory` changes; pruned
     /// to the NPCs that exist.
     memories: std::collections::HashMap<Entity, std::sync::Arc<[String]>>,
@@ -57,11 +58,13 @@ fn track_speech(
     mut finished: MessageReader<ConversationLineFinished>,
 ) {
     for t in tokens.read() {
-        state
-            .speaking
-            .entry(t.speaker)
-            .or_default()
-            .push_str(&t.text);
+        let (attempt, text) = state.speaking.entry(t.speaker).or_default();
+        // A new attempt restarts the line: the failed attempt's text goes.
+        if *attempt != t.attempt {
+            *attempt = t.attempt;
+            text.clear();
+        }
+        text.push_str(&t.text);
     }
     for f in finished.read() {
         state.speaking.remove(&f.speaker);
@@ -184,7 +187,7 @@ fn draw(
         .iter()
         .map(|(e, p, _, in_conv)| NpcView {
             name: p.name.clone(),
-            speaking: state.speaking.get(&e).cloned(),
+            speaking: state.speaking.get(&e).map(|(_, text)| text.clone()),
             transcript: in_conv
                 .and_then(|c| convs.get(c.0).ok())
                 .map(|c| {

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use super::RemoteConfig;
 use super::control_text::defuse_control_text;
 use super::sse::{Chunk, SseParser};
+use crate::constraint::OutputConstraint;
 use crate::engine::prompt::{completion_stops, completion_text};
 use crate::engine::protocol::{Event, Job};
 use crate::engine::text_stream::StopMatcher;
@@ -49,7 +50,10 @@ impl StreamControl {
 const MAX_SSE_LINE: u64 = 1 << 20;
 
 /// The request's endpoint path and JSON body, and the stop strings to apply.
-pub(super) fn request_body(cfg: &RemoteConfig, job: &Job) -> (&'static str, Value, Vec<String>) {
+pub(super) fn request_body(
+    cfg: &RemoteConfig,
+    job: &Job,
+) -> Result<(&'static str, Value, Vec<String>), LlmError> {
     let s = job.base_sampling.with_overrides(&job.overrides);
     let mut stops = s.stop.clone();
     let mut body = json!({
@@ -118,7 +122,35 @@ pub(super) fn request_body(cfg: &RemoteConfig, job: &Job) -> (&'static str, Valu
     if !stops.is_empty() {
         body["stop"] = json!(stops);
     }
-    (path, body, stops)
+    match &job.constraint {
+        None => {}
+        Some(OutputConstraint::JsonSchema(schema)) => {
+            let schema: Value = serde_json::from_str(schema).map_err(|e| {
+                LlmError::InvalidConstraint(format!("the JSON schema is not JSON: {e}"))
+            })?;
+            // OpenAI's form for chat; llama-server also reads `json_schema`
+            // on every endpoint (its completions endpoint only that one).
+            body["response_format"] = json!({
+                "type": "json_schema",
+                "json_schema": { "name": "output", "strict": true, "schema": schema },
+            });
+            body["json_schema"] = schema;
+        }
+        Some(OutputConstraint::Gbnf(g)) => {
+            // Checked here as locally, so a bad grammar fails the same way.
+            crate::constraint::gbnf::to_lark(g).map_err(|e| {
+                LlmError::InvalidConstraint(format!("the GBNF grammar is invalid: {}", e.0))
+            })?;
+            body["grammar"] = json!(g);
+        }
+        Some(c @ OutputConstraint::Lark(_)) => {
+            return Err(LlmError::InvalidConstraint(format!(
+                "a remote server takes JSON schemas and GBNF grammars, not a {}",
+                c.kind()
+            )));
+        }
+    }
+    Ok((path, body, stops))
 }
 
 /// What the server answered: a success, or an error status for the caller to judge.
@@ -223,7 +255,16 @@ pub(super) fn run(
             Outcome::Cancelled
         }
     };
-    let (path, body, stops) = request_body(cfg, job);
+    let (path, body, stops) = match request_body(cfg, job) {
+        Ok(b) => b,
+        Err(error) => {
+            if control.claim() {
+                let _ = events.send(Event::Failed { id, error });
+                return Outcome::Failed;
+            }
+            return Outcome::Cancelled;
+        }
+    };
     let url = format!("{}{path}", cfg.base_url);
     let body = body.to_string();
     let sent = send_with_retries(
@@ -371,11 +412,18 @@ pub(super) fn run(
         },
         slot: 0,
     };
+    // The server was asked for JSON: parse (and so check) it as locally.
+    let output = job
+        .constraint
+        .as_ref()
+        .filter(|c| c.is_json())
+        .map(|c| crate::constraint::parse_output(c, &text, finish));
     let _ = events.send(Event::Completed {
         id,
         text,
         finish,
         stats,
+        output,
     });
     Outcome::Completed
 }
@@ -395,6 +443,7 @@ mod tests {
             priority: 0,
             cache_key: None,
             trim_prompt: false,
+            constraint: None,
             submitted: Instant::now(),
         }
     }
@@ -412,7 +461,7 @@ mod tests {
         for format in [RemotePromptFormat::Chat, RemotePromptFormat::Completion] {
             settings.prompt_format = format;
             let cfg = RemoteConfig::new(&settings);
-            let (_, body, _) = request_body(&cfg, &job(LlmPrompt::Chat(messages.clone())));
+            let (_, body, _) = request_body(&cfg, &job(LlmPrompt::Chat(messages.clone()))).unwrap();
             let sent = body.to_string();
             for m in ["<|im_end|>", "<|im_start|>", "<end_of_turn>", "[INST]"] {
                 assert!(!sent.contains(m), "{format:?}: {m} sent: {sent}");
@@ -420,7 +469,7 @@ mod tests {
             assert!(sent.contains("Obey me."), "the text itself is kept");
         }
         let cfg = RemoteConfig::new(&RemoteSettings::default());
-        let (_, body, _) = request_body(&cfg, &job(LlmPrompt::Raw(attack.into())));
+        let (_, body, _) = request_body(&cfg, &job(LlmPrompt::Raw(attack.into()))).unwrap();
         assert!(!body.to_string().contains("<|im_start|>"));
     }
 }
