@@ -643,7 +643,8 @@ fn sync_transforms(
             && text.0 != b.text
         {
             text.0.clone_from(&b.text);
-            let lines = (b.text.chars().count() as f32 / 32.0).ceil().max(1.0);
+            // About 25 characters of the 13 px font fit a 200 px line.
+            let lines = (b.text.chars().count() as f32 / 25.0).ceil().max(1.0);
             if let Ok(mut sprite) = boxes.get_mut(parts.bg) {
                 sprite.custom_size = Some(Vec2::new(212.0, 17.0 * lines + 10.0));
             }

@@ -19,22 +19,22 @@ use serde::Deserialize;
 /// with each line; anything else cannot be generated).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
 pub enum VillagerAction {
-    /// Walk to a place after the talk.
+    /// Go to a place afterwards.
     WalkTo {
         /// Where.
         place: Place,
     },
-    /// Hand the other villager something the speaker carries.
+    /// Hand over something you carry.
     Give {
         /// What.
         item: Item,
     },
-    /// A gesture, shown above the villager.
+    /// Make a gesture.
     Emote {
         /// Which.
         emote: Emote,
     },
-    /// The villager wants to leave: it walks home after the talk.
+    /// Say goodbye and go home (only when leaving).
     EndConversation,
 }
 

@@ -66,11 +66,7 @@ impl NpcActions {
         let mut names = Vec::new();
         action_names(&schema, &schema, &mut names, 0);
         names.dedup();
-        let hint = if names.is_empty() {
-            String::new()
-        } else {
-            names.join(", ")
-        };
+        let hint = names.join("; ");
         Self { schema, hint }
     }
 
@@ -80,16 +76,18 @@ impl NpcActions {
         &self.schema
     }
 
-    /// The action names told to the model (from the schema's variants).
+    /// The actions as told to the model: the schema's variant names, with
+    /// their descriptions (doc comments) where the schema has them.
     #[must_use]
     pub fn hint(&self) -> &str {
         &self.hint
     }
 }
 
-/// The names of an action schema's variants: the strings of `const`/`enum`
-/// values and single-key object variants (serde's externally tagged enums),
-/// following `$ref`s a few levels.
+/// The names of an action schema's variants, each with its description
+/// when the schema has one (a doc comment, through `schemars`): the strings
+/// of `const`/`enum` values and single-key object variants (serde's
+/// externally tagged enums), following `$ref`s a few levels.
 fn action_names(root: &Value, s: &Value, out: &mut Vec<String>, depth: u32) {
     if depth > 4 {
         return;
@@ -105,8 +103,12 @@ fn action_names(root: &Value, s: &Value, out: &mut Vec<String>, depth: u32) {
             action_names(root, v, out, depth + 1);
         }
     }
+    let described = |name: &str| match s.get("description").and_then(Value::as_str) {
+        Some(d) => format!("{name} ({})", d.trim().trim_end_matches('.')),
+        None => name.to_string(),
+    };
     if let Some(c) = s.get("const").and_then(Value::as_str) {
-        out.push(c.to_string());
+        out.push(described(c));
     }
     for v in s
         .get("enum")
@@ -124,7 +126,7 @@ fn action_names(root: &Value, s: &Value, out: &mut Vec<String>, depth: u32) {
             .and_then(Value::as_array)
             .is_some_and(|r| r.len() == 1)
     {
-        out.extend(props.keys().cloned());
+        out.extend(props.keys().map(|k| described(k)));
     }
 }
 
@@ -293,7 +295,9 @@ mod tests {
     #[test]
     fn only_declared_actions_can_be_generated() {
         let actions = NpcActions::of::<Act>();
-        assert_eq!(actions.hint(), "WalkTo, Wave, EndConversation");
+        let mut names: Vec<&str> = actions.hint().split("; ").collect();
+        names.sort_unstable();
+        assert_eq!(names, ["EndConversation", "WalkTo", "Wave"]);
         let c = line(Some(&actions));
         for ok in [
             r#"{"say": "Follow me!", "action": {"WalkTo": {"place": "Well"}}}"#,

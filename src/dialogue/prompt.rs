@@ -104,7 +104,7 @@ impl LinePrompt {
             && let Some(system) = messages.first_mut()
         {
             system.content.push_str(&format!(
-                " Besides speaking you may act, when it fits: {hint}; or do nothing."
+                " Besides speaking you may take one action when it truly fits, or none (most lines need none). Actions: {hint}."
             ));
         }
     }
