@@ -7,7 +7,7 @@
 //!
 //! Constraints are compiled by [llguidance](https://github.com/guidance-ai/llguidance)
 //! (JSON Schema, Lark, regular expressions); GBNF grammars (llama.cpp's
-//! format) are translated to its Lark dialect by [`gbnf`]. The remote
+//! format) are translated to its Lark dialect first. The remote
 //! backend sends JSON schemas and GBNF to the server as llama-server's
 //! `json_schema` / `grammar` fields and parses the result the same way.
 
