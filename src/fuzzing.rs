@@ -154,6 +154,30 @@ impl PromptHarness {
         }
     }
 
+    /// One fuzz input: five fields separated by 0xFF (never valid UTF-8
+    /// inside a field), each decoded lossily as text read from a file would
+    /// be — persona name, identity, style, goal, then player text — through
+    /// [`Self::check`].
+    pub fn check_input(&self, data: &[u8]) {
+        let mut parts = data.splitn(5, |b| *b == 0xFF).map(String::from_utf8_lossy);
+        let mut next = || parts.next().unwrap_or_default();
+        let (name, identity, style, goal, player) = (next(), next(), next(), next(), next());
+        self.check([&name, &identity, &style, &goal], &player);
+    }
+
+    /// The model the prompt targets read: `$BEVY_NPC_LLM_FUZZ_MODEL`, else
+    /// the SmolLM2 test model under `assets/models` (the fuzz script fetches it).
+    #[must_use]
+    pub fn model_path() -> std::path::PathBuf {
+        std::env::var_os("BEVY_NPC_LLM_FUZZ_MODEL").map_or_else(
+            || {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("assets/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+            },
+            std::path::PathBuf::from,
+        )
+    }
+
     /// Control tokens in the tokenized pieces.
     fn control_tokens(&self, pieces: &[Piece]) -> usize {
         match &self.tokenizer {

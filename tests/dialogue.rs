@@ -163,6 +163,16 @@ fn assert_line_rules(conv: &Conversation) {
 #[test]
 fn two_npcs_talk_to_the_end_and_remember_it() {
     let mut app = dialogue_app(SMOL);
+    // Tokens and finished lines in the order they arrive.
+    #[derive(Resource, Default)]
+    struct Order(Vec<(u32, String, Option<(String, bool)>)>);
+    app.init_resource::<Order>();
+    app.add_observer(|e: On<ConversationLineToken>, mut o: ResMut<Order>| {
+        o.0.push((e.attempt, e.text.clone(), None));
+    });
+    app.add_observer(|e: On<ConversationLineFinished>, mut o: ResMut<Order>| {
+        o.0.push((0, String::new(), Some((e.text.clone(), e.fallback))));
+    });
     let v = villagers(&mut app);
     app.world_mut().write_message(StartConversation {
         participants: vec![v[0], v[1]],
@@ -176,6 +186,33 @@ fn two_npcs_talk_to_the_end_and_remember_it() {
     let streamed = &app.world().resource::<Streamed>().0;
     assert!(streamed.iter().any(|t| t.speaker == v[0]));
     assert!(streamed.iter().any(|t| t.speaker == v[1]));
+    // What streamed for a line's last attempt is the line: only the spoken
+    // text of the line's JSON, and a retry starts afresh (its attempt number).
+    let mut shown = String::new();
+    let mut attempt = 0;
+    let mut compared = 0;
+    for (a, text, finished) in &app.world().resource::<Order>().0 {
+        match finished {
+            None => {
+                if *a != attempt {
+                    attempt = *a;
+                    shown.clear();
+                }
+                shown.push_str(text);
+            }
+            Some((line, fallback)) => {
+                if !fallback && !line.starts_with('\'') && !line.ends_with('\'') {
+                    // (cleanup collapses runs of spaces)
+                    let words = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
+                    assert_eq!(words(&shown), *line, "streamed text vs finished line");
+                    compared += 1;
+                }
+                shown.clear();
+                attempt = 0;
+            }
+        }
+    }
+    assert!(compared > 0, "at least one streamed line compared");
     // Both remember it, about each other.
     for (npc, other) in [(v[0], "Brom"), (v[1], "Mira")] {
         let mem = app.world().get::<NpcMemory>(npc).expect("memory");

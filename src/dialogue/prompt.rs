@@ -283,14 +283,16 @@ pub fn strip_control(text: &str) -> String {
     for c in CONTROL {
         s = s.replace(c, " ");
     }
-    // Any remaining <|...|> marker.
-    while let Some(a) = s.find("<|") {
+    // Any remaining <|...|> marker, left to right (the space put in its
+    // place cannot start another, so the scan goes on after it).
+    let mut from = 0;
+    while let Some(rel) = s[from..].find("<|") {
+        let a = from + rel;
         match s[a..].find("|>") {
             Some(b) => s.replace_range(a..a + b + 2, " "),
-            None => {
-                s.replace_range(a..a + 2, " ");
-            }
+            None => s.replace_range(a..a + 2, " "),
         }
+        from = a + 1;
     }
     s.replace("|>", " ")
 }

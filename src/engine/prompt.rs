@@ -35,7 +35,13 @@ impl Piece {
 pub(crate) struct PromptRenderer {
     format: PromptFormat,
     template: Option<LlamaChatTemplate>,
+    /// The template's output with content markers, by role sequence: it
+    /// depends on nothing else, and NPC prompts repeat a few shapes.
+    rendered: std::sync::Mutex<std::collections::HashMap<Vec<ChatRole>, String>>,
 }
+
+/// Role sequences whose rendering is kept (the map is emptied when full).
+const RENDER_CACHE: usize = 64;
 
 // Private-use code points no template touches, marking where message text goes.
 const OPEN: char = '\u{F8F0}';
@@ -55,6 +61,7 @@ impl PromptRenderer {
         Ok(Self {
             format: format.clone(),
             template,
+            rendered: std::sync::Mutex::default(),
         })
     }
 
@@ -78,6 +85,14 @@ impl PromptRenderer {
                     .template
                     .as_ref()
                     .ok_or_else(|| LlmError::Template("no chat template loaded".into()))?;
+                let roles: Vec<ChatRole> = messages.iter().map(|m| m.role).collect();
+                let mut cache = self
+                    .rendered
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(rendered) = cache.get(&roles) {
+                    return split_marked(rendered, messages);
+                }
                 let marked: Vec<LlamaChatMessage> = messages
                     .iter()
                     .enumerate()
@@ -89,7 +104,12 @@ impl PromptRenderer {
                 let rendered = model
                     .apply_chat_template(template, &marked, true)
                     .map_err(|e| LlmError::Template(e.to_string()))?;
-                split_marked(&rendered, messages)
+                let pieces = split_marked(&rendered, messages);
+                if cache.len() >= RENDER_CACHE {
+                    cache.clear();
+                }
+                cache.insert(roles, rendered);
+                pieces
             }
             PromptFormat::Explicit(t) => {
                 let mut pieces = Vec::new();
