@@ -164,14 +164,18 @@ fn assert_line_rules(conv: &Conversation) {
 fn two_npcs_talk_to_the_end_and_remember_it() {
     let mut app = dialogue_app(SMOL);
     // Tokens and finished lines in the order they arrive.
+    enum Seen {
+        Token(u32, String),
+        Line(String, bool),
+    }
     #[derive(Resource, Default)]
-    struct Order(Vec<(u32, String, Option<(String, bool)>)>);
+    struct Order(Vec<Seen>);
     app.init_resource::<Order>();
     app.add_observer(|e: On<ConversationLineToken>, mut o: ResMut<Order>| {
-        o.0.push((e.attempt, e.text.clone(), None));
+        o.0.push(Seen::Token(e.attempt, e.text.clone()));
     });
     app.add_observer(|e: On<ConversationLineFinished>, mut o: ResMut<Order>| {
-        o.0.push((0, String::new(), Some((e.text.clone(), e.fallback))));
+        o.0.push(Seen::Line(e.text.clone(), e.fallback));
     });
     let v = villagers(&mut app);
     app.world_mut().write_message(StartConversation {
@@ -191,16 +195,16 @@ fn two_npcs_talk_to_the_end_and_remember_it() {
     let mut shown = String::new();
     let mut attempt = 0;
     let mut compared = 0;
-    for (a, text, finished) in &app.world().resource::<Order>().0 {
-        match finished {
-            None => {
+    for seen in &app.world().resource::<Order>().0 {
+        match seen {
+            Seen::Token(a, text) => {
                 if *a != attempt {
                     attempt = *a;
                     shown.clear();
                 }
                 shown.push_str(text);
             }
-            Some((line, fallback)) => {
+            Seen::Line(line, fallback) => {
                 if !fallback && !line.starts_with('\'') && !line.ends_with('\'') {
                     // (cleanup collapses runs of spaces)
                     let words = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
