@@ -7,6 +7,14 @@
 //!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained]
 //!     [--json] [--json-out FILE]
 //!     [--remote URL]
+//!     [--device-sampling on|off] [--kv-unified on|off] [--flash-attn on|off|auto]
+//!     [--sampling-threads N] [--no-sequential] [--comparators FILE] [--label TEXT]
+//!
+//! The GPU knobs set `LlmSettings::gpu` (no effect on a CPU plan).
+//! `--comparators FILE` reads llama.cpp's own figures measured on the same
+//! machine (scripts/gpu/comparators.py writes it: llama-bench `tg`,
+//! llama-batched-bench `S_TG` per B, llama-server's aggregate per N) and adds
+//! our ratios to them, each with its target, to the table and the JSON.
 //!
 //! `--remote URL` (an OpenAI-compatible server such as `llama-server -np 8`)
 //! runs the `remote` section: the same N-NPC load through the remote backend
@@ -40,6 +48,23 @@ struct Args {
     remote: Option<String>,
     /// Write every figure and its target as one JSON document here.
     json_out: Option<String>,
+    device_sampling: Option<bool>,
+    kv_unified: Option<bool>,
+    flash_attn: Option<Option<bool>>,
+    sampling_threads: Option<u32>,
+    /// Skip the one-slot sequential comparison in `npcs`.
+    no_sequential: bool,
+    /// llama.cpp's figures on this machine (JSON), for the ratios.
+    comparators: Option<serde_json::Value>,
+    label: Option<String>,
+}
+
+fn on_off(v: &str) -> bool {
+    match v {
+        "on" | "true" | "1" => true,
+        "off" | "false" | "0" => false,
+        other => panic!("expected on or off, got {other}"),
+    }
 }
 
 fn parse_args() -> Args {
@@ -63,6 +88,13 @@ fn parse_args() -> Args {
         json: false,
         remote: None,
         json_out: None,
+        device_sampling: None,
+        kv_unified: None,
+        flash_attn: None,
+        sampling_threads: None,
+        no_sequential: false,
+        comparators: None,
+        label: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -81,6 +113,21 @@ fn parse_args() -> Args {
             "--sections" => a.sections = val().split(',').map(String::from).collect(),
             "--json" => a.json = true,
             "--json-out" => a.json_out = Some(val()),
+            "--device-sampling" => a.device_sampling = Some(on_off(&val())),
+            "--kv-unified" => a.kv_unified = Some(on_off(&val())),
+            "--flash-attn" => {
+                let v = val();
+                a.flash_attn = Some((v != "auto").then(|| on_off(&v)));
+            }
+            "--sampling-threads" => a.sampling_threads = Some(val().parse().unwrap()),
+            "--no-sequential" => a.no_sequential = true,
+            "--label" => a.label = Some(val()),
+            "--comparators" => {
+                let path = val();
+                let text = std::fs::read_to_string(&path)
+                    .unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+                a.comparators = Some(serde_json::from_str(&text).expect("comparators JSON"));
+            }
             "--remote" => {
                 a.remote = Some(val());
                 a.sections = vec!["remote".into()];
@@ -122,6 +169,18 @@ fn base_settings(args: &Args) -> LlmSettings {
     }
     if let Some(n) = args.gpu_layers {
         s.gpu_layers = GpuLayers::Count(n);
+    }
+    if let Some(v) = args.device_sampling {
+        s.gpu.device_sampling = Some(v);
+    }
+    if let Some(v) = args.kv_unified {
+        s.gpu.kv_unified = Some(v);
+    }
+    if let Some(v) = args.flash_attn {
+        s.gpu.flash_attention = v;
+    }
+    if let Some(v) = args.sampling_threads {
+        s.gpu.sampling_threads = v;
     }
     // Sampling is the model's recommended one from the registry (what NPCs
     // use); only the binding section asks for greedy, like its plain loop.
@@ -322,6 +381,24 @@ fn binding(args: &Args, f: &mut Figures) {
         ours / plain,
         "x",
     );
+    if let Some(tg) = comparator(args, "llama_bench_tg", None) {
+        f.add("binding", "llama-bench tg (same machine)", tg, "tok/s");
+        f.add(
+            "binding",
+            "plugin single stream / llama-bench tg (target >= 0.95)",
+            ours / tg,
+            "x",
+        );
+    }
+}
+
+/// A comparator figure: `key` of the comparators JSON, then `sub` (B or N).
+fn comparator(args: &Args, key: &str, sub: Option<usize>) -> Option<f64> {
+    let v = args.comparators.as_ref()?.get(key)?;
+    match sub {
+        Some(n) => v.get(n.to_string())?.as_f64(),
+        None => v.as_f64(),
+    }
 }
 
 fn npcs(args: &Args, f: &mut Figures) {
@@ -331,8 +408,10 @@ fn npcs(args: &Args, f: &mut Figures) {
     s.context_per_sequence = 512;
     s.queue_capacity = max_n as u32;
     s.max_parallel_sequences = 1;
-    let mut sequential = ready_app(s.clone());
+    s.batch_size = s.batch_size.max(max_n as u32 + 2);
+    let mut sequential = (!args.no_sequential).then(|| ready_app(s.clone()));
     let mut max_batch = 0;
+    let mut served_at_reading_speed = 0;
     for &n in &args.npcs {
         // An engine sized for N NPCs (llama.cpp's per-step cost grows with
         // the sequences a context holds, used or not).
@@ -362,42 +441,79 @@ fn npcs(args: &Args, f: &mut Figures) {
             .resource::<LlmEngineStats>()
             .counters
             .clone();
-        let (ss, sw) = run(&mut sequential, reqs());
         let b = aggregate(&bs, bw);
-        let q = aggregate(&ss, sw);
         f.add("npcs", &format!("N={n:<2} batched aggregate"), b, "tok/s");
+        // Generation alone, as llama-batched-bench's S_TG counts it: every
+        // NPC's own rate after its first token, summed (they run together).
+        let mut per_npc: Vec<f64> = bs
+            .iter()
+            .map(|s| f64::from(s.stats.tokens_per_second))
+            .collect();
+        let gen_rate: f64 = per_npc.iter().sum();
         f.add(
             "npcs",
-            &format!("N={n:<2} sequential aggregate"),
-            q,
+            &format!("N={n:<2} batched generation rate (sum of per-NPC tok/s)"),
+            gen_rate,
             "tok/s",
         );
+        let median = percentile(&mut per_npc, 0.5);
         f.add(
             "npcs",
-            &format!("N={n:<2} batched / sequential"),
-            b / q,
-            "x",
+            &format!("N={n:<2} per-NPC generation rate (median)"),
+            median,
+            "tok/s",
         );
+        if median >= 10.0 {
+            served_at_reading_speed = served_at_reading_speed.max(n);
+        }
+        if let Some(app) = sequential.as_mut() {
+            let (ss, sw) = run(app, reqs());
+            let q = aggregate(&ss, sw);
+            f.add(
+                "npcs",
+                &format!("N={n:<2} sequential aggregate"),
+                q,
+                "tok/s",
+            );
+            f.add(
+                "npcs",
+                &format!("N={n:<2} batched / sequential"),
+                b / q,
+                "x",
+            );
+        }
         let steps = d1.decode_calls - d0.decode_calls;
         if steps > 0 {
-            let decode = (d1.decode_time - d0.decode_time).as_secs_f64();
+            let per_step = |d: Duration| d.as_secs_f64() * 1e3 / steps as f64;
+            for (what, d) in [
+                ("batch build", d1.batch_time - d0.batch_time),
+                ("llama_decode call", d1.decode_time - d0.decode_time),
+                ("device wait (synchronize)", d1.sync_time - d0.sync_time),
+                (
+                    "token choice (logits/candidates + draw)",
+                    d1.pick_time - d0.pick_time,
+                ),
+                ("text + events", d1.deliver_time - d0.deliver_time),
+                (
+                    "sampling total (wait + choice + events)",
+                    d1.sample_time - d0.sample_time,
+                ),
+                ("wall", bw),
+            ] {
+                f.add(
+                    "npcs",
+                    &format!("N={n:<2} per step: {what}"),
+                    per_step(d),
+                    "ms",
+                );
+            }
+            let generated = (d1.generated_tokens - d0.generated_tokens).max(1);
             f.add(
                 "npcs",
-                &format!("N={n:<2} batched: llama_decode time per step"),
-                decode * 1e3 / steps as f64,
-                "ms",
-            );
-            f.add(
-                "npcs",
-                &format!("N={n:<2} batched: sampling time per step"),
-                (d1.sample_time - d0.sample_time).as_secs_f64() * 1e3 / steps as f64,
-                "ms",
-            );
-            f.add(
-                "npcs",
-                &format!("N={n:<2} batched: wall time per step"),
-                bw.as_secs_f64() * 1e3 / steps as f64,
-                "ms",
+                &format!("N={n:<2} tokens with device top-k"),
+                (d1.device_sampled_tokens - d0.device_sampled_tokens) as f64 * 100.0
+                    / generated as f64,
+                "%",
             );
         }
         let ttft: Vec<f64> = bs
@@ -411,10 +527,42 @@ fn npcs(args: &Args, f: &mut Figures) {
             ttft.iter().sum::<f64>() / ttft.len() as f64,
             "ms",
         );
+        if let Some(tg) = comparator(args, "batched_bench_s_tg", Some(n)) {
+            let target = if [8, 32, 128].contains(&n) {
+                " (target >= 0.9)"
+            } else {
+                ""
+            };
+            f.add(
+                "npcs",
+                &format!("N={n:<2} generation rate / llama-batched-bench S_TG B={n}{target}"),
+                gen_rate / tg,
+                "x",
+            );
+        }
+        if let Some(server) = comparator(args, "server_aggregate", Some(n)) {
+            let target = if [8, 32, 128].contains(&n) {
+                " (target >= 1.5)"
+            } else {
+                ""
+            };
+            f.add(
+                "npcs",
+                &format!("N={n:<2} aggregate / llama-server -np {n}{target}"),
+                b / server,
+                "x",
+            );
+        }
         let c = &batched.world().resource::<LlmEngineStats>().counters;
         max_batch = max_batch.max(c.max_batch_sequences);
     }
     f.add("npcs", "largest batch (sequences)", max_batch as f64, "seq");
+    f.add(
+        "npcs",
+        "most NPCs measured at >= 10 tok/s each (median)",
+        served_at_reading_speed as f64,
+        "NPCs",
+    );
 }
 
 /// The JSON every NPC answers in the `constrained` section: a long `say`
@@ -855,9 +1003,15 @@ fn main() {
         json: args.json,
     };
     println!(
-        "bevy_npc_llm bench: tokens={} npcs={:?}",
-        args.tokens, args.npcs
+        "bevy_npc_llm bench: tokens={} npcs={:?}{}",
+        args.tokens,
+        args.npcs,
+        args.label
+            .as_deref()
+            .map(|l| format!(" [{l}]"))
+            .unwrap_or_default()
     );
+    let plan_json;
     {
         let app = ready_app(base_settings(&args));
         let p = app
@@ -882,12 +1036,29 @@ fn main() {
                 .join(", ")
         );
         println!(
-            "plan: model {} on {} ({} GPU layers, {} threads)",
+            "plan: model {} on {} ({} GPU layers, {} threads, device top-k {}, sampling threads {}, unified KV {}, flash attention {})",
             plan.model,
             plan.device.as_deref().unwrap_or(&plan.backend),
             plan.gpu_layers,
-            plan.threads
+            plan.threads,
+            plan.device_sampling,
+            plan.sampling_threads,
+            plan.kv_unified,
+            plan.flash_attention
+                .map_or("llama.cpp's choice", |on| if on { "on" } else { "off" }),
         );
+        plan_json = serde_json::json!({
+            "backend": plan.backend,
+            "device": plan.device,
+            "gpu_layers": plan.gpu_layers,
+            "threads": plan.threads,
+            "device_sampling": plan.device_sampling,
+            "sampling_threads": plan.sampling_threads,
+            "kv_unified": plan.kv_unified,
+            "flash_attention": plan.flash_attention,
+            "model": plan.model,
+            "machine": format!("{} ({} physical cores)", p.cpu_brand, p.physical_cores),
+        });
     }
     let t0 = Instant::now();
     for section in args.sections.clone() {
@@ -911,7 +1082,13 @@ fn main() {
         figs.rows.len()
     );
     if let Some(path) = &args.json_out {
-        std::fs::write(path, figures_json(&figs.rows)).expect("write --json-out");
+        let mut doc = figures_json(&figs.rows);
+        doc["label"] = serde_json::json!(args.label);
+        doc["plan"] = plan_json;
+        doc["comparators"] = args.comparators.clone().unwrap_or(serde_json::Value::Null);
+        doc["args"] = serde_json::json!({ "tokens": args.tokens, "npcs": args.npcs });
+        std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap())
+            .expect("write --json-out");
         println!("figures and targets written to {path}");
     }
 }
@@ -928,7 +1105,7 @@ fn target(name: &str) -> Option<(&'static str, f64)> {
 }
 
 /// Every figure with its target and whether it was met, as JSON.
-fn figures_json(rows: &[(String, String, f64, String)]) -> String {
+fn figures_json(rows: &[(String, String, f64, String)]) -> serde_json::Value {
     let figures: Vec<serde_json::Value> = rows
         .iter()
         .map(|(section, name, value, unit)| {
@@ -944,5 +1121,5 @@ fn figures_json(rows: &[(String, String, f64, String)]) -> String {
             })
         })
         .collect();
-    serde_json::to_string_pretty(&serde_json::json!({ "figures": figures })).unwrap()
+    serde_json::json!({ "figures": figures })
 }

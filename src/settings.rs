@@ -224,7 +224,39 @@ pub struct LlmSettings {
     pub remote: RemoteSettings,
     /// Model downloads ([`DownloadModel`](crate::download::DownloadModel)).
     pub downloads: DownloadSettings,
+    /// How the engine uses a GPU when the plan puts the model on one.
+    pub gpu: GpuTuning,
 }
+
+/// How the engine uses a GPU when the plan puts the model on one; none of
+/// it changes anything on a CPU-only plan. The defaults are what the bench
+/// measured fastest on an H100 (docs/BENCHMARKS.md); `None` leaves a choice
+/// to the plan.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpuTuning {
+    /// Run each eligible request's top-k inside llama.cpp's graph, on the
+    /// device, so only 128 candidates per NPC come back to the host each
+    /// step instead of the whole vocabulary. The draw itself (penalty,
+    /// temperature, top-p, min-p, seed) stays the host's and is the same as
+    /// over the whole row. Requests with an output constraint, `top_k` 0,
+    /// `top_k + repeat_last_n` above 128 or a repeat penalty below 1 read
+    /// the whole row. `None` (default): on GPU plans only; `Some(true)`:
+    /// also on the CPU (llama.cpp's CPU backend runs the same graph; the
+    /// tests use it); `Some(false)`: never.
+    pub device_sampling: Option<bool>,
+    /// One KV buffer shared by all sequences (`Some(true)`) or one stream
+    /// per sequence (`Some(false)`); `None`: the plan's choice.
+    pub kv_unified: Option<bool>,
+    /// Flash attention on or off; `None`: llama.cpp's choice (on where the
+    /// device supports it).
+    pub flash_attention: Option<bool>,
+    /// Host threads choosing tokens in parallel when many sequences read
+    /// whole rows in one step (constrained requests); 0: the plan's choice
+    /// (on a GPU, the physical cores minus one, at most 8).
+    pub sampling_threads: u32,
+}
+
 
 /// How model files are downloaded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -493,6 +525,7 @@ impl Default for LlmSettings {
             backend: BackendChoice::Local,
             remote: RemoteSettings::default(),
             downloads: DownloadSettings::default(),
+            gpu: GpuTuning::default(),
         }
     }
 }
@@ -587,6 +620,12 @@ impl LlmSettings {
         }
         if self.prompt_chunk == 0 {
             return bad("prompt_chunk", "must be at least 1 token");
+        }
+        if self.gpu.sampling_threads > 64 {
+            return bad(
+                "gpu.sampling_threads",
+                "must be at most 64 (0 = the plan's choice)",
+            );
         }
         if u64::from(self.context_per_sequence) * u64::from(self.max_parallel_sequences) > 4_194_304
         {

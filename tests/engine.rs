@@ -64,6 +64,83 @@ fn same_prompt_and_seed_give_the_same_text() {
     assert_eq!(ta, tb);
 }
 
+/// Top-k inside llama.cpp's graph (the GPU path; here on the CPU backend,
+/// which runs the same graph): greedy text equals the host sampler's, the
+/// same seed gives the same text, and in one batch free requests draw from
+/// device candidates while a constrained one and a `top_k` 0 one read whole
+/// rows beside them.
+#[test]
+fn device_top_k_matches_host_greedy_repeats_with_a_seed_and_mixes_with_whole_rows() {
+    let greedy = chat("Name three things a blacksmith makes.")
+        .with_temperature(0.0)
+        .with_max_tokens(24);
+    let mut host = app();
+    let host_text = complete(&mut host, greedy.clone());
+    drop(host);
+    let mut s = settings();
+    s.gpu.device_sampling = Some(true);
+    let mut app = app_with(s);
+    assert_eq!(
+        complete(&mut app, greedy),
+        host_text,
+        "greedy over device candidates"
+    );
+    let seeded = chat("Tell me about the weather in the village.")
+        .with_seed(42)
+        .with_temperature(0.9);
+    let a = complete(&mut app, seeded.clone());
+    assert!(!a.is_empty());
+    assert_eq!(complete(&mut app, seeded), a, "same seed, same text");
+    let c0 = app.world().resource::<LlmEngineStats>().counters.clone();
+    assert!(c0.device_sampled_tokens > 0, "{c0:?}");
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": { "say": { "type": "string", "maxLength": 80 } },
+        "required": ["say"]
+    });
+    let mut es: Vec<Entity> = (0..5)
+        .map(|i| {
+            request(
+                &mut app,
+                chat(&format!("Say something about cat {i}.")).with_seed(i),
+            )
+        })
+        .collect();
+    let constrained = request(
+        &mut app,
+        chat("Say hello as JSON.")
+            .with_json_schema(&schema)
+            .with_seed(7),
+    );
+    let whole_row = request(
+        &mut app,
+        chat("Say something about dogs.").with_sampling(
+            bevy_npc_llm::settings::SamplingOverrides {
+                top_k: Some(0),
+                seed: Some(3),
+                ..Default::default()
+            },
+        ),
+    );
+    es.extend([constrained, whole_row]);
+    run_until_finished(&mut app, &es);
+    let r = app.world().resource::<Recorded>();
+    for e in &es {
+        assert!(r.completed_text(*e).is_some(), "{:?}", r.of(*e));
+    }
+    let said: serde_json::Value = serde_json::from_str(&r.completed_text(constrained).unwrap())
+        .expect("the constrained answer is JSON");
+    assert!(said["say"].is_string(), "{said}");
+    let c1 = &app.world().resource::<LlmEngineStats>().counters;
+    let device = c1.device_sampled_tokens - c0.device_sampled_tokens;
+    let all = c1.generated_tokens - c0.generated_tokens;
+    assert!(
+        device > 0 && device < all,
+        "device {device} of {all} tokens: {c1:?}"
+    );
+    assert!(c1.max_batch_sequences > 1, "{c1:?}");
+}
+
 #[test]
 fn eight_concurrent_requests_are_batched() {
     let mut app = app();

@@ -213,6 +213,10 @@ pub(crate) fn load_spec(
         swa_full: settings.swa_full,
         threads: plan.threads,
         gpu_layers: plan.gpu_layers,
+        device_sampling: plan.device_sampling,
+        sampling_threads: plan.sampling_threads,
+        kv_unified: plan.kv_unified,
+        flash_attention: plan.flash_attention,
     };
     debug_assert!(spec.threads >= 1);
     Ok((spec, plan))

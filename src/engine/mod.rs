@@ -4,6 +4,7 @@
 
 pub(crate) mod backend;
 pub(crate) mod bridge;
+pub(crate) mod device_sampling;
 pub(crate) mod prompt;
 pub(crate) mod protocol;
 pub(crate) mod sampler;

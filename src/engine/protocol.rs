@@ -48,6 +48,14 @@ pub(crate) struct LoadSpec {
     pub swa_full: bool,
     pub threads: u32,
     pub gpu_layers: u32,
+    /// Top-k of eligible sequences on the device (GPU plans only).
+    pub device_sampling: bool,
+    /// Host threads choosing tokens in parallel (1: on the worker thread).
+    pub sampling_threads: u32,
+    /// One KV buffer across sequences instead of one stream each.
+    pub kv_unified: bool,
+    /// Flash attention on/off; `None`: llama.cpp decides.
+    pub flash_attention: Option<bool>,
 }
 
 /// Runtime knobs that can change without reloading.
@@ -138,10 +146,28 @@ pub struct EngineCounters {
     pub kv_cells_used: usize,
     /// KV cells in the context.
     pub kv_cells_total: usize,
-    /// Time spent in decode calls.
+    /// Time spent in decode calls (on a GPU: building and launching the
+    /// step's graph; the device may still be working when it returns).
     pub decode_time: Duration,
-    /// Time spent sampling and turning tokens into text events.
+    /// Time spent sampling: waiting for the device's results and choosing
+    /// every sequence's token, then turning tokens into text events
+    /// (the sum of `sync_time`, `pick_time` and `deliver_time`).
     pub sample_time: Duration,
+    /// Time spent filling the batch before each decode.
+    pub batch_time: Duration,
+    /// Time spent waiting for the device to finish a step (and its results
+    /// to reach the host) after the decode call returned.
+    pub sync_time: Duration,
+    /// Time spent choosing tokens (reading logits or the device's top-k
+    /// candidates, constraint masks, the draw).
+    pub pick_time: Duration,
+    /// Time spent turning tokens into text, stop strings and events.
+    pub deliver_time: Duration,
+    /// Tokens whose top-k ran on the device (the rest read the whole row).
+    pub device_sampled_tokens: u64,
+    /// Sequences given or taken a device top-k (each costs llama.cpp a new
+    /// graph reservation on the next step).
+    pub device_sampler_switches: u64,
 }
 
 #[derive(Debug)]

@@ -74,7 +74,75 @@ impl Sampler {
         let token = if self.temperature <= 0.0 {
             self.argmax(logits)
         } else {
-            self.draw(logits)
+            self.top(logits, self.draw_k());
+            self.draw_top()
+        };
+        self.remember(token);
+        token
+    }
+
+    /// Candidates kept before the draw (`top_k`, or [`UNBOUNDED_K`]).
+    fn draw_k(&self) -> usize {
+        if self.top_k > 0 {
+            self.top_k
+        } else {
+            UNBOUNDED_K
+        }
+    }
+
+    /// Whether the `k` best raw logits of a row always hold every token
+    /// this sampler can choose, so [`Self::sample_candidates`] over a device
+    /// top-`k` draws exactly what [`Self::sample`] draws over the whole row
+    /// (ties at the cut aside): the penalty (≥ 1) only lowers the
+    /// logits of at most `repeat_last_n` tokens, so the best `top_k` after
+    /// it lie among the best `top_k + repeat_last_n` before it.
+    pub(crate) fn fits_top_k(&self, k: usize) -> bool {
+        let keep = if self.temperature <= 0.0 {
+            1
+        } else if self.top_k == 0 {
+            return false;
+        } else {
+            self.top_k
+        };
+        let penalised = if self.repeat_penalty == 1.0 {
+            0
+        } else if self.repeat_penalty > 1.0 {
+            self.repeat_last_n
+        } else {
+            // A boosting penalty (< 1) can lift any token.
+            return false;
+        };
+        keep + penalised <= k
+    }
+
+    /// [`Self::sample`] from a row's best candidates only (a device top-k:
+    /// token ids and their raw logits, any order), and remember the token.
+    /// The caller checked [`Self::fits_top_k`] for their number.
+    pub(crate) fn sample_candidates(&mut self, ids: &[i32], logits: &[f32]) -> i32 {
+        let k = if self.temperature <= 0.0 {
+            1
+        } else {
+            self.draw_k()
+        };
+        let penalize = self.penalizes();
+        self.heap.clear();
+        self.heap
+            .extend(logits.iter().copied().zip(ids.iter().copied()));
+        if penalize {
+            let rp = self.repeat_penalty;
+            for c in &mut self.heap {
+                if self.history.contains(&c.1) {
+                    c.0 = if c.0 <= 0.0 { c.0 * rp } else { c.0 / rp };
+                }
+            }
+        }
+        self.heap
+            .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        self.heap.truncate(k.max(1));
+        let token = if self.temperature <= 0.0 {
+            self.heap.first().map_or(0, |c| c.1)
+        } else {
+            self.draw_top()
         };
         self.remember(token);
         token
@@ -212,13 +280,8 @@ impl Sampler {
         }
     }
 
-    fn draw(&mut self, logits: &[f32]) -> i32 {
-        let k = if self.top_k > 0 {
-            self.top_k
-        } else {
-            UNBOUNDED_K
-        };
-        self.top(logits, k);
+    /// Draw among `self.heap` (the best candidates, best first).
+    fn draw_top(&mut self) -> i32 {
         // Forbidden tokens (-inf, constrained sampling) never take part; the
         // best candidate is always allowed (the caller checked one exists).
         let allowed = self
@@ -293,6 +356,94 @@ mod tests {
         (0..5000)
             .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
             .collect()
+    }
+
+    /// A row's `k` best logits, as a device top-k hands them back (ids and
+    /// logits, in no particular order).
+    fn device_top_k(row: &[f32], k: usize) -> (Vec<i32>, Vec<f32>) {
+        let mut all: Vec<(f32, i32)> = row
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (l, i as i32))
+            .collect();
+        all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        all.truncate(k);
+        // Any order: reverse it so nothing relies on the device's.
+        all.reverse();
+        (
+            all.iter().map(|c| c.1).collect(),
+            all.iter().map(|c| c.0).collect(),
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Sampling from a device top-k gives the same tokens as sampling
+        /// the whole row, step after step (the repeat penalty's history
+        /// growing), whenever `fits_top_k` says so.
+        #[test]
+        fn device_top_k_draws_what_the_full_row_draws(
+            seed in 0u32..1000,
+            t in proptest::prop_oneof![proptest::strategy::Just(0.0f32), 0.2f32..1.5],
+            top_k in 1u32..64,
+            top_p in 0.5f32..=1.0,
+            min_p in 0.0f32..0.2,
+            rep in proptest::prop_oneof![proptest::strategy::Just(1.0f32), 1.0f32..2.0],
+            last_n in 0u32..64,
+            salt in 0u64..1_000_000,
+        ) {
+            let p = SamplingParams {
+                temperature: t, top_k, top_p, min_p, repeat_penalty: rep,
+                repeat_last_n: last_n, ..Default::default()
+            };
+            let mut full = Sampler::new(&p, seed);
+            let mut dev = Sampler::new(&p, seed);
+            const K: usize = 128;
+            proptest::prop_assert!(full.fits_top_k(K));
+            let mut x = salt;
+            for step in 0..40 {
+                // A fresh row per step, a few tokens strongly ahead, distinct values.
+                let row: Vec<f32> = (0..3000).map(|i| {
+                    let r = splitmix64(&mut x);
+                    let base = (r >> 40) as f32 / (1u64 << 24) as f32 * 8.0;
+                    base + if i % 97 == step % 97 { 4.0 } else { 0.0 } + i as f32 * 1e-6
+                }).collect();
+                let (ids, logits) = device_top_k(&row, K);
+                let a = full.sample(&row);
+                let b = dev.sample_candidates(&ids, &logits);
+                proptest::prop_assert_eq!(a, b, "step {}", step);
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_fit_refuses_what_candidates_cannot_decide() {
+        let fit = |t, k, rep, n| {
+            Sampler::new(
+                &SamplingParams {
+                    temperature: t,
+                    top_k: k,
+                    repeat_penalty: rep,
+                    repeat_last_n: n,
+                    ..Default::default()
+                },
+                1,
+            )
+            .fits_top_k(128)
+        };
+        assert!(fit(0.7, 40, 1.15, 64));
+        assert!(
+            fit(0.0, 0, 1.1, 127),
+            "greedy needs the best one plus the penalised"
+        );
+        assert!(!fit(0.0, 0, 1.1, 128));
+        assert!(!fit(0.7, 0, 1.0, 0), "top_k 0 keeps up to 1024 candidates");
+        assert!(!fit(0.7, 100, 1.1, 64));
+        assert!(fit(0.7, 100, 1.0, 64), "no penalty: only top_k counts");
+        assert!(
+            !fit(0.7, 40, 0.9, 64),
+            "a boosting penalty can lift any token"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
 use super::backend::local::context_sequences;
+use super::device_sampling::{DEVICE_TOP_K, DeviceSampling};
 use super::prompt::PromptRenderer;
 use super::protocol::{EngineCounters, Event, Job, Knobs, LoadSpec, RequestId};
 use super::sampler::Sampler;
@@ -41,6 +42,36 @@ struct Seq {
     started: Instant,
     first_token: Option<Instant>,
     last_token: Instant,
+    /// The llama.cpp sequence (slot) it runs on.
+    slot: usize,
+    /// This step: the batch position of its logits, then the token chosen.
+    pending: Option<i32>,
+    picked: Option<Result<LlamaToken, String>>,
+}
+
+/// One sequence's scores for this step, as the device left them.
+#[derive(Clone, Copy)]
+enum Row<'c> {
+    /// The whole vocabulary's logits.
+    Full(&'c [f32]),
+    /// The device's top-k: token ids and their logits.
+    Top(&'c [i32], &'c [f32]),
+}
+
+/// Whole rows (host sampling) in one step from which choosing them in
+/// parallel pays for the hand-off to the pool.
+const PARALLEL_ROWS: usize = 4;
+
+/// Choose a sequence's next token from its row.
+fn pick(seq: &mut Seq, row: Row<'_>) -> Result<LlamaToken, String> {
+    match (seq.matcher.as_mut(), row) {
+        (None, Row::Full(logits)) => Ok(LlamaToken(seq.sampler.sample(logits))),
+        (None, Row::Top(ids, logits)) => Ok(LlamaToken(seq.sampler.sample_candidates(ids, logits))),
+        (Some(m), Row::Full(logits)) => constrained_sample(m, &mut seq.sampler, logits),
+        (Some(_), Row::Top(..)) => {
+            Err("internal: a constrained sequence got device candidates".to_string())
+        }
+    }
 }
 
 /// Steps a Normal sequence may sit out while the player's prompt is read.
@@ -78,6 +109,11 @@ pub(crate) struct Server<'m> {
     /// Compiles output constraints for this model's vocabulary; built on the
     /// first constrained request.
     constraints: Option<ConstraintCompiler>,
+    /// Device top-k per slot (GPU plans). Declared after `ctx`: the chains
+    /// are freed after the context that borrows them.
+    device: Option<DeviceSampling>,
+    /// Threads choosing tokens in parallel (GPU plans with many sequences).
+    pool: Option<rayon::ThreadPool>,
 }
 
 fn fresh_seed() -> u32 {
@@ -148,6 +184,18 @@ impl<'m> Server<'m> {
             counters,
             last_counters: Instant::now(),
             constraints: None,
+            device: spec
+                .device_sampling
+                .then(|| DeviceSampling::new(sequences, DEVICE_TOP_K)),
+            pool: (spec.sampling_threads > 1)
+                .then(|| {
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(spec.sampling_threads as usize)
+                        .thread_name(|i| format!("npc-llm-sample-{i}"))
+                        .build()
+                        .ok()
+                })
+                .flatten(),
         })
     }
 
@@ -258,6 +306,13 @@ impl<'m> Server<'m> {
         }
         let seed = sampling.seed.unwrap_or_else(fresh_seed);
         let sampler = Sampler::new(&sampling, seed);
+        // Top-k on the device when the draw over its candidates is exact
+        // and no constraint needs the whole row; the slot's chain follows.
+        if let Some(device) = self.device.as_mut() {
+            let want = matcher.is_none() && sampler.fits_top_k(device.k());
+            device.set(&mut self.ctx, admitted.slot, want);
+            self.counters.device_sampler_switches = device.switches;
+        }
         self.counters.reused_prefix_tokens += reuse as u64;
         self.send(Event::Started {
             id: job.id,
@@ -279,6 +334,9 @@ impl<'m> Server<'m> {
                 started: now,
                 first_token: None,
                 last_token: now,
+                slot: admitted.slot,
+                pending: None,
+                picked: None,
                 job,
             },
         );
@@ -312,6 +370,7 @@ impl<'m> Server<'m> {
             return;
         }
         let plan = self.sched.plan();
+        let t_batch = Instant::now();
         self.batch.clear();
         let mut built = Ok(());
         for t in &plan.tokens {
@@ -334,6 +393,7 @@ impl<'m> Server<'m> {
             }
             Ok(()) => {
                 let t0 = Instant::now();
+                self.counters.batch_time += t0 - t_batch;
                 let result = self.ctx.decode(&mut self.batch);
                 self.counters.decode_time += t0.elapsed();
                 self.counters.decode_calls += 1;
@@ -364,24 +424,84 @@ impl<'m> Server<'m> {
             self.counters.max_batch_sequences.max(sequences_in_batch);
         self.counters.max_batch_tokens = self.counters.max_batch_tokens.max(n_tokens);
         self.counters.prompt_tokens_decoded += prompt_tokens as u64;
-        // Sample every sequence the scheduler names.
+        if let Some(device) = self.device.as_mut() {
+            device.decoded();
+        }
+        // Wait for the device (a no-op on the CPU, where decode is synchronous).
         let t_sample = Instant::now();
+        self.ctx.synchronize();
+        let t_pick = Instant::now();
+        self.counters.sync_time += t_pick - t_sample;
+        // Choose every named sequence's token: rows read on this thread,
+        // tokens chosen in parallel when many whole rows need it.
+        for &(id, at) in &applied.sample {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.pending = Some(at as i32);
+            }
+        }
+        {
+            let Self {
+                ctx,
+                seqs,
+                device,
+                pool,
+                counters,
+                ..
+            } = self;
+            let mut work: Vec<(&mut Seq, Row<'_>)> = Vec::with_capacity(applied.sample.len());
+            let mut full_rows = 0;
+            for seq in seqs.values_mut() {
+                let Some(at) = seq.pending.take() else {
+                    continue;
+                };
+                let on_device = device.as_ref().is_some_and(|d| d.is_attached(seq.slot));
+                let row = if on_device {
+                    match DeviceSampling::candidates(ctx, at) {
+                        Some((ids, logits)) => Row::Top(ids, logits),
+                        None => {
+                            seq.picked = Some(Err(
+                                "the device returned no candidates for this sequence".into(),
+                            ));
+                            continue;
+                        }
+                    }
+                } else {
+                    full_rows += 1;
+                    Row::Full(ctx.get_logits_ith(at))
+                };
+                work.push((seq, row));
+            }
+            counters.device_sampled_tokens += (work.len() - full_rows) as u64;
+            match pool {
+                Some(pool) if full_rows >= PARALLEL_ROWS => {
+                    use rayon::prelude::*;
+                    pool.install(|| {
+                        work.par_iter_mut()
+                            .for_each(|(seq, row)| seq.picked = Some(pick(seq, *row)));
+                    });
+                }
+                _ => {
+                    for (seq, row) in &mut work {
+                        seq.picked = Some(pick(seq, *row));
+                    }
+                }
+            }
+        }
+        let t_deliver = Instant::now();
+        self.counters.pick_time += t_deliver - t_pick;
         let mut finished: Vec<(RequestId, FinishReason)> = Vec::new();
         let mut failed: Vec<(RequestId, String)> = Vec::new();
-        for (id, at) in applied.sample {
+        for (id, _) in applied.sample {
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
-            let logits = self.ctx.get_logits_ith(at as i32);
-            let tok = match seq.matcher.as_mut() {
-                None => LlamaToken(seq.sampler.sample(logits)),
-                Some(m) => match constrained_sample(m, &mut seq.sampler, logits) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        failed.push((id, e));
-                        continue;
-                    }
-                },
+            let tok = match seq.picked.take() {
+                Some(Ok(t)) => t,
+                Some(Err(e)) => {
+                    failed.push((id, e));
+                    continue;
+                }
+                None => continue,
             };
             let now = Instant::now();
             if seq.first_token.is_none() {
@@ -414,6 +534,7 @@ impl<'m> Server<'m> {
                 finished.push((id, FinishReason::ContextFull));
             }
         }
+        self.counters.deliver_time += t_deliver.elapsed();
         self.counters.sample_time += t_sample.elapsed();
         for (id, error) in failed {
             if self.sched.finish(id).is_some() {

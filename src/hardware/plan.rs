@@ -26,7 +26,10 @@ pub struct BackendPlan {
     pub backend: String,
     /// The GPU used, if any (description, e.g. `NVIDIA H100 80GB HBM3`).
     pub device: Option<String>,
-    /// Layers to offload (0 on CPU; ≥ the model's layer count means all).
+    /// Layers to offload (0 on CPU). llama.cpp counts the output layer as
+    /// one more: the model's layer count + 1 puts every layer on the GPU
+    /// (the layer count alone leaves the first on the CPU, and every step
+    /// then crosses between the devices).
     pub gpu_layers: u32,
     /// Inference threads.
     pub threads: u32,
@@ -38,6 +41,17 @@ pub struct BackendPlan {
     /// for the player's requests included (the context holds
     /// `sequences + 1`).
     pub kv_bytes: u64,
+    /// Top-k inside llama.cpp's graph for requests that allow it (GPU plans
+    /// unless [`GpuTuning::device_sampling`](crate::settings::GpuTuning::device_sampling)
+    /// says otherwise).
+    pub device_sampling: bool,
+    /// Host threads choosing tokens in parallel (1 on the CPU, where the
+    /// cores decode).
+    pub sampling_threads: u32,
+    /// One KV buffer across sequences instead of one stream each.
+    pub kv_unified: bool,
+    /// Flash attention on/off; `None`: llama.cpp's choice.
+    pub flash_attention: Option<bool>,
     /// The model to load.
     pub model: String,
     /// Why this model and placement, in words.
@@ -118,8 +132,9 @@ pub fn plan(
 
     let ctx = settings.context_per_sequence.min(entry.context_length);
     let per_seq_kv = u64::from(ctx) * kv_bytes_per_token(entry);
+    // llama.cpp's count includes the output layer: n + 1 is "all".
     let n_layers = if entry.n_layers > 0 {
-        entry.n_layers
+        entry.n_layers + 1
     } else {
         999
     };
@@ -195,11 +210,24 @@ pub fn plan(
             settings.max_parallel_sequences
         ));
     }
+    let on_gpu = gpu_layers > 0 && backend != "CPU";
+    let tuning = &settings.gpu;
+    let sampling_threads = match (on_gpu, tuning.sampling_threads) {
+        (false, _) => 1,
+        (true, 0) => (profile.physical_cores.max(1) as u32)
+            .saturating_sub(1)
+            .clamp(1, 8),
+        (true, n) => n,
+    };
     Ok(BackendPlan {
         backend,
         device,
         gpu_layers,
         threads,
+        device_sampling: tuning.device_sampling.unwrap_or(on_gpu),
+        sampling_threads,
+        kv_unified: on_gpu && tuning.kv_unified.unwrap_or(false),
+        flash_attention: if on_gpu { tuning.flash_attention } else { None },
         sequences,
         context_per_sequence: ctx,
         kv_bytes: per_seq_kv * u64::from(sequences + 1),

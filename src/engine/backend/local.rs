@@ -604,5 +604,10 @@ pub(crate) fn context_params(spec: &LoadSpec) -> LlamaContextParams {
         .with_n_seq_max(n_seq)
         .with_n_threads(spec.threads as i32)
         .with_n_threads_batch(spec.threads as i32)
-        .with_kv_unified(false)
+        .with_kv_unified(spec.kv_unified)
+        .with_flash_attention_policy(match spec.flash_attention {
+            None => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            Some(true) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            Some(false) => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        })
 }

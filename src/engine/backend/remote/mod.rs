@@ -81,6 +81,10 @@ pub(crate) fn remote_spec(settings: &crate::settings::LlmSettings) -> LoadSpec {
         swa_full: settings.swa_full,
         threads: 0,
         gpu_layers: 0,
+        device_sampling: false,
+        sampling_threads: 1,
+        kv_unified: false,
+        flash_attention: None,
     }
 }
 

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The GPU bench on an NVIDIA machine (nvcc, cmake, ninja, python3; no Rust,
+# no internet), in the repository root the device tool sends. First, on the
+# CPU machine: `bash scripts/gpu/pack-for-device.sh` (fills .device/a b c).
+# Then three device calls, back to back (the machine keeps /tmp only while
+# warm, ~30 s after a call):
+#   1. carry .device/a: bash scripts/gpu/device.sh start .device/a
+#      (unpacks; builds the CUDA backend module from the crate's llama.cpp and
+#      llama.cpp's tools from llama-cpp-python's, both in the background)
+#   2. carry .device/b: bash scripts/gpu/device.sh stash .device/b
+#   3. carry .device/c: bash scripts/gpu/device.sh run .device/c
+#      (waits for the builds; runs llama-bench, llama-batched-bench,
+#      llama-server under N clients, then our bench with their figures, and
+#      the plan variants; everything lands in $OUT)
+# `run` skips the steps already done, so a call cut at its time limit can
+# be followed by another `run` while the machine is warm.
+set -euo pipefail
+cmd=$1 from=${2:-}
+W=/tmp/npc-llm-dev
+OUT=${OUT:-$W/out}
+mkdir -p "$W/in" "$W/logs" "$OUT"
+if [ -n "$from" ]; then cp -f "$from"/* "$W/in/"; fi
+root=$(pwd)
+
+build_tools() {
+    mkdir -p "$W/tools-src"
+    tar xzf "$W/in/llama-tools-src.tar.gz" -C "$W/tools-src"
+    cmake -S "$W/tools-src/llama.cpp" -B "$W/tools-build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON \
+        -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF
+    cmake --build "$W/tools-build" --target llama-bench llama-batched-bench llama-server -j"$(nproc)"
+}
+
+case $cmd in
+start)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    nproc
+    # Both builds at once, detached from this call (they outlive it).
+    setsid nohup bash -c "bash '$root/scripts/gpu/build-cuda-backend.sh' '$W/in/llama-src.tar.gz' '$W/backends' 90 \
+        && touch '$W/cuda.done' || touch '$W/cuda.failed'" >"$W/logs/cuda-build.log" 2>&1 </dev/null &
+    export -f build_tools; export W
+    setsid nohup bash -c "build_tools && touch '$W/tools.done' || touch '$W/tools.failed'" \
+        >"$W/logs/tools-build.log" 2>&1 </dev/null &
+    sleep 2
+    echo "builds started"
+    ;;
+stash)
+    ls -la "$W/in"
+    ;;
+run)
+    for what in cuda tools; do
+        for _ in $(seq 1 540); do
+            [ -e "$W/$what.done" ] || [ -e "$W/$what.failed" ] && break
+            sleep 1
+        done
+        if [ ! -e "$W/$what.done" ]; then
+            echo "$what build not done:"; tail -20 "$W/logs/$what-build.log"; exit 1
+        fi
+    done
+    model=$root/assets/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    if [ ! -s "$model" ]; then
+        cat "$W"/in/smol.part.* > "$model"
+    fi
+    [ "$(sha256sum "$model" | cut -d' ' -f1)" = "$(cat "$W/in/model.sha256")" ] || { echo "model sha256 mismatch"; exit 1; }
+    mkdir -p "$W/bins" && tar xzf "$W/in/bins.tar.gz" -C "$W/bins"
+    cp "$W"/bins/backends/*.so "$W/backends/"
+    export LD_LIBRARY_PATH=$W/bins:${LD_LIBRARY_PATH:-}
+    export BEVY_NPC_LLM_BACKENDS_DIR=$W/backends
+    tools=$W/tools-build/bin
+    if [ ! -s "$W/comparators.json" ]; then
+        python3 -u scripts/gpu/comparators.py "$tools" "$model" "$W/comparators.json" "$W/logs" \
+            2>&1 | tee "$W/logs/comparators.out"
+    fi
+    cp "$W/comparators.json" "$OUT/"
+    bench=$W/bins/bench
+    if [ ! -s "$W/h100.json" ]; then
+        "$bench" --sections binding,npcs,cache,player,constrained --npcs 1,8,16,32,64,128,255 --tokens 128 \
+            --no-sequential --comparators "$W/comparators.json" --label "plan defaults" \
+            --json-out "$W/h100.json" 2>&1 | tee "$W/logs/bench.log"
+    fi
+    cp "$W/h100.json" "$W/logs/bench.log" "$OUT/"
+    # Plan variants, the npcs section only, each against the same comparators.
+    i=0
+    while read -r label flags; do
+        i=$((i + 1))
+        [ -s "$W/variant$i.json" ] && continue
+        # shellcheck disable=SC2086
+        "$bench" --sections npcs --npcs 8,32,128 --tokens 128 --no-sequential \
+            --comparators "$W/comparators.json" --label "$label" --json-out "$W/variant$i.json" $flags \
+            2>&1 | tee "$W/logs/variant$i.log" | grep -E "plan:|generation rate|per step: wall|aggregate"
+    done <<'VARIANTS'
+host-sampling --device-sampling off
+unified-kv --kv-unified on
+no-flash-attn --flash-attn off
+flash-attn-on --flash-attn on
+host-sampling-1-thread --device-sampling off --sampling-threads 1
+session4-plan --device-sampling off --sampling-threads 1 --gpu-layers 30
+VARIANTS
+    python3 - "$W" <<'PY'
+import glob, json, sys
+w = sys.argv[1]
+docs = [json.load(open(f)) for f in sorted(glob.glob(f"{w}/variant*.json"))]
+json.dump({"variants": docs}, open(f"{w}/variants.json", "w"), indent=1)
+PY
+    cp "$W/variants.json" "$OUT/"
+    tar czf "$OUT/logs.tar.gz" -C "$W" logs
+    ls -la "$OUT"
+    ;;
+*)
+    echo "usage: device.sh start|stash|run CARRY_DIR" >&2; exit 2
+    ;;
+esac
