@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--model ID] [--npcs 1,2,4,8,16] [--tokens 64]
-//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained]
+//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained,seed]
 //!     [--json] [--json-out FILE]
 //!     [--remote URL]
 //!     [--device-sampling on|off] [--kv-unified on|off] [--flash-attn on|off|auto]
@@ -82,6 +82,7 @@ fn parse_args() -> Args {
             "memory",
             "player",
             "constrained",
+            "seed",
         ]
         .map(String::from)
         .to_vec(),
@@ -636,6 +637,43 @@ fn constrained(args: &Args, f: &mut Figures) {
     }
 }
 
+/// Whether the same seed gives the same text on this machine's backend:
+/// one request twice, then eight together twice (same batch each time).
+fn seed(args: &Args, f: &mut Figures) {
+    let mut s = base_settings(args);
+    s.prefix_cache = false;
+    s.context_per_sequence = 512;
+    s.max_parallel_sequences = 8;
+    s.sampling.ignore_eos = false;
+    let mut app = ready_app(s);
+    let texts = |app: &mut App, n: usize| -> Vec<String> {
+        let reqs = (0..n)
+            .map(|i| {
+                npc_request(i)
+                    .with_seed(1000 + i as u32)
+                    .with_max_tokens(48)
+            })
+            .collect();
+        run(app, reqs).0.into_iter().map(|s| s.text).collect()
+    };
+    let one = texts(&mut app, 1) == texts(&mut app, 1);
+    let a = texts(&mut app, 8);
+    let b = texts(&mut app, 8);
+    let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    f.add(
+        "seed",
+        "same seed, same text: one request twice (1 = held)",
+        f64::from(u8::from(one)),
+        "",
+    );
+    f.add(
+        "seed",
+        "same seed, same text: 8 batched requests twice, identical",
+        same as f64,
+        "of 8",
+    );
+}
+
 /// Generated tokens per second of wall time over a set of requests.
 fn aggregate(done: &[LlmRequestStatus], wall: Duration) -> f64 {
     done.iter().map(|s| s.stats.generated_tokens).sum::<usize>() as f64 / wall.as_secs_f64()
@@ -1072,6 +1110,7 @@ fn main() {
             "player" => player(&args, &mut figs),
             "remote" => remote(&args, &mut figs),
             "constrained" => constrained(&args, &mut figs),
+            "seed" => seed(&args, &mut figs),
             other => panic!("unknown section {other}"),
         }
         println!("  ({section}: {:.1} s)", t.elapsed().as_secs_f64());

@@ -257,7 +257,6 @@ pub struct GpuTuning {
     pub sampling_threads: u32,
 }
 
-
 /// How model files are downloaded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -138,7 +138,8 @@ fn selection_over_synthetic_machines() {
             model: "auto",
             gpu_layers: GpuLayers::Auto,
             expect_backend: "CUDA",
-            expect_layers: 32,
+            // 32 layers + llama.cpp's output layer: all of them.
+            expect_layers: 33,
             expect_threads: 7,
             expect_model: "mid",
             reason_has: "modest GPU",
@@ -154,7 +155,7 @@ fn selection_over_synthetic_machines() {
             model: "auto",
             gpu_layers: GpuLayers::Auto,
             expect_backend: "CUDA",
-            expect_layers: 80,
+            expect_layers: 81,
             expect_threads: 8,
             expect_model: "large",
             reason_has: "strong GPU",
@@ -165,10 +166,10 @@ fn selection_over_synthetic_machines() {
             model: "small",
             gpu_layers: GpuLayers::Auto,
             expect_backend: "CUDA",
-            expect_layers: 21,
+            expect_layers: 22, // of 28 + the output layer
             expect_threads: 3,
             expect_model: "small",
-            reason_has: "of 28 layers fit",
+            reason_has: "22 of 29 layers (output layer included) fit",
         },
         Case {
             name: "GPU present but offload disabled",
@@ -419,7 +420,13 @@ fn real_model_tiers_on_simulated_machines() {
         sizes.push(entry.size_bytes);
         if name.contains("24 GB") {
             assert!(entry.size_bytes >= 2_000_000_000, "{p:?}");
-            assert_eq!(p.gpu_layers, entry.n_layers, "all layers on the GPU: {p:?}");
+            // llama.cpp counts the output layer too: n_layers + 1 is all of them.
+            assert_eq!(
+                p.gpu_layers,
+                entry.n_layers + 1,
+                "all layers on the GPU: {p:?}"
+            );
+            assert!(p.device_sampling && p.sampling_threads > 1, "{p:?}");
         }
         if name.starts_with("2 cores") {
             assert!(entry.size_bytes <= 1_200_000_000, "{p:?}");

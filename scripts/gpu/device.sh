@@ -75,7 +75,7 @@ run)
     cp "$W/comparators.json" "$OUT/"
     bench=$W/bins/bench
     if [ ! -s "$W/h100.json" ]; then
-        "$bench" --sections binding,npcs,cache,player,constrained --npcs 1,8,16,32,64,128,255 --tokens 128 \
+        "$bench" --sections binding,npcs,cache,player,constrained,seed --npcs 1,8,16,32,64,128,255 --tokens 128 \
             --no-sequential --comparators "$W/comparators.json" --label "plan defaults" \
             --json-out "$W/h100.json" 2>&1 | tee "$W/logs/bench.log"
     fi

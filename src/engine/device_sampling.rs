@@ -127,24 +127,116 @@ impl DeviceSampling {
     pub(crate) fn decoded(&mut self) {
         self.retired.clear();
     }
+}
 
-    /// The device's candidates for batch position `i` of the last decode
-    /// (token ids and raw logits), `None` when that output had no chain.
-    /// Waits for the device.
-    pub(crate) fn candidates<'c>(
-        ctx: &'c LlamaContext<'_>,
-        i: i32,
-    ) -> Option<(&'c [i32], &'c [f32])> {
+/// One step's outputs on the host, by output ordinal (the order of the
+/// batch's tokens that asked for logits), found with one wait for the
+/// device instead of one per sequence (each of llama.cpp's per-row getters
+/// synchronises the device and re-checks the output order: ~1–4 µs each,
+/// milliseconds a step at 128+ NPCs).
+pub(crate) struct StepRows<'c> {
+    n_vocab: usize,
+    /// Raw logits rows (`llama_get_logits`: rows in batch order, by contract).
+    raw: *const f32,
+    /// Device top-k rows: token ids and logits bases, and the count per row
+    /// (llama.cpp keeps them at the same `n_vocab` stride as the logits; the
+    /// layout is checked on the step's first and last device rows).
+    top: Option<(*const i32, *const f32, usize)>,
+    ctx: &'c LlamaContext<'c>,
+}
+
+impl<'c> StepRows<'c> {
+    /// `device_rows`: (batch position, output ordinal) of the outputs whose
+    /// sequences have a device top-k, in batch order.
+    pub(crate) fn read(
+        ctx: &'c LlamaContext<'c>,
+        n_vocab: usize,
+        device_rows: &[(i32, usize)],
+    ) -> Self {
         let ptr = ctx.as_raw_ptr();
-        // SAFETY: a live context after a successful decode; llama.cpp keeps
-        // these host buffers until the next decode, which needs `&mut ctx`
-        // (so it cannot happen while the returned borrow of `ctx` lives).
+        // SAFETY: a live context after a successful decode; one wait, then
+        // the rows are in batch order.
+        let raw = unsafe { llama_cpp_sys_2::llama_get_logits(ptr) }.cast_const();
+        let top = match (device_rows.first(), device_rows.last()) {
+            (Some(&first), Some(&last)) => Self::device_bases(ctx, n_vocab, first, last),
+            _ => None,
+        };
+        Self {
+            n_vocab,
+            raw,
+            top,
+            ctx,
+        }
+    }
+
+    /// The bases of the device rows, when the first and last rows sit where
+    /// the stride says (else `None`: [`Self::top`] asks per row).
+    fn device_bases(
+        ctx: &LlamaContext<'_>,
+        n_vocab: usize,
+        (p0, r0): (i32, usize),
+        (p1, r1): (i32, usize),
+    ) -> Option<(*const i32, *const f32, usize)> {
+        let ptr = ctx.as_raw_ptr();
+        // SAFETY: a live context after a decode; pointers only compared here.
         unsafe {
-            let n = llama_cpp_sys_2::llama_get_sampled_logits_count_ith(ptr, i) as usize;
-            let logits = llama_cpp_sys_2::llama_get_sampled_logits_ith(ptr, i);
-            let nc = llama_cpp_sys_2::llama_get_sampled_candidates_count_ith(ptr, i) as usize;
-            let ids = llama_cpp_sys_2::llama_get_sampled_candidates_ith(ptr, i);
-            if n == 0 || logits.is_null() || ids.is_null() || nc != n {
+            let n = llama_cpp_sys_2::llama_get_sampled_logits_count_ith(ptr, p0) as usize;
+            let ids0 = llama_cpp_sys_2::llama_get_sampled_candidates_ith(ptr, p0).cast_const();
+            let log0 = llama_cpp_sys_2::llama_get_sampled_logits_ith(ptr, p0).cast_const();
+            if n == 0 || ids0.is_null() || log0.is_null() {
+                return None;
+            }
+            let ids_base = ids0.wrapping_sub(r0 * n_vocab);
+            let log_base = log0.wrapping_sub(r0 * n_vocab);
+            let ids1 = llama_cpp_sys_2::llama_get_sampled_candidates_ith(ptr, p1).cast_const();
+            let log1 = llama_cpp_sys_2::llama_get_sampled_logits_ith(ptr, p1).cast_const();
+            let n1 = llama_cpp_sys_2::llama_get_sampled_logits_count_ith(ptr, p1) as usize;
+            let fits = ids1 == ids_base.wrapping_add(r1 * n_vocab)
+                && log1 == log_base.wrapping_add(r1 * n_vocab)
+                && n1 == n;
+            fits.then_some((ids_base, log_base, n))
+        }
+    }
+
+    /// Whether the device rows were found at the logits' stride (one wait
+    /// per step); `false` with device rows means one wait per row.
+    pub(crate) fn strided(&self) -> bool {
+        self.top.is_some()
+    }
+
+    /// The whole logits row of output `ordinal` (its sequence had no device top-k).
+    pub(crate) fn full(&self, ordinal: usize) -> Option<&'c [f32]> {
+        if self.raw.is_null() {
+            return None;
+        }
+        // SAFETY: llama.cpp holds one row of n_vocab floats per output of the
+        // last decode, contiguous in batch order, until the next decode
+        // (which needs `&mut` of the context borrowed here).
+        Some(unsafe {
+            std::slice::from_raw_parts(self.raw.add(ordinal * self.n_vocab), self.n_vocab)
+        })
+    }
+
+    /// The device's candidates (token ids, raw logits) of the output at batch
+    /// position `pos`, output `ordinal`; `None` when it had no device top-k.
+    pub(crate) fn top(&self, pos: i32, ordinal: usize) -> Option<(&'c [i32], &'c [f32])> {
+        if let Some((ids, logits, n)) = self.top {
+            // SAFETY: checked layout (see `device_bases`); buffers live until
+            // the next decode, as above.
+            return Some(unsafe {
+                (
+                    std::slice::from_raw_parts(ids.add(ordinal * self.n_vocab), n),
+                    std::slice::from_raw_parts(logits.add(ordinal * self.n_vocab), n),
+                )
+            });
+        }
+        let ptr = self.ctx.as_raw_ptr();
+        // SAFETY: as in `full`; the per-row getters.
+        unsafe {
+            let n = llama_cpp_sys_2::llama_get_sampled_logits_count_ith(ptr, pos) as usize;
+            let logits = llama_cpp_sys_2::llama_get_sampled_logits_ith(ptr, pos);
+            let ids = llama_cpp_sys_2::llama_get_sampled_candidates_ith(ptr, pos);
+            if n == 0 || logits.is_null() || ids.is_null() {
                 return None;
             }
             Some((

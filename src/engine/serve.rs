@@ -15,7 +15,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
 use super::backend::local::context_sequences;
-use super::device_sampling::{DEVICE_TOP_K, DeviceSampling};
+use super::device_sampling::{DEVICE_TOP_K, DeviceSampling, StepRows};
 use super::prompt::PromptRenderer;
 use super::protocol::{EngineCounters, Event, Job, Knobs, LoadSpec, RequestId};
 use super::sampler::Sampler;
@@ -114,6 +114,12 @@ pub(crate) struct Server<'m> {
     device: Option<DeviceSampling>,
     /// Threads choosing tokens in parallel (GPU plans with many sequences).
     pool: Option<rayon::ThreadPool>,
+    /// Per batch position of this step: its output ordinal, or -1 (reused).
+    out_rows: Vec<i32>,
+    /// This step's (batch position, output ordinal) with a device top-k (reused).
+    device_rows: Vec<(i32, usize)>,
+    /// The slow-path warning was logged.
+    warned_stride: bool,
 }
 
 fn fresh_seed() -> u32 {
@@ -196,6 +202,9 @@ impl<'m> Server<'m> {
                         .ok()
                 })
                 .flatten(),
+            out_rows: Vec::with_capacity(batch_size),
+            device_rows: Vec::with_capacity(sequences),
+            warned_stride: false,
         })
     }
 
@@ -372,8 +381,16 @@ impl<'m> Server<'m> {
         let plan = self.sched.plan();
         let t_batch = Instant::now();
         self.batch.clear();
+        self.out_rows.clear();
+        let mut outputs = 0;
         let mut built = Ok(());
         for t in &plan.tokens {
+            self.out_rows.push(if t.logits {
+                outputs += 1;
+                outputs - 1
+            } else {
+                -1
+            });
             if let Err(e) = self.batch.add(t.token, t.pos, &[t.seq], t.logits) {
                 built = Err(format!(
                     "cannot add token {} of {} to the batch: {e}",
@@ -446,8 +463,32 @@ impl<'m> Server<'m> {
                 device,
                 pool,
                 counters,
+                out_rows,
+                device_rows,
+                model,
+                warned_stride,
                 ..
             } = self;
+            let ordinal = |at: i32| out_rows.get(at as usize).copied().unwrap_or(-1);
+            device_rows.clear();
+            if let Some(d) = device.as_ref() {
+                for seq in seqs.values() {
+                    if let Some(at) = seq.pending
+                        && d.is_attached(seq.slot)
+                        && ordinal(at) >= 0
+                    {
+                        device_rows.push((at, ordinal(at) as usize));
+                    }
+                }
+                device_rows.sort_unstable();
+            }
+            let rows = StepRows::read(ctx, model.n_vocab() as usize, device_rows);
+            if !device_rows.is_empty() && !rows.strided() && !*warned_stride {
+                *warned_stride = true;
+                bevy::log::warn!(
+                    "bevy_npc_llm: llama.cpp's device top-k rows are not where expected; reading them row by row (slower)"
+                );
+            }
             let mut work: Vec<(&mut Seq, Row<'_>)> = Vec::with_capacity(applied.sample.len());
             let mut full_rows = 0;
             for seq in seqs.values_mut() {
@@ -455,20 +496,25 @@ impl<'m> Server<'m> {
                     continue;
                 };
                 let on_device = device.as_ref().is_some_and(|d| d.is_attached(seq.slot));
-                let row = if on_device {
-                    match DeviceSampling::candidates(ctx, at) {
-                        Some((ids, logits)) => Row::Top(ids, logits),
-                        None => {
-                            seq.picked = Some(Err(
-                                "the device returned no candidates for this sequence".into(),
-                            ));
-                            continue;
-                        }
-                    }
-                } else {
-                    full_rows += 1;
-                    Row::Full(ctx.get_logits_ith(at))
+                let row = match (ordinal(at), on_device) {
+                    (r, _) if r < 0 => None,
+                    (r, true) => rows.top(at, r as usize).map(|(ids, l)| Row::Top(ids, l)),
+                    (r, false) => rows.full(r as usize).map(Row::Full),
                 };
+                let Some(row) = row else {
+                    seq.picked = Some(Err(format!(
+                        "llama.cpp returned no {} for this sequence",
+                        if on_device {
+                            "device candidates"
+                        } else {
+                            "logits"
+                        }
+                    )));
+                    continue;
+                };
+                if matches!(row, Row::Full(_)) {
+                    full_rows += 1;
+                }
                 work.push((seq, row));
             }
             counters.device_sampled_tokens += (work.len() - full_rows) as u64;

@@ -186,7 +186,7 @@ pub fn plan(
                     ("CPU".to_string(), None, 0, budget)
                 } else {
                     reason.push_str(&format!(
-                        "; {layers} of {n_layers} layers fit on {} ({} free)",
+                        "; {layers} of {n_layers} layers (output layer included) fit on {} ({} free)",
                         g.description,
                         gib(g.memory_free_bytes)
                     ));
