@@ -88,7 +88,7 @@ run)
         # shellcheck disable=SC2086
         "$bench" --sections npcs --npcs 8,32,128 --tokens 128 --no-sequential \
             --comparators "$W/comparators.json" --label "$label" --json-out "$W/variant$i.json" $flags \
-            2>&1 | tee "$W/logs/variant$i.log" | grep -E "plan:|generation rate|per step: wall|aggregate"
+            2>&1 | tee "$W/logs/variant$i.log" | grep -E "plan:|generation rate|per step: wall|aggregate" || true
     done <<'VARIANTS'
 host-sampling --device-sampling off
 unified-kv --kv-unified on
