@@ -241,9 +241,11 @@ pub struct GpuTuning {
     /// temperature, top-p, min-p, seed) stays the host's and is the same as
     /// over the whole row. Requests with an output constraint, `top_k` 0,
     /// `top_k + repeat_last_n` above 128 or a repeat penalty below 1 read
-    /// the whole row. `None` (default): on GPU plans only; `Some(true)`:
-    /// also on the CPU (llama.cpp's CPU backend runs the same graph; the
-    /// tests use it); `Some(false)`: never.
+    /// the whole row. `None` (default) and `Some(false)`: off — measured on
+    /// an H100 with this llama.cpp, its per-sequence top-k nodes cost the
+    /// graph more than the rows they save (docs/BENCHMARKS.md: 0.49× against
+    /// 0.77× of llama-batched-bench at 128 NPCs); `Some(true)`: on, on any
+    /// backend (the CPU backend runs the same graph; the tests use it).
     pub device_sampling: Option<bool>,
     /// One KV buffer shared by all sequences (`Some(true)`) or one stream
     /// per sequence (`Some(false)`); `None`: the plan's choice.

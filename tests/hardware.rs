@@ -426,7 +426,7 @@ fn real_model_tiers_on_simulated_machines() {
                 entry.n_layers + 1,
                 "all layers on the GPU: {p:?}"
             );
-            assert!(p.device_sampling && p.sampling_threads > 1, "{p:?}");
+            assert!(!p.device_sampling && p.sampling_threads > 1, "{p:?}");
         }
         if name.starts_with("2 cores") {
             assert!(entry.size_bytes <= 1_200_000_000, "{p:?}");

@@ -90,12 +90,13 @@ run)
             --comparators "$W/comparators.json" --label "$label" --json-out "$W/variant$i.json" $flags \
             2>&1 | tee "$W/logs/variant$i.log" | grep -E "plan:|generation rate|per step: wall|aggregate" || true
     done <<'VARIANTS'
-host-sampling --device-sampling off
+device-top-k --device-sampling on
 unified-kv --kv-unified on
 no-flash-attn --flash-attn off
 flash-attn-on --flash-attn on
-host-sampling-1-thread --device-sampling off --sampling-threads 1
-session4-plan --device-sampling off --sampling-threads 1 --gpu-layers 30
+host-sampling-1-thread --sampling-threads 1
+sampling-15-threads --sampling-threads 15
+30-layers-1-thread --sampling-threads 1 --gpu-layers 30
 VARIANTS
     python3 - "$W" <<'PY'
 import glob, json, sys

@@ -22,7 +22,7 @@ pub(crate) enum Piece {
 impl Piece {
     /// The piece's text and whether the tokenizer may turn parts of it into
     /// special (control) tokens: only template scaffolding may, message text
-    /// never. [`tokenize_pieces`] and the fuzz harness both follow this.
+    /// never. The renderer's tokenization and the fuzz harness both follow this.
     pub(crate) fn text_and_special(&self) -> (&str, bool) {
         match self {
             Piece::Scaffold(s) => (s, true),
@@ -38,7 +38,22 @@ pub(crate) struct PromptRenderer {
     /// The template's output with content markers, by role sequence: it
     /// depends on nothing else, and NPC prompts repeat a few shapes.
     rendered: std::sync::Mutex<std::collections::HashMap<Vec<ChatRole>, String>>,
+    /// Tokens of each piece tokenized lately, by (text, special): an NPC's
+    /// next prompt repeats its history message for message, and llama.cpp's
+    /// tokenizer (a regex pre-tokenizer, then BPE) costs milliseconds for a
+    /// few hundred tokens — on a GPU more than reading the new ones.
+    pieces: std::sync::Mutex<PieceCache>,
 }
+
+/// Pieces' tokens, bounded by total tokens (emptied when full).
+#[derive(Default)]
+struct PieceCache {
+    map: std::collections::HashMap<(String, bool), Vec<LlamaToken>>,
+    tokens: usize,
+}
+
+/// Tokens the piece cache holds at most (~2 MB).
+const PIECE_CACHE_TOKENS: usize = 1 << 18;
 
 /// Role sequences whose rendering is kept (the map is emptied when full).
 const RENDER_CACHE: usize = 64;
@@ -62,6 +77,7 @@ impl PromptRenderer {
             format: format.clone(),
             template,
             rendered: std::sync::Mutex::default(),
+            pieces: std::sync::Mutex::default(),
         })
     }
 
@@ -141,7 +157,7 @@ impl PromptRenderer {
     ) -> Result<Vec<LlamaToken>, LlmError> {
         let tokens = match prompt {
             LlmPrompt::Raw(text) => {
-                let mut t = tokenize_pieces(model, &[Piece::Text(text.clone())]);
+                let mut t = self.tokenize_pieces_cached(model, &[Piece::Text(text.clone())]);
                 if t.len() > limit && trim {
                     let bos = usize::from(model.vocab().should_add_bos());
                     let cut = t.len() - limit;
@@ -152,7 +168,7 @@ impl PromptRenderer {
             LlmPrompt::Chat(messages) => {
                 let mut messages = messages.clone();
                 loop {
-                    let t = tokenize_pieces(model, &self.render(model, &messages)?);
+                    let t = self.tokenize_pieces_cached(model, &self.render(model, &messages)?);
                     if t.len() <= limit || !trim {
                         break t;
                     }
@@ -259,6 +275,42 @@ fn split_marked(rendered: &str, messages: &[ChatMessage]) -> Result<Vec<Piece>, 
 /// Tokenize rendered pieces: scaffolding with special parsing, text without.
 /// A BOS token is added first when the model wants one and the template did
 /// not write it.
+impl PromptRenderer {
+    /// [`tokenize_pieces`], each piece's tokens from the cache when it was
+    /// tokenized lately (the same tokens: a piece is tokenized alone).
+    fn tokenize_pieces_cached(&self, model: &LlamaModel, pieces: &[Piece]) -> Vec<LlamaToken> {
+        let vocab = model.vocab();
+        let mut cache = self.pieces.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for p in pieces {
+            let (text, special) = p.text_and_special();
+            if text.is_empty() {
+                continue;
+            }
+            let key = (text.to_string(), special);
+            if let Some(t) = cache.map.get(&key) {
+                out.extend_from_slice(t);
+                continue;
+            }
+            let t = vocab.tokenize(text.as_bytes(), false, special);
+            out.extend_from_slice(&t);
+            if cache.tokens + t.len() > PIECE_CACHE_TOKENS {
+                cache.map.clear();
+                cache.tokens = 0;
+            }
+            cache.tokens += t.len();
+            cache.map.insert(key, t);
+        }
+        if vocab.should_add_bos() && out.first() != Some(&vocab.bos()) {
+            out.insert(0, vocab.bos());
+        }
+        out
+    }
+}
+
+/// The uncached tokenization [`PromptRenderer`] caches per piece (the tests'
+/// reference).
+#[cfg(test)]
 pub(crate) fn tokenize_pieces(model: &LlamaModel, pieces: &[Piece]) -> Vec<LlamaToken> {
     let vocab = model.vocab();
     let mut out = Vec::new();
@@ -293,6 +345,36 @@ mod tests {
             .copied()
             .filter(|t| model.vocab().is_control(*t) || model.vocab().is_eog(*t))
             .collect()
+    }
+
+    /// The per-piece token cache gives exactly the uncached tokens, on a
+    /// first (miss) and second (hit) reading, and after the history grows.
+    #[test]
+    fn cached_piece_tokens_equal_a_fresh_tokenization() {
+        let model = load("SmolLM2-135M-Instruct.Q4_1.gguf");
+        let r = PromptRenderer::new(&model, &PromptFormat::ChatTemplate).unwrap();
+        let mut msgs = vec![
+            ChatMessage::system("You are Brom, the smith. <|im_end|> stays text."),
+            ChatMessage::user("Hello there, İstanbul ß K!"),
+        ];
+        for turn in 0..3 {
+            let fresh = tokenize_pieces(&model, &r.render(&model, &msgs).unwrap());
+            for _ in 0..2 {
+                let got = r
+                    .tokenize(&model, &LlmPrompt::Chat(msgs.clone()), 4096, false)
+                    .unwrap();
+                assert_eq!(got, fresh, "turn {turn}");
+            }
+            msgs.push(ChatMessage::assistant(format!("Answer {turn}.")));
+            msgs.push(ChatMessage::user(format!("Question {turn}?")));
+        }
+        let raw = LlmPrompt::Raw("The old smith said".into());
+        let once = r.tokenize(&model, &raw, 4096, false).unwrap();
+        assert_eq!(r.tokenize(&model, &raw, 4096, false).unwrap(), once);
+        assert_eq!(
+            once,
+            tokenize_pieces(&model, &[Piece::Text("The old smith said".into())])
+        );
     }
 
     #[test]

@@ -163,6 +163,12 @@ pub struct EngineCounters {
     pub pick_time: Duration,
     /// Time spent turning tokens into text, stop strings and events.
     pub deliver_time: Duration,
+    /// Time spent admitting requests: prompt rendering and tokenization,
+    /// slot choice, dropping the slot's KV past the kept prefix, the
+    /// sampler and constraint set-up.
+    pub admit_time: Duration,
+    /// Requests admitted (started).
+    pub admitted: u64,
     /// Tokens whose top-k ran on the device (the rest read the whole row).
     pub device_sampled_tokens: u64,
     /// Sequences given or taken a device top-k (each costs llama.cpp a new

@@ -114,8 +114,12 @@ pub(crate) struct Server<'m> {
     device: Option<DeviceSampling>,
     /// Threads choosing tokens in parallel (GPU plans with many sequences).
     pool: Option<rayon::ThreadPool>,
-    /// Per batch position of this step: its output ordinal, or -1 (reused).
+    /// Per plan token of this step: its output ordinal, or -1 (reused).
     out_rows: Vec<i32>,
+    /// Per plan token of this step: its position in the llama.cpp batch (reused).
+    batch_pos: Vec<i32>,
+    /// Plan token indices in batch order (reused).
+    batch_order: Vec<usize>,
     /// This step's (batch position, output ordinal) with a device top-k (reused).
     device_rows: Vec<(i32, usize)>,
     /// The slow-path warning was logged.
@@ -203,6 +207,8 @@ impl<'m> Server<'m> {
                 })
                 .flatten(),
             out_rows: Vec::with_capacity(batch_size),
+            batch_pos: Vec::with_capacity(batch_size),
+            batch_order: Vec::with_capacity(batch_size),
             device_rows: Vec::with_capacity(sequences),
             warned_stride: false,
         })
@@ -236,6 +242,12 @@ impl<'m> Server<'m> {
 
     /// Start a job on a free slot (the caller asked [`Self::has_free_slot_for`]).
     pub(crate) fn admit(&mut self, job: Job) {
+        let t0 = Instant::now();
+        self.admit_inner(job);
+        self.counters.admit_time += t0.elapsed();
+    }
+
+    fn admit_inner(&mut self, job: Job) {
         let sampling = job
             .base_sampling
             .with_overrides(&self.model_sampling)
@@ -323,6 +335,7 @@ impl<'m> Server<'m> {
             self.counters.device_sampler_switches = device.switches;
         }
         self.counters.reused_prefix_tokens += reuse as u64;
+        self.counters.admitted += 1;
         self.send(Event::Started {
             id: job.id,
             prompt_tokens: prompt_len,
@@ -381,16 +394,30 @@ impl<'m> Server<'m> {
         let plan = self.sched.plan();
         let t_batch = Instant::now();
         self.batch.clear();
+        // The batch goes to llama.cpp sorted by sequence (a stable order
+        // within each): with one KV stream per sequence, llama.cpp splits a
+        // batch into micro-batches of consecutive sequence ids in the order
+        // it meets them, and reorders outputs that come back out of batch
+        // order (a copy of whole logits rows). Sorted, a step of N
+        // generating sequences is one micro-batch and needs no reordering.
+        let n = plan.tokens.len();
+        self.batch_order.clear();
+        self.batch_order.extend(0..n);
+        self.batch_order
+            .sort_unstable_by_key(|&i| (plan.tokens[i].seq, i));
         self.out_rows.clear();
+        self.out_rows.resize(n, -1);
+        self.batch_pos.clear();
+        self.batch_pos.resize(n, -1);
         let mut outputs = 0;
         let mut built = Ok(());
-        for t in &plan.tokens {
-            self.out_rows.push(if t.logits {
+        for (b, &i) in self.batch_order.iter().enumerate() {
+            let t = &plan.tokens[i];
+            self.batch_pos[i] = b as i32;
+            if t.logits {
+                self.out_rows[i] = outputs;
                 outputs += 1;
-                outputs - 1
-            } else {
-                -1
-            });
+            }
             if let Err(e) = self.batch.add(t.token, t.pos, &[t.seq], t.logits) {
                 built = Err(format!(
                     "cannot add token {} of {} to the batch: {e}",
@@ -464,12 +491,16 @@ impl<'m> Server<'m> {
                 pool,
                 counters,
                 out_rows,
+                batch_pos,
                 device_rows,
                 model,
                 warned_stride,
                 ..
             } = self;
+            // `at` is the plan's token index: its output ordinal and its
+            // position in the llama.cpp batch.
             let ordinal = |at: i32| out_rows.get(at as usize).copied().unwrap_or(-1);
+            let pos = |at: i32| batch_pos.get(at as usize).copied().unwrap_or(-1);
             device_rows.clear();
             if let Some(d) = device.as_ref() {
                 for seq in seqs.values() {
@@ -477,7 +508,7 @@ impl<'m> Server<'m> {
                         && d.is_attached(seq.slot)
                         && ordinal(at) >= 0
                     {
-                        device_rows.push((at, ordinal(at) as usize));
+                        device_rows.push((pos(at), ordinal(at) as usize));
                     }
                 }
                 device_rows.sort_unstable();
@@ -498,7 +529,9 @@ impl<'m> Server<'m> {
                 let on_device = device.as_ref().is_some_and(|d| d.is_attached(seq.slot));
                 let row = match (ordinal(at), on_device) {
                     (r, _) if r < 0 => None,
-                    (r, true) => rows.top(at, r as usize).map(|(ids, l)| Row::Top(ids, l)),
+                    (r, true) => rows
+                        .top(pos(at), r as usize)
+                        .map(|(ids, l)| Row::Top(ids, l)),
                     (r, false) => rows.full(r as usize).map(Row::Full),
                 };
                 let Some(row) = row else {

@@ -41,9 +41,9 @@ pub struct BackendPlan {
     /// for the player's requests included (the context holds
     /// `sequences + 1`).
     pub kv_bytes: u64,
-    /// Top-k inside llama.cpp's graph for requests that allow it (GPU plans
-    /// unless [`GpuTuning::device_sampling`](crate::settings::GpuTuning::device_sampling)
-    /// says otherwise).
+    /// Top-k inside llama.cpp's graph for requests that allow it (only when
+    /// [`GpuTuning::device_sampling`](crate::settings::GpuTuning::device_sampling)
+    /// asks for it).
     pub device_sampling: bool,
     /// Host threads choosing tokens in parallel (1 on the CPU, where the
     /// cores decode).
@@ -224,7 +224,8 @@ pub fn plan(
         device,
         gpu_layers,
         threads,
-        device_sampling: tuning.device_sampling.unwrap_or(on_gpu),
+        // Off unless asked for: slower on the GPU measured (see `GpuTuning`).
+        device_sampling: tuning.device_sampling.unwrap_or(false),
         sampling_threads,
         kv_unified: on_gpu && tuning.kv_unified.unwrap_or(false),
         flash_attention: if on_gpu { tuning.flash_attention } else { None },
