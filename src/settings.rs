@@ -243,8 +243,8 @@ pub struct GpuTuning {
     /// `top_k + repeat_last_n` above 128 or a repeat penalty below 1 read
     /// the whole row. `None` (default) and `Some(false)`: off — measured on
     /// an H100 with this llama.cpp, its per-sequence top-k nodes cost the
-    /// graph more than the rows they save (docs/BENCHMARKS.md: 0.49× against
-    /// 0.77× of llama-batched-bench at 128 NPCs); `Some(true)`: on, on any
+    /// graph more than the rows they save (docs/BENCHMARKS.md: 0.50× against
+    /// 0.80× of llama-batched-bench's rate at 128 NPCs); `Some(true)`: on, on any
     /// backend (the CPU backend runs the same graph; the tests use it).
     pub device_sampling: Option<bool>,
     /// One KV buffer shared by all sequences (`Some(true)`) or one stream
@@ -253,9 +253,11 @@ pub struct GpuTuning {
     /// Flash attention on or off; `None`: llama.cpp's choice (on where the
     /// device supports it).
     pub flash_attention: Option<bool>,
-    /// Host threads choosing tokens in parallel when many sequences read
-    /// whole rows in one step (constrained requests); 0: the plan's choice
-    /// (on a GPU, the physical cores minus one, at most 8).
+    /// Host threads choosing the tokens of many sequences in one step (each
+    /// scans its logits row, and a constrained one computes its mask), a
+    /// small fixed pool apart from Bevy's; 0: the plan's choice (on a GPU,
+    /// the physical cores minus one, at most 8; on the CPU 1, as the cores
+    /// are busy decoding).
     pub sampling_threads: u32,
 }
 
