@@ -80,6 +80,7 @@ run)
             --json-out "$W/h100.json" 2>&1 | tee "$W/logs/bench.log"
     fi
     cp "$W/h100.json" "$W/logs/bench.log" "$OUT/"
+    python3 scripts/gpu/check-targets.py "$W/h100.json" | tee "$W/logs/targets.txt"
     # Plan variants, the npcs section only, each against the same comparators.
     i=0
     while read -r label flags; do
