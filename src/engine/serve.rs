@@ -44,7 +44,7 @@ struct Seq {
     last_token: Instant,
     /// The llama.cpp sequence (slot) it runs on.
     slot: usize,
-    /// This step: the batch position of its logits, then the token chosen.
+    /// This step: the plan's index of its logits token, then the token chosen.
     pending: Option<i32>,
     picked: Option<Result<LlamaToken, String>>,
 }
@@ -109,10 +109,12 @@ pub(crate) struct Server<'m> {
     /// Compiles output constraints for this model's vocabulary; built on the
     /// first constrained request.
     constraints: Option<ConstraintCompiler>,
-    /// Device top-k per slot (GPU plans). Declared after `ctx`: the chains
-    /// are freed after the context that borrows them.
+    /// Device top-k per slot (opt-in: `LlmSettings::gpu.device_sampling`).
+    /// Declared after `ctx`: the chains are freed after the context that
+    /// borrows them.
     device: Option<DeviceSampling>,
-    /// Threads choosing tokens in parallel (GPU plans with many sequences).
+    /// Threads choosing tokens in parallel (the plan's `sampling_threads` > 1:
+    /// GPU plans; on the CPU the cores are busy decoding).
     pool: Option<rayon::ThreadPool>,
     /// Per plan token of this step: its output ordinal, or -1 (reused).
     out_rows: Vec<i32>,
