@@ -248,20 +248,26 @@ fn running_as_root() -> bool {
 /// A model file without read permission fails with a typed `VerifyError::Io`
 /// naming the file, and a request gets `ModelUnavailable`. Root reads any
 /// file, so as root the test runs itself again as `nobody` (util-linux
-/// `setpriv`) from a world-readable copy of this test binary.
+/// `setpriv`) from a world-readable copy of this test binary and of the
+/// model registry (the checkout itself may sit where `nobody` cannot read,
+/// e.g. under a mode-700 `/root`).
 #[test]
 fn unreadable_model_file_fails_typed() {
     use bevy_npc_llm::errors::VerifyError;
     const CHILD: &str = "BEVY_NPC_LLM_UNREADABLE_CHILD";
+    const REGISTRY: &str = "BEVY_NPC_LLM_UNREADABLE_REGISTRY";
     if std::env::var_os(CHILD).is_none() && running_as_root() {
         let dir =
             std::env::temp_dir().join(format!("npc-llm-unreadable-exe-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let exe = dir.join("reliability-test");
         std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        let registry = dir.join("models.ron");
+        std::fs::copy(models_dir().join("models.ron"), &registry).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&registry, std::fs::Permissions::from_mode(0o644)).unwrap();
         let out = std::process::Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(&exe)
@@ -271,7 +277,8 @@ fn unreadable_model_file_fails_typed() {
                 "--nocapture",
             ])
             .env(CHILD, "1")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env(REGISTRY, &registry)
+            .current_dir(&dir)
             .output()
             .expect("setpriv (util-linux) runs the test as nobody");
         let _ = std::fs::remove_dir_all(&dir);
@@ -293,7 +300,9 @@ fn unreadable_model_file_fails_typed() {
         std::fs::File::open(&file).is_err(),
         "this user can still read a mode-000 file"
     );
-    let mut app = app();
+    let registry =
+        std::env::var_os(REGISTRY).map_or_else(|| models_dir().join("models.ron"), Into::into);
+    let mut app = app_with_registry(settings(), &registry);
     app.update(); // the registry file is read at startup
     {
         let mut reg = app.world_mut().resource_mut::<ModelRegistry>();

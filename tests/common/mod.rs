@@ -107,10 +107,15 @@ impl Recorded {
 }
 
 pub fn app_with(settings: LlmSettings) -> App {
+    app_with_registry(settings, &models_dir().join("models.ron"))
+}
+
+/// [`app_with`] reading the model registry from `registry`.
+pub fn app_with_registry(settings: LlmSettings, registry: &std::path::Path) -> App {
     let mut app = App::new();
     app.add_plugins(MinimalPlugins).add_plugins(
         NpcLlmPlugin::default()
-            .with_registry_path(models_dir().join("models.ron"))
+            .with_registry_path(registry)
             .with_settings(settings),
     );
     app.init_resource::<Recorded>();
