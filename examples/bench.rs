@@ -612,43 +612,33 @@ fn constrained(args: &Args, f: &mut Figures) {
             }
         }
         let per_token = |k: usize| wall[k].as_secs_f64() * 1e3 / tokens[k].max(1) as f64;
-        f.add(
-            "constrained",
-            &format!("B={n} free text: wall time per generated token"),
-            per_token(0),
-            "ms",
-        );
-        f.add(
-            "constrained",
-            &format!("B={n} JSON schema: wall time per generated token"),
-            per_token(1),
-            "ms",
-        );
+        // Besides wall time: the constraint's own cost, token choice (mask +
+        // draw) per token. (On a GPU a step costs about the same for 1 or 8
+        // sequences, so wall time per token there mostly tells how many JSON
+        // answers, which end at different lengths, were still running.)
         for (k, what) in ["free text", "JSON schema"].into_iter().enumerate() {
-            f.add(
-                "constrained",
-                &format!("B={n} {what}: sampling time per step"),
-                sample[k].as_secs_f64() * 1e3 / steps[k].max(1) as f64,
-                "ms",
-            );
-        }
-        // The constraint's own cost: token choice (mask + draw) per token.
-        // (On a GPU a step costs about the same for 1 or 8 sequences, so
-        // wall time per token there mostly tells how many JSON answers,
-        // which end at different lengths, were still running.)
-        for (k, what) in ["free text", "JSON schema"].into_iter().enumerate() {
-            f.add(
-                "constrained",
-                &format!("B={n} {what}: token choice per generated token"),
-                pick[k].as_secs_f64() * 1e3 / tokens[k].max(1) as f64,
-                "ms",
-            );
-            f.add(
-                "constrained",
-                &format!("B={n} {what}: sequences per decode step"),
-                tokens[k] as f64 / steps[k].max(1) as f64,
-                "seq",
-            );
+            let per_step = |d: Duration| d.as_secs_f64() * 1e3 / steps[k].max(1) as f64;
+            for (figure, value, unit) in [
+                ("wall time per generated token", per_token(k), "ms"),
+                ("sampling time per step", per_step(sample[k]), "ms"),
+                (
+                    "token choice per generated token",
+                    pick[k].as_secs_f64() * 1e3 / tokens[k].max(1) as f64,
+                    "ms",
+                ),
+                (
+                    "sequences per decode step",
+                    tokens[k] as f64 / steps[k].max(1) as f64,
+                    "seq",
+                ),
+            ] {
+                f.add(
+                    "constrained",
+                    &format!("B={n} {what}: {figure}"),
+                    value,
+                    unit,
+                );
+            }
         }
         let target = if n == 8 { " (target <= 1.3)" } else { "" };
         f.add(

@@ -228,8 +228,8 @@ pub struct LlmSettings {
     pub gpu: GpuTuning,
 }
 
-/// How the engine uses a GPU when the plan puts the model on one; none of
-/// it changes anything on a CPU-only plan. The defaults are what the bench
+/// How the engine uses a GPU when the plan puts the model on one; on a
+/// CPU-only plan only `device_sampling: Some(true)` applies. The defaults are what the bench
 /// measured fastest on an H100 (docs/BENCHMARKS.md); `None` leaves a choice
 /// to the plan.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

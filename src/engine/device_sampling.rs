@@ -177,25 +177,15 @@ impl<'c> StepRows<'c> {
         (p0, r0): (i32, usize),
         (p1, r1): (i32, usize),
     ) -> Option<(*const i32, *const f32, usize)> {
-        let ptr = ctx.as_raw_ptr();
-        // SAFETY: a live context after a decode; pointers only compared here.
-        unsafe {
-            let n = llama_cpp_sys_2::llama_get_sampled_logits_count_ith(ptr, p0) as usize;
-            let ids0 = llama_cpp_sys_2::llama_get_sampled_candidates_ith(ptr, p0).cast_const();
-            let log0 = llama_cpp_sys_2::llama_get_sampled_logits_ith(ptr, p0).cast_const();
-            if n == 0 || ids0.is_null() || log0.is_null() {
-                return None;
-            }
-            let ids_base = ids0.wrapping_sub(r0 * n_vocab);
-            let log_base = log0.wrapping_sub(r0 * n_vocab);
-            let ids1 = llama_cpp_sys_2::llama_get_sampled_candidates_ith(ptr, p1).cast_const();
-            let log1 = llama_cpp_sys_2::llama_get_sampled_logits_ith(ptr, p1).cast_const();
-            let n1 = llama_cpp_sys_2::llama_get_sampled_logits_count_ith(ptr, p1) as usize;
-            let fits = ids1 == ids_base.wrapping_add(r1 * n_vocab)
-                && log1 == log_base.wrapping_add(r1 * n_vocab)
-                && n1 == n;
-            fits.then_some((ids_base, log_base, n))
-        }
+        let (ids0, log0, n) = sampled_row(ctx, p0)?;
+        let (ids1, log1, n1) = sampled_row(ctx, p1)?;
+        // Pointers only compared here.
+        let ids_base = ids0.wrapping_sub(r0 * n_vocab);
+        let log_base = log0.wrapping_sub(r0 * n_vocab);
+        let fits = ids1 == ids_base.wrapping_add(r1 * n_vocab)
+            && log1 == log_base.wrapping_add(r1 * n_vocab)
+            && n1 == n;
+        fits.then_some((ids_base, log_base, n))
     }
 
     /// Whether the device rows were found at the logits' stride (one wait
@@ -230,19 +220,29 @@ impl<'c> StepRows<'c> {
                 )
             });
         }
-        let ptr = self.ctx.as_raw_ptr();
-        // SAFETY: as in `full`; the per-row getters.
-        unsafe {
-            let n = llama_cpp_sys_2::llama_get_sampled_logits_count_ith(ptr, pos) as usize;
-            let logits = llama_cpp_sys_2::llama_get_sampled_logits_ith(ptr, pos);
-            let ids = llama_cpp_sys_2::llama_get_sampled_candidates_ith(ptr, pos);
-            if n == 0 || logits.is_null() || ids.is_null() {
-                return None;
-            }
-            Some((
-                std::slice::from_raw_parts(ids.cast_const(), n),
-                std::slice::from_raw_parts(logits.cast_const(), n),
-            ))
-        }
+        let (ids, logits, n) = sampled_row(self.ctx, pos)?;
+        // SAFETY: as in `full`; llama.cpp's own row pointers and count.
+        Some(unsafe {
+            (
+                std::slice::from_raw_parts(ids, n),
+                std::slice::from_raw_parts(logits, n),
+            )
+        })
     }
+}
+
+/// llama.cpp's device top-k of the output at batch position `pos`: token
+/// ids, logits and their count (`None` when that output had no chain).
+/// Each of these getters waits for the device.
+fn sampled_row(ctx: &LlamaContext<'_>, pos: i32) -> Option<(*const i32, *const f32, usize)> {
+    let ptr = ctx.as_raw_ptr();
+    // SAFETY: a live context after a successful decode.
+    let (n, ids, logits) = unsafe {
+        (
+            llama_cpp_sys_2::llama_get_sampled_logits_count_ith(ptr, pos) as usize,
+            llama_cpp_sys_2::llama_get_sampled_candidates_ith(ptr, pos).cast_const(),
+            llama_cpp_sys_2::llama_get_sampled_logits_ith(ptr, pos).cast_const(),
+        )
+    };
+    (n > 0 && !ids.is_null() && !logits.is_null()).then_some((ids, logits, n))
 }

@@ -30,6 +30,12 @@ pub(crate) struct Sampler {
     masked: Vec<f32>,
 }
 
+/// A repeated token's logit under repeat penalty `rp` (llama.cpp's rule:
+/// positive logits divided, the rest multiplied).
+fn penalty(logit: f32, rp: f32) -> f32 {
+    if logit <= 0.0 { logit * rp } else { logit / rp }
+}
+
 fn splitmix64(x: &mut u64) -> u64 {
     *x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *x;
@@ -62,11 +68,16 @@ impl Sampler {
     fn penalized(&self, token: i32, logit: f32) -> f32 {
         if self.repeat_penalty == 1.0 || !self.history.contains(&token) {
             logit
-        } else if logit <= 0.0 {
-            logit * self.repeat_penalty
         } else {
-            logit / self.repeat_penalty
+            penalty(logit, self.repeat_penalty)
         }
+    }
+
+    /// Keep the `k` best of `self.heap`, best first (ties: lower id first).
+    fn keep_best(&mut self, k: usize) {
+        self.heap
+            .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        self.heap.truncate(k.max(1));
     }
 
     /// Choose the next token from one row of logits, and remember it.
@@ -132,13 +143,11 @@ impl Sampler {
             let rp = self.repeat_penalty;
             for c in &mut self.heap {
                 if self.history.contains(&c.1) {
-                    c.0 = if c.0 <= 0.0 { c.0 * rp } else { c.0 / rp };
+                    c.0 = penalty(c.0, rp);
                 }
             }
         }
-        self.heap
-            .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        self.heap.truncate(k.max(1));
+        self.keep_best(k);
         let token = if self.temperature <= 0.0 {
             self.heap.first().map_or(0, |c| c.1)
         } else {
@@ -223,20 +232,15 @@ impl Sampler {
         } else {
             self.select(logits, k + unique.len());
             if penalize {
+                let rp = self.repeat_penalty;
                 for c in &mut self.heap {
                     if unique.binary_search(&c.1).is_ok() {
-                        c.0 = if c.0 <= 0.0 {
-                            c.0 * self.repeat_penalty
-                        } else {
-                            c.0 / self.repeat_penalty
-                        };
+                        c.0 = penalty(c.0, rp);
                     }
                 }
             }
         }
-        self.heap
-            .sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        self.heap.truncate(k.max(1));
+        self.keep_best(k);
     }
 
     /// Keep the `k` largest logits in `self.heap` (unordered).
