@@ -8,9 +8,10 @@
 //!     [--json] [--json-out FILE]
 //!     [--remote URL]
 //!     [--device-sampling on|off] [--kv-unified on|off] [--flash-attn on|off|auto]
-//!     [--sampling-threads N] [--no-sequential] [--comparators FILE] [--label TEXT]
+//!     [--sampling-threads N] [--lanes N] [--no-sequential] [--comparators FILE] [--label TEXT]
 //!
-//! The GPU knobs set `LlmSettings::gpu` (no effect on a CPU plan).
+//! The GPU knobs set `LlmSettings::gpu` (on a CPU plan only `--device-sampling on`
+//! and `--lanes N` apply).
 //! `--comparators FILE` reads llama.cpp's own figures measured on the same
 //! machine (scripts/gpu/comparators.py writes it: llama-bench `tg`,
 //! llama-batched-bench `S_TG` per B, llama-server's aggregate per N) and adds
@@ -52,6 +53,7 @@ struct Args {
     kv_unified: Option<bool>,
     flash_attn: Option<Option<bool>>,
     sampling_threads: Option<u32>,
+    lanes: Option<u32>,
     /// Skip the one-slot sequential comparison in `npcs`.
     no_sequential: bool,
     /// llama.cpp's figures on this machine (JSON), for the ratios.
@@ -93,6 +95,7 @@ fn parse_args() -> Args {
         kv_unified: None,
         flash_attn: None,
         sampling_threads: None,
+        lanes: None,
         no_sequential: false,
         comparators: None,
         label: None,
@@ -121,6 +124,7 @@ fn parse_args() -> Args {
                 a.flash_attn = Some((v != "auto").then(|| on_off(&v)));
             }
             "--sampling-threads" => a.sampling_threads = Some(val().parse().unwrap()),
+            "--lanes" => a.lanes = Some(val().parse().unwrap()),
             "--no-sequential" => a.no_sequential = true,
             "--label" => a.label = Some(val()),
             "--comparators" => {
@@ -182,6 +186,9 @@ fn base_settings(args: &Args) -> LlmSettings {
     }
     if let Some(v) = args.sampling_threads {
         s.gpu.sampling_threads = v;
+    }
+    if let Some(v) = args.lanes {
+        s.gpu.lanes = v;
     }
     // Sampling is the model's recommended one from the registry (what NPCs
     // use); only the binding section asks for greedy, like its plain loop.
@@ -391,11 +398,35 @@ fn binding(args: &Args, f: &mut Figures) {
             "x",
         );
     }
+    if let Some(tg) = comparator_same(args, "llama_bench_tg", None) {
+        f.add(
+            "binding",
+            "llama-bench tg, built from the plugin's llama.cpp",
+            tg,
+            "tok/s",
+        );
+        f.add(
+            "binding",
+            "plugin single stream / same llama.cpp's llama-bench tg (target >= 0.95)",
+            ours / tg,
+            "x",
+        );
+    }
 }
 
 /// A comparator figure: `key` of the comparators JSON, then `sub` (B or N).
 fn comparator(args: &Args, key: &str, sub: Option<usize>) -> Option<f64> {
-    let v = args.comparators.as_ref()?.get(key)?;
+    comparator_in(args.comparators.as_ref()?, key, sub)
+}
+
+/// The same figure from llama.cpp's tools built from the plugin's own
+/// llama.cpp (`same_llama_cpp` in the comparators JSON), if measured.
+fn comparator_same(args: &Args, key: &str, sub: Option<usize>) -> Option<f64> {
+    comparator_in(args.comparators.as_ref()?.get("same_llama_cpp")?, key, sub)
+}
+
+fn comparator_in(doc: &serde_json::Value, key: &str, sub: Option<usize>) -> Option<f64> {
+    let v = doc.get(key)?;
     match sub {
         Some(n) => v.get(n.to_string())?.as_f64(),
         None => v.as_f64(),
@@ -543,15 +574,23 @@ fn npcs(args: &Args, f: &mut Figures) {
                 "1.5",
             ),
         ] {
+            let target = if [8, 32, 128].contains(&n) {
+                format!(" (target >= {target})")
+            } else {
+                String::new()
+            };
             if let Some(theirs) = comparator(args, key, Some(n)) {
-                let target = if [8, 32, 128].contains(&n) {
-                    format!(" (target >= {target})")
-                } else {
-                    String::new()
-                };
                 f.add(
                     "npcs",
                     &format!("N={n:<2} {what}{target}"),
+                    ours / theirs,
+                    "x",
+                );
+            }
+            if let Some(theirs) = comparator_same(args, key, Some(n)) {
+                f.add(
+                    "npcs",
+                    &format!("N={n:<2} same llama.cpp: {what}{target}"),
                     ours / theirs,
                     "x",
                 );
@@ -1104,7 +1143,7 @@ fn main() {
                 .join(", ")
         );
         println!(
-            "plan: model {} on {} ({} GPU layers, {} threads, device top-k {}, sampling threads {}, unified KV {}, flash attention {})",
+            "plan: model {} on {} ({} GPU layers, {} threads, device top-k {}, sampling threads {}, unified KV {}, flash attention {}, lanes {})",
             plan.model,
             plan.device.as_deref().unwrap_or(&plan.backend),
             plan.gpu_layers,
@@ -1114,6 +1153,7 @@ fn main() {
             plan.kv_unified,
             plan.flash_attention
                 .map_or("llama.cpp's choice", |on| if on { "on" } else { "off" }),
+            plan.lanes,
         );
         plan_json = serde_json::json!({
             "backend": plan.backend,
@@ -1124,6 +1164,7 @@ fn main() {
             "sampling_threads": plan.sampling_threads,
             "kv_unified": plan.kv_unified,
             "flash_attention": plan.flash_attention,
+            "lanes": plan.lanes,
             "model": plan.model,
             "machine": format!("{} ({} physical cores)", p.cpu_brand, p.physical_cores),
         });

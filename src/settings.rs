@@ -259,6 +259,15 @@ pub struct GpuTuning {
     /// the physical cores minus one, at most 8; on the CPU 1, as the cores
     /// are busy decoding).
     pub sampling_threads: u32,
+    /// llama.cpp contexts the parallel sequences are split across (1 to
+    /// 4), decoded in turns: while the device computes one lane's step, the
+    /// host chooses another lane's tokens and builds its next graph, so the
+    /// device waits less for the host. Each lane is a context of its own
+    /// (its own compute buffers; a sequence stays in its lane). 0: the plan's
+    /// choice (see [`BackendPlan::lanes`](crate::hardware::BackendPlan::lanes));
+    /// a number applies on any backend (on the CPU the lanes share the
+    /// cores, so it only costs there; the tests use it).
+    pub lanes: u32,
 }
 
 /// How model files are downloaded.
@@ -629,6 +638,9 @@ impl LlmSettings {
                 "gpu.sampling_threads",
                 "must be at most 64 (0 = the plan's choice)",
             );
+        }
+        if self.gpu.lanes > 4 {
+            return bad("gpu.lanes", "must be at most 4 (0 = the plan's choice)");
         }
         if u64::from(self.context_per_sequence) * u64::from(self.max_parallel_sequences) > 4_194_304
         {

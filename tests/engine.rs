@@ -141,6 +141,83 @@ fn device_top_k_matches_host_greedy_repeats_with_a_seed_and_mixes_with_whole_row
     assert!(c1.max_batch_sequences > 1, "{c1:?}");
 }
 
+/// Two lanes (two llama.cpp contexts decoded in turns, `gpu.lanes`): one
+/// sequence alone gives one lane's greedy text; nine NPCs at once spread
+/// over both lanes, a player request joins, one NPC is cancelled mid-answer
+/// and one despawned, and everything else completes; the freed slots serve
+/// again.
+#[test]
+fn two_lanes_match_one_and_serve_cancel_and_despawn_mid_answer() {
+    let greedy = chat("Name three things a blacksmith makes.")
+        .with_temperature(0.0)
+        .with_max_tokens(24);
+    let mut one = app();
+    let want = complete(&mut one, greedy.clone());
+    drop(one);
+    let mut s = settings();
+    s.gpu.lanes = 2;
+    s.max_parallel_sequences = 9;
+    s.sampling.max_tokens = 48;
+    let mut app = app_with(s);
+    assert_eq!(
+        complete(&mut app, greedy.clone()),
+        want,
+        "greedy on two lanes"
+    );
+    let es: Vec<Entity> = (0..9)
+        .map(|i| {
+            request(
+                &mut app,
+                chat(&format!("Tell me a long story about village number {i}.")).with_seed(i),
+            )
+        })
+        .collect();
+    let (cancelled, despawned) = (es[3], es[6]);
+    run_until(&mut app, 120, |app| {
+        let r = app.world().resource::<Recorded>();
+        [cancelled, despawned]
+            .iter()
+            .all(|e| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..))))
+    });
+    let player = request(
+        &mut app,
+        chat("Greet the traveller.")
+            .with_priority(RequestPriority::High)
+            .with_max_tokens(12),
+    );
+    app.world_mut()
+        .write_message(CancelLlmRequest { entity: cancelled });
+    app.world_mut().despawn(despawned);
+    let gone = app.world().resource::<Recorded>().of(despawned).len();
+    let rest: Vec<Entity> = es
+        .iter()
+        .copied()
+        .filter(|e| *e != despawned)
+        .chain([player])
+        .collect();
+    run_until_finished(&mut app, &rest);
+    let r = app.world().resource::<Recorded>();
+    for e in &rest {
+        if *e == cancelled {
+            let recs = r.of(*e);
+            assert!(
+                recs.iter().any(|x| matches!(x, Rec::Cancelled(_))),
+                "{recs:?}"
+            );
+            assert_eq!(tokens_after_cancel(&recs), 0);
+        } else {
+            let text = r.completed_text(*e);
+            assert!(text.is_some_and(|t| !t.is_empty()), "{:?}", r.of(*e));
+        }
+    }
+    assert_eq!(r.of(despawned).len(), gone, "events after despawn");
+    let c = &app.world().resource::<LlmEngineStats>().counters;
+    assert!(c.max_batch_sequences > 1, "{c:?}");
+    // The slots are free again: the greedy request still gives the same text.
+    assert_eq!(complete(&mut app, greedy), want, "greedy after the rush");
+    assert_eq!(app.world().resource::<LlmEngineStats>().in_flight, 0);
+}
+
 #[test]
 fn eight_concurrent_requests_are_batched() {
     let mut app = app();

@@ -2,17 +2,50 @@
 # On the NVIDIA machine (nvcc, cmake, ninja; no Rust): build ggml's CUDA backend
 # module from the same llama.cpp sources the Rust build used, as a loadable
 # module (GGML_BACKEND_DL), into DEST.
-# Usage: build-cuda-backend.sh LLAMA_SRC_TARBALL DEST [CUDA_ARCH=90]
+# With TOOLS_TARBALL (llama.cpp of llama-cpp-python's source package, which
+# has the tool sources the crate's copy lacks), llama-bench and
+# llama-batched-bench are built too, from those tool sources on the crate's
+# llama.cpp and with the same CUDA module, into DEST/same-tools: llama.cpp's
+# own figures for exactly the llama.cpp the plugin runs.
+# Usage: build-cuda-backend.sh LLAMA_SRC_TARBALL DEST [CUDA_ARCH=90] [TOOLS_TARBALL]
 set -euo pipefail
-tarball=$1 dest=$2 arch=${3:-90}
+tarball=$1 dest=$2 arch=${3:-90} tools=${4:-}
 work=/tmp/npc-llm-cuda
 mkdir -p "$work" "$dest"
 tar xzf "$tarball" -C "$work"
-cmake -S "$work/llama.cpp" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_CUDA=ON -DGGML_BACKEND_DL=ON -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF \
-    -DCMAKE_CUDA_ARCHITECTURES="$arch" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
-    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMON=OFF \
-    -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF >"$work/configure.log"
+targets=(ggml-cuda)
+extra=(-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_COMMON=OFF)
+if [ -n "$tools" ]; then
+    mkdir -p "$work/tools-src"
+    tar xzf "$tools" -C "$work/tools-src" llama.cpp/tools/batched-bench llama.cpp/tools/llama-bench
+    rm -rf "$work/llama.cpp/tools"
+    mkdir -p "$work/llama.cpp/tools"
+    cp -r "$work/tools-src/llama.cpp/tools/batched-bench" "$work/tools-src/llama.cpp/tools/llama-bench" \
+        "$work/llama.cpp/tools/"
+    printf 'llama_add_compile_flags()\nadd_subdirectory(batched-bench)\nadd_subdirectory(llama-bench)\n' \
+        > "$work/llama.cpp/tools/CMakeLists.txt"
+    targets+=(ggml-cpu llama-bench llama-batched-bench)
+    extra=(-DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON)
+fi
+configure() {
+    cmake -S "$work/llama.cpp" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DGGML_CUDA=ON -DGGML_BACKEND_DL=ON -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF \
+        -DCMAKE_CUDA_ARCHITECTURES="$arch" -DLLAMA_BUILD_TESTS=OFF "$@" \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+        -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF >"$work/configure.log" 2>&1
+}
+# The tools are a bonus: if they do not configure or build, the module still does.
+if ! configure "${extra[@]}"; then
+    echo "configure with the tools failed (see $work/configure.log); module only"
+    rm -rf "$work/build" && targets=(ggml-cuda) && tools=
+    configure -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_COMMON=OFF
+fi
 time cmake --build "$work/build" --target ggml-cuda -j"$(nproc)" 2>&1 | tail -3
 cp "$(find "$work/build" -name 'libggml-cuda.so' | head -1)" "$dest/"
+if [ -n "$tools" ] && cmake --build "$work/build" --target "${targets[@]:1}" -j"$(nproc)" 2>&1 | tail -3; then
+    # The tools load their backends (CUDA, CPU) from their own directory.
+    mkdir -p "$dest/same-tools"
+    cp "$work/build/bin/"llama-bench "$work/build/bin/"llama-batched-bench "$dest/same-tools/" || true
+    find "$work/build" \( -name 'lib*.so' -o -name 'lib*.so.*' \) -exec cp -P {} "$dest/same-tools/" \;
+fi
 ls -la "$dest"

@@ -37,6 +37,16 @@ for name, f in figs.items():
     if name.startswith("plugin single stream / llama-bench"):
         ours = value("plugin single-stream generation")
         theirs = comp.get("llama_bench_tg")
+    # The same ratios against the tools built from the plugin's own llama.cpp.
+    same = comp.get("same_llama_cpp") or {}
+    m3 = re.match(r"N=(\d+)\s+same llama.cpp: generation rate / llama-batched-bench", name)
+    if m3:
+        n = m3.group(1)
+        ours = value(f"N={int(n):<2} batched generation rate")
+        theirs = same.get("batched_bench_s_tg", {}).get(n)
+    if name.startswith("plugin single stream / same llama.cpp's llama-bench"):
+        ours = value("plugin single-stream generation")
+        theirs = same.get("llama_bench_tg")
     if theirs:
         again = ours / theirs
         if abs(again - f["value"]) > 1e-6 * max(1.0, again):

@@ -8,7 +8,7 @@ streaming /completion clients with the bench's sampling, and writes one JSON:
   {"llama_bench_tg": tok/s, "batched_bench_s_tg": {"8": tok/s, ...},
    "server_aggregate": {"8": tok/s, ...}, "settings": {...}}
 
-Usage: comparators.py TOOLS_BIN MODEL OUT_JSON LOG_DIR [B,B,...] [N,N,...]
+Usage: comparators.py TOOLS_BIN MODEL OUT_JSON LOG_DIR [B,B,...] [N,N,...|-]
 Standard library only (the device machine has no internet).
 """
 import http.client
@@ -20,8 +20,10 @@ import threading
 import time
 
 bin_dir, model, out_json, log_dir = sys.argv[1:5]
+os.makedirs(log_dir, exist_ok=True)
 batches = [int(b) for b in (sys.argv[5] if len(sys.argv) > 5 else "1,8,16,32,64,128,255").split(",")]
-servers = [int(n) for n in (sys.argv[6] if len(sys.argv) > 6 else "1,8,32,128").split(",")]
+# "-": no llama-server run (a tools build without the server).
+servers = [int(n) for n in (sys.argv[6] if len(sys.argv) > 6 else "1,8,32,128").split(",") if n not in ("", "-")]
 TG = 128
 # The bench's sampling for this model (registry values over the settings).
 SAMPLING = dict(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repeat_penalty=1.15, repeat_last_n=64)

@@ -5,8 +5,9 @@
 # Then three device calls, back to back (the machine keeps /tmp only while
 # warm, ~30 s after a call):
 #   1. carry .device/a: bash scripts/gpu/device.sh start .device/a
-#      (unpacks; builds the CUDA backend module from the crate's llama.cpp and
-#      llama.cpp's tools from llama-cpp-python's, both in the background)
+#      (unpacks; builds the CUDA backend module from the crate's llama.cpp,
+#      with llama-bench and llama-batched-bench from that same llama.cpp, and
+#      llama.cpp's tools from llama-cpp-python's, both builds in the background)
 #   2. carry .device/b: bash scripts/gpu/device.sh stash .device/b
 #   3. carry .device/c: bash scripts/gpu/device.sh run .device/c
 #      (waits for the builds; runs llama-bench, llama-batched-bench,
@@ -37,7 +38,7 @@ start)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     nproc
     # Both builds at once, detached from this call (they outlive it).
-    setsid nohup bash -c "bash '$root/scripts/gpu/build-cuda-backend.sh' '$W/in/llama-src.tar.gz' '$W/backends' 90 \
+    setsid nohup bash -c "bash '$root/scripts/gpu/build-cuda-backend.sh' '$W/in/llama-src.tar.gz' '$W/backends' 90 '$W/in/llama-tools-src.tar.gz' \
         && touch '$W/cuda.done' || touch '$W/cuda.failed'" >"$W/logs/cuda-build.log" 2>&1 </dev/null &
     export -f build_tools; export W
     setsid nohup bash -c "build_tools && touch '$W/tools.done' || touch '$W/tools.failed'" \
@@ -72,11 +73,27 @@ run)
         python3 -u scripts/gpu/comparators.py "$tools" "$model" "$W/comparators.json" "$W/logs" \
             2>&1 | tee "$W/logs/comparators.out"
     fi
-    cp "$W/comparators.json" "$OUT/"
+    # The same tools built from the plugin's own llama.cpp (same CUDA module):
+    # separates the plugin's overhead from differences between llama.cpp versions.
+    if [ ! -s "$W/comparators-same.json" ] && [ -x "$W/backends/same-tools/llama-batched-bench" ]; then
+        LD_LIBRARY_PATH=$W/backends/same-tools python3 -u scripts/gpu/comparators.py "$W/backends/same-tools" \
+            "$model" "$W/comparators-same.json" "$W/logs/same" 1,8,16,32,64,128,255 - \
+            2>&1 | tee "$W/logs/comparators-same.out" || true
+    fi
+    python3 - "$W" <<'PY'
+import json, os, sys
+w = sys.argv[1]
+doc = json.load(open(f"{w}/comparators.json"))
+same = f"{w}/comparators-same.json"
+if os.path.exists(same):
+    doc["same_llama_cpp"] = json.load(open(same))
+json.dump(doc, open(f"{w}/comparators-all.json", "w"), indent=2)
+PY
+    cp "$W/comparators-all.json" "$OUT/comparators.json"
     bench=$W/bins/bench
     if [ ! -s "$W/h100.json" ]; then
         "$bench" --sections binding,npcs,cache,player,constrained,seed --npcs 1,8,16,32,64,128,255 --tokens 128 \
-            --no-sequential --comparators "$W/comparators.json" --label "plan defaults" \
+            --no-sequential --comparators "$W/comparators-all.json" --label "plan defaults" \
             --json-out "$W/h100.json" 2>&1 | tee "$W/logs/bench.log"
     fi
     cp "$W/h100.json" "$W/logs/bench.log" "$OUT/"
@@ -88,16 +105,14 @@ run)
         [ -s "$W/variant$i.json" ] && continue
         # shellcheck disable=SC2086
         "$bench" --sections npcs --npcs 8,32,128 --tokens 128 --no-sequential \
-            --comparators "$W/comparators.json" --label "$label" --json-out "$W/variant$i.json" $flags \
+            --comparators "$W/comparators-all.json" --label "$label" --json-out "$W/variant$i.json" $flags \
             2>&1 | tee "$W/logs/variant$i.log" | grep -E "plan:|generation rate|per step: wall|aggregate" || true
     done <<'VARIANTS'
-device-top-k --device-sampling on
-unified-kv --kv-unified on
-no-flash-attn --flash-attn off
-flash-attn-on --flash-attn on
-host-sampling-1-thread --sampling-threads 1
+two-lanes --lanes 2
+three-lanes --lanes 3
+two-lanes-15-threads --lanes 2 --sampling-threads 15
 sampling-15-threads --sampling-threads 15
-30-layers-1-thread --sampling-threads 1 --gpu-layers 30
+device-top-k --device-sampling on
 VARIANTS
     python3 - "$W" <<'PY'
 import glob, json, sys

@@ -217,6 +217,7 @@ pub(crate) fn load_spec(
         sampling_threads: plan.sampling_threads,
         kv_unified: plan.kv_unified,
         flash_attention: plan.flash_attention,
+        lanes: plan.lanes,
     };
     debug_assert!(spec.threads >= 1);
     Ok((spec, plan))

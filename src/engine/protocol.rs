@@ -56,6 +56,9 @@ pub(crate) struct LoadSpec {
     pub kv_unified: bool,
     /// Flash attention on/off; `None`: llama.cpp decides.
     pub flash_attention: Option<bool>,
+    /// llama.cpp contexts the slots are split across, decoded in turns
+    /// (1: one context).
+    pub lanes: u32,
 }
 
 /// Runtime knobs that can change without reloading.

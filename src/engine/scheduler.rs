@@ -50,9 +50,18 @@ pub(crate) struct Limits {
     /// Steps a Normal sequence may sit out while a High prompt is read
     /// before it is scheduled regardless (no starvation).
     pub max_sit_out: u32,
+    /// Lanes the slots are split across (≥ 1): slot `s` decodes in lane
+    /// `s % lanes`, each lane a llama.cpp context of its own, planned,
+    /// decoded and applied on its own (see [`Scheduler::plan_lane`]).
+    pub lanes: usize,
 }
 
 impl Limits {
+    /// The lane slot `slot` decodes in.
+    pub(crate) fn lane_of(&self, slot: usize) -> usize {
+        slot % self.lanes.max(1)
+    }
+
     /// Slots Normal-priority jobs may use.
     pub(crate) fn normal_slots(&self) -> usize {
         if self.slots > 1 {
@@ -124,9 +133,17 @@ pub(crate) struct Plan<T> {
     /// The tokens to add to the batch, in order.
     pub tokens: Vec<BatchToken<T>>,
     entries: Vec<Entry>,
+    /// The lane it was planned for.
+    lane: usize,
 }
 
 impl<T> Plan<T> {
+    /// The lane it was planned for.
+    #[cfg(test)]
+    pub(crate) fn lane(&self) -> usize {
+        self.lane
+    }
+
     /// Sequences in this batch.
     pub(crate) fn sequences(&self) -> usize {
         self.entries.len()
@@ -356,11 +373,22 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     /// (higher priority first), then prompt chunks (higher priority, then
     /// longest waiting); Normal prompts take at most
     /// [`Limits::prompt_chunk`] tokens while others generate.
+    #[cfg(test)]
     pub(crate) fn plan(&mut self) -> Plan<T> {
+        self.plan_lane(0)
+    }
+
+    /// [`Self::plan`] for the sequences of one lane only (their slots'
+    /// llama.cpp context): the sit-out rule and its bound apply within the
+    /// lane, as a lane's batch is decoded apart from the others'. With one
+    /// lane, every sequence.
+    pub(crate) fn plan_lane(&mut self, lane: usize) -> Plan<T> {
+        let limits = self.limits;
+        let in_lane = |s: &Running<T>| limits.lane_of(s.slot) == lane;
         let urgent = self
             .seqs
             .iter()
-            .filter(|s| s.fed < s.prompt.len())
+            .filter(|s| in_lane(s) && s.fed < s.prompt.len())
             .map(|s| s.priority)
             .max()
             .filter(|&p| p > NORMAL);
@@ -369,7 +397,10 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         let forced = |s: &Running<T>| s.sat_out >= max_sit_out;
         let excused = |s: &Running<T>| forced(s) || urgent.is_none_or(|p| s.priority >= p);
         let mut order: Vec<usize> = (0..self.seqs.len())
-            .filter(|&i| self.seqs[i].has_work() && excused(&self.seqs[i]))
+            .filter(|&i| {
+                let s = &self.seqs[i];
+                in_lane(s) && s.has_work() && excused(s)
+            })
             .collect();
         order.sort_by_key(|&i| {
             let s = &self.seqs[i];
@@ -445,7 +476,11 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
                 budget -= take;
             }
         }
-        Plan { tokens, entries }
+        Plan {
+            tokens,
+            entries,
+            lane,
+        }
     }
 
     /// Apply a plan's decode outcome: the only place KV records grow.
@@ -508,8 +543,13 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             }
         }
         if !applied.retry && applied.failed.is_empty() {
-            // Sit-outs count only on steps that decoded.
+            // Sit-outs count only on steps that decoded, and only in the
+            // plan's lane (the other lanes decode their own batches).
+            let limits = self.limits;
             for s in &mut self.seqs {
+                if limits.lane_of(s.slot) != plan.lane {
+                    continue;
+                }
                 if plan.entries.iter().any(|e| e.id == s.id) {
                     s.sat_out = 0;
                 } else if s.has_work() {

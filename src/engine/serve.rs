@@ -14,7 +14,7 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
-use super::backend::local::context_sequences;
+use super::backend::local::{context_sequences, lane_sequences};
 use super::device_sampling::{DEVICE_TOP_K, DeviceSampling, StepRows};
 use super::prompt::PromptRenderer;
 use super::protocol::{EngineCounters, Event, Job, Knobs, LoadSpec, RequestId};
@@ -93,10 +93,35 @@ fn constrained_sample(
     Ok(LlamaToken(tok))
 }
 
-pub(crate) struct Server<'m> {
-    model: &'m LlamaModel,
+/// One llama.cpp context and the slots that decode in it (slot `s` is lane
+/// `s % lanes`, sequence `s / lanes` there). With two or more lanes, one
+/// lane's token choice and next graph build run while the device computes
+/// another's step.
+struct Lane<'m> {
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
+    /// Per plan token of the step in flight: its output ordinal, or -1.
+    out_rows: Vec<i32>,
+    /// Per plan token of the step in flight: its position in the batch.
+    batch_pos: Vec<i32>,
+    /// Plan token indices in batch order (reused).
+    batch_order: Vec<usize>,
+    /// This step's (batch position, output ordinal) with a device top-k (reused).
+    device_rows: Vec<(i32, usize)>,
+    /// Device top-k per sequence of this context (opt-in:
+    /// `LlmSettings::gpu.device_sampling`). Declared after `ctx`: the
+    /// chains are freed after the context that borrows them.
+    device: Option<DeviceSampling>,
+    /// The step decoded (or being computed) whose tokens are not chosen
+    /// yet: the sequences to sample and their plan token index.
+    in_flight: Option<Vec<(RequestId, usize)>>,
+}
+
+pub(crate) struct Server<'m> {
+    model: &'m LlamaModel,
+    lanes: Vec<Lane<'m>>,
+    /// The lane [`Self::step`] advances next.
+    next_lane: usize,
     renderer: PromptRenderer,
     model_sampling: SamplingOverrides,
     sched: Scheduler<LlamaToken>,
@@ -109,21 +134,9 @@ pub(crate) struct Server<'m> {
     /// Compiles output constraints for this model's vocabulary; built on the
     /// first constrained request.
     constraints: Option<ConstraintCompiler>,
-    /// Device top-k per slot (opt-in: `LlmSettings::gpu.device_sampling`).
-    /// Declared after `ctx`: the chains are freed after the context that
-    /// borrows them.
-    device: Option<DeviceSampling>,
     /// Threads choosing tokens in parallel (the plan's `sampling_threads` > 1:
     /// GPU plans; on the CPU the cores are busy decoding).
     pool: Option<rayon::ThreadPool>,
-    /// Per plan token of this step: its output ordinal, or -1 (reused).
-    out_rows: Vec<i32>,
-    /// Per plan token of this step: its position in the llama.cpp batch (reused).
-    batch_pos: Vec<i32>,
-    /// Plan token indices in batch order (reused).
-    batch_order: Vec<usize>,
-    /// This step's (batch position, output ordinal) with a device top-k (reused).
-    device_rows: Vec<(i32, usize)>,
     /// The slow-path warning was logged.
     warned_stride: bool,
 }
@@ -152,18 +165,34 @@ pub(crate) fn sliding_window(model: &LlamaModel) -> usize {
 }
 
 impl<'m> Server<'m> {
+    /// A server over `contexts`, one per lane (the plan's `lanes`), each
+    /// made by `context_params` for [`lane_sequences`] sequences.
     pub(crate) fn new(
         model: &'m LlamaModel,
-        ctx: LlamaContext<'m>,
+        contexts: Vec<LlamaContext<'m>>,
         spec: &LoadSpec,
         knobs: Knobs,
         events: Sender<Event>,
     ) -> Result<Self, String> {
+        if contexts.is_empty() {
+            return Err("internal: no llama.cpp context".into());
+        }
         let renderer = PromptRenderer::new(model, &spec.prompt_format)?;
         let sequences = context_sequences(spec) as usize;
+        let lanes = contexts.len();
+        let in_lane = lane_sequences(spec, lanes as u32) as usize;
         // llama.cpp may round the context; trust what it made.
-        let per_seq = (ctx.n_ctx() as usize / sequences).min(spec.context_per_sequence as usize);
-        let batch_size = ctx.n_batch() as usize;
+        let per_seq = contexts
+            .iter()
+            .map(|c| c.n_ctx() as usize / in_lane)
+            .min()
+            .unwrap_or(0)
+            .min(spec.context_per_sequence as usize);
+        let batch_size = contexts
+            .iter()
+            .map(|c| c.n_batch() as usize)
+            .min()
+            .unwrap_or(1);
         let limits = Limits {
             batch_tokens: batch_size,
             prompt_chunk: knobs.prompt_chunk as usize,
@@ -176,16 +205,32 @@ impl<'m> Server<'m> {
                 sliding_window(model)
             },
             max_sit_out: MAX_SIT_OUT,
+            lanes,
         };
         let counters = EngineCounters {
             slots: sequences,
             kv_cells_total: per_seq * sequences,
             ..Default::default()
         };
+        let lanes = contexts
+            .into_iter()
+            .map(|ctx| Lane {
+                ctx,
+                batch: LlamaBatch::new(batch_size, 1),
+                out_rows: Vec::with_capacity(batch_size),
+                batch_pos: Vec::with_capacity(batch_size),
+                batch_order: Vec::with_capacity(batch_size),
+                device_rows: Vec::with_capacity(in_lane),
+                device: spec
+                    .device_sampling
+                    .then(|| DeviceSampling::new(in_lane, DEVICE_TOP_K)),
+                in_flight: None,
+            })
+            .collect();
         Ok(Self {
             model,
-            ctx,
-            batch: LlamaBatch::new(batch_size, 1),
+            lanes,
+            next_lane: 0,
             renderer,
             model_sampling: spec.model_sampling.clone(),
             sched: Scheduler::new(limits, knobs.prefix_cache),
@@ -196,9 +241,6 @@ impl<'m> Server<'m> {
             counters,
             last_counters: Instant::now(),
             constraints: None,
-            device: spec
-                .device_sampling
-                .then(|| DeviceSampling::new(sequences, DEVICE_TOP_K)),
             pool: (spec.sampling_threads > 1)
                 .then(|| {
                     rayon::ThreadPoolBuilder::new()
@@ -208,20 +250,36 @@ impl<'m> Server<'m> {
                         .ok()
                 })
                 .flatten(),
-            out_rows: Vec::with_capacity(batch_size),
-            batch_pos: Vec::with_capacity(batch_size),
-            batch_order: Vec::with_capacity(batch_size),
-            device_rows: Vec::with_capacity(sequences),
             warned_stride: false,
         })
+    }
+
+    /// A slot's lane and its sequence id in that lane's context.
+    fn locate(&self, slot: usize) -> (usize, i32) {
+        let n = self.lanes.len();
+        (slot % n, (slot / n) as i32)
+    }
+
+    /// Drop a slot's KV from position `from` on (all of it: `None`); the
+    /// lane's device work is waited for first. `false` when llama.cpp
+    /// could not cut it there.
+    fn clear_slot(&mut self, slot: usize, from: Option<u32>) -> bool {
+        let (lane, seq) = self.locate(slot);
+        let ctx = &mut self.lanes[lane].ctx;
+        ctx.synchronize();
+        matches!(
+            ctx.clear_kv_cache_seq(Some(seq as u32), from, None),
+            Ok(true)
+        )
     }
 
     fn send(&self, e: Event) {
         let _ = self.events.send(e);
     }
 
+    /// Nothing runs and no decoded step waits for its tokens.
     pub(crate) fn is_idle(&self) -> bool {
-        self.sched.is_idle()
+        self.sched.is_idle() && self.lanes.iter().all(|l| l.in_flight.is_none())
     }
 
     /// Whether a job of `priority` may start now (the scheduler decides).
@@ -231,7 +289,7 @@ impl<'m> Server<'m> {
 
     pub(crate) fn configure(&mut self, knobs: Knobs) {
         for slot in self.sched.set_prefix_cache(knobs.prefix_cache) {
-            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+            self.clear_slot(slot, None);
         }
         self.sched.set_prompt_chunk(knobs.prompt_chunk as usize);
         self.knobs = knobs;
@@ -297,11 +355,12 @@ impl<'m> Server<'m> {
             }
         };
         let prompt_len = prompt.len();
-        let ctx = &self.ctx;
+        let lanes = &self.lanes;
+        let n = lanes.len();
         let admitted = match self
             .sched
             .admit(job.id, job.priority, job.cache_key, prompt, |slot| {
-                ctx.kv_cache_seq_pos_min(slot as i32)
+                lanes[slot % n].ctx.kv_cache_seq_pos_min((slot / n) as i32)
             }) {
             Ok(a) => a,
             Err(e) => {
@@ -310,14 +369,9 @@ impl<'m> Server<'m> {
             }
         };
         // Drop the slot's KV past the kept prefix.
-        let seq_id = admitted.slot as u32;
         let mut reuse = admitted.reuse;
-        if !matches!(
-            self.ctx
-                .clear_kv_cache_seq(Some(seq_id), Some(reuse as u32), None),
-            Ok(true)
-        ) {
-            let _ = self.ctx.clear_kv_cache_seq(Some(seq_id), None, None);
+        if !self.clear_slot(admitted.slot, Some(reuse as u32)) {
+            self.clear_slot(admitted.slot, None);
             self.sched.restart_prompt(job.id);
             reuse = 0;
         }
@@ -331,11 +385,18 @@ impl<'m> Server<'m> {
         let sampler = Sampler::new(&sampling, seed);
         // Top-k on the device when the draw over its candidates is exact
         // and no constraint needs the whole row; the slot's chain follows.
-        if let Some(device) = self.device.as_mut() {
+        let (lane, lane_seq) = self.locate(admitted.slot);
+        let Lane { ctx, device, .. } = &mut self.lanes[lane];
+        if let Some(device) = device.as_mut() {
             let want = matcher.is_none() && sampler.fits_top_k(device.k());
-            device.set(&mut self.ctx, admitted.slot, want);
-            self.counters.device_sampler_switches = device.switches;
+            device.set(ctx, lane_seq as usize, want);
         }
+        self.counters.device_sampler_switches = self
+            .lanes
+            .iter()
+            .filter_map(|l| l.device.as_ref())
+            .map(|d| d.switches)
+            .sum();
         self.counters.reused_prefix_tokens += reuse as u64;
         self.counters.admitted += 1;
         self.send(Event::Started {
@@ -380,22 +441,50 @@ impl<'m> Server<'m> {
 
     /// Fail every running sequence (model going away).
     pub(crate) fn fail_all(&mut self, error: &LlmError) {
+        for lane in &mut self.lanes {
+            lane.ctx.synchronize();
+            lane.in_flight = None;
+        }
         for (id, slot) in self.sched.drop_all() {
-            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+            self.clear_slot(slot, None);
             self.seqs.remove(&id);
             self.fail(id, error.clone());
         }
     }
 
-    /// One decode step: the scheduler's plan into a batch, decode, the
-    /// outcome back to the scheduler, then sampling of what it names.
+    /// Advance one lane: choose the tokens of its decoded step (waiting for
+    /// the device), then turn the scheduler's plan for it into a batch and
+    /// start decoding it. With one lane that is one decode step per call,
+    /// its tokens chosen at the start of the next call; with several, the
+    /// lanes take turns, so the device computes one lane's step while the
+    /// host chooses another's tokens and builds its next graph.
     pub(crate) fn step(&mut self) {
+        if self.is_idle() {
+            return;
+        }
+        let n = self.lanes.len();
+        let lane = self.next_lane % n;
+        self.next_lane = (lane + 1) % n;
+        if let Some(sample) = self.lanes[lane].in_flight.take() {
+            self.finish_step(lane, sample);
+        }
+        self.launch(lane);
+    }
+
+    /// Build and decode the lane's next batch, and apply the outcome; the
+    /// tokens are chosen by [`Self::finish_step`] on the lane's next turn.
+    fn launch(&mut self, lane: usize) {
         if self.sched.is_idle() {
             return;
         }
-        let plan = self.sched.plan();
+        let plan = self.sched.plan_lane(lane);
+        if plan.tokens.is_empty() {
+            return;
+        }
+        let n_lanes = self.lanes.len() as i32;
         let t_batch = Instant::now();
-        self.batch.clear();
+        let l = &mut self.lanes[lane];
+        l.batch.clear();
         // The batch goes to llama.cpp sorted by sequence (a stable order
         // within each): with one KV stream per sequence, llama.cpp splits a
         // batch into micro-batches of consecutive sequence ids in the order
@@ -403,27 +492,28 @@ impl<'m> Server<'m> {
         // order (a copy of whole logits rows). Sorted, a step of N
         // generating sequences is one micro-batch and needs no reordering.
         let n = plan.tokens.len();
-        self.batch_order.clear();
-        self.batch_order.extend(0..n);
-        self.batch_order
+        l.batch_order.clear();
+        l.batch_order.extend(0..n);
+        l.batch_order
             .sort_unstable_by_key(|&i| (plan.tokens[i].seq, i));
-        self.out_rows.clear();
-        self.out_rows.resize(n, -1);
-        self.batch_pos.clear();
-        self.batch_pos.resize(n, -1);
+        l.out_rows.clear();
+        l.out_rows.resize(n, -1);
+        l.batch_pos.clear();
+        l.batch_pos.resize(n, -1);
         let mut outputs = 0;
         let mut built = Ok(());
-        for (b, &i) in self.batch_order.iter().enumerate() {
+        for (b, &i) in l.batch_order.iter().enumerate() {
             let t = &plan.tokens[i];
-            self.batch_pos[i] = b as i32;
+            l.batch_pos[i] = b as i32;
             if t.logits {
-                self.out_rows[i] = outputs;
+                l.out_rows[i] = outputs;
                 outputs += 1;
             }
-            if let Err(e) = self.batch.add(t.token, t.pos, &[t.seq], t.logits) {
+            // The slot's sequence id in this lane's context.
+            if let Err(e) = l.batch.add(t.token, t.pos, &[t.seq / n_lanes], t.logits) {
                 built = Err(format!(
                     "cannot add token {} of {} to the batch: {e}",
-                    self.batch.n_tokens() + 1,
+                    l.batch.n_tokens() + 1,
                     plan.tokens.len()
                 ));
                 break;
@@ -440,7 +530,7 @@ impl<'m> Server<'m> {
             Ok(()) => {
                 let t0 = Instant::now();
                 self.counters.batch_time += t0 - t_batch;
-                let result = self.ctx.decode(&mut self.batch);
+                let result = l.ctx.decode(&mut l.batch);
                 self.counters.decode_time += t0.elapsed();
                 self.counters.decode_calls += 1;
                 match result {
@@ -453,10 +543,10 @@ impl<'m> Server<'m> {
         let decoded = outcome == Outcome::Decoded;
         let applied = self.sched.apply(plan, outcome);
         for slot in applied.evicted {
-            let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+            self.clear_slot(slot, None);
         }
         for d in applied.failed {
-            let _ = self.ctx.clear_kv_cache_seq(Some(d.slot as u32), None, None);
+            self.clear_slot(d.slot, None);
             self.seqs.remove(&d.id);
             self.fail(d.id, d.error);
         }
@@ -470,44 +560,63 @@ impl<'m> Server<'m> {
             self.counters.max_batch_sequences.max(sequences_in_batch);
         self.counters.max_batch_tokens = self.counters.max_batch_tokens.max(n_tokens);
         self.counters.prompt_tokens_decoded += prompt_tokens as u64;
-        if let Some(device) = self.device.as_mut() {
+        let l = &mut self.lanes[lane];
+        if let Some(device) = l.device.as_mut() {
             device.decoded();
         }
+        l.in_flight = Some(applied.sample);
+    }
+
+    /// Choose the tokens of the lane's decoded step (`sample`: the
+    /// sequences it names and their plan token index), deliver them, and end
+    /// the sequences that are done.
+    fn finish_step(&mut self, lane: usize, sample: Vec<(RequestId, usize)>) {
         // Wait for the device (a no-op on the CPU, where decode is synchronous).
         let t_sample = Instant::now();
-        self.ctx.synchronize();
+        self.lanes[lane].ctx.synchronize();
         let t_pick = Instant::now();
         self.counters.sync_time += t_pick - t_sample;
         // Choose every named sequence's token: rows read on this thread,
-        // tokens chosen in parallel when many whole rows need it.
-        for &(id, at) in &applied.sample {
+        // tokens chosen in parallel when many whole rows need it. A sequence
+        // cancelled since the decode is no longer in `seqs`: skipped.
+        for &(id, at) in &sample {
             if let Some(seq) = self.seqs.get_mut(&id) {
                 seq.pending = Some(at as i32);
             }
         }
+        let n_lanes = self.lanes.len();
         {
             let Self {
-                ctx,
+                lanes,
                 seqs,
-                device,
                 pool,
                 counters,
-                out_rows,
-                batch_pos,
-                device_rows,
                 model,
                 warned_stride,
                 ..
             } = self;
+            let Lane {
+                ctx,
+                device,
+                out_rows,
+                batch_pos,
+                device_rows,
+                ..
+            } = &mut lanes[lane];
             // `at` is the plan's token index: its output ordinal and its
             // position in the llama.cpp batch.
             let ordinal = |at: i32| out_rows.get(at as usize).copied().unwrap_or(-1);
             let pos = |at: i32| batch_pos.get(at as usize).copied().unwrap_or(-1);
+            let attached = |slot: usize| {
+                device
+                    .as_ref()
+                    .is_some_and(|d| d.is_attached(slot / n_lanes))
+            };
             device_rows.clear();
-            if let Some(d) = device.as_ref() {
+            if device.is_some() {
                 for seq in seqs.values() {
                     if let Some(at) = seq.pending
-                        && d.is_attached(seq.slot)
+                        && attached(seq.slot)
                         && ordinal(at) >= 0
                     {
                         device_rows.push((pos(at), ordinal(at) as usize));
@@ -522,13 +631,13 @@ impl<'m> Server<'m> {
                     "bevy_npc_llm: llama.cpp's device top-k rows are not where expected; reading them row by row (slower)"
                 );
             }
-            let mut work: Vec<(&mut Seq, Row<'_>)> = Vec::with_capacity(applied.sample.len());
+            let mut work: Vec<(&mut Seq, Row<'_>)> = Vec::with_capacity(sample.len());
             let mut full_rows = 0;
             for seq in seqs.values_mut() {
                 let Some(at) = seq.pending.take() else {
                     continue;
                 };
-                let on_device = device.as_ref().is_some_and(|d| d.is_attached(seq.slot));
+                let on_device = attached(seq.slot);
                 let row = match (ordinal(at), on_device) {
                     (r, _) if r < 0 => None,
                     (r, true) => rows
@@ -572,7 +681,7 @@ impl<'m> Server<'m> {
         self.counters.pick_time += t_deliver - t_pick;
         let mut finished: Vec<(RequestId, FinishReason)> = Vec::new();
         let mut failed: Vec<(RequestId, String)> = Vec::new();
-        for (id, _) in applied.sample {
+        for (id, _) in sample {
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };

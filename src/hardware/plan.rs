@@ -52,6 +52,11 @@ pub struct BackendPlan {
     pub kv_unified: bool,
     /// Flash attention on/off; `None`: llama.cpp's choice.
     pub flash_attention: Option<bool>,
+    /// llama.cpp contexts the sequences are split across and decoded in
+    /// turns ([`GpuTuning::lanes`](crate::settings::GpuTuning::lanes)): 1
+    /// unless the settings ask for more; never more than the context's
+    /// sequences.
+    pub lanes: u32,
     /// The model to load.
     pub model: String,
     /// Why this model and placement, in words.
@@ -229,6 +234,7 @@ pub fn plan(
         sampling_threads,
         kv_unified: on_gpu && tuning.kv_unified.unwrap_or(false),
         flash_attention: if on_gpu { tuning.flash_attention } else { None },
+        lanes: tuning.lanes.clamp(1, 4).min(sequences + 1),
         sequences,
         context_per_sequence: ctx,
         kv_bytes: per_seq_kv * u64::from(sequences + 1),

@@ -498,14 +498,21 @@ impl Worker {
             },
         )?;
         {
-            let ctx = model
-                .new_context(self.backend, context_params(&spec))
-                .map_err(|e| ModelLoadError::Context {
-                    n_ctx: per_seq * context_sequences(&spec),
-                    n_seq: context_sequences(&spec),
-                    message: e.to_string(),
-                })?;
-            drop(ctx);
+            // Every lane's context at once, as serving holds them.
+            let lanes = spec.lanes.max(1);
+            let n_seq = lane_sequences(&spec, lanes);
+            let contexts = (0..lanes)
+                .map(|_| {
+                    model
+                        .new_context(self.backend, context_params(&spec, lanes))
+                        .map_err(|e| ModelLoadError::Context {
+                            n_ctx: per_seq * n_seq,
+                            n_seq,
+                            message: e.to_string(),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            drop(contexts);
         }
         Ok(Loaded {
             model: Arc::new(model),
@@ -518,11 +525,22 @@ impl Worker {
     /// changed. Running requests then fail; waiting ones stay queued.
     fn serve(&mut self, loaded: &Loaded) -> Result<Next, String> {
         let model = loaded.model.clone();
-        let ctx = model
-            .new_context(self.backend, context_params(&loaded.spec))
-            .map_err(|e| e.to_string())?;
-        let mut server = Server::new(&model, ctx, &loaded.spec, self.knobs, self.events.clone())
-            .map_err(|e| e.to_string())?;
+        let lanes = loaded.spec.lanes.max(1);
+        let contexts = (0..lanes)
+            .map(|_| {
+                model
+                    .new_context(self.backend, context_params(&loaded.spec, lanes))
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut server = Server::new(
+            &model,
+            contexts,
+            &loaded.spec,
+            self.knobs,
+            self.events.clone(),
+        )
+        .map_err(|e| e.to_string())?;
         loop {
             // Commands first: new jobs join between decode steps. With no
             // sequence running and nothing admissible, nothing can progress:
@@ -588,12 +606,19 @@ pub(crate) fn context_sequences(spec: &LoadSpec) -> u32 {
     (spec.sequences + 1).min(crate::engine::scheduler::LLAMA_MAX_SEQ)
 }
 
-/// One context for `sequences` slots plus one kept for high-priority
-/// requests. A step may hold one output per sequence, so the batch holds at
-/// least one token more than there are sequences (llama.cpp aborts the
-/// process otherwise; settings validation refuses such values first).
-pub(crate) fn context_params(spec: &LoadSpec) -> LlamaContextParams {
-    let n_seq = context_sequences(spec);
+/// Sequences of each lane's context when the slots are split across
+/// `lanes` contexts (slot `s` in lane `s % lanes`): the largest lane's share.
+pub(crate) fn lane_sequences(spec: &LoadSpec, lanes: u32) -> u32 {
+    context_sequences(spec).div_ceil(lanes.max(1))
+}
+
+/// One lane's context: its share of the `sequences` slots plus the one
+/// kept for high-priority requests (all of them with one lane). A step may
+/// hold one output per sequence, so the batch holds at least one token more
+/// than there are sequences (llama.cpp aborts the process otherwise;
+/// settings validation refuses such values first).
+pub(crate) fn context_params(spec: &LoadSpec, lanes: u32) -> LlamaContextParams {
+    let n_seq = lane_sequences(spec, lanes);
     let n_ctx = spec.context_per_sequence * n_seq;
     let n_batch = spec.batch_size.max(n_seq + 1);
     LlamaContextParams::default()

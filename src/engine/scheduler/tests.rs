@@ -19,6 +19,7 @@ fn limits(slots: usize, batch: usize) -> Limits {
         slots,
         swa_window: 0,
         max_sit_out: 3,
+        lanes: 1,
     }
 }
 
@@ -704,6 +705,7 @@ fn limits_strategy() -> impl Strategy<Value = (Limits, usize)> {
                 slots,
                 swa_window: window,
                 max_sit_out: sit,
+                lanes: 1,
             };
             // A pool sometimes smaller than every slot's share: "no KV slot".
             (l, 40 * slots)
@@ -757,5 +759,86 @@ proptest! {
                 prop_assert_eq!(ends, &vec![End::Completed], "{:?}", rid);
             }
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    /// Slots split across lanes, the lanes planned and applied in any
+    /// order: a lane's plan holds only its own slots and is empty only when
+    /// none of them has work (a High prompt in one lane never holds back
+    /// another lane), applying it leaves the other lanes' KV records as they
+    /// were, and every job completes.
+    #[test]
+    fn lanes_plan_apart_and_every_job_completes(
+        lanes in 2usize..4,
+        slots in 2usize..9,
+        jobs in proptest::collection::vec((any::<bool>(), 1usize..12, 1usize..6), 1..14),
+        turns in proptest::collection::vec(0usize..4, 0..300),
+    ) {
+        let l = Limits {
+            batch_tokens: slots + 9,
+            prompt_chunk: 4,
+            cells_per_seq: 64,
+            slots,
+            swa_window: 0,
+            max_sit_out: 3,
+            lanes,
+        };
+        let mut s: Scheduler<u32> = Scheduler::new(l, true);
+        let mut queue: std::collections::VecDeque<(u64, bool, usize, usize)> = jobs
+            .iter()
+            .enumerate()
+            .map(|(n, &(high, p, m))| (n as u64, high, p, m))
+            .collect();
+        let mut generated: std::collections::HashMap<u64, (usize, usize)> = Default::default();
+        let mut done = 0usize;
+        let work: usize = jobs.iter().map(|j| j.1 + j.2 + 2).sum();
+        let bound = 4 * lanes * work + 64 + turns.len();
+        let mut turn = turns.iter().copied().chain(0..).map(|t| t % lanes);
+        let mut steps = 0;
+        while done < jobs.len() {
+            steps += 1;
+            prop_assert!(steps <= bound, "not finished after {} steps", bound);
+            while let Some(&(n, high, p, m)) = queue.front() {
+                let prio = if high { HIGH } else { 0 };
+                if !s.can_admit(prio) {
+                    break;
+                }
+                queue.pop_front();
+                let prompt: Vec<u32> = (0..p as u32).map(|t| t + 100 * n as u32).collect();
+                s.admit(id(n), prio, None, prompt, |_| -1).unwrap();
+                generated.insert(n, (0, m));
+            }
+            let lane = turn.next().unwrap();
+            let snap = s.snapshot();
+            let plan = s.plan_lane(lane);
+            prop_assert_eq!(plan.lane(), lane);
+            for t in &plan.tokens {
+                prop_assert_eq!(t.seq as usize % lanes, lane, "a token of another lane");
+            }
+            let lane_has_work = snap
+                .iter()
+                .any(|&(_, slot, _, work)| slot % lanes == lane && work);
+            prop_assert_eq!(!plan.tokens.is_empty(), lane_has_work);
+            let others: Vec<(RequestId, Vec<u32>)> = snap
+                .iter()
+                .filter(|&&(_, slot, _, _)| slot % lanes != lane)
+                .map(|&(r, _, _, _)| (r, s.kv_of(r).unwrap().to_vec()))
+                .collect();
+            let applied = s.apply(plan, Outcome::Decoded);
+            for (r, kv) in &others {
+                prop_assert_eq!(s.kv_of(*r).unwrap(), &kv[..], "another lane's KV changed");
+            }
+            for (rid, _) in applied.sample {
+                let g = generated.get_mut(&rid.0).unwrap();
+                g.0 += 1;
+                if g.0 >= g.1 || !s.sampled(rid, 7) {
+                    s.finish(rid).unwrap();
+                    done += 1;
+                }
+            }
+        }
+        prop_assert!(s.is_idle() && queue.is_empty());
     }
 }
