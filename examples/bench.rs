@@ -813,7 +813,11 @@ fn history(turns: usize) -> Vec<ChatMessage> {
     m
 }
 
-fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, f64) {
+/// The second turn's time to first token (median of 3), its prompt and
+/// reused prefix, and where that time went: admission, the llama_decode
+/// call, the device wait and the token choice of its one step (the second
+/// turn asks for one token, so its counters are that step's), in ms.
+fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, [f64; 4]) {
     let mut s = base_settings(args);
     s.prefix_cache = cache;
     s.sampling.max_tokens = 8;
@@ -823,7 +827,6 @@ fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, f64) {
     msgs.push(ChatMessage::user("Hello again, Brom."));
     let mut times = Vec::new();
     let mut last = (0, 0);
-    let mut admit = Vec::new();
     for rep in 0..3 {
         // Turn 1 (warms this NPC's cache), then turn 2 extends it by one line.
         let _ = run(
@@ -836,32 +839,46 @@ fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, f64) {
             "Is my order number {rep} ready?"
         )));
         let c0 = app.world().resource::<LlmEngineStats>().counters.clone();
-        let (st, _) = run(&mut app, vec![LlmRequest::chat(second).with_cache_key(npc)]);
+        let (st, _) = run(
+            &mut app,
+            vec![
+                LlmRequest::chat(second)
+                    .with_cache_key(npc)
+                    .with_max_tokens(1),
+            ],
+        );
         let c1 = app.world().resource::<LlmEngineStats>().counters.clone();
-        admit.push((c1.admit_time - c0.admit_time).as_secs_f64() * 1e3);
-        times.push(st[0].stats.time_to_first_token.unwrap().as_secs_f64() * 1e3);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let ttft = ms(st[0].stats.time_to_first_token.unwrap());
+        let parts = [
+            ms(c1.admit_time - c0.admit_time),
+            ms(c1.decode_time - c0.decode_time),
+            ms(c1.sync_time - c0.sync_time),
+            ms(c1.pick_time - c0.pick_time),
+        ];
+        times.push((ttft, parts));
         last = (st[0].stats.prompt_tokens, st[0].stats.reused_prefix_tokens);
     }
-    times.sort_by(f64::total_cmp);
-    admit.sort_by(f64::total_cmp);
-    (times[1], last.0, last.1, admit[1])
+    times.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (times[1].0, last.0, last.1, times[1].1)
 }
 
 fn cache(args: &Args, f: &mut Figures) {
-    let (cached, prompt, reused, admit_cached) = ttft_second_turn(args, true);
-    let (plain, _, _, admit_plain) = ttft_second_turn(args, false);
-    f.add(
-        "cache",
-        "second turn: admission (render, tokenize, slot), cache on",
-        admit_cached,
-        "ms",
-    );
-    f.add(
-        "cache",
-        "second turn: admission, cache off",
-        admit_plain,
-        "ms",
-    );
+    let (cached, prompt, reused, on) = ttft_second_turn(args, true);
+    let (plain, _, _, off) = ttft_second_turn(args, false);
+    for (what, parts) in [("cache on", on), ("cache off", off)] {
+        for (part, v) in [
+            "admission (render, tokenize, slot)",
+            "llama_decode call",
+            "device wait",
+            "token choice",
+        ]
+        .iter()
+        .zip(parts)
+        {
+            f.add("cache", &format!("second turn, {what}: {part}"), v, "ms");
+        }
+    }
     f.add(
         "cache",
         "second-turn prompt length",

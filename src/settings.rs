@@ -263,10 +263,12 @@ pub struct GpuTuning {
     /// 4), decoded in turns: while the device computes one lane's step, the
     /// host chooses another lane's tokens and builds its next graph, so the
     /// device waits less for the host. Each lane is a context of its own
-    /// (its own compute buffers; a sequence stays in its lane). 0: the plan's
-    /// choice (see [`BackendPlan::lanes`](crate::hardware::BackendPlan::lanes));
-    /// a number applies on any backend (on the CPU the lanes share the
-    /// cores, so it only costs there; the tests use it).
+    /// (its own compute buffers; a sequence stays in its lane). While the
+    /// player's prompt is read, the other lanes' NPCs sit out as in one
+    /// lane. 0: the plan's choice (2 on a GPU, 1 on the CPU; see
+    /// [`BackendPlan::lanes`](crate::hardware::BackendPlan::lanes)); a number
+    /// applies on any backend (on the CPU the lanes share the cores, so it
+    /// only costs there; the tests use it).
     pub lanes: u32,
 }
 

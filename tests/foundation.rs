@@ -307,16 +307,18 @@ fn settings_defaults_file_and_validation() {
     assert_eq!(s.gpu_layers, GpuLayers::Count(10));
     assert_eq!(s.sampling.seed, Some(5));
     let s = LlmSettings::from_ron_str(
-        "(gpu: (device_sampling: Some(true), kv_unified: Some(false), flash_attention: None, sampling_threads: 4))",
+        "(gpu: (device_sampling: Some(true), kv_unified: Some(false), flash_attention: None, sampling_threads: 4, lanes: 3))",
         "s",
     )
     .unwrap();
     assert_eq!(s.gpu.device_sampling, Some(true));
     assert_eq!(s.gpu.kv_unified, Some(false));
     assert_eq!(s.gpu.sampling_threads, 4);
+    assert_eq!(s.gpu.lanes, 3);
     assert_eq!(LlmSettings::default().gpu.device_sampling, None);
     let invalid = [
         ("(gpu: (sampling_threads: 65))", "gpu.sampling_threads"),
+        ("(gpu: (lanes: 5))", "gpu.lanes"),
         ("(sampling: (temperature: -0.5))", "sampling.temperature"),
         ("(context_per_sequence: 0)", "context_per_sequence"),
         ("(max_parallel_sequences: 0)", "max_parallel_sequences"),

@@ -427,9 +427,11 @@ fn real_model_tiers_on_simulated_machines() {
                 "all layers on the GPU: {p:?}"
             );
             assert!(!p.device_sampling && p.sampling_threads > 1, "{p:?}");
+            assert_eq!(p.lanes, 2, "two lanes on a GPU: {p:?}");
         }
         if name.starts_with("2 cores") {
             assert!(entry.size_bytes <= 1_200_000_000, "{p:?}");
+            assert_eq!(p.lanes, 1, "one lane on the CPU: {p:?}");
         }
     }
     assert!(

@@ -379,16 +379,18 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     }
 
     /// [`Self::plan`] for the sequences of one lane only (their slots'
-    /// llama.cpp context): the sit-out rule and its bound apply within the
-    /// lane, as a lane's batch is decoded apart from the others'. With one
-    /// lane, every sequence.
+    /// llama.cpp context; with one lane, every sequence). The sit-out rule
+    /// holds across lanes: while a High prompt is read in any lane, Normal
+    /// sequences of every lane sit out (the lanes share the device), each
+    /// for at most [`Limits::max_sit_out`] of its lane's turns — an empty
+    /// plan is applied too, and counts as a turn sat out.
     pub(crate) fn plan_lane(&mut self, lane: usize) -> Plan<T> {
         let limits = self.limits;
         let in_lane = |s: &Running<T>| limits.lane_of(s.slot) == lane;
         let urgent = self
             .seqs
             .iter()
-            .filter(|s| in_lane(s) && s.fed < s.prompt.len())
+            .filter(|s| s.fed < s.prompt.len())
             .map(|s| s.priority)
             .max()
             .filter(|&p| p > NORMAL);

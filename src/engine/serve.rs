@@ -479,6 +479,9 @@ impl<'m> Server<'m> {
         }
         let plan = self.sched.plan_lane(lane);
         if plan.tokens.is_empty() {
+            // Nothing to decode in this lane now (its sequences sit out
+            // while the player's prompt is read in another): the turn counts.
+            let _ = self.sched.apply(plan, Outcome::Decoded);
             return;
         }
         let n_lanes = self.lanes.len() as i32;
