@@ -847,6 +847,16 @@ fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, [f64; 4]) {
                     .with_max_tokens(1),
             ],
         );
+        // The engine's counters come as an event of their own: wait for the
+        // ones that hold this step (bounded in frames).
+        for _ in 0..500 {
+            let c = &app.world().resource::<LlmEngineStats>().counters;
+            if c.decode_calls > c0.decode_calls && c.completed > c0.completed {
+                break;
+            }
+            app.update();
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let c1 = app.world().resource::<LlmEngineStats>().counters.clone();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let ttft = ms(st[0].stats.time_to_first_token.unwrap());

@@ -232,6 +232,12 @@ impl<T> Running<T> {
     fn has_work(&self) -> bool {
         self.pending.is_some() || self.fed < self.prompt.len()
     }
+
+    /// Its whole prompt is decoded and no token was sampled yet: its
+    /// first token is being chosen (with lanes, while other lanes take turns).
+    fn awaits_first_token(&self) -> bool {
+        self.pending.is_none() && self.fed == self.prompt.len() && self.kv.len() == self.prompt.len()
+    }
 }
 
 /// The scheduler: running sequences, the slot table, and the current batch
@@ -380,17 +386,20 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
 
     /// [`Self::plan`] for the sequences of one lane only (their slots'
     /// llama.cpp context; with one lane, every sequence). The sit-out rule
-    /// holds across lanes: while a High prompt is read in any lane, Normal
-    /// sequences of every lane sit out (the lanes share the device), each
-    /// for at most [`Limits::max_sit_out`] of its lane's turns — an empty
-    /// plan is applied too, and counts as a turn sat out.
+    /// holds across lanes: while a High prompt is read in any lane, and
+    /// until its first token is chosen, Normal sequences of every lane sit
+    /// out (the lanes share the device: the player's step computes alone),
+    /// each for at most [`Limits::max_sit_out`] of its lane's turns — an
+    /// empty plan is applied too, and counts as a turn sat out.
     pub(crate) fn plan_lane(&mut self, lane: usize) -> Plan<T> {
         let limits = self.limits;
         let in_lane = |s: &Running<T>| limits.lane_of(s.slot) == lane;
+        // A High prompt being read, or read and waiting for its first token
+        // (its step still computing in another lane's turn).
         let urgent = self
             .seqs
             .iter()
-            .filter(|s| s.fed < s.prompt.len())
+            .filter(|s| s.fed < s.prompt.len() || s.awaits_first_token())
             .map(|s| s.priority)
             .max()
             .filter(|&p| p > NORMAL);
