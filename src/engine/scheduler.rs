@@ -236,7 +236,9 @@ impl<T> Running<T> {
     /// Its whole prompt is decoded and no token was sampled yet: its
     /// first token is being chosen (with lanes, while other lanes take turns).
     fn awaits_first_token(&self) -> bool {
-        self.pending.is_none() && self.fed == self.prompt.len() && self.kv.len() == self.prompt.len()
+        self.pending.is_none()
+            && self.fed == self.prompt.len()
+            && self.kv.len() == self.prompt.len()
     }
 }
 
@@ -369,6 +371,19 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             slot: acq.slot,
             reuse: acq.reuse,
         })
+    }
+
+    /// The slot of the High sequence whose prompt is being read or whose
+    /// first token is being chosen (highest priority, then the earliest
+    /// admitted), if any: with lanes, the worker gives that slot's lane its
+    /// turns first (within a bound) so the player's first token is not
+    /// behind other lanes' turns.
+    pub(crate) fn urgent_slot(&self) -> Option<usize> {
+        self.seqs
+            .iter()
+            .filter(|s| s.priority > NORMAL && (s.fed < s.prompt.len() || s.awaits_first_token()))
+            .max_by_key(|s| (s.priority, std::cmp::Reverse(s.order)))
+            .map(|s| s.slot)
     }
 
     /// The next step's batch; empty only when no sequence runs.

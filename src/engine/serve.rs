@@ -122,6 +122,8 @@ pub(crate) struct Server<'m> {
     lanes: Vec<Lane<'m>>,
     /// The lane [`Self::step`] advances next.
     next_lane: usize,
+    /// Turns in a row given to the player's lane ahead of the others.
+    urgent_turns: u32,
     renderer: PromptRenderer,
     model_sampling: SamplingOverrides,
     sched: Scheduler<LlamaToken>,
@@ -231,6 +233,7 @@ impl<'m> Server<'m> {
             model,
             lanes,
             next_lane: 0,
+            urgent_turns: 0,
             renderer,
             model_sampling: spec.model_sampling.clone(),
             sched: Scheduler::new(limits, knobs.prefix_cache),
@@ -463,8 +466,21 @@ impl<'m> Server<'m> {
             return;
         }
         let n = self.lanes.len();
-        let lane = self.next_lane % n;
-        self.next_lane = (lane + 1) % n;
+        // The player's lane first while its prompt is read and its first
+        // token chosen (the other lanes sit out then anyway), for at most
+        // MAX_SIT_OUT turns in a row; otherwise the lanes take turns.
+        let lane = match self.sched.urgent_slot() {
+            Some(slot) if n > 1 && self.urgent_turns < MAX_SIT_OUT => {
+                self.urgent_turns += 1;
+                slot % n
+            }
+            _ => {
+                self.urgent_turns = 0;
+                let lane = self.next_lane % n;
+                self.next_lane = (lane + 1) % n;
+                lane
+            }
+        };
         if let Some(sample) = self.lanes[lane].in_flight.take() {
             self.finish_step(lane, sample);
         }

@@ -101,8 +101,12 @@ fn with_two_lanes_the_player_step_computes_alone_until_its_first_token() {
             assert!(s.sampled(rid, 9));
         }
     }
-    let admitted = s.admit(id(99), HIGH, None, (0..20).collect(), |_| -1).unwrap();
+    assert_eq!(s.urgent_slot(), None);
+    let admitted = s
+        .admit(id(99), HIGH, None, (0..20).collect(), |_| -1)
+        .unwrap();
     assert_eq!(admitted.slot % 2, 1, "the kept slot is in lane 1");
+    assert_eq!(s.urgent_slot(), Some(admitted.slot));
     // Lane 0's NPCs sit out while the player's prompt is read in lane 1 ...
     let plan = s.plan_lane(0);
     assert!(plan.tokens.is_empty());
@@ -113,16 +117,26 @@ fn with_two_lanes_the_player_step_computes_alone_until_its_first_token() {
     assert_eq!(applied.sample, vec![(id(99), 19)]);
     // ... and while its first token is chosen (its step computing).
     let plan = s.plan_lane(0);
-    assert!(plan.tokens.is_empty(), "lane 0 waits for the player's first token");
+    assert!(
+        plan.tokens.is_empty(),
+        "lane 0 waits for the player's first token"
+    );
     let _ = s.apply(plan, Outcome::Decoded);
+    assert_eq!(
+        s.urgent_slot(),
+        Some(admitted.slot),
+        "first token not chosen yet"
+    );
     assert!(s.sampled(id(99), 5));
+    assert_eq!(s.urgent_slot(), None);
     let plan = s.plan_lane(0);
     assert_eq!(plan.sequences(), 2, "lane 0 generates again");
     let _ = s.apply(plan, Outcome::Decoded);
     // A lane never sits out longer than the bound, whatever the player does.
     let mut s = Scheduler::new(l, true);
     s.admit(id(1), 0, None, vec![1, 2, 3], |_| -1).unwrap();
-    s.admit(id(99), HIGH, None, (0..20).collect(), |_| -1).unwrap();
+    s.admit(id(99), HIGH, None, (0..20).collect(), |_| -1)
+        .unwrap();
     let mut empty = 0;
     loop {
         let plan = s.plan_lane(0);
