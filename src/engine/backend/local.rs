@@ -497,11 +497,13 @@ impl Worker {
                 message,
             },
         )?;
-        {
-            // Every lane's context at once, as serving holds them.
-            let lanes = spec.lanes.max(1);
+        // Every lane's context at once, as serving holds them. Each lane has
+        // compute buffers of its own: when they do not all fit, one lane
+        // (one context, as before lanes) is tried before failing the load.
+        let mut lanes = spec.lanes.max(1);
+        loop {
             let n_seq = lane_sequences(&spec, lanes);
-            let contexts = (0..lanes)
+            let made = (0..lanes)
                 .map(|_| {
                     model
                         .new_context(self.backend, context_params(&spec, lanes))
@@ -511,9 +513,22 @@ impl Worker {
                             message: e.to_string(),
                         })
                 })
-                .collect::<Result<Vec<_>, _>>()?;
-            drop(contexts);
+                .collect::<Result<Vec<_>, _>>();
+            match made {
+                Ok(contexts) => {
+                    drop(contexts);
+                    break;
+                }
+                Err(e) if lanes > 1 => {
+                    bevy::log::warn!(
+                        "bevy_npc_llm: {lanes} lanes (llama.cpp contexts) do not fit ({e}); serving with one"
+                    );
+                    lanes = 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
+        spec.lanes = lanes;
         Ok(Loaded {
             model: Arc::new(model),
             spec,
