@@ -3,7 +3,8 @@
 //! llama.cpp's sampler chain copies the whole vocabulary into a candidate
 //! array for every sequence and step; with 32 NPCs on a GPU that host work
 //! took five times longer than the decode itself. Here one pass over the row
-//! keeps the `top_k` best logits in a small heap; temperature, top-p, min-p
+//! takes each block's maximum, and only the blocks that can hold one of the
+//! `top_k` best logits are read again (see `select`); temperature, top-p, min-p
 //! and the draw then work on those few candidates. The repeat penalty changes
 //! only the logits of recently generated tokens. Same seed, same text.
 
@@ -24,7 +25,8 @@ pub(crate) struct Sampler {
     repeat_last_n: usize,
     rng: u64,
     history: VecDeque<i32>,
-    heap: Vec<(f32, i32)>,
+    /// The candidates of this draw: (logit, token id).
+    candidates: Vec<(f32, i32)>,
     /// Per 32-logit block, its maximum (reused by [`Self::select`]).
     blocks: Vec<f32>,
     /// A copy of `blocks` to find the threshold in (reused).
@@ -87,7 +89,7 @@ impl Sampler {
             repeat_last_n: p.repeat_last_n as usize,
             rng: u64::from(seed) ^ 0x5DEE_CE66_D1CE_4E5B,
             history: VecDeque::new(),
-            heap: Vec::new(),
+            candidates: Vec::new(),
             blocks: Vec::new(),
             scratch: Vec::new(),
             unique: Vec::new(),
@@ -108,15 +110,15 @@ impl Sampler {
         }
     }
 
-    /// Keep the `k` best of `self.heap`, best first (ties: lower id first).
+    /// Keep the `k` best of `self.candidates`, best first (ties: lower id first).
     fn keep_best(&mut self, k: usize) {
         let order = |a: &(f32, i32), b: &(f32, i32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         let k = k.max(1);
-        if self.heap.len() > k {
-            self.heap.select_nth_unstable_by(k - 1, order);
-            self.heap.truncate(k);
+        if self.candidates.len() > k {
+            self.candidates.select_nth_unstable_by(k - 1, order);
+            self.candidates.truncate(k);
         }
-        self.heap.sort_unstable_by(order);
+        self.candidates.sort_unstable_by(order);
     }
 
     /// Choose the next token from one row of logits, and remember it.
@@ -175,12 +177,12 @@ impl Sampler {
             self.draw_k()
         };
         let penalize = self.penalizes();
-        self.heap.clear();
-        self.heap
+        self.candidates.clear();
+        self.candidates
             .extend(logits.iter().copied().zip(ids.iter().copied()));
         if penalize {
             let rp = self.repeat_penalty;
-            for c in &mut self.heap {
+            for c in &mut self.candidates {
                 if self.history.contains(&c.1) {
                     c.0 = penalty(c.0, rp);
                 }
@@ -188,7 +190,7 @@ impl Sampler {
         }
         self.keep_best(k);
         let token = if self.temperature <= 0.0 {
-            self.heap.first().map_or(0, |c| c.1)
+            self.candidates.first().map_or(0, |c| c.1)
         } else {
             self.draw_top()
         };
@@ -231,7 +233,7 @@ impl Sampler {
     fn argmax(&mut self, logits: &[f32]) -> i32 {
         if self.penalizes() {
             self.top(logits, 1);
-            return self.heap[0].1;
+            return self.candidates[0].1;
         }
         // The maximum in one vectorised pass, then its first index (the
         // lowest id among ties, as a scan keeping the first best would).
@@ -273,7 +275,7 @@ impl Sampler {
             self.select(logits, k + unique.len());
             if penalize {
                 let rp = self.repeat_penalty;
-                for c in &mut self.heap {
+                for c in &mut self.candidates {
                     if unique.binary_search(&c.1).is_ok() {
                         c.0 = penalty(c.0, rp);
                     }
@@ -284,7 +286,7 @@ impl Sampler {
         self.keep_best(k);
     }
 
-    /// Put in `self.heap` every logit that can be among the `k` largest: at
+    /// Put in `self.candidates` every logit that can be among the `k` largest: at
     /// least `k` of them, all those at or above a threshold no larger than
     /// the `k`-th largest (unordered; [`Self::keep_best`] cuts to `k`).
     ///
@@ -296,7 +298,7 @@ impl Sampler {
     /// sort of the whole row would.
     fn select(&mut self, logits: &[f32], k: usize) {
         let k = k.clamp(1, logits.len().max(1));
-        self.heap.clear();
+        self.candidates.clear();
         self.blocks.clear();
         self.blocks
             .extend(logits.chunks(SELECT_BLOCK).map(block_max));
@@ -316,40 +318,40 @@ impl Sampler {
                 let base = b * SELECT_BLOCK;
                 for (j, &l) in block.iter().enumerate() {
                     if l >= threshold && l > f32::NEG_INFINITY {
-                        self.heap.push((l, (base + j) as i32));
+                        self.candidates.push((l, (base + j) as i32));
                     }
                 }
             }
         }
-        if self.heap.len() < k {
+        if self.candidates.len() < k {
             // Fewer than `k` finite logits (a constrained row): fill with
             // the first others, as llama.cpp's candidate array would hold them.
             for (i, &l) in logits.iter().enumerate() {
-                if self.heap.len() >= k {
+                if self.candidates.len() >= k {
                     break;
                 }
                 if !(l >= threshold && l > f32::NEG_INFINITY) {
-                    self.heap.push((l, i as i32));
+                    self.candidates.push((l, i as i32));
                 }
             }
         }
     }
 
-    /// Draw among `self.heap` (the best candidates, best first).
+    /// Draw among `self.candidates` (the best candidates, best first).
     fn draw_top(&mut self) -> i32 {
         // Forbidden tokens (-inf, constrained sampling) never take part; the
         // best candidate is always allowed (the caller checked one exists).
         let allowed = self
-            .heap
+            .candidates
             .iter()
             .take_while(|c| c.0 > f32::NEG_INFINITY)
             .count();
-        self.heap.truncate(allowed.max(1));
+        self.candidates.truncate(allowed.max(1));
         let t = self.temperature;
-        let max = self.heap[0].0 / t;
+        let max = self.candidates[0].0 / t;
         self.probs.clear();
         let mut sum = 0.0f32;
-        for &(l, _) in &self.heap {
+        for &(l, _) in &self.candidates {
             let p = (l / t - max).exp();
             sum += p;
             self.probs.push(p);
@@ -384,10 +386,10 @@ impl Sampler {
         for i in 0..n {
             r -= self.probs[i];
             if r <= 0.0 {
-                return self.heap[i].1;
+                return self.candidates[i].1;
             }
         }
-        self.heap[n - 1].1
+        self.candidates[n - 1].1
     }
 }
 
@@ -526,7 +528,7 @@ mod tests {
             }
             s.top(&row, k);
             let want = reference_top(&row, s.history.make_contiguous(), rp, k);
-            let got: Vec<(f32, i32)> = s.heap.clone();
+            let got: Vec<(f32, i32)> = s.candidates.clone();
             // -inf candidates are never drawn: compare the finite ones.
             let finite = |v: &[(f32, i32)]| v.iter().copied().filter(|c| c.0 > f32::NEG_INFINITY).collect::<Vec<_>>();
             proptest::prop_assert_eq!(finite(&got), finite(&want));

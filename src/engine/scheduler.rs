@@ -7,7 +7,8 @@
 //! 1. asks [`Scheduler::can_admit`] / [`Scheduler::admit`] for queued jobs
 //!    (slot choice, prefix reuse, LRU eviction live in here and in
 //!    [`SlotTable`]);
-//! 2. turns [`Scheduler::plan`] into a `LlamaBatch` (every planned token is
+//! 2. turns [`Scheduler::plan_lane`] (one lane's sequences; all of them with
+//!    one lane) into a `LlamaBatch` (every planned token is
 //!    added, or the step fails loudly);
 //! 3. reports the decode's [`Outcome`] to [`Scheduler::apply`], which is the
 //!    **only** place a sequence's KV record grows: a token is recorded only
@@ -17,7 +18,8 @@
 //!    ([`Scheduler::finish`]).
 //!
 //! Rules, each in one place below: the High-priority sit-out rule
-//! ([`Scheduler::plan`]), its starvation bound ([`Limits::max_sit_out`]), the
+//! ([`Scheduler::plan_lane`], across lanes, until the player's first token;
+//! [`Scheduler::urgent_slot`]), its starvation bound ([`Limits::max_sit_out`]), the
 //! prompt chunk cap, the batch halving on "no KV slot" and its regrowth,
 //! and the sliding-window reuse check ([`reusable_prefix`]).
 
