@@ -64,6 +64,17 @@ fn same_prompt_and_seed_give_the_same_text() {
     assert_eq!(ta, tb);
 }
 
+/// A greedy request and its text on an engine with the test settings (one
+/// lane, host sampling): the reference other configurations must repeat.
+fn greedy_reference() -> (LlmRequest, String) {
+    let greedy = chat("Name three things a blacksmith makes.")
+        .with_temperature(0.0)
+        .with_max_tokens(24);
+    let mut app = app();
+    let text = complete(&mut app, greedy.clone());
+    (greedy, text)
+}
+
 /// Top-k inside llama.cpp's graph (the GPU path; here on the CPU backend,
 /// which runs the same graph): greedy text equals the host sampler's, the
 /// same seed gives the same text, and in one batch free requests draw from
@@ -71,12 +82,7 @@ fn same_prompt_and_seed_give_the_same_text() {
 /// rows beside them.
 #[test]
 fn device_top_k_matches_host_greedy_repeats_with_a_seed_and_mixes_with_whole_rows() {
-    let greedy = chat("Name three things a blacksmith makes.")
-        .with_temperature(0.0)
-        .with_max_tokens(24);
-    let mut host = app();
-    let host_text = complete(&mut host, greedy.clone());
-    drop(host);
+    let (greedy, host_text) = greedy_reference();
     let mut s = settings();
     s.gpu.device_sampling = Some(true);
     let mut app = app_with(s);
@@ -148,12 +154,7 @@ fn device_top_k_matches_host_greedy_repeats_with_a_seed_and_mixes_with_whole_row
 /// again.
 #[test]
 fn two_lanes_match_one_and_serve_cancel_and_despawn_mid_answer() {
-    let greedy = chat("Name three things a blacksmith makes.")
-        .with_temperature(0.0)
-        .with_max_tokens(24);
-    let mut one = app();
-    let want = complete(&mut one, greedy.clone());
-    drop(one);
+    let (greedy, want) = greedy_reference();
     let mut s = settings();
     s.gpu.lanes = 2;
     s.max_parallel_sequences = 9;

@@ -22,31 +22,34 @@ def value(prefix):
     return None
 
 
+# Each ratio the bench writes: its name, our figure it divides, and where the
+# comparator sits in the comparators JSON ("same_llama_cpp": the tools built
+# from the plugin's own llama.cpp).
+RATIOS = [
+    (r"N=(\d+)\s+generation rate / llama-batched-bench", "N={n:<2} batched generation rate",
+     None, "batched_bench_s_tg"),
+    (r"N=(\d+)\s+same llama.cpp: generation rate / llama-batched-bench", "N={n:<2} batched generation rate",
+     "same_llama_cpp", "batched_bench_s_tg"),
+    (r"N=(\d+)\s+aggregate / llama-server -np", "N={n:<2} batched aggregate", None, "server_aggregate"),
+    (r"plugin single stream / llama-bench", "plugin single-stream generation", None, "llama_bench_tg"),
+    (r"plugin single stream / same llama.cpp's llama-bench", "plugin single-stream generation",
+     "same_llama_cpp", "llama_bench_tg"),
+]
+
 for name, f in figs.items():
-    m = re.match(r"N=(\d+)\s+generation rate / llama-batched-bench", name)
     theirs = None
-    if m:
-        n = m.group(1)
-        ours = value(f"N={int(n):<2} batched generation rate")
-        theirs = comp.get("batched_bench_s_tg", {}).get(n)
-    m2 = re.match(r"N=(\d+)\s+aggregate / llama-server -np", name)
-    if m2:
-        n = m2.group(1)
-        ours = value(f"N={int(n):<2} batched aggregate")
-        theirs = comp.get("server_aggregate", {}).get(n)
-    if name.startswith("plugin single stream / llama-bench"):
-        ours = value("plugin single-stream generation")
-        theirs = comp.get("llama_bench_tg")
-    # The same ratios against the tools built from the plugin's own llama.cpp.
-    same = comp.get("same_llama_cpp") or {}
-    m3 = re.match(r"N=(\d+)\s+same llama.cpp: generation rate / llama-batched-bench", name)
-    if m3:
-        n = m3.group(1)
-        ours = value(f"N={int(n):<2} batched generation rate")
-        theirs = same.get("batched_bench_s_tg", {}).get(n)
-    if name.startswith("plugin single stream / same llama.cpp's llama-bench"):
-        ours = value("plugin single-stream generation")
-        theirs = same.get("llama_bench_tg")
+    for pattern, ours_name, group, key in RATIOS:
+        m = re.match(pattern, name)
+        if not m:
+            continue
+        source = (comp.get(group) or {}) if group else comp
+        if m.groups():
+            n = m.group(1)
+            ours = value(ours_name.format(n=int(n)))
+            theirs = source.get(key, {}).get(n)
+        else:
+            ours = value(ours_name)
+            theirs = source.get(key)
     if theirs:
         again = ours / theirs
         if abs(again - f["value"]) > 1e-6 * max(1.0, again):

@@ -58,10 +58,17 @@ pub(crate) struct Limits {
     pub lanes: usize,
 }
 
+/// Where slot `slot` decodes when the slots are split across `lanes`
+/// llama.cpp contexts: its lane, and its sequence id in that lane's context.
+pub(crate) fn lane_seq(slot: usize, lanes: usize) -> (usize, usize) {
+    let lanes = lanes.max(1);
+    (slot % lanes, slot / lanes)
+}
+
 impl Limits {
     /// The lane slot `slot` decodes in.
     pub(crate) fn lane_of(&self, slot: usize) -> usize {
-        slot % self.lanes.max(1)
+        lane_seq(slot, self.lanes).0
     }
 
     /// Slots Normal-priority jobs may use.
@@ -381,11 +388,17 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     /// turns first (within a bound) so the player's first token is not
     /// behind other lanes' turns.
     pub(crate) fn urgent_slot(&self) -> Option<usize> {
+        self.urgent().map(|s| s.slot)
+    }
+
+    /// The High sequence the others sit out for: its prompt is being read,
+    /// or read and its first token not chosen yet (its step may still be
+    /// computing in another lane's turn). Highest priority, then earliest.
+    fn urgent(&self) -> Option<&Running<T>> {
         self.seqs
             .iter()
             .filter(|s| s.priority > NORMAL && (s.fed < s.prompt.len() || s.awaits_first_token()))
             .max_by_key(|s| (s.priority, std::cmp::Reverse(s.order)))
-            .map(|s| s.slot)
     }
 
     /// The next step's batch; empty only when no sequence runs.
@@ -411,15 +424,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     pub(crate) fn plan_lane(&mut self, lane: usize) -> Plan<T> {
         let limits = self.limits;
         let in_lane = |s: &Running<T>| limits.lane_of(s.slot) == lane;
-        // A High prompt being read, or read and waiting for its first token
-        // (its step still computing in another lane's turn).
-        let urgent = self
-            .seqs
-            .iter()
-            .filter(|s| s.fed < s.prompt.len() || s.awaits_first_token())
-            .map(|s| s.priority)
-            .max()
-            .filter(|&p| p > NORMAL);
+        let urgent = self.urgent().map(|s| s.priority);
         let max_sit_out = self.limits.max_sit_out;
         // A sequence left out `max_sit_out` steps in a row goes first.
         let forced = |s: &Running<T>| s.sat_out >= max_sit_out;

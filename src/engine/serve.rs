@@ -19,7 +19,7 @@ use super::device_sampling::{DEVICE_TOP_K, DeviceSampling, StepRows};
 use super::prompt::PromptRenderer;
 use super::protocol::{EngineCounters, Event, Job, Knobs, LoadSpec, RequestId};
 use super::sampler::Sampler;
-use super::scheduler::{Limits, Outcome, Released, Scheduler};
+use super::scheduler::{Limits, Outcome, Released, Scheduler, lane_seq};
 use super::text_stream::{StopMatcher, Utf8Stream};
 use crate::constraint::matcher::ConstraintCompiler;
 use crate::errors::LlmError;
@@ -258,9 +258,8 @@ impl<'m> Server<'m> {
     }
 
     /// A slot's lane and its sequence id in that lane's context.
-    fn locate(&self, slot: usize) -> (usize, i32) {
-        let n = self.lanes.len();
-        (slot % n, (slot / n) as i32)
+    fn locate(&self, slot: usize) -> (usize, usize) {
+        lane_seq(slot, self.lanes.len())
     }
 
     /// Drop a slot's KV from position `from` on (all of it: `None`); the
@@ -359,11 +358,11 @@ impl<'m> Server<'m> {
         };
         let prompt_len = prompt.len();
         let lanes = &self.lanes;
-        let n = lanes.len();
         let admitted = match self
             .sched
             .admit(job.id, job.priority, job.cache_key, prompt, |slot| {
-                lanes[slot % n].ctx.kv_cache_seq_pos_min((slot / n) as i32)
+                let (lane, seq) = lane_seq(slot, lanes.len());
+                lanes[lane].ctx.kv_cache_seq_pos_min(seq as i32)
             }) {
             Ok(a) => a,
             Err(e) => {
@@ -388,11 +387,11 @@ impl<'m> Server<'m> {
         let sampler = Sampler::new(&sampling, seed);
         // Top-k on the device when the draw over its candidates is exact
         // and no constraint needs the whole row; the slot's chain follows.
-        let (lane, lane_seq) = self.locate(admitted.slot);
+        let (lane, seq) = self.locate(admitted.slot);
         let Lane { ctx, device, .. } = &mut self.lanes[lane];
         if let Some(device) = device.as_mut() {
             let want = matcher.is_none() && sampler.fits_top_k(device.k());
-            device.set(ctx, lane_seq as usize, want);
+            device.set(ctx, seq, want);
         }
         self.counters.device_sampler_switches = self
             .lanes
@@ -472,7 +471,7 @@ impl<'m> Server<'m> {
         let lane = match self.sched.urgent_slot() {
             Some(slot) if n > 1 && self.urgent_turns < MAX_SIT_OUT => {
                 self.urgent_turns += 1;
-                slot % n
+                lane_seq(slot, n).0
             }
             _ => {
                 self.urgent_turns = 0;
@@ -500,7 +499,7 @@ impl<'m> Server<'m> {
             let _ = self.sched.apply(plan, Outcome::Decoded);
             return;
         }
-        let n_lanes = self.lanes.len() as i32;
+        let n_lanes = self.lanes.len();
         let t_batch = Instant::now();
         let l = &mut self.lanes[lane];
         l.batch.clear();
@@ -529,7 +528,8 @@ impl<'m> Server<'m> {
                 outputs += 1;
             }
             // The slot's sequence id in this lane's context.
-            if let Err(e) = l.batch.add(t.token, t.pos, &[t.seq / n_lanes], t.logits) {
+            let seq = lane_seq(t.seq as usize, n_lanes).1 as i32;
+            if let Err(e) = l.batch.add(t.token, t.pos, &[seq], t.logits) {
                 built = Err(format!(
                     "cannot add token {} of {} to the batch: {e}",
                     l.batch.n_tokens() + 1,
@@ -629,7 +629,7 @@ impl<'m> Server<'m> {
             let attached = |slot: usize| {
                 device
                     .as_ref()
-                    .is_some_and(|d| d.is_attached(slot / n_lanes))
+                    .is_some_and(|d| d.is_attached(lane_seq(slot, n_lanes).1))
             };
             device_rows.clear();
             if device.is_some() {

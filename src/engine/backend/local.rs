@@ -503,17 +503,13 @@ impl Worker {
         let mut lanes = spec.lanes.max(1);
         loop {
             let n_seq = lane_sequences(&spec, lanes);
-            let made = (0..lanes)
-                .map(|_| {
-                    model
-                        .new_context(self.backend, context_params(&spec, lanes))
-                        .map_err(|e| ModelLoadError::Context {
-                            n_ctx: per_seq * n_seq,
-                            n_seq,
-                            message: e.to_string(),
-                        })
-                })
-                .collect::<Result<Vec<_>, _>>();
+            let made = lane_contexts(&model, self.backend, &spec, lanes).map_err(|e| {
+                ModelLoadError::Context {
+                    n_ctx: per_seq * n_seq,
+                    n_seq,
+                    message: e.to_string(),
+                }
+            });
             match made {
                 Ok(contexts) => {
                     drop(contexts);
@@ -540,14 +536,8 @@ impl Worker {
     /// changed. Running requests then fail; waiting ones stay queued.
     fn serve(&mut self, loaded: &Loaded) -> Result<Next, String> {
         let model = loaded.model.clone();
-        let lanes = loaded.spec.lanes.max(1);
-        let contexts = (0..lanes)
-            .map(|_| {
-                model
-                    .new_context(self.backend, context_params(&loaded.spec, lanes))
-                    .map_err(|e| e.to_string())
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let contexts = lane_contexts(&model, self.backend, &loaded.spec, loaded.spec.lanes)
+            .map_err(|e| e.to_string())?;
         let mut server = Server::new(
             &model,
             contexts,
@@ -619,6 +609,20 @@ impl Worker {
 /// requests, within llama.cpp's limit.
 pub(crate) fn context_sequences(spec: &LoadSpec) -> u32 {
     (spec.sequences + 1).min(crate::engine::scheduler::LLAMA_MAX_SEQ)
+}
+
+/// One context per lane (`lanes`, at least one), each for its share of the
+/// slots.
+fn lane_contexts<'m>(
+    model: &'m LlamaModel,
+    backend: &LlamaBackend,
+    spec: &LoadSpec,
+    lanes: u32,
+) -> Result<Vec<llama_cpp_2::context::LlamaContext<'m>>, llama_cpp_2::LlamaContextLoadError> {
+    let lanes = lanes.max(1);
+    (0..lanes)
+        .map(|_| model.new_context(backend, context_params(spec, lanes)))
+        .collect()
 }
 
 /// Sequences of each lane's context when the slots are split across
