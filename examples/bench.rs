@@ -28,6 +28,7 @@
 use std::time::{Duration, Instant};
 
 use bevy::prelude::*;
+use bevy_npc_llm::EngineCounters;
 use bevy_npc_llm::hardware::BackendStatus;
 use bevy_npc_llm::prelude::*;
 use bevy_npc_llm::registry::ModelRegistry;
@@ -356,6 +357,7 @@ fn binding(args: &Args, f: &mut Figures) {
     };
     // Alternate the two, five rounds, medians: this machine may be noisy.
     let (mut ours, mut plain) = (Vec::new(), Vec::new());
+    let c0 = app.world().resource::<LlmEngineStats>().counters.clone();
     for _ in 0..5 {
         // Greedy, no repeat penalty: exactly what the plain loop does.
         let req = LlmRequest::raw(RAW_PROMPT)
@@ -370,7 +372,24 @@ fn binding(args: &Args, f: &mut Figures) {
         ours.push((s.generated_tokens - 1) as f64 / s.generation_time.as_secs_f64());
         plain.push(plain_run());
     }
+    let c1 = settled_counters(&mut app, &c0, 5);
     let (ours, plain) = (percentile(&mut ours, 0.5), percentile(&mut plain, 0.5));
+    // Where a single stream's step goes (the five runs' decode steps,
+    // prompt steps included: 1 in ~128).
+    let steps = (c1.decode_calls - c0.decode_calls).max(1);
+    for (what, d) in [
+        ("llama_decode call", c1.decode_time - c0.decode_time),
+        ("device wait (synchronize)", c1.sync_time - c0.sync_time),
+        ("token choice", c1.pick_time - c0.pick_time),
+        ("text + events", c1.deliver_time - c0.deliver_time),
+    ] {
+        f.add(
+            "binding",
+            &format!("plugin per step: {what}"),
+            d.as_secs_f64() * 1e3 / steps as f64,
+            "ms",
+        );
+    }
     f.add(
         "binding",
         "plugin single-stream generation (median of 5)",
@@ -871,6 +890,20 @@ fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, [f64; 4]) {
     }
     times.sort_by(|a, b| a.0.total_cmp(&b.0));
     (times[1].0, last.0, last.1, times[1].1)
+}
+
+/// The engine's counters once they hold `completed` more requests than
+/// `c0` (they come as an event of their own; bounded in frames).
+fn settled_counters(app: &mut App, c0: &EngineCounters, completed: u64) -> EngineCounters {
+    for _ in 0..500 {
+        let c = &app.world().resource::<LlmEngineStats>().counters;
+        if c.completed >= c0.completed + completed {
+            break;
+        }
+        app.update();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    app.world().resource::<LlmEngineStats>().counters.clone()
 }
 
 fn cache(args: &Args, f: &mut Figures) {

@@ -7,12 +7,21 @@
 # llama-batched-bench are built too, from those tool sources on the crate's
 # llama.cpp and with the same CUDA module, into DEST/same-tools: llama.cpp's
 # own figures for exactly the llama.cpp the plugin runs.
+# CUDA_GRAPH_PATCH (default on): apply scripts/gpu/patch-cuda-graphs.py to
+# the sources first (generation steps keep their recorded CUDA graph across
+# prompt steps; see that script). off: llama.cpp as shipped. both: the tools
+# and DEST/libggml-cuda.so as shipped, then the patched module in
+# DEST/patched (and DEST/same-tools-patched), to compare in one sitting.
 # Usage: build-cuda-backend.sh LLAMA_SRC_TARBALL DEST [CUDA_ARCH=90] [TOOLS_TARBALL]
 set -euo pipefail
 tarball=$1 dest=$2 arch=${3:-90} tools=${4:-}
+graph_patch=${CUDA_GRAPH_PATCH:-on}
 work=/tmp/npc-llm-cuda
 mkdir -p "$work" "$dest"
 tar xzf "$tarball" -C "$work"
+if [ "$graph_patch" = on ]; then
+    python3 "$(dirname "$0")/patch-cuda-graphs.py" "$work/llama.cpp"
+fi
 targets=(ggml-cuda)
 extra=(-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_COMMON=OFF)
 if [ -n "$tools" ]; then
@@ -47,5 +56,15 @@ if [ -n "$tools" ] && cmake --build "$work/build" --target "${targets[@]:1}" -j"
     mkdir -p "$dest/same-tools"
     cp "$work/build/bin/"llama-bench "$work/build/bin/"llama-batched-bench "$dest/same-tools/" || true
     find "$work/build" \( -name 'lib*.so' -o -name 'lib*.so.*' \) -exec cp -P {} "$dest/same-tools/" \;
+fi
+if [ "$graph_patch" = both ]; then
+    python3 "$(dirname "$0")/patch-cuda-graphs.py" "$work/llama.cpp"
+    time cmake --build "$work/build" --target ggml-cuda -j"$(nproc)" 2>&1 | tail -3
+    mkdir -p "$dest/patched"
+    cp "$(find "$work/build" -name 'libggml-cuda.so' | head -1)" "$dest/patched/"
+    if [ -d "$dest/same-tools" ]; then
+        cp -a "$dest/same-tools" "$dest/same-tools-patched"
+        cp "$dest/patched/libggml-cuda.so" "$dest/same-tools-patched/"
+    fi
 fi
 ls -la "$dest"

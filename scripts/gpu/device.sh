@@ -34,11 +34,63 @@ build_tools() {
 }
 
 case $cmd in
+quick-start)
+    # An exploration sitting: the CUDA module and the same-llama.cpp tools
+    # only (no llama-cpp-python tools, no llama-server), faster to build.
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    setsid nohup bash -c "CUDA_GRAPH_PATCH=both bash '$root/scripts/gpu/build-cuda-backend.sh' '$W/in/llama-src.tar.gz' '$W/backends' 90 '$W/in/llama-tools-src.tar.gz' \
+        && touch '$W/cuda.done' || touch '$W/cuda.failed'" >"$W/logs/cuda-build.log" 2>&1 </dev/null &
+    sleep 2
+    echo "module build started"
+    ;;
+quick)
+    # Variants from scripts/gpu/quick-variants.txt (label|env|flags), each
+    # with the binding, npcs 1/8/32/128 and cache sections, against the
+    # same-llama.cpp comparators of this machine. Resumable like `run`.
+    for _ in $(seq 1 540); do
+        [ -e "$W/cuda.done" ] || [ -e "$W/cuda.failed" ] && break
+        sleep 1
+    done
+    [ -e "$W/cuda.done" ] || { echo "cuda build not done:"; tail -20 "$W/logs/cuda-build.log"; exit 1; }
+    model=$root/assets/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    [ -s "$model" ] || cat "$W"/in/smol.part.* > "$model"
+    [ "$(sha256sum "$model" | cut -d' ' -f1)" = "$(cat "$W/in/model.sha256")" ] || { echo "model sha256 mismatch"; exit 1; }
+    [ -d "$W/bins" ] || { mkdir -p "$W/bins" && tar xzf "$W/in/bins.tar.gz" -C "$W/bins"; }
+    cp "$W"/bins/backends/*.so "$W/backends/"
+    if [ -d "$W/backends/patched" ]; then cp "$W"/bins/backends/*.so "$W/backends/patched/"; fi
+    export LD_LIBRARY_PATH=$W/bins:${LD_LIBRARY_PATH:-}
+    export BEVY_NPC_LLM_BACKENDS_DIR=$W/backends
+    if [ ! -s "$W/comparators-same.json" ]; then
+        LD_LIBRARY_PATH=$W/backends/same-tools python3 -u scripts/gpu/comparators.py "$W/backends/same-tools" \
+            "$model" "$W/comparators-same.json" "$W/logs/same" 1,8,32,128 - 2>&1 | tail -3
+    fi
+    if [ -d "$W/backends/same-tools-patched" ] && [ ! -s "$W/comparators-same-patched.json" ]; then
+        LD_LIBRARY_PATH=$W/backends/same-tools-patched python3 -u scripts/gpu/comparators.py "$W/backends/same-tools-patched" \
+            "$model" "$W/comparators-same-patched.json" "$W/logs/same-patched" 1,8,32,128 - 2>&1 | tail -3
+    fi
+    # The bench reads the same tools' figures as its "old" comparator too here.
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['same_llama_cpp']=dict(d); json.dump(d,open(sys.argv[2],'w'))" \
+        "$W/comparators-same.json" "$W/comparators-quick.json"
+    i=0
+    while IFS='|' read -r label envs flags; do
+        [ -n "$label" ] || continue
+        i=$((i + 1))
+        [ -s "$W/quick$i.json" ] && continue
+        # shellcheck disable=SC2086
+        env $envs "$W/bins/bench" --sections binding,npcs,cache --npcs 1,8,32,128 --tokens 128 --no-sequential \
+            --comparators "$W/comparators-quick.json" --label "$label" --json-out "$W/quick$i.json" $flags \
+            >"$W/logs/quick$i.log" 2>&1 || echo "variant $label failed"
+        echo "== $label ($envs $flags)"
+        grep -E "plan:|per step|single stream /|N=(1|8|32|128) +batched generation rate|ratio|cache on:|cache off:" "$W/logs/quick$i.log" \
+            | grep -v "binding  ratio" | sed 's/  */ /g'
+    done < scripts/gpu/quick-variants.txt
+    mkdir -p "$OUT/quick" && cp "$W"/quick*.json "$W"/comparators-same*.json "$OUT/quick/" 2>/dev/null || true
+    ;;
 start)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     nproc
     # Both builds at once, detached from this call (they outlive it).
-    setsid nohup bash -c "bash '$root/scripts/gpu/build-cuda-backend.sh' '$W/in/llama-src.tar.gz' '$W/backends' 90 '$W/in/llama-tools-src.tar.gz' \
+    setsid nohup bash -c "CUDA_GRAPH_PATCH=both bash '$root/scripts/gpu/build-cuda-backend.sh' '$W/in/llama-src.tar.gz' '$W/backends' 90 '$W/in/llama-tools-src.tar.gz' \
         && touch '$W/cuda.done' || touch '$W/cuda.failed'" >"$W/logs/cuda-build.log" 2>&1 </dev/null &
     export -f build_tools; export W
     setsid nohup bash -c "build_tools && touch '$W/tools.done' || touch '$W/tools.failed'" \
@@ -67,7 +119,13 @@ run)
     mkdir -p "$W/bins" && tar xzf "$W/in/bins.tar.gz" -C "$W/bins"
     cp "$W"/bins/backends/*.so "$W/backends/"
     export LD_LIBRARY_PATH=$W/bins:${LD_LIBRARY_PATH:-}
+    # The plugin runs the module the README's recipe builds (patched, see
+    # scripts/gpu/patch-cuda-graphs.py); llama.cpp's tools run as shipped.
     export BEVY_NPC_LLM_BACKENDS_DIR=$W/backends
+    if [ -s "$W/backends/patched/libggml-cuda.so" ]; then
+        cp "$W"/bins/backends/*.so "$W/backends/patched/"
+        export BEVY_NPC_LLM_BACKENDS_DIR=$W/backends/patched
+    fi
     tools=$W/tools-build/bin
     if [ ! -s "$W/comparators.json" ]; then
         python3 -u scripts/gpu/comparators.py "$tools" "$model" "$W/comparators.json" "$W/logs" \
@@ -106,18 +164,18 @@ PY
     cp "$W/logs/bench.log" "$OUT/"
     # Plan variants, the npcs section only, each against the same comparators.
     i=0
-    while read -r label flags; do
+    while IFS='|' read -r label envs flags; do
         i=$((i + 1))
         [ -s "$W/variant$i.json" ] && continue
         # shellcheck disable=SC2086
-        "$bench" --sections npcs --npcs 8,32,128 --tokens 128 --no-sequential \
+        env $envs "$bench" --sections npcs --npcs 8,32,128 --tokens 128 --no-sequential \
             --comparators "$W/comparators-all.json" --label "$label" --json-out "$W/variant$i.json" $flags \
             2>&1 | tee "$W/logs/variant$i.log" | grep -E "plan:|generation rate|per step: wall|aggregate" || true
     done <<'VARIANTS'
-one-lane --lanes 1
-three-lanes --lanes 3
-two-lanes-15-threads --sampling-threads 15
-device-top-k --device-sampling on
+CUDA module as llama.cpp ships it (no CUDA-graph patch)|BEVY_NPC_LLM_BACKENDS_DIR=/tmp/npc-llm-dev/backends|
+one lane||--lanes 1
+three lanes||--lanes 3
+device top-k||--device-sampling on
 VARIANTS
     python3 - "$W" <<'PY'
 import glob, json, sys
@@ -130,6 +188,6 @@ PY
     ls -la "$OUT"
     ;;
 *)
-    echo "usage: device.sh start|stash|run CARRY_DIR" >&2; exit 2
+    echo "usage: device.sh start|stash|run|quick-start|quick CARRY_DIR" >&2; exit 2
     ;;
 esac

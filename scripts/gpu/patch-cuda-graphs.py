@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Patch ggml's CUDA backend (the llama.cpp of llama-cpp-sys-2, before the
+CUDA module is built) so that a prompt step does not throw away the
+recorded CUDA graph of the generation steps around it.
+
+llama.cpp keeps one CUDA graph per context, keyed by the graph's first node
+(which sits at the same address in every graph a context builds), and
+replays it only after two calls with identical node properties. An engine
+that mixes prompt steps and generation steps in one context -- every NPC
+line starts with a prompt step -- therefore loses the generation graph at
+each prompt and pays two slow steps after it (one launched kernel by
+kernel, ~4-5 ms of host time on the H100 machine for SmolLM2-135M, then
+one recorded).
+
+The change: a decode-like graph (as many outputs as tokens: one token per
+generating sequence) is keyed by its shape too (node count, tokens), so
+each generation batch size keeps its own recorded graph across prompt
+steps; prompt graphs keep llama.cpp's key and warmup. Nothing computed
+changes: a graph is still replayed only when every node's properties match
+(ggml also still evicts graphs unused for 10 s).
+
+Usage: patch-cuda-graphs.py LLAMA_CPP_DIR   (fails if the code moved)
+"""
+import pathlib
+import sys
+
+root = pathlib.Path(sys.argv[1])
+MARK = "bevy_npc_llm patch"
+
+
+def patch(path, edits):
+    p = root / path
+    text = p.read_text()
+    if MARK in text:
+        print(f"{path}: already patched")
+        return
+    for old, new in edits:
+        if text.count(old) != 1:
+            sys.exit(f"{path}: expected exactly one occurrence of:\n{old}")
+        text = text.replace(old, new)
+    p.write_text(text)
+    print(f"{path}: patched")
+
+
+patch(
+    "ggml/src/ggml-cuda/ggml-cuda.cu",
+    [
+        (
+            "static const void * ggml_cuda_graph_get_key(ggml_cgraph * cgraph) {\n"
+            "    return cgraph->nodes[0];\n"
+            "}\n",
+            "static const void * ggml_cuda_graph_get_key(ggml_cgraph * cgraph) {\n"
+            f"    // {MARK}: a decode-like graph (as many outputs as tokens) is keyed by its\n"
+            "    // shape too, so prompt steps in between do not evict the recorded generation graph\n"
+            "    const ggml_tensor * first = cgraph->nodes[0];\n"
+            "    const ggml_tensor * last  = cgraph->nodes[cgraph->n_nodes - 1];\n"
+            "    if (first->ne[1] != last->ne[1]) {\n"
+            "        return first;\n"
+            "    }\n"
+            "    uint64_t h = (uint64_t) cgraph->n_nodes * 0x9E3779B97F4A7C15ull ^ (uint64_t) first->ne[1];\n"
+            "    return (const void *) ((uintptr_t) first ^ (uintptr_t) ((h + 1) * 0x9E3779B97F4A7C15ull));\n"
+            "}\n",
+        ),
+    ],
+)
