@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--model ID] [--npcs 1,2,4,8,16] [--tokens 64]
-//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained,seed]
+//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained,seed,arrivals]
 //!     [--json] [--json-out FILE]
 //!     [--remote URL]
 //!     [--device-sampling on|off] [--kv-unified on|off] [--flash-attn on|off|auto]
@@ -892,6 +892,84 @@ fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, [f64; 4]) {
     (times[1].0, last.0, last.1, times[1].1)
 }
 
+/// NPCs starting lines while others talk, as in a town: `ARRIVALS_AT_ONCE`
+/// requests run at a time, each one that finishes is replaced at once by a
+/// new one (different prompt, 32–79 tokens), `ARRIVALS_TOTAL` in all, so
+/// prompt steps keep landing between generation steps. Bounded in frames.
+fn arrivals(args: &Args, f: &mut Figures) {
+    const ARRIVALS_AT_ONCE: usize = 16;
+    const ARRIVALS_TOTAL: usize = 96;
+    let mut s = base_settings(args);
+    s.max_parallel_sequences = ARRIVALS_AT_ONCE as u32;
+    let mut app = ready_app(s);
+    let request = |i: usize| npc_request(i).with_max_tokens(32 + (i as u32 * 7) % 48);
+    let c0 = app.world().resource::<LlmEngineStats>().counters.clone();
+    let start = Instant::now();
+    let mut live: Vec<Option<Entity>> = (0..ARRIVALS_AT_ONCE)
+        .map(|i| Some(app.world_mut().spawn(request(i)).id()))
+        .collect();
+    let (mut started, mut done, mut tokens) = (ARRIVALS_AT_ONCE, 0, 0);
+    let mut rates = Vec::new();
+    for _ in 0..2_000_000 {
+        if done == ARRIVALS_TOTAL {
+            break;
+        }
+        app.update();
+        for slot in &mut live {
+            let Some(e) = *slot else { continue };
+            let st = app.world().get::<LlmRequestStatus>(e).unwrap().clone();
+            if !st.is_finished() {
+                continue;
+            }
+            if let RequestState::Failed(err) = &st.state {
+                panic!("request failed: {err}");
+            }
+            tokens += st.stats.generated_tokens;
+            rates.push(f64::from(st.stats.tokens_per_second));
+            app.world_mut().despawn(e);
+            done += 1;
+            *slot = (started < ARRIVALS_TOTAL).then(|| {
+                started += 1;
+                app.world_mut().spawn(request(started - 1)).id()
+            });
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!(
+        done, ARRIVALS_TOTAL,
+        "arrivals did not finish in the frame bound"
+    );
+    let wall = start.elapsed().as_secs_f64();
+    let c1 = settled_counters(&mut app, &c0, ARRIVALS_TOTAL as u64);
+    let name = |what: &str| format!("{ARRIVALS_AT_ONCE} at a time, {ARRIVALS_TOTAL} lines: {what}");
+    f.add(
+        "arrivals",
+        &name("aggregate"),
+        tokens as f64 / wall,
+        "tok/s",
+    );
+    f.add(
+        "arrivals",
+        &name("per-NPC generation rate (median)"),
+        percentile(&mut rates, 0.5),
+        "tok/s",
+    );
+    let steps = (c1.decode_calls - c0.decode_calls).max(1) as f64;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3 / steps;
+    f.add(
+        "arrivals",
+        &name("per step: llama_decode call"),
+        ms(c1.decode_time - c0.decode_time),
+        "ms",
+    );
+    f.add(
+        "arrivals",
+        &name("per step: device wait"),
+        ms(c1.sync_time - c0.sync_time),
+        "ms",
+    );
+}
+
 /// The engine's counters once they hold `completed` more requests than
 /// `c0` (they come as an event of their own; bounded in frames).
 fn settled_counters(app: &mut App, c0: &EngineCounters, completed: u64) -> EngineCounters {
@@ -1242,6 +1320,7 @@ fn main() {
             "remote" => remote(&args, &mut figs),
             "constrained" => constrained(&args, &mut figs),
             "seed" => seed(&args, &mut figs),
+            "arrivals" => arrivals(&args, &mut figs),
             other => panic!("unknown section {other}"),
         }
         println!("  ({section}: {:.1} s)", t.elapsed().as_secs_f64());

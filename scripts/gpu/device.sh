@@ -45,7 +45,7 @@ quick-start)
     ;;
 quick)
     # Variants from scripts/gpu/quick-variants.txt (label|env|flags), each
-    # with the binding, npcs 1/8/32/128 and cache sections, against the
+    # with the binding, npcs 1/8/32/128, cache and arrivals sections, against the
     # same-llama.cpp comparators of this machine. Resumable like `run`.
     for _ in $(seq 1 540); do
         [ -e "$W/cuda.done" ] || [ -e "$W/cuda.failed" ] && break
@@ -77,11 +77,11 @@ quick)
         i=$((i + 1))
         [ -s "$W/quick$i.json" ] && continue
         # shellcheck disable=SC2086
-        env $envs "$W/bins/bench" --sections binding,npcs,cache --npcs 1,8,32,128 --tokens 128 --no-sequential \
+        env $envs "$W/bins/bench" --sections binding,npcs,cache,arrivals --npcs 1,8,32,128 --tokens 128 --no-sequential \
             --comparators "$W/comparators-quick.json" --label "$label" --json-out "$W/quick$i.json" $flags \
             >"$W/logs/quick$i.log" 2>&1 || echo "variant $label failed"
         echo "== $label ($envs $flags)"
-        grep -E "plan:|per step|single stream /|N=(1|8|32|128) +batched generation rate|ratio|cache on:|cache off:" "$W/logs/quick$i.log" \
+        grep -E "plan:|per step|single stream /|N=(1|8|32|128) +batched generation rate|ratio|cache on:|cache off:|arrivals" "$W/logs/quick$i.log" \
             | grep -v "binding  ratio" | sed 's/  */ /g'
     done < scripts/gpu/quick-variants.txt
     mkdir -p "$OUT/quick" && cp "$W"/quick*.json "$W"/comparators-same*.json "$OUT/quick/" 2>/dev/null || true
