@@ -9,6 +9,7 @@
 //!     [--remote URL]
 //!     [--device-sampling on|off] [--kv-unified on|off] [--flash-attn on|off|auto]
 //!     [--sampling-threads N] [--lanes N] [--no-sequential] [--comparators FILE] [--label TEXT]
+//!     [--arrivals N]
 //!
 //! The GPU knobs set `LlmSettings::gpu` (on a CPU plan only `--device-sampling on`
 //! and `--lanes N` apply).
@@ -54,6 +55,8 @@ struct Args {
     kv_unified: Option<bool>,
     flash_attn: Option<Option<bool>>,
     sampling_threads: Option<u32>,
+    /// NPCs at a time in the `arrivals` section.
+    arrivals: usize,
     lanes: Option<u32>,
     /// Skip the one-slot sequential comparison in `npcs`.
     no_sequential: bool,
@@ -96,6 +99,7 @@ fn parse_args() -> Args {
         kv_unified: None,
         flash_attn: None,
         sampling_threads: None,
+        arrivals: 16,
         lanes: None,
         no_sequential: false,
         comparators: None,
@@ -126,6 +130,7 @@ fn parse_args() -> Args {
             }
             "--sampling-threads" => a.sampling_threads = Some(val().parse().unwrap()),
             "--lanes" => a.lanes = Some(val().parse().unwrap()),
+            "--arrivals" => a.arrivals = val().parse().unwrap(),
             "--no-sequential" => a.no_sequential = true,
             "--label" => a.label = Some(val()),
             "--comparators" => {
@@ -892,26 +897,25 @@ fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, [f64; 4]) {
     (times[1].0, last.0, last.1, times[1].1)
 }
 
-/// NPCs starting lines while others talk, as in a town: `ARRIVALS_AT_ONCE`
-/// requests run at a time, each one that finishes is replaced at once by a
-/// new one (different prompt, 32–79 tokens), `ARRIVALS_TOTAL` in all, so
+/// NPCs starting lines while others talk, as in a town: `--arrivals N`
+/// (16) requests run at a time, each one that finishes is replaced at once by a
+/// new one (different prompt, 32–79 tokens), 6 N in all, so
 /// prompt steps keep landing between generation steps. Bounded in frames.
 fn arrivals(args: &Args, f: &mut Figures) {
-    const ARRIVALS_AT_ONCE: usize = 16;
-    const ARRIVALS_TOTAL: usize = 96;
+    let (at_once, total) = (args.arrivals, args.arrivals * 6);
     let mut s = base_settings(args);
-    s.max_parallel_sequences = ARRIVALS_AT_ONCE as u32;
+    s.max_parallel_sequences = at_once as u32;
     let mut app = ready_app(s);
     let request = |i: usize| npc_request(i).with_max_tokens(32 + (i as u32 * 7) % 48);
     let c0 = app.world().resource::<LlmEngineStats>().counters.clone();
     let start = Instant::now();
-    let mut live: Vec<Option<Entity>> = (0..ARRIVALS_AT_ONCE)
+    let mut live: Vec<Option<Entity>> = (0..at_once)
         .map(|i| Some(app.world_mut().spawn(request(i)).id()))
         .collect();
-    let (mut started, mut done, mut tokens) = (ARRIVALS_AT_ONCE, 0, 0);
+    let (mut started, mut done, mut tokens) = (at_once, 0, 0);
     let mut rates = Vec::new();
     for _ in 0..2_000_000 {
-        if done == ARRIVALS_TOTAL {
+        if done == total {
             break;
         }
         app.update();
@@ -928,20 +932,17 @@ fn arrivals(args: &Args, f: &mut Figures) {
             rates.push(f64::from(st.stats.tokens_per_second));
             app.world_mut().despawn(e);
             done += 1;
-            *slot = (started < ARRIVALS_TOTAL).then(|| {
+            *slot = (started < total).then(|| {
                 started += 1;
                 app.world_mut().spawn(request(started - 1)).id()
             });
         }
         std::thread::sleep(Duration::from_micros(200));
     }
-    assert_eq!(
-        done, ARRIVALS_TOTAL,
-        "arrivals did not finish in the frame bound"
-    );
+    assert_eq!(done, total, "arrivals did not finish in the frame bound");
     let wall = start.elapsed().as_secs_f64();
-    let c1 = settled_counters(&mut app, &c0, ARRIVALS_TOTAL as u64);
-    let name = |what: &str| format!("{ARRIVALS_AT_ONCE} at a time, {ARRIVALS_TOTAL} lines: {what}");
+    let c1 = settled_counters(&mut app, &c0, total as u64);
+    let name = |what: &str| format!("{at_once} at a time, {total} lines: {what}");
     f.add(
         "arrivals",
         &name("aggregate"),
