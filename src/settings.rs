@@ -251,9 +251,9 @@ pub struct GpuTuning {
     /// per sequence (`Some(false)`); `None`: the plan's choice (a stream per
     /// sequence). Unified pays off when NPCs start and end lines at different
     /// times: the attention graph then stays the same shape while the set of
-    /// talking NPCs changes (H100, 16 NPCs at a time with lines replacing
-    /// lines: 1.8–1.9× the throughput); NPCs that all start together run
-    /// 10–25 % slower with it (docs/BENCHMARKS.md, session 8).
+    /// talking NPCs changes (H100, 16 / 64 / 128 NPCs at a time with lines
+    /// replacing lines: 1.8–2.6× the throughput); NPCs that all start
+    /// together run 10–25 % slower with it (docs/BENCHMARKS.md, session 8).
     pub kv_unified: Option<bool>,
     /// Flash attention on or off; `None`: llama.cpp's choice (on where the
     /// device supports it).
