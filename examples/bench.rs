@@ -872,16 +872,8 @@ fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, [f64; 4]) {
             ],
         );
         // The engine's counters come as an event of their own: wait for the
-        // ones that hold this step (bounded in frames).
-        for _ in 0..500 {
-            let c = &app.world().resource::<LlmEngineStats>().counters;
-            if c.decode_calls > c0.decode_calls && c.completed > c0.completed {
-                break;
-            }
-            app.update();
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let c1 = app.world().resource::<LlmEngineStats>().counters.clone();
+        // ones that hold this request (its one step included).
+        let c1 = settled_counters(&mut app, &c0, 1);
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let ttft = ms(st[0].stats.time_to_first_token.unwrap());
         let parts = [
@@ -921,10 +913,11 @@ fn arrivals(args: &Args, f: &mut Figures) {
         app.update();
         for slot in &mut live {
             let Some(e) = *slot else { continue };
-            let st = app.world().get::<LlmRequestStatus>(e).unwrap().clone();
-            if !st.is_finished() {
+            let status = app.world().get::<LlmRequestStatus>(e).unwrap();
+            if !status.is_finished() {
                 continue;
             }
+            let st = status.clone();
             if let RequestState::Failed(err) = &st.state {
                 panic!("request failed: {err}");
             }

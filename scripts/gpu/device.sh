@@ -33,44 +33,68 @@ build_tools() {
     cmake --build "$W/tools-build" --target llama-bench llama-batched-bench llama-server -j"$(nproc)"
 }
 
+# The CUDA module (as shipped and patched) and the same llama.cpp's tools,
+# detached from this call (the build outlives it).
+start_module_build() {
+    setsid nohup bash -c "CUDA_GRAPH_PATCH=both bash '$root/scripts/gpu/build-cuda-backend.sh' '$W/in/llama-src.tar.gz' '$W/backends' 90 '$W/in/llama-tools-src.tar.gz' \
+        && touch '$W/cuda.done' || touch '$W/cuda.failed'" >"$W/logs/cuda-build.log" 2>&1 </dev/null &
+}
+
+# Wait for the named background builds (cuda, tools); exit if one failed.
+wait_for_builds() {
+    for what in "$@"; do
+        for _ in $(seq 1 540); do
+            [ -e "$W/$what.done" ] || [ -e "$W/$what.failed" ] && break
+            sleep 1
+        done
+        if [ ! -e "$W/$what.done" ]; then
+            echo "$what build not done:"; tail -20 "$W/logs/$what-build.log"; exit 1
+        fi
+    done
+}
+
+# The model (sha256-checked), our binaries and CPU modules in place; the
+# plugin runs the module the README's recipe builds (patched, see
+# scripts/gpu/patch-cuda-graphs.py), llama.cpp's tools run as shipped.
+prepare_inputs() {
+    model=$root/assets/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    [ -s "$model" ] || cat "$W"/in/smol.part.* > "$model"
+    [ "$(sha256sum "$model" | cut -d' ' -f1)" = "$(cat "$W/in/model.sha256")" ] || { echo "model sha256 mismatch"; exit 1; }
+    mkdir -p "$W/bins" && tar xzf "$W/in/bins.tar.gz" -C "$W/bins"
+    cp "$W"/bins/backends/*.so "$W/backends/"
+    export LD_LIBRARY_PATH=$W/bins:${LD_LIBRARY_PATH:-}
+    export BEVY_NPC_LLM_BACKENDS_DIR=$W/backends
+    if [ -s "$W/backends/patched/libggml-cuda.so" ]; then
+        cp "$W"/bins/backends/*.so "$W/backends/patched/"
+        export BEVY_NPC_LLM_BACKENDS_DIR=$W/backends/patched
+    fi
+}
+
 case $cmd in
 quick-start)
     # An exploration sitting: the CUDA module and the same-llama.cpp tools
     # only (no llama-cpp-python tools, no llama-server), faster to build.
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    setsid nohup bash -c "CUDA_GRAPH_PATCH=both bash '$root/scripts/gpu/build-cuda-backend.sh' '$W/in/llama-src.tar.gz' '$W/backends' 90 '$W/in/llama-tools-src.tar.gz' \
-        && touch '$W/cuda.done' || touch '$W/cuda.failed'" >"$W/logs/cuda-build.log" 2>&1 </dev/null &
+    start_module_build
     sleep 2
     echo "module build started"
     ;;
 quick)
     # Variants from scripts/gpu/quick-variants.txt (label|env|flags), each
     # with the binding, npcs 1/8/32/128, cache and arrivals sections, against the
-    # same-llama.cpp comparators of this machine. Resumable like `run`.
-    for _ in $(seq 1 540); do
-        [ -e "$W/cuda.done" ] || [ -e "$W/cuda.failed" ] && break
-        sleep 1
+    # same-llama.cpp comparators of this machine (B = 1/8/32/128 only: kept
+    # apart from `run`'s, which cover every B). The plugin runs the patched
+    # module unless a variant's env says otherwise. Resumable like `run`.
+    wait_for_builds cuda
+    prepare_inputs
+    for tools in same-tools same-tools-patched; do
+        [ -d "$W/backends/$tools" ] && [ ! -s "$W/quick-comparators-$tools.json" ] || continue
+        LD_LIBRARY_PATH=$W/backends/$tools python3 -u scripts/gpu/comparators.py "$W/backends/$tools" \
+            "$model" "$W/quick-comparators-$tools.json" "$W/logs/quick-$tools" 1,8,32,128 - 2>&1 | tail -3
     done
-    [ -e "$W/cuda.done" ] || { echo "cuda build not done:"; tail -20 "$W/logs/cuda-build.log"; exit 1; }
-    model=$root/assets/models/SmolLM2-135M-Instruct.Q4_1.gguf
-    [ -s "$model" ] || cat "$W"/in/smol.part.* > "$model"
-    [ "$(sha256sum "$model" | cut -d' ' -f1)" = "$(cat "$W/in/model.sha256")" ] || { echo "model sha256 mismatch"; exit 1; }
-    [ -d "$W/bins" ] || { mkdir -p "$W/bins" && tar xzf "$W/in/bins.tar.gz" -C "$W/bins"; }
-    cp "$W"/bins/backends/*.so "$W/backends/"
-    if [ -d "$W/backends/patched" ]; then cp "$W"/bins/backends/*.so "$W/backends/patched/"; fi
-    export LD_LIBRARY_PATH=$W/bins:${LD_LIBRARY_PATH:-}
-    export BEVY_NPC_LLM_BACKENDS_DIR=$W/backends
-    if [ ! -s "$W/comparators-same.json" ]; then
-        LD_LIBRARY_PATH=$W/backends/same-tools python3 -u scripts/gpu/comparators.py "$W/backends/same-tools" \
-            "$model" "$W/comparators-same.json" "$W/logs/same" 1,8,32,128 - 2>&1 | tail -3
-    fi
-    if [ -d "$W/backends/same-tools-patched" ] && [ ! -s "$W/comparators-same-patched.json" ]; then
-        LD_LIBRARY_PATH=$W/backends/same-tools-patched python3 -u scripts/gpu/comparators.py "$W/backends/same-tools-patched" \
-            "$model" "$W/comparators-same-patched.json" "$W/logs/same-patched" 1,8,32,128 - 2>&1 | tail -3
-    fi
     # The bench reads the same tools' figures as its "old" comparator too here.
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['same_llama_cpp']=dict(d); json.dump(d,open(sys.argv[2],'w'))" \
-        "$W/comparators-same.json" "$W/comparators-quick.json"
+        "$W/quick-comparators-same-tools.json" "$W/comparators-quick.json"
     i=0
     while IFS='|' read -r label envs flags; do
         [ -n "$label" ] || continue
@@ -84,14 +108,13 @@ quick)
         grep -E "plan:|per step|single stream /|N=(1|8|32|128) +batched generation rate|ratio|cache on:|cache off:|arrivals" "$W/logs/quick$i.log" \
             | grep -v "binding  ratio" | sed 's/  */ /g'
     done < scripts/gpu/quick-variants.txt
-    mkdir -p "$OUT/quick" && cp "$W"/quick*.json "$W"/comparators-same*.json "$OUT/quick/" 2>/dev/null || true
+    mkdir -p "$OUT/quick" && cp "$W"/quick*.json "$OUT/quick/" 2>/dev/null || true
     ;;
 start)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     nproc
     # Both builds at once, detached from this call (they outlive it).
-    setsid nohup bash -c "CUDA_GRAPH_PATCH=both bash '$root/scripts/gpu/build-cuda-backend.sh' '$W/in/llama-src.tar.gz' '$W/backends' 90 '$W/in/llama-tools-src.tar.gz' \
-        && touch '$W/cuda.done' || touch '$W/cuda.failed'" >"$W/logs/cuda-build.log" 2>&1 </dev/null &
+    start_module_build
     export -f build_tools; export W
     setsid nohup bash -c "build_tools && touch '$W/tools.done' || touch '$W/tools.failed'" \
         >"$W/logs/tools-build.log" 2>&1 </dev/null &
@@ -102,30 +125,8 @@ stash)
     ls -la "$W/in"
     ;;
 run)
-    for what in cuda tools; do
-        for _ in $(seq 1 540); do
-            [ -e "$W/$what.done" ] || [ -e "$W/$what.failed" ] && break
-            sleep 1
-        done
-        if [ ! -e "$W/$what.done" ]; then
-            echo "$what build not done:"; tail -20 "$W/logs/$what-build.log"; exit 1
-        fi
-    done
-    model=$root/assets/models/SmolLM2-135M-Instruct.Q4_1.gguf
-    if [ ! -s "$model" ]; then
-        cat "$W"/in/smol.part.* > "$model"
-    fi
-    [ "$(sha256sum "$model" | cut -d' ' -f1)" = "$(cat "$W/in/model.sha256")" ] || { echo "model sha256 mismatch"; exit 1; }
-    mkdir -p "$W/bins" && tar xzf "$W/in/bins.tar.gz" -C "$W/bins"
-    cp "$W"/bins/backends/*.so "$W/backends/"
-    export LD_LIBRARY_PATH=$W/bins:${LD_LIBRARY_PATH:-}
-    # The plugin runs the module the README's recipe builds (patched, see
-    # scripts/gpu/patch-cuda-graphs.py); llama.cpp's tools run as shipped.
-    export BEVY_NPC_LLM_BACKENDS_DIR=$W/backends
-    if [ -s "$W/backends/patched/libggml-cuda.so" ]; then
-        cp "$W"/bins/backends/*.so "$W/backends/patched/"
-        export BEVY_NPC_LLM_BACKENDS_DIR=$W/backends/patched
-    fi
+    wait_for_builds cuda tools
+    prepare_inputs
     tools=$W/tools-build/bin
     if [ ! -s "$W/comparators.json" ]; then
         python3 -u scripts/gpu/comparators.py "$tools" "$model" "$W/comparators.json" "$W/logs" \
