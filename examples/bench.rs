@@ -7,7 +7,7 @@
 //!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained,seed,arrivals]
 //!     [--json] [--json-out FILE]
 //!     [--remote URL]
-//!     [--device-sampling on|off] [--kv-unified on|off] [--flash-attn on|off|auto]
+//!     [--device-sampling on|off] [--kv-unified on|off] [--fill-gaps on|off] [--flash-attn on|off|auto]
 //!     [--sampling-threads N] [--lanes N] [--no-sequential] [--comparators FILE] [--label TEXT]
 //!     [--arrivals N]
 //!
@@ -53,6 +53,7 @@ struct Args {
     json_out: Option<String>,
     device_sampling: Option<bool>,
     kv_unified: Option<bool>,
+    fill_gaps: Option<bool>,
     flash_attn: Option<Option<bool>>,
     sampling_threads: Option<u32>,
     /// NPCs at a time in the `arrivals` section.
@@ -97,6 +98,7 @@ fn parse_args() -> Args {
         json_out: None,
         device_sampling: None,
         kv_unified: None,
+        fill_gaps: None,
         flash_attn: None,
         sampling_threads: None,
         arrivals: 16,
@@ -124,6 +126,7 @@ fn parse_args() -> Args {
             "--json-out" => a.json_out = Some(val()),
             "--device-sampling" => a.device_sampling = Some(on_off(&val())),
             "--kv-unified" => a.kv_unified = Some(on_off(&val())),
+            "--fill-gaps" => a.fill_gaps = Some(on_off(&val())),
             "--flash-attn" => {
                 let v = val();
                 a.flash_attn = Some((v != "auto").then(|| on_off(&v)));
@@ -183,6 +186,9 @@ fn base_settings(args: &Args) -> LlmSettings {
     }
     if let Some(v) = args.device_sampling {
         s.gpu.device_sampling = Some(v);
+    }
+    if let Some(v) = args.fill_gaps {
+        s.gpu.fill_gaps = Some(v);
     }
     if let Some(v) = args.kv_unified {
         s.gpu.kv_unified = Some(v);
@@ -962,6 +968,12 @@ fn arrivals(args: &Args, f: &mut Figures) {
         ms(c1.sync_time - c0.sync_time),
         "ms",
     );
+    f.add(
+        "arrivals",
+        &name("per step: gap fillers"),
+        (c1.gap_fillers - c0.gap_fillers) as f64 / steps,
+        "tokens",
+    );
 }
 
 /// The engine's counters once they hold `completed` more requests than
@@ -1275,7 +1287,7 @@ fn main() {
                 .join(", ")
         );
         println!(
-            "plan: model {} on {} ({} GPU layers, {} threads, device top-k {}, sampling threads {}, unified KV {}, flash attention {}, lanes {})",
+            "plan: model {} on {} ({} GPU layers, {} threads, device top-k {}, sampling threads {}, unified KV {}, gap fillers {}, flash attention {}, lanes {})",
             plan.model,
             plan.device.as_deref().unwrap_or(&plan.backend),
             plan.gpu_layers,
@@ -1283,6 +1295,7 @@ fn main() {
             plan.device_sampling,
             plan.sampling_threads,
             plan.kv_unified,
+            plan.fill_gaps,
             plan.flash_attention
                 .map_or("llama.cpp's choice", |on| if on { "on" } else { "off" }),
             plan.lanes,
@@ -1295,6 +1308,7 @@ fn main() {
             "device_sampling": plan.device_sampling,
             "sampling_threads": plan.sampling_threads,
             "kv_unified": plan.kv_unified,
+            "fill_gaps": plan.fill_gaps,
             "flash_attention": plan.flash_attention,
             "lanes": plan.lanes,
             "model": plan.model,

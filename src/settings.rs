@@ -255,6 +255,18 @@ pub struct GpuTuning {
     /// replacing lines: 1.8–2.6× the throughput); NPCs that all start
     /// together run 10–25 % slower with it (docs/BENCHMARKS.md, session 8).
     pub kv_unified: Option<bool>,
+    /// With a KV stream per sequence, give each sequence that has nothing
+    /// to decode in a generation step a throw-away token (removed again
+    /// after the step) when it sits below the step's highest sequence, so
+    /// the step is one run of consecutive sequences: llama.cpp splits a
+    /// step at every gap into micro-batches of new shapes, each launched
+    /// kernel by kernel on a GPU instead of replaying the step's recorded
+    /// CUDA graph, and NPCs that start and end lines at different times
+    /// leave gaps in most steps. Costs one token of compute and one logits
+    /// row per gap. `None`: on with a GPU, off on the CPU; `Some(_)` applies
+    /// on any backend; never with unified KV or a sliding-window model
+    /// (nothing to fill, or a filler would move the window).
+    pub fill_gaps: Option<bool>,
     /// Flash attention on or off; `None`: llama.cpp's choice (on where the
     /// device supports it).
     pub flash_attention: Option<bool>,

@@ -315,6 +315,97 @@ fn prefix_cache_reuses_an_npcs_prompt_and_matches_an_uncached_run() {
     assert_eq!(r.completed_text(e).unwrap(), cached);
 }
 
+/// Gap fillers (`gpu.fill_gaps`, on by default on a GPU; here on the CPU):
+/// an NPC's cached slot sits below two NPCs that talk, so each of their
+/// steps gives it a throw-away token that is removed again. Its cache is
+/// intact: its second turn reuses the prefix and gives the greedy text of
+/// an engine without cache and without fillers.
+#[test]
+fn gap_fillers_leave_an_idle_npcs_cache_intact() {
+    let mut s = settings();
+    s.gpu.fill_gaps = Some(true);
+    s.max_parallel_sequences = 4;
+    let mut app = app_with(s);
+    assert!(
+        app.world()
+            .resource::<LlmEngineStats>()
+            .counters
+            .gap_fillers
+            == 0
+    );
+    let brom = app.world_mut().spawn_empty().id();
+    let mut first = persona_history();
+    first.push(ChatMessage::user("Hello Brom."));
+    app.world_mut().entity_mut(brom).insert(
+        LlmRequest::chat(first.clone())
+            .with_cache_key(brom)
+            .with_temperature(0.0)
+            .with_max_tokens(16),
+    );
+    run_until_finished(&mut app, &[brom]);
+    // Two other NPCs talk while Brom's slot (the lowest) is idle.
+    let others: Vec<Entity> = ["bread", "boats"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let e = app.world_mut().spawn_empty().id();
+            app.world_mut().entity_mut(e).insert(
+                chat(&format!("Tell me about {t}."))
+                    .with_cache_key(e)
+                    .with_seed(i as u32)
+                    .with_max_tokens(24),
+            );
+            e
+        })
+        .collect();
+    run_until_finished(&mut app, &others);
+    let r = app.world().resource::<Recorded>();
+    for e in &others {
+        assert!(
+            r.completed_text(*e).is_some_and(|t| !t.is_empty()),
+            "{:?}",
+            r.of(*e)
+        );
+    }
+    let c = app.world().resource::<LlmEngineStats>().counters.clone();
+    assert!(c.gap_fillers > 0, "no gap was filled: {c:?}");
+    let mut second = first;
+    second.push(ChatMessage::user("Can you also fix my plough?"));
+    app.world_mut().resource_mut::<Recorded>().0.clear();
+    let req = LlmRequest::chat(second)
+        .with_temperature(0.0)
+        .with_max_tokens(24);
+    app.world_mut()
+        .entity_mut(brom)
+        .insert(req.clone().with_cache_key(brom));
+    run_until_finished(&mut app, &[brom]);
+    let recs = app.world().resource::<Recorded>().of(brom);
+    let Some(Rec::Started(_, _, reused)) = recs.first().cloned() else {
+        panic!("{recs:?}")
+    };
+    assert!(reused > 0, "Brom's cache was not reused: {recs:?}");
+    let cached = app
+        .world()
+        .resource::<Recorded>()
+        .completed_text(brom)
+        .unwrap();
+
+    let mut s = settings();
+    s.prefix_cache = false;
+    s.gpu.fill_gaps = Some(false);
+    let mut plain = app_with(s);
+    let e = request(&mut plain, req);
+    run_until_finished(&mut plain, &[e]);
+    assert_eq!(
+        plain
+            .world()
+            .resource::<Recorded>()
+            .completed_text(e)
+            .unwrap(),
+        cached
+    );
+}
+
 fn tokens_after_cancel(recs: &[Rec]) -> usize {
     let at = recs
         .iter()

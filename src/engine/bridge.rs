@@ -216,6 +216,7 @@ pub(crate) fn load_spec(
         device_sampling: plan.device_sampling,
         sampling_threads: plan.sampling_threads,
         kv_unified: plan.kv_unified,
+        fill_gaps: plan.fill_gaps,
         flash_attention: plan.flash_attention,
         lanes: plan.lanes,
     };

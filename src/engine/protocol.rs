@@ -54,6 +54,9 @@ pub(crate) struct LoadSpec {
     pub sampling_threads: u32,
     /// One KV buffer across sequences instead of one stream each.
     pub kv_unified: bool,
+    /// Fill the gaps of generation steps (streams only; see the scheduler's
+    /// `Filler`).
+    pub fill_gaps: bool,
     /// Flash attention on/off; `None`: llama.cpp decides.
     pub flash_attention: Option<bool>,
     /// llama.cpp contexts the slots are split across, decoded in turns
@@ -129,6 +132,10 @@ pub struct EngineCounters {
     pub prompt_tokens_decoded: u64,
     /// Prompt tokens reused from the prefix cache instead of decoded.
     pub reused_prefix_tokens: u64,
+    /// Throw-away tokens decoded to keep a generation step free of gaps
+    /// between its sequences (`GpuTuning::fill_gaps`), removed again after
+    /// their step.
+    pub gap_fillers: u64,
     /// Requests completed.
     pub completed: u64,
     /// Requests failed.

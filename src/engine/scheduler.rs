@@ -56,6 +56,9 @@ pub(crate) struct Limits {
     /// `s % lanes`, each lane a llama.cpp context of its own, planned,
     /// decoded and applied on its own (see [`Scheduler::plan_lane`]).
     pub lanes: usize,
+    /// Fill the gaps of a generation step (a KV stream per sequence, full
+    /// attention only): see [`Filler`].
+    pub fill_gaps: bool,
 }
 
 /// Where slot `slot` decodes when the slots are split across `lanes`
@@ -118,6 +121,38 @@ pub(crate) struct BatchToken<T> {
     pub logits: bool,
 }
 
+/// A throw-away token for a sequence that has nothing to decode in a
+/// generation step, so that the step covers the lane's sequence ids
+/// `0..=top` without a gap.
+///
+/// Why: with a KV stream per sequence, llama.cpp splits a batch into
+/// micro-batches of *consecutive* sequence ids with as many tokens each
+/// (`split_equal(…, sequential)`). A talking NPC that sits between two idle
+/// slots, or a line that just ended, cuts the step in two or more
+/// micro-batches of new shapes, each built and launched kernel by kernel
+/// on a GPU instead of replaying the recorded CUDA graph of the step; when
+/// NPCs start and end lines at different times (a game) that is most
+/// steps. With fillers every generation step of a lane has one shape as
+/// long as its highest busy sequence stays the same: one micro-batch (plus
+/// one per prompt chunk's remaining tokens), replayed.
+///
+/// A filler goes at the end of its sequence (`pos` = the tokens its KV
+/// holds: a running sequence's record, an idle slot's cache), asks for
+/// logits (so the step's shape is a generation step's: one output per
+/// token) and is never recorded: the caller removes it from the KV
+/// (`seq_rm(slot, pos, -1)`) after the decode, whatever its outcome, and
+/// ignores its logits. A step holds fillers only when it generates, no
+/// High-priority prompt is read in it (the player's step stays small), the
+/// model has no sliding window (a filler would slide it), each filled slot's
+/// KV is known and has room, and the batch limit has room for all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Filler {
+    /// The slot (its lane's sequence id: see [`lane_seq`]).
+    pub slot: usize,
+    /// Its position: the tokens the slot's KV holds.
+    pub pos: i32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
     /// The sequence's sampled token.
@@ -141,6 +176,9 @@ struct Entry {
 pub(crate) struct Plan<T> {
     /// The tokens to add to the batch, in order.
     pub tokens: Vec<BatchToken<T>>,
+    /// The gap fillers among `tokens` (see [`Filler`]): the caller drops
+    /// each from its sequence's KV after the decode.
+    pub fillers: Vec<Filler>,
     entries: Vec<Entry>,
     /// The lane it was planned for.
     lane: usize,
@@ -509,11 +547,87 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
                 budget -= take;
             }
         }
+        let fillers = self.fill_gaps(lane, &mut tokens, &entries, budget);
         Plan {
             tokens,
+            fillers,
             entries,
             lane,
         }
+    }
+
+    /// The gap fillers of a lane's step (see [`Filler`]), appended to
+    /// `tokens`; with fillers, the first token of every sequence in the step
+    /// asks for logits too (the step's first micro-batch then has a
+    /// generation step's shape). None when the step may not have them.
+    fn fill_gaps(
+        &self,
+        lane: usize,
+        tokens: &mut Vec<BatchToken<T>>,
+        entries: &[Entry],
+        budget: usize,
+    ) -> Vec<Filler> {
+        let l = &self.limits;
+        let lanes = l.lanes.max(1);
+        let generates = entries.iter().any(|e| e.part == Part::Next);
+        let high_prompt = entries.iter().any(|e| {
+            matches!(e.part, Part::Prompt { .. })
+                && self
+                    .seqs
+                    .iter()
+                    .any(|s| s.id == e.id && s.priority > NORMAL)
+        });
+        if !l.fill_gaps || l.swa_window > 0 || !generates || high_prompt {
+            return Vec::new();
+        }
+        let Some(top) = tokens
+            .iter()
+            .map(|t| lane_seq(t.seq as usize, lanes).1)
+            .max()
+        else {
+            return Vec::new();
+        };
+        let mut fillers = Vec::new();
+        for q in 0..top {
+            let slot = q * lanes + lane;
+            if tokens.iter().any(|t| t.seq as usize == slot) {
+                continue;
+            }
+            let held = match self.seqs.iter().find(|s| s.slot == slot) {
+                Some(s) => s.kv.len(),
+                // An idle slot's KV is its cache record only while the
+                // cache is on (off, a released slot keeps KV it forgot).
+                None if self.slots.cache_enabled() => self.slots.tokens(slot).len(),
+                None => return Vec::new(),
+            };
+            if held + 1 > l.cells_per_seq {
+                return Vec::new();
+            }
+            fillers.push(Filler {
+                slot,
+                pos: held as i32,
+            });
+        }
+        if fillers.is_empty() || fillers.len() > budget {
+            return Vec::new();
+        }
+        let token = tokens[0].token;
+        // The first token of each sequence (tokens are in position order
+        // within a sequence) asks for logits.
+        let mut seen: Vec<i32> = Vec::new();
+        for t in tokens.iter_mut() {
+            if !seen.contains(&t.seq) {
+                seen.push(t.seq);
+                t.logits = true;
+            }
+        }
+        tokens.extend(fillers.iter().map(|f| BatchToken {
+            token,
+            pos: f.pos,
+            seq: f.slot as i32,
+            logits: true,
+        }));
+        fillers
     }
 
     /// Apply a plan's decode outcome: the only place KV records grow.

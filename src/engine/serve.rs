@@ -208,6 +208,7 @@ impl<'m> Server<'m> {
             },
             max_sit_out: MAX_SIT_OUT,
             lanes,
+            fill_gaps: spec.fill_gaps && !spec.kv_unified,
         };
         let counters = EngineCounters {
             slots: sequences,
@@ -492,7 +493,7 @@ impl<'m> Server<'m> {
         if self.sched.is_idle() {
             return;
         }
-        let plan = self.sched.plan_lane(lane);
+        let mut plan = self.sched.plan_lane(lane);
         if plan.tokens.is_empty() {
             // Nothing to decode in this lane now (its sequences sit out
             // while the player's prompt is read in another): the turn counts.
@@ -560,6 +561,27 @@ impl<'m> Server<'m> {
             }
         };
         let decoded = outcome == Outcome::Decoded;
+        // Gap fillers leave the KV again, whatever the outcome (cell
+        // bookkeeping only: no need to wait for the device).
+        let fillers = std::mem::take(&mut plan.fillers);
+        for f in &fillers {
+            let seq = lane_seq(f.slot, n_lanes).1 as u32;
+            let removed =
+                self.lanes[lane]
+                    .ctx
+                    .clear_kv_cache_seq(Some(seq), Some(f.pos as u32), None);
+            if !matches!(removed, Ok(true)) {
+                // Full-attention streams always cut; if one did not, the
+                // sequence's next decode fails typed (position check).
+                bevy::log::error!(
+                    "bevy_npc_llm: could not remove a gap filler from sequence {seq} at {}",
+                    f.pos
+                );
+            }
+        }
+        if decoded {
+            self.counters.gap_fillers += fillers.len() as u64;
+        }
         let applied = self.sched.apply(plan, outcome);
         for slot in applied.evicted {
             self.clear_slot(slot, None);

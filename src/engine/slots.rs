@@ -61,6 +61,11 @@ impl<T: PartialEq + Clone> SlotTable<T> {
         self.cache_enabled = enabled;
     }
 
+    /// Whether released slots keep their tokens as a cache.
+    pub(crate) fn cache_enabled(&self) -> bool {
+        self.cache_enabled
+    }
+
     pub(crate) fn has_free(&self) -> bool {
         self.slots.iter().any(|s| !s.busy)
     }
@@ -213,7 +218,6 @@ impl<T: PartialEq + Clone> SlotTable<T> {
     }
 
     /// Tokens the slot's KV holds, as recorded.
-    #[cfg(test)]
     pub(crate) fn tokens(&self, slot: usize) -> &[T] {
         &self.slots[slot].tokens
     }

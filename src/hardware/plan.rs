@@ -50,6 +50,11 @@ pub struct BackendPlan {
     pub sampling_threads: u32,
     /// One KV buffer across sequences instead of one stream each.
     pub kv_unified: bool,
+    /// Fill the gaps between the sequences of a generation step
+    /// ([`GpuTuning::fill_gaps`](crate::settings::GpuTuning::fill_gaps)):
+    /// on a GPU with a KV stream per sequence, unless the settings say
+    /// otherwise.
+    pub fill_gaps: bool,
     /// Flash attention on/off; `None`: llama.cpp's choice.
     pub flash_attention: Option<bool>,
     /// llama.cpp contexts the sequences are split across and decoded in
@@ -233,6 +238,8 @@ pub fn plan(
         device_sampling: tuning.device_sampling.unwrap_or(false),
         sampling_threads,
         kv_unified: on_gpu && tuning.kv_unified.unwrap_or(false),
+        fill_gaps: tuning.fill_gaps.unwrap_or(on_gpu)
+            && !(on_gpu && tuning.kv_unified.unwrap_or(false)),
         flash_attention: if on_gpu { tuning.flash_attention } else { None },
         // Two lanes on a GPU: measured on an H100 (docs/BENCHMARKS.md),
         // 1.18–1.22× llama-batched-bench's rate at 128 NPCs against 0.81–0.85×

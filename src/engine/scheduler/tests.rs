@@ -20,6 +20,7 @@ fn limits(slots: usize, batch: usize) -> Limits {
         swa_window: 0,
         max_sit_out: 3,
         lanes: 1,
+        fill_gaps: false,
     }
 }
 
@@ -324,6 +325,177 @@ fn prefix_reuse_respects_what_a_sliding_window_cache_still_holds() {
 // ---------------------------------------------------------------------
 // Properties over random interleavings, with a fake decoder.
 
+/// Three NPCs on slots 0, 1, 2 generating after `steps` decoded steps;
+/// the one on slot 1 (a 3-token prompt) then ends, its slot keeping its KV
+/// as a cache. Returns the scheduler for the next plan.
+fn gap_in_the_middle(l: Limits, cache: bool, steps: usize) -> Scheduler<u32> {
+    let mut s = Scheduler::new(l, cache);
+    for (n, prompt) in [vec![1], vec![1, 2, 3], vec![1]].into_iter().enumerate() {
+        s.admit(id(n as u64), 0, Some(n as u64), prompt, |_| -1)
+            .unwrap();
+    }
+    for _ in 0..steps {
+        let plan = s.plan();
+        for (rid, _) in s.apply(plan, Outcome::Decoded).sample {
+            let _ = s.sampled(rid, 7);
+        }
+    }
+    assert!(s.finish(id(1)).is_some());
+    s
+}
+
+#[test]
+fn gap_fillers_table() {
+    let on = Limits {
+        fill_gaps: true,
+        ..limits(4, 16)
+    };
+    // Filled: slot 1's cache holds 3 tokens, so its filler goes at 3.
+    let mut s = gap_in_the_middle(on, true, 1);
+    let plan = s.plan();
+    assert_eq!(plan.fillers, vec![Filler { slot: 1, pos: 3 }]);
+    check_fillers(&plan, &on);
+    assert_eq!(
+        plan.sequences(),
+        2,
+        "a filler is not a sequence of the step"
+    );
+    let applied = s.apply(plan, Outcome::Decoded);
+    assert_eq!(applied.sample.len(), 2, "a filler is never sampled");
+    assert_eq!(
+        s.slot_table().tokens(1),
+        &[1, 2, 3],
+        "a filler is never recorded"
+    );
+
+    // Not filled: the setting off; a sliding window; the cache off (an idle
+    // slot's KV is unknown); no room in slot 1's KV; no room in the batch.
+    let cases = [
+        ("off", limits(4, 16), true),
+        (
+            "window",
+            Limits {
+                swa_window: 8,
+                ..on
+            },
+            true,
+        ),
+        ("cache off", on, false),
+        (
+            "KV full",
+            Limits {
+                cells_per_seq: 4,
+                ..on
+            },
+            true,
+        ),
+        (
+            "batch full",
+            Limits {
+                batch_tokens: 2,
+                ..on
+            },
+            true,
+        ),
+    ];
+    for (what, l, cache) in cases {
+        // Two steps: slot 1's cache then holds 4 tokens (its KV is full
+        // with 4 cells per sequence).
+        let mut s = gap_in_the_middle(l, cache, 2);
+        let plan = s.plan();
+        assert!(plan.fillers.is_empty(), "{what}: filled");
+        let _ = s.apply(plan, Outcome::Decoded);
+    }
+
+    // A High prompt read in the step (the player's): not filled.
+    let mut s = gap_in_the_middle(on, true, 1);
+    s.admit(id(9), HIGH, None, vec![4, 5], |_| -1).unwrap();
+    let plan = s.plan();
+    assert!(
+        plan.fillers.is_empty(),
+        "the player's prompt step was filled"
+    );
+    let _ = s.apply(plan, Outcome::Decoded);
+
+    // A Normal prompt chunk beside generation: filled, and the chunk's
+    // first token asks for logits (the first micro-batch has one output
+    // per token) while only its last is sampled.
+    let mut s = gap_in_the_middle(Limits { slots: 5, ..on }, true, 1);
+    s.admit(id(7), 0, Some(7), vec![4, 5, 6, 7, 8, 9], |_| -1)
+        .unwrap();
+    let plan = s.plan();
+    assert_eq!(plan.fillers, vec![Filler { slot: 1, pos: 3 }]);
+    check_fillers(&plan, &Limits { slots: 5, ..on });
+    let chunk: Vec<_> = plan.tokens.iter().filter(|t| t.seq == 3).collect();
+    assert_eq!(chunk.len(), 4, "the chunk cap");
+    assert!(chunk[0].logits && !chunk[1].logits);
+    let _ = s.apply(plan, Outcome::Decoded);
+
+    // Nothing below the highest sequence is missing: nothing to fill.
+    let mut s = Scheduler::new(on, true);
+    s.admit(id(0), 0, Some(0), vec![1, 2], |_| -1).unwrap();
+    s.admit(id(1), 0, Some(1), vec![1, 2], |_| -1).unwrap();
+    run_step(&mut s);
+    let plan = s.plan();
+    assert!(plan.fillers.is_empty());
+    let _ = s.apply(plan, Outcome::Decoded);
+}
+
+/// What a plan's gap fillers must be: only where allowed, one per missing
+/// sequence below the step's highest, the step then one run of sequence
+/// ids from 0 whose first token each asks for logits.
+fn check_fillers(plan: &Plan<u32>, l: &Limits) {
+    if plan.fillers.is_empty() {
+        return;
+    }
+    assert!(
+        l.fill_gaps && l.swa_window == 0,
+        "fillers where not allowed"
+    );
+    assert!(
+        plan.tokens
+            .iter()
+            .any(|t| !plan.fillers.iter().any(|f| f.slot as i32 == t.seq)),
+        "a step of fillers only"
+    );
+    let lanes = l.lanes.max(1);
+    let mut ids: Vec<usize> = plan.tokens.iter().map(|t| t.seq as usize / lanes).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let top = *ids.last().unwrap();
+    assert_eq!(
+        ids,
+        (0..=top).collect::<Vec<_>>(),
+        "a gap left in a filled step"
+    );
+    for f in &plan.fillers {
+        let of_seq: Vec<_> = plan
+            .tokens
+            .iter()
+            .filter(|t| t.seq as usize == f.slot)
+            .collect();
+        assert_eq!(
+            of_seq.len(),
+            1,
+            "a filler beside real tokens of slot {}",
+            f.slot
+        );
+        assert_eq!(of_seq[0].pos, f.pos);
+        assert!(of_seq[0].logits);
+    }
+    let mut seen = Vec::new();
+    for t in &plan.tokens {
+        if !seen.contains(&t.seq) {
+            seen.push(t.seq);
+            assert!(
+                t.logits,
+                "the first token of sequence {} asks no logits",
+                t.seq
+            );
+        }
+    }
+}
+
 /// A fake llama.cpp: per sequence id the tokens at positions `0..len`
 /// (positions below `first` dropped by a sliding window), and a shared pool
 /// of cells (the unified-KV case) that answers "no KV slot" when full.
@@ -616,12 +788,18 @@ impl Harness {
                 }
             }
         }
+        check_fillers(&plan, self.s.limits());
         let tokens = plan.tokens.clone();
+        let fillers = plan.fillers.clone();
         let held: Vec<(RequestId, bool)> = snap
             .iter()
             .map(|&(r, _, _, w)| (r, w && !plan.holds(r)))
             .collect();
         let outcome = self.kv.decode(&tokens, inject);
+        // The worker drops the gap fillers again, whatever the outcome.
+        for f in &fillers {
+            self.kv.seq_rm(f.slot, f.pos as usize);
+        }
         let applied = self.s.apply(plan, outcome.clone());
         if outcome == Outcome::Decoded {
             let full = limit == self.s.limits().batch_tokens;
@@ -691,6 +869,13 @@ impl Harness {
             }
         }
         self.eot.clear();
+        // An idle slot's KV is exactly its cache record (gap fillers left
+        // nothing behind).
+        for slot in 0..self.s.limits().slots {
+            if !self.s.slot_table().is_busy(slot) {
+                self.kv_matches_cache(slot);
+            }
+        }
         // No slot leaks: busy slots are exactly the running sequences'.
         for slot in 0..self.s.limits().slots {
             assert_eq!(
@@ -760,8 +945,9 @@ fn limits_strategy() -> impl Strategy<Value = (Limits, usize)> {
         1usize..9,
         prop_oneof![Just(0usize), 4usize..12],
         1u32..4,
+        any::<bool>(),
     )
-        .prop_map(|(slots, extra, chunk, window, sit)| {
+        .prop_map(|(slots, extra, chunk, window, sit, fill_gaps)| {
             let l = Limits {
                 batch_tokens: slots + 1 + extra,
                 prompt_chunk: chunk,
@@ -770,6 +956,7 @@ fn limits_strategy() -> impl Strategy<Value = (Limits, usize)> {
                 swa_window: window,
                 max_sit_out: sit,
                 lanes: 1,
+                fill_gaps,
             };
             // A pool sometimes smaller than every slot's share: "no KV slot".
             (l, 40 * slots)
@@ -838,6 +1025,7 @@ proptest! {
     fn lanes_plan_apart_and_every_job_completes(
         lanes in 2usize..4,
         slots in 2usize..9,
+        fill_gaps in any::<bool>(),
         jobs in proptest::collection::vec((any::<bool>(), 1usize..12, 1usize..6), 1..14),
         turns in proptest::collection::vec(0usize..4, 0..300),
     ) {
@@ -849,6 +1037,7 @@ proptest! {
             swa_window: 0,
             max_sit_out: 3,
             lanes,
+            fill_gaps,
         };
         let mut s: Scheduler<u32> = Scheduler::new(l, true);
         let mut queue: std::collections::VecDeque<(u64, bool, usize, usize)> = jobs
@@ -881,6 +1070,14 @@ proptest! {
             prop_assert_eq!(plan.lane(), lane);
             for t in &plan.tokens {
                 prop_assert_eq!(t.seq as usize % lanes, lane, "a token of another lane");
+            }
+            if !plan.fillers.is_empty() {
+                // The lane's step is one run of its sequence ids from 0.
+                let mut ids: Vec<usize> = plan.tokens.iter().map(|t| t.seq as usize / lanes).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let top = *ids.last().unwrap();
+                prop_assert_eq!(ids, (0..=top).collect::<Vec<_>>());
             }
             let lane_has_work = snap
                 .iter()

@@ -84,6 +84,7 @@ pub(crate) fn remote_spec(settings: &crate::settings::LlmSettings) -> LoadSpec {
         device_sampling: false,
         sampling_threads: 1,
         kv_unified: false,
+        fill_gaps: false,
         lanes: 1,
         flash_attention: None,
     }
