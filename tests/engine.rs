@@ -316,7 +316,7 @@ fn prefix_cache_reuses_an_npcs_prompt_and_matches_an_uncached_run() {
 }
 
 /// Gap fillers (`gpu.fill_gaps`, on by default on a GPU; here on the CPU):
-/// an NPC's cached slot sits below two NPCs that talk, so each of their
+/// an NPC's cached slot sits between two NPCs that talk, so each of their
 /// steps gives it a throw-away token that is removed again. Its cache is
 /// intact: its second turn reuses the prefix and gives the greedy text of
 /// an engine without cache and without fillers.
@@ -333,6 +333,18 @@ fn gap_fillers_leave_an_idle_npcs_cache_intact() {
             .gap_fillers
             == 0
     );
+    // A first NPC's line takes slot 0, Brom's slot 1.
+    let tom = app.world_mut().spawn_empty().id();
+    let tom_line = |app: &mut App, seed: u32| {
+        app.world_mut().entity_mut(tom).insert(
+            chat("Tell me about bread.")
+                .with_cache_key(tom)
+                .with_seed(seed)
+                .with_max_tokens(24),
+        );
+    };
+    tom_line(&mut app, 0);
+    run_until_finished(&mut app, &[tom]);
     let brom = app.world_mut().spawn_empty().id();
     let mut first = persona_history();
     first.push(ChatMessage::user("Hello Brom."));
@@ -343,21 +355,18 @@ fn gap_fillers_leave_an_idle_npcs_cache_intact() {
             .with_max_tokens(16),
     );
     run_until_finished(&mut app, &[brom]);
-    // Two other NPCs talk while Brom's slot (the lowest) is idle.
-    let others: Vec<Entity> = ["bread", "boats"]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let e = app.world_mut().spawn_empty().id();
-            app.world_mut().entity_mut(e).insert(
-                chat(&format!("Tell me about {t}."))
-                    .with_cache_key(e)
-                    .with_seed(i as u32)
-                    .with_max_tokens(24),
-            );
-            e
-        })
-        .collect();
+    // Tom (his slot 0) and a new NPC (slot 2) talk while Brom's slot,
+    // between theirs, is idle.
+    app.world_mut().resource_mut::<Recorded>().0.clear();
+    tom_line(&mut app, 1);
+    let ann = app.world_mut().spawn_empty().id();
+    app.world_mut().entity_mut(ann).insert(
+        chat("Tell me about boats.")
+            .with_cache_key(ann)
+            .with_seed(2)
+            .with_max_tokens(24),
+    );
+    let others = [tom, ann];
     run_until_finished(&mut app, &others);
     let r = app.world().resource::<Recorded>();
     for e in &others {

@@ -33,6 +33,10 @@ pub(crate) const LLAMA_MAX_SEQ: u32 = 256;
 /// Priorities above this are High (the player's requests).
 const NORMAL: i32 = 0;
 
+/// Gap fillers a step may always have; beyond this, at most one per
+/// sequence in the step (see [`Filler`]).
+const MAX_FILLERS_ALWAYS: usize = 8;
+
 /// The sizes a step must respect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Limits {
@@ -122,8 +126,8 @@ pub(crate) struct BatchToken<T> {
 }
 
 /// A throw-away token for a sequence that has nothing to decode in a
-/// generation step, so that the step covers the lane's sequence ids
-/// `0..=top` without a gap.
+/// generation step, so that the step covers the lane's sequence ids from
+/// its lowest to its highest without a gap.
 ///
 /// Why: with a KV stream per sequence, llama.cpp splits a batch into
 /// micro-batches of *consecutive* sequence ids with as many tokens each
@@ -132,9 +136,9 @@ pub(crate) struct BatchToken<T> {
 /// micro-batches of new shapes, each built and launched kernel by kernel
 /// on a GPU instead of replaying the recorded CUDA graph of the step; when
 /// NPCs start and end lines at different times (a game) that is most
-/// steps. With fillers every generation step of a lane has one shape as
-/// long as its highest busy sequence stays the same: one micro-batch (plus
-/// one per prompt chunk's remaining tokens), replayed.
+/// steps. With fillers a generation step of a lane is one micro-batch
+/// (plus one per prompt chunk's remaining tokens) whose shape stays the
+/// same as long as its lowest and highest sequences do: replayed.
 ///
 /// A filler goes at the end of its sequence (`pos` = the tokens its KV
 /// holds: a running sequence's record, an idle slot's cache), asks for
@@ -144,7 +148,10 @@ pub(crate) struct BatchToken<T> {
 /// ignores its logits. A step holds fillers only when it generates, no
 /// High-priority prompt is read in it (the player's step stays small), the
 /// model has no sliding window (a filler would slide it), each filled slot's
-/// KV is known and has room, and the batch limit has room for all of them.
+/// KV is known and has room, the batch limit has room for all of them, and
+/// they are at most [`MAX_FILLERS_ALWAYS`] or as many as the step's
+/// sequences. Nothing below the step's lowest sequence is filled: one NPC
+/// alone, or a run without gaps, decodes as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Filler {
     /// The slot (its lane's sequence id: see [`lane_seq`]).
@@ -580,15 +587,15 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         if !l.fill_gaps || l.swa_window > 0 || !generates || high_prompt {
             return Vec::new();
         }
-        let Some(top) = tokens
-            .iter()
-            .map(|t| lane_seq(t.seq as usize, lanes).1)
-            .max()
-        else {
+        let seq_of = |t: &BatchToken<T>| lane_seq(t.seq as usize, lanes).1;
+        let (Some(low), Some(top)) = (
+            tokens.iter().map(seq_of).min(),
+            tokens.iter().map(seq_of).max(),
+        ) else {
             return Vec::new();
         };
         let mut fillers = Vec::new();
-        for q in 0..top {
+        for q in low + 1..top {
             let slot = q * lanes + lane;
             if tokens.iter().any(|t| t.seq as usize == slot) {
                 continue;
@@ -608,7 +615,10 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
                 pos: held as i32,
             });
         }
-        if fillers.is_empty() || fillers.len() > budget {
+        // Many fillers for few sequences (two NPCs far apart) would cost
+        // more compute than the split they save.
+        let cap = entries.len().max(MAX_FILLERS_ALWAYS);
+        if fillers.is_empty() || fillers.len() > budget || fillers.len() > cap {
             return Vec::new();
         }
         let token = tokens[0].token;

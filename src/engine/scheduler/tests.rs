@@ -431,13 +431,36 @@ fn gap_fillers_table() {
     assert!(chunk[0].logits && !chunk[1].logits);
     let _ = s.apply(plan, Outcome::Decoded);
 
-    // Nothing below the highest sequence is missing: nothing to fill.
-    let mut s = Scheduler::new(on, true);
-    s.admit(id(0), 0, Some(0), vec![1, 2], |_| -1).unwrap();
-    s.admit(id(1), 0, Some(1), vec![1, 2], |_| -1).unwrap();
+    // No gap between the step's sequences (slot 0 idle below them, or one
+    // sequence alone on slot 2): nothing to fill.
+    for ends in [vec![0], vec![0, 1]] {
+        let mut s = Scheduler::new(on, true);
+        for n in 0..3 {
+            s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
+        }
+        run_step(&mut s);
+        for n in ends {
+            assert!(s.finish(id(n)).is_some());
+        }
+        let plan = s.plan();
+        assert!(plan.fillers.is_empty());
+        let _ = s.apply(plan, Outcome::Decoded);
+    }
+
+    // Two sequences with 12 idle slots between them: more fillers than the
+    // cap (8, or one per sequence), so the step is left split.
+    let l = Limits { slots: 16, ..on };
+    let mut s = Scheduler::new(l, true);
+    for n in 0..14 {
+        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
+    }
     run_step(&mut s);
+    for n in 1..13 {
+        assert!(s.finish(id(n)).is_some());
+    }
     let plan = s.plan();
-    assert!(plan.fillers.is_empty());
+    assert_eq!(plan.sequences(), 2);
+    assert!(plan.fillers.is_empty(), "12 fillers for 2 sequences");
     let _ = s.apply(plan, Outcome::Decoded);
 }
 
@@ -462,10 +485,10 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
     let mut ids: Vec<usize> = plan.tokens.iter().map(|t| t.seq as usize / lanes).collect();
     ids.sort_unstable();
     ids.dedup();
-    let top = *ids.last().unwrap();
+    let (low, top) = (ids[0], *ids.last().unwrap());
     assert_eq!(
         ids,
-        (0..=top).collect::<Vec<_>>(),
+        (low..=top).collect::<Vec<_>>(),
         "a gap left in a filled step"
     );
     for f in &plan.fillers {
@@ -1076,8 +1099,8 @@ proptest! {
                 let mut ids: Vec<usize> = plan.tokens.iter().map(|t| t.seq as usize / lanes).collect();
                 ids.sort_unstable();
                 ids.dedup();
-                let top = *ids.last().unwrap();
-                prop_assert_eq!(ids, (0..=top).collect::<Vec<_>>());
+                let (low, top) = (ids[0], *ids.last().unwrap());
+                prop_assert_eq!(ids, (low..=top).collect::<Vec<_>>());
             }
             let lane_has_work = snap
                 .iter()
