@@ -252,8 +252,10 @@ pub struct GpuTuning {
     /// sequence). Unified pays off when NPCs start and end lines at different
     /// times: the attention graph then stays the same shape while the set of
     /// talking NPCs changes (H100, 16 / 64 / 128 NPCs at a time with lines
-    /// replacing lines: 1.8–2.6× the throughput); NPCs that all start
-    /// together run 10–25 % slower with it (docs/BENCHMARKS.md, session 8).
+    /// replacing lines: 1.8–2.6× the throughput of streams without
+    /// [`Self::fill_gaps`]; with them, about the same at 16 NPCs and 1.3× at
+    /// 64); NPCs that all start together run 10–25 % slower with it
+    /// (docs/BENCHMARKS.md, sessions 8 and 9).
     pub kv_unified: Option<bool>,
     /// With a KV stream per sequence, give each sequence that has nothing
     /// to decode in a generation step a throw-away token (removed again

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# On the NVIDIA machine: is the gap between llama.cpp's tools of
+# llama-cpp-python 0.3.36 ("old", the issue's comparator) and the same tools
+# built from the plugin's llama.cpp ("same") the llama.cpp version, or how
+# each is built? The old tools are linked statically; the plugin (and
+# "same") load ggml's CUDA backend as a module (GGML_BACKEND_DL).
+#   build-modes.sh build W   builds the old llama.cpp twice, in the
+#                            background: static (as device.sh's `run`) and
+#                            as a loadable CUDA module (as the plugin's)
+#   build-modes.sh run W OUT llama-bench tg128 and llama-batched-bench
+#                            B = 1, 8, 32 for every build, alternating, two
+#                            rounds; a JSON summary in OUT
+# W is device.sh's work folder (its module build gives "same").
+set -euo pipefail
+cmd=$1 W=$2
+src=$W/in/llama-tools-src.tar.gz
+case $cmd in
+build)
+    mkdir -p "$W/modes" "$W/logs"
+    for mode in static dl; do
+        setsid nohup bash -c "
+            set -e
+            mkdir -p '$W/modes/$mode-src' && tar xzf '$src' -C '$W/modes/$mode-src'
+            if [ $mode = static ]; then
+                flags='-DBUILD_SHARED_LIBS=OFF'; targets='llama-bench llama-batched-bench'
+            else
+                flags='-DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON'; targets='ggml-cuda ggml-cpu llama-bench llama-batched-bench'
+            fi
+            cmake -S '$W/modes/$mode-src/llama.cpp' -B '$W/modes/$mode-build' -G Ninja -DCMAKE_BUILD_TYPE=Release \
+                -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF \$flags \
+                -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF \
+                -DLLAMA_CURL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF
+            cmake --build '$W/modes/$mode-build' --target \$targets -j8
+            mkdir -p '$W/modes/$mode'
+            cp '$W/modes/$mode-build/bin/'llama-bench '$W/modes/$mode-build/bin/'llama-batched-bench '$W/modes/$mode/'
+            find '$W/modes/$mode-build' \( -name 'lib*.so' -o -name 'lib*.so.*' \) -exec cp -P {} '$W/modes/$mode/' \;
+            touch '$W/modes-$mode.done'
+        " >"$W/logs/modes-$mode-build.log" 2>&1 </dev/null || touch "$W/modes-$mode.failed" &
+    done
+    sleep 1
+    echo "old llama.cpp: static and module builds started"
+    ;;
+run)
+    out=$3
+    model=$(pwd)/assets/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    for mode in static dl; do
+        for _ in $(seq 1 540); do
+            [ -e "$W/modes-$mode.done" ] && break
+            sleep 1
+        done
+        [ -e "$W/modes-$mode.done" ] || { echo "$mode build not done"; tail -20 "$W/logs/modes-$mode-build.log"; exit 1; }
+    done
+    declare -A dirs=([old-static]=$W/modes/static [old-module]=$W/modes/dl
+        [same-module]=$W/backends/same-tools [same-module-patched]=$W/backends/same-tools-patched)
+    mkdir -p "$out"
+    : >"$out/modes.jsonl"
+    for round in 1 2; do
+        for name in old-static old-module same-module same-module-patched; do
+            d=${dirs[$name]}
+            [ -x "$d/llama-bench" ] || { echo "no $name"; continue; }
+            tg=$(LD_LIBRARY_PATH=$d "$d/llama-bench" -m "$model" -ngl 99 -p 0 -n 128 -r 5 -o json 2>/dev/null \
+                | python3 -c "import json,sys; print(max(r['avg_ts'] for r in json.load(sys.stdin)))")
+            bb=$(LD_LIBRARY_PATH=$d "$d/llama-batched-bench" -m "$model" -ngl 99 -c 16384 -b 2048 -ub 512 \
+                -npp 256 -ntg 128 -npl 1,8,32 --output-format jsonl 2>/dev/null \
+                | python3 -c "import json,sys; print(json.dumps({str(r['pl']): r['speed_tg'] for r in map(json.loads, (l for l in sys.stdin if l.startswith('{') and 'speed_tg' in l))}))")
+            echo "{\"round\": $round, \"build\": \"$name\", \"llama_bench_tg\": $tg, \"batched_bench_s_tg\": $bb}" \
+                | tee -a "$out/modes.jsonl"
+        done
+    done
+    ;;
+*)
+    echo "usage: build-modes.sh build|run W [OUT]" >&2; exit 2
+    ;;
+esac
