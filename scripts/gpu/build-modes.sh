@@ -7,6 +7,8 @@
 #   build-modes.sh build W   builds the old llama.cpp twice, in the
 #                            background: static (as device.sh's `run`) and
 #                            as a loadable CUDA module (as the plugin's)
+#   build-modes.sh wait W    waits for every build of the sitting (call
+#                            it again while it says "still running")
 #   build-modes.sh run W OUT llama-bench tg128 and llama-batched-bench
 #                            B = 1, 8, 32 for every build, alternating, two
 #                            rounds; a JSON summary in OUT
@@ -40,6 +42,20 @@ build)
     sleep 1
     echo "old llama.cpp: static and module builds started"
     ;;
+wait)
+    # Every build of the sitting (device.sh's module build too) done, or
+    # this call's time is up: measurements never share the CPU with a build.
+    for _ in $(seq 1 550); do
+        n=0
+        for f in cuda modes-static modes-dl; do
+            [ -e "$W/$f.done" ] && n=$((n + 1))
+            [ -e "$W/$f.failed" ] && { echo "$f failed"; tail -20 "$W/logs/$f-build.log" "$W/logs/$f.log" 2>/dev/null; exit 1; }
+        done
+        [ "$n" = 3 ] && { echo "all builds done"; exit 0; }
+        sleep 1
+    done
+    echo "builds still running"
+    ;;
 run)
     out=$3
     model=$(pwd)/assets/models/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -69,6 +85,6 @@ run)
     done
     ;;
 *)
-    echo "usage: build-modes.sh build|run W [OUT]" >&2; exit 2
+    echo "usage: build-modes.sh build|wait|run W [OUT]" >&2; exit 2
     ;;
 esac
