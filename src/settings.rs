@@ -253,19 +253,23 @@ pub struct GpuTuning {
     /// times: the attention graph then stays the same shape while the set of
     /// talking NPCs changes (H100, 16 / 64 / 128 NPCs at a time with lines
     /// replacing lines: 1.8–2.6× the throughput of streams without
-    /// [`Self::fill_gaps`]; with them, about the same at 16 NPCs and 1.3× at
-    /// 64); NPCs that all start together run 10–25 % slower with it
+    /// [`Self::fill_gaps`]; with them, about the same at 16 NPCs, 1.3× at 64
+    /// and 1.6× at 128); NPCs that all start together run 10–25 % slower with it
     /// (docs/BENCHMARKS.md, sessions 8 and 9).
     pub kv_unified: Option<bool>,
     /// With a KV stream per sequence, give each sequence that has nothing
     /// to decode in a generation step a throw-away token (removed again
-    /// after the step) when it sits below the step's highest sequence, so
+    /// after the step) when it sits between two sequences that decode, so
     /// the step is one run of consecutive sequences: llama.cpp splits a
     /// step at every gap into micro-batches of new shapes, each launched
     /// kernel by kernel on a GPU instead of replaying the step's recorded
     /// CUDA graph, and NPCs that start and end lines at different times
-    /// leave gaps in most steps. Costs one token of compute and one logits
-    /// row per gap. `None`: on with a GPU, off on the CPU; `Some(_)` applies
+    /// leave gaps in most steps (H100, 16 / 64 / 128 NPCs at a time with
+    /// lines replacing lines: 1.4–1.9× the throughput; NPCs that all start
+    /// together leave no gaps: unchanged; docs/BENCHMARKS.md, session 9).
+    /// Costs one token of compute and one logits row per filled sequence;
+    /// only gaps between talking NPCs are filled, at most max(8, their
+    /// number). `None`: on with a GPU, off on the CPU; `Some(_)` applies
     /// on any backend; never with unified KV or a sliding-window model
     /// (nothing to fill, or a filler would move the window).
     pub fill_gaps: Option<bool>,
