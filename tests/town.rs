@@ -23,6 +23,19 @@ fn town_villagers_meet_and_talk_headless() {
     town_runs(s);
 }
 
+/// The same town with gap fillers (a GPU plan's default, here on the CPU
+/// backend): a silent villager's slot between two speaking ones gets a
+/// throw-away token in their steps, removed again; the conversations follow
+/// the same rules.
+#[test]
+fn town_talks_with_gap_fillers() {
+    let mut s = settings();
+    s.max_parallel_sequences = 4;
+    s.gpu.fill_gaps = Some(true);
+    let counters = town_runs(s);
+    assert!(counters.gap_fillers > 0, "no gap was filled: {counters:?}");
+}
+
 /// The same town served by llama-server through the remote backend
 /// (`ai_town --remote URL`).
 #[test]
@@ -54,7 +67,9 @@ fn town_app(s: LlmSettings) -> App {
     app
 }
 
-fn town_runs(s: LlmSettings) {
+/// Runs the town until two conversations ended and checks them; returns the
+/// engine's counters.
+fn town_runs(s: LlmSettings) -> bevy_npc_llm::EngineCounters {
     let remote = s.backend == BackendChoice::Remote;
     let mut app = town_app(s);
     app.insert_resource(TownConfig {
@@ -93,6 +108,7 @@ fn town_runs(s: LlmSettings) {
             }
         }
     }
+    app.world().resource::<LlmEngineStats>().counters.clone()
 }
 
 /// The town past many conversations, bounded by frames: each frame is
