@@ -262,6 +262,46 @@ fn persona_history() -> Vec<ChatMessage> {
     msgs
 }
 
+/// Brom's two turns: his persona and history with a greeting, then the
+/// same with one more line.
+fn brom_turns() -> (Vec<ChatMessage>, Vec<ChatMessage>) {
+    let mut first = persona_history();
+    first.push(ChatMessage::user("Hello Brom."));
+    let mut second = first.clone();
+    second.push(ChatMessage::user("Can you also fix my plough?"));
+    (first, second)
+}
+
+/// Run `req` on `npc` under its cache key (the records cleared first);
+/// returns its prompt tokens, the tokens reused from the cache, its text.
+fn cached_turn(app: &mut App, npc: Entity, req: &LlmRequest) -> (usize, usize, String) {
+    app.world_mut().resource_mut::<Recorded>().0.clear();
+    app.world_mut()
+        .entity_mut(npc)
+        .insert(req.clone().with_cache_key(npc));
+    run_until_finished(app, &[npc]);
+    let r = app.world().resource::<Recorded>();
+    let recs = r.of(npc);
+    let Some(Rec::Started(_, prompt, reused)) = recs.first().cloned() else {
+        panic!("{recs:?}")
+    };
+    (prompt, reused, r.completed_text(npc).unwrap())
+}
+
+/// `req`'s text on an engine with no prefix cache and no gap fillers: it
+/// reads its whole prompt.
+fn uncached_text(req: LlmRequest) -> String {
+    let mut s = settings();
+    s.prefix_cache = false;
+    s.gpu.fill_gaps = Some(false);
+    let mut plain = app_with(s);
+    let e = request(&mut plain, req);
+    run_until_finished(&mut plain, &[e]);
+    let r = plain.world().resource::<Recorded>();
+    assert!(matches!(r.of(e)[0], Rec::Started(_, _, 0)));
+    r.completed_text(e).unwrap()
+}
+
 /// Greedy decoding: llama.cpp's CPU kernels are not bit-identical across
 /// batch shapes, so a sampled (temperature > 0) run can drift after a dozen
 /// tokens between a cached and an uncached prompt; greedy output must match.
@@ -269,10 +309,9 @@ fn persona_history() -> Vec<ChatMessage> {
 fn prefix_cache_reuses_an_npcs_prompt_and_matches_an_uncached_run() {
     let mut app = app();
     let npc = app.world_mut().spawn_empty().id();
-    let mut first = persona_history();
-    first.push(ChatMessage::user("Hello Brom."));
+    let (first, second) = brom_turns();
     app.world_mut().entity_mut(npc).insert(
-        LlmRequest::chat(first.clone())
+        LlmRequest::chat(first)
             .with_cache_key(npc)
             .with_seed(7)
             .with_temperature(0.0),
@@ -284,35 +323,13 @@ fn prefix_cache_reuses_an_npcs_prompt_and_matches_an_uncached_run() {
         .completed_text(npc)
         .unwrap();
     assert!(!answer.is_empty());
-    let mut second = first;
-    second.push(ChatMessage::user("Can you also fix my plough?"));
-    app.world_mut().resource_mut::<Recorded>().0.clear();
     let req = LlmRequest::chat(second).with_seed(7).with_temperature(0.0);
-    app.world_mut()
-        .entity_mut(npc)
-        .insert(req.clone().with_cache_key(npc));
-    run_until_finished(&mut app, &[npc]);
-    let recs = app.world().resource::<Recorded>().of(npc);
-    let Some(Rec::Started(_, prompt, reused)) = recs.first().cloned() else {
-        panic!("{recs:?}")
-    };
-    assert!(reused > 0, "no prefix reused: {recs:?}");
+    let (prompt, reused, cached) = cached_turn(&mut app, npc, &req);
+    assert!(reused > 0, "no prefix reused ({prompt} tokens)");
     assert!(reused < prompt);
-    let cached = app
-        .world()
-        .resource::<Recorded>()
-        .completed_text(npc)
-        .unwrap();
 
     // The same request on an engine with the cache off.
-    let mut s = settings();
-    s.prefix_cache = false;
-    let mut plain = app_with(s);
-    let e = request(&mut plain, req);
-    run_until_finished(&mut plain, &[e]);
-    let r = plain.world().resource::<Recorded>();
-    assert!(matches!(r.of(e)[0], Rec::Started(_, _, 0)));
-    assert_eq!(r.completed_text(e).unwrap(), cached);
+    assert_eq!(uncached_text(req), cached);
 }
 
 /// Gap fillers (`gpu.fill_gaps`, on by default on a GPU; here on the CPU):
@@ -346,10 +363,9 @@ fn gap_fillers_leave_an_idle_npcs_cache_intact() {
     tom_line(&mut app, 0);
     run_until_finished(&mut app, &[tom]);
     let brom = app.world_mut().spawn_empty().id();
-    let mut first = persona_history();
-    first.push(ChatMessage::user("Hello Brom."));
+    let (first, second) = brom_turns();
     app.world_mut().entity_mut(brom).insert(
-        LlmRequest::chat(first.clone())
+        LlmRequest::chat(first)
             .with_cache_key(brom)
             .with_temperature(0.0)
             .with_max_tokens(16),
@@ -378,41 +394,12 @@ fn gap_fillers_leave_an_idle_npcs_cache_intact() {
     }
     let c = app.world().resource::<LlmEngineStats>().counters.clone();
     assert!(c.gap_fillers > 0, "no gap was filled: {c:?}");
-    let mut second = first;
-    second.push(ChatMessage::user("Can you also fix my plough?"));
-    app.world_mut().resource_mut::<Recorded>().0.clear();
     let req = LlmRequest::chat(second)
         .with_temperature(0.0)
         .with_max_tokens(24);
-    app.world_mut()
-        .entity_mut(brom)
-        .insert(req.clone().with_cache_key(brom));
-    run_until_finished(&mut app, &[brom]);
-    let recs = app.world().resource::<Recorded>().of(brom);
-    let Some(Rec::Started(_, _, reused)) = recs.first().cloned() else {
-        panic!("{recs:?}")
-    };
-    assert!(reused > 0, "Brom's cache was not reused: {recs:?}");
-    let cached = app
-        .world()
-        .resource::<Recorded>()
-        .completed_text(brom)
-        .unwrap();
-
-    let mut s = settings();
-    s.prefix_cache = false;
-    s.gpu.fill_gaps = Some(false);
-    let mut plain = app_with(s);
-    let e = request(&mut plain, req);
-    run_until_finished(&mut plain, &[e]);
-    assert_eq!(
-        plain
-            .world()
-            .resource::<Recorded>()
-            .completed_text(e)
-            .unwrap(),
-        cached
-    );
+    let (_, reused, cached) = cached_turn(&mut app, brom, &req);
+    assert!(reused > 0, "Brom's cache was not reused");
+    assert_eq!(uncached_text(req), cached);
 }
 
 fn tokens_after_cancel(recs: &[Rec]) -> usize {

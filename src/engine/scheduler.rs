@@ -575,8 +575,9 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         budget: usize,
     ) -> Vec<Filler> {
         let l = &self.limits;
-        let lanes = l.lanes.max(1);
-        let generates = entries.iter().any(|e| e.part == Part::Next);
+        if !l.fill_gaps || l.swa_window > 0 || !entries.iter().any(|e| e.part == Part::Next) {
+            return Vec::new();
+        }
         let high_prompt = entries.iter().any(|e| {
             matches!(e.part, Part::Prompt { .. })
                 && self
@@ -584,9 +585,10 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
                     .iter()
                     .any(|s| s.id == e.id && s.priority > NORMAL)
         });
-        if !l.fill_gaps || l.swa_window > 0 || !generates || high_prompt {
+        if high_prompt {
             return Vec::new();
         }
+        let lanes = l.lanes.max(1);
         let seq_of = |t: &BatchToken<T>| lane_seq(t.seq as usize, lanes).1;
         let (Some(low), Some(top)) = (
             tokens.iter().map(seq_of).min(),
@@ -594,12 +596,23 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         ) else {
             return Vec::new();
         };
+        // The step's sequences, by lane sequence id from `low`.
+        let mut marked = vec![false; top - low + 1];
+        for t in tokens.iter() {
+            marked[seq_of(t) - low] = true;
+        }
+        // Many fillers for few sequences (two NPCs far apart) would cost
+        // more compute than the split they save.
+        let most = budget.min(entries.len().max(MAX_FILLERS_ALWAYS));
         let mut fillers = Vec::new();
         for q in low + 1..top {
-            let slot = q * lanes + lane;
-            if tokens.iter().any(|t| t.seq as usize == slot) {
+            if marked[q - low] {
                 continue;
             }
+            if fillers.len() == most {
+                return Vec::new();
+            }
+            let slot = q * lanes + lane;
             let held = match self.seqs.iter().find(|s| s.slot == slot) {
                 Some(s) => s.kv.len(),
                 // An idle slot's KV is its cache record only while the
@@ -615,22 +628,19 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
                 pos: held as i32,
             });
         }
-        // Many fillers for few sequences (two NPCs far apart) would cost
-        // more compute than the split they save.
-        let cap = entries.len().max(MAX_FILLERS_ALWAYS);
-        if fillers.is_empty() || fillers.len() > budget || fillers.len() > cap {
-            return Vec::new();
+        if fillers.is_empty() {
+            return fillers;
         }
-        let token = tokens[0].token;
-        // The first token of each sequence (tokens are in position order
-        // within a sequence) asks for logits.
-        let mut seen: Vec<i32> = Vec::new();
+        // The first token of each sequence asks for logits.
+        marked.fill(false);
         for t in tokens.iter_mut() {
-            if !seen.contains(&t.seq) {
-                seen.push(t.seq);
+            let k = seq_of(&*t) - low;
+            if !marked[k] {
+                marked[k] = true;
                 t.logits = true;
             }
         }
+        let token = tokens[0].token;
         tokens.extend(fillers.iter().map(|f| BatchToken {
             token,
             pos: f.pos,

@@ -208,7 +208,7 @@ impl<'m> Server<'m> {
             },
             max_sit_out: MAX_SIT_OUT,
             lanes,
-            fill_gaps: spec.fill_gaps && !spec.kv_unified,
+            fill_gaps: spec.fill_gaps,
         };
         let counters = EngineCounters {
             slots: sequences,

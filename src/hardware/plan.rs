@@ -229,6 +229,7 @@ pub fn plan(
             .clamp(1, 8),
         (true, n) => n,
     };
+    let kv_unified = on_gpu && tuning.kv_unified.unwrap_or(false);
     Ok(BackendPlan {
         backend,
         device,
@@ -237,9 +238,8 @@ pub fn plan(
         // Off unless asked for: slower on the GPU measured (see `GpuTuning`).
         device_sampling: tuning.device_sampling.unwrap_or(false),
         sampling_threads,
-        kv_unified: on_gpu && tuning.kv_unified.unwrap_or(false),
-        fill_gaps: tuning.fill_gaps.unwrap_or(on_gpu)
-            && !(on_gpu && tuning.kv_unified.unwrap_or(false)),
+        kv_unified,
+        fill_gaps: tuning.fill_gaps.unwrap_or(on_gpu) && !kv_unified,
         flash_attention: if on_gpu { tuning.flash_attention } else { None },
         // Two lanes on a GPU: measured on an H100 (docs/BENCHMARKS.md),
         // 1.18–1.22× llama-batched-bench's rate at 128 NPCs against 0.81–0.85×

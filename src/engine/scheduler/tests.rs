@@ -465,8 +465,8 @@ fn gap_fillers_table() {
 }
 
 /// What a plan's gap fillers must be: only where allowed, one per missing
-/// sequence below the step's highest, the step then one run of sequence
-/// ids from 0 whose first token each asks for logits.
+/// sequence between the step's lowest and highest, the step then one run
+/// of sequence ids whose first token each asks for logits.
 fn check_fillers(plan: &Plan<u32>, l: &Limits) {
     if plan.fillers.is_empty() {
         return;
