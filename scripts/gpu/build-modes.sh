@@ -9,9 +9,10 @@
 #                            as a loadable CUDA module (as the plugin's)
 #   build-modes.sh wait W    waits for every build of the sitting (call
 #                            it again while it says "still running")
-#   build-modes.sh run W OUT llama-bench tg128 and llama-batched-bench
-#                            B = 1, 8, 32 for every build, alternating, two
-#                            rounds; a JSON summary in OUT
+#   build-modes.sh run W OUT comparators.py's llama-bench tg128 and
+#                            llama-batched-bench B = 1, 8, 32 for every
+#                            build, alternating, two rounds; a JSON summary
+#                            (modes.jsonl) and each run's figures in OUT
 # W is device.sh's work folder (its module build gives "same").
 set -euo pipefail
 cmd=$1 W=$2
@@ -59,12 +60,8 @@ wait)
 run)
     out=$3
     model=$(pwd)/assets/models/SmolLM2-135M-Instruct.Q4_1.gguf
-    for mode in static dl; do
-        for _ in $(seq 1 540); do
-            [ -e "$W/modes-$mode.done" ] && break
-            sleep 1
-        done
-        [ -e "$W/modes-$mode.done" ] || { echo "$mode build not done"; tail -20 "$W/logs/modes-$mode-build.log"; exit 1; }
+    for f in modes-static modes-dl; do
+        [ -e "$W/$f.done" ] || { echo "$f build not done: call wait first"; exit 1; }
     done
     declare -A dirs=([old-static]=$W/modes/static [old-module]=$W/modes/dl
         [same-module]=$W/backends/same-tools [same-module-patched]=$W/backends/same-tools-patched)
@@ -74,13 +71,12 @@ run)
         for name in old-static old-module same-module same-module-patched; do
             d=${dirs[$name]}
             [ -x "$d/llama-bench" ] || { echo "no $name"; continue; }
-            tg=$(LD_LIBRARY_PATH=$d "$d/llama-bench" -m "$model" -ngl 99 -p 0 -n 128 -r 5 -o json 2>/dev/null \
-                | python3 -c "import json,sys; print(max(r['avg_ts'] for r in json.load(sys.stdin)))")
-            bb=$(LD_LIBRARY_PATH=$d "$d/llama-batched-bench" -m "$model" -ngl 99 -c 16384 -b 2048 -ub 512 \
-                -npp 256 -ntg 128 -npl 1,8,32 --output-format jsonl 2>/dev/null \
-                | python3 -c "import json,sys; print(json.dumps({str(r['pl']): r['speed_tg'] for r in map(json.loads, (l for l in sys.stdin if l.startswith('{') and 'speed_tg' in l))}))")
-            echo "{\"round\": $round, \"build\": \"$name\", \"llama_bench_tg\": $tg, \"batched_bench_s_tg\": $bb}" \
-                | tee -a "$out/modes.jsonl"
+            # comparators.py's llama-bench and llama-batched-bench, no server.
+            LD_LIBRARY_PATH=$d python3 -u "$(dirname "$0")/comparators.py" "$d" "$model" \
+                "$out/$name-$round.json" "$out/logs/$name-$round" 1,8,32 - >/dev/null
+            python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(json.dumps({'round': int(sys.argv[2]),
+                'build': sys.argv[3], 'llama_bench_tg': d.get('llama_bench_tg'), 'batched_bench_s_tg': d['batched_bench_s_tg']}))" \
+                "$out/$name-$round.json" "$round" "$name" | tee -a "$out/modes.jsonl"
         done
     done
     ;;
