@@ -110,6 +110,40 @@ quick)
     done < scripts/gpu/quick-variants.txt
     mkdir -p "$OUT/quick" && cp "$W"/quick*.json "$OUT/quick/" 2>/dev/null || true
     ;;
+trace)
+    # Where the host time of a step goes in the CUDA runtime (no nsys or perf
+    # on the device): the bench's npcs section under scripts/gpu/cuda-api-trace.c
+    # for each line of TRACE_VARIANTS (label|env|flags; default below), one
+    # table of calls / host time per runtime function each, in $OUT/trace
+    # (env NO_TRACE=1: run without the shim; BENCH_BIN=path: another bench).
+    wait_for_builds cuda
+    prepare_inputs
+    mkdir -p "$OUT/trace"
+    gcc -O2 -shared -fPIC -o "$W/libcuda-api-trace.so" scripts/gpu/cuda-api-trace.c -ldl
+    variants=${TRACE_VARIANTS:-"N=1||--npcs 1
+N=8 one lane||--npcs 8 --lanes 1
+N=8 two lanes||--npcs 8 --lanes 2
+N=32 two lanes||--npcs 32 --lanes 2
+N=128 two lanes||--npcs 128 --lanes 2
+N=8 two lanes, no trace|NO_TRACE=1|--npcs 8 --lanes 2"}
+    i=0
+    while IFS='|' read -r label envs flags; do
+        [ -n "$label" ] || continue
+        i=$((i + 1))
+        pre=$W/libcuda-api-trace.so
+        case "$envs" in *NO_TRACE=1*) pre= ;; esac
+        # BENCH_BIN=path in a variant's env: another bench binary (A/B of engine builds).
+        bin=$W/bins/bench
+        for e in $envs; do case $e in BENCH_BIN=*) bin=${e#BENCH_BIN=} ;; esac; done
+        # shellcheck disable=SC2086
+        env $envs LD_PRELOAD="$pre" CUDA_API_TRACE_OUT="$OUT/trace/trace$i.txt" "$bin" \
+            --sections npcs --tokens 128 --no-sequential --label "$label" \
+            --json-out "$OUT/trace/trace$i.json" $flags >"$OUT/trace/trace$i.log" 2>&1 || echo "variant $label failed"
+        echo "== $label"
+        grep -E "per step|generation rate" "$OUT/trace/trace$i.log" | sed 's/  */ /g'
+        [ -s "$OUT/trace/trace$i.txt" ] && cat "$OUT/trace/trace$i.txt"
+    done <<<"$variants"
+    ;;
 start)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     nproc

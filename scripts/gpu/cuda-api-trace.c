@@ -1,0 +1,252 @@
+// Where a process's host time goes: an LD_PRELOAD shim that counts and
+// times the CUDA runtime calls llama.cpp's CUDA backend makes per step
+// (kernel launches, graph launches and captures, copies, waits) and the
+// llama.cpp / ggml entry points around them (llama_decode, the scheduler,
+// each backend's graph compute, graph builds), for a device without nsys
+// or perf. Only calls between libraries are seen. Built and used on the NVIDIA machine:
+//   gcc -O2 -shared -fPIC -o libcuda-api-trace.so cuda-api-trace.c -ldl
+//   CUDA_API_TRACE_OUT=trace.txt LD_PRELOAD=$PWD/libcuda-api-trace.so bench ...
+// At exit it writes one line per function: calls, total and mean host
+// microseconds (bytes for copies; tokens for llama_decode). No CUDA headers: the declarations
+// below follow the runtime's ABI (handles are pointers, enums ints, dim3
+// three unsigned ints by value). Each wrapped name also gets its
+// per-thread-default-stream twin (`_ptsz` / `_ptds`), whichever the backend
+// was built with.
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct { unsigned x, y, z; } dim3_t;
+typedef int err_t;
+
+enum {
+    F_LAUNCH, F_LAUNCH_EX, F_GRAPH_LAUNCH, F_GRAPH_UPDATE, F_GRAPH_INST, F_BEGIN_CAPTURE,
+    F_END_CAPTURE, F_MEMCPY_ASYNC_H2D, F_MEMCPY_ASYNC_D2H, F_MEMCPY_ASYNC_D2D, F_MEMCPY,
+    F_MEMSET_ASYNC, F_STREAM_SYNC, F_STREAM_SYNC_PT, F_EVENT_RECORD, F_STREAM_WAIT_EVENT, F_EVENT_SYNC,
+    F_DEVICE_SYNC, F_SET_DEVICE, F_GET_DEVICE,
+    // llama.cpp and ggml entry points (exported; called across libraries)
+    F_LLAMA_DECODE, F_SCHED_COMPUTE, F_SCHED_ALLOC, F_SCHED_RESET, F_COMPUTE_CUDA,
+    F_COMPUTE_CPU, F_COMPUTE_OTHER, F_TENSOR_COPY, F_TENSOR_SET, F_MUL_MAT, F_N
+};
+static const char *names[F_N] = {
+    "cudaLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch", "cudaGraphExecUpdate",
+    "cudaGraphInstantiate", "cudaStreamBeginCapture", "cudaStreamEndCapture",
+    "cudaMemcpyAsync H2D", "cudaMemcpyAsync D2H", "cudaMemcpyAsync D2D/other", "cudaMemcpy",
+    "cudaMemsetAsync", "cudaStreamSynchronize", "cudaStreamSynchronize(per-thread)", "cudaEventRecord", "cudaStreamWaitEvent",
+    "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaSetDevice", "cudaGetDevice",
+    "llama_decode", "ggml_backend_sched_graph_compute_async", "ggml_backend_sched_alloc_graph",
+    "ggml_backend_sched_reset", "ggml_backend_graph_compute_async CUDA",
+    "ggml_backend_graph_compute_async CPU", "ggml_backend_graph_compute_async other",
+    "ggml_backend_tensor_copy", "ggml_backend_tensor_set", "ggml_mul_mat (graph builds)",
+};
+static _Atomic unsigned long long calls[F_N], nanos[F_N], bytes[F_N];
+
+// Each call's duration (the first 1M per function), for the median and p90:
+// a run's totals hold one-time costs (lazy kernel loading, graph
+// instantiation, prompt steps) that a steady step does not pay.
+#define MAX_SAMPLES (1u << 20)
+static unsigned *samples[F_N];           // nanoseconds, capped at ~4 s
+static _Atomic unsigned n_samples[F_N];
+static void sample(int id, unsigned long long ns) {
+    if (!samples[id]) {
+        unsigned *p = calloc(MAX_SAMPLES, sizeof(unsigned));
+        unsigned *expected = NULL;
+        if (!__atomic_compare_exchange_n(&samples[id], &expected, p, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) free(p);
+    }
+    unsigned i = atomic_fetch_add(&n_samples[id], 1);
+    if (i < MAX_SAMPLES) samples[id][i] = ns > 0xffffffffull ? 0xffffffffu : (unsigned)ns;
+}
+static int cmp_u(const void *a, const void *b) {
+    unsigned x = *(const unsigned *)a, y = *(const unsigned *)b;
+    return x < y ? -1 : x > y;
+}
+// The CUDA graphs' node counts (median, max).
+static unsigned *graph_nodes;
+static _Atomic unsigned n_graph_nodes;
+
+static unsigned long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (unsigned long long)t.tv_sec * 1000000000ull + (unsigned long long)t.tv_nsec;
+}
+
+// The runtime's own function: later in the global scope, or (a backend
+// module loaded with dlopen keeps its libcudart local) from libcudart itself.
+static void *real(const char *name) {
+    void *f = dlsym(RTLD_NEXT, name);
+    if (!f) {
+        static void *lib;
+        if (!lib) lib = dlopen("libcudart.so.12", RTLD_NOW | RTLD_NOLOAD);
+        if (!lib) lib = dlopen("libcudart.so.12", RTLD_NOW);
+        if (!lib) lib = dlopen("libcudart.so", RTLD_NOW);
+        if (lib) f = dlsym(lib, name);
+    }
+    if (!f) {
+        fprintf(stderr, "cuda-api-trace: %s not found\n", name);
+        abort();
+    }
+    return f;
+}
+
+#define TIMED(id, nbytes, call)                                  \
+    unsigned long long t0_ = now_ns();                           \
+    err_t r_ = call;                                             \
+    unsigned long long d_ = now_ns() - t0_;                      \
+    sample(id, d_);                                              \
+    atomic_fetch_add(&nanos[id], d_);                            \
+    atomic_fetch_add(&calls[id], 1);                             \
+    atomic_fetch_add(&bytes[id], (unsigned long long)(nbytes)); \
+    return r_;
+
+// Each wrapper exists under NAME and NAME_ptsz / NAME_ptds; every copy
+// forwards to the runtime's function of its own name.
+#define WRAP(ret_id, fname, params, args, nbytes)                            \
+    err_t fname params {                                                     \
+        static err_t (*f) params;                                           \
+        if (!f) f = real(#fname);                                            \
+        TIMED(ret_id, nbytes, f args)                                        \
+    }
+
+#define WRAP3(id, base, params, args, nbytes) \
+    WRAP(id, base, params, args, nbytes)      \
+    WRAP(id, base##_ptsz, params, args, nbytes) \
+    WRAP(id, base##_ptds, params, args, nbytes)
+
+WRAP3(F_LAUNCH, cudaLaunchKernel,
+      (const void *fn, dim3_t g, dim3_t b, void **a, size_t sh, void *s), (fn, g, b, a, sh, s), 0)
+WRAP3(F_LAUNCH_EX, cudaLaunchKernelExC, (const void *cfg, const void *fn, void **a), (cfg, fn, a), 0)
+WRAP3(F_GRAPH_LAUNCH, cudaGraphLaunch, (void *exec, void *s), (exec, s), 0)
+WRAP(F_GRAPH_UPDATE, cudaGraphExecUpdate, (void *exec, void *g, void *info), (exec, g, info), 0)
+WRAP(F_GRAPH_INST, cudaGraphInstantiate, (void **exec, void *g, unsigned long long fl), (exec, g, fl), 0)
+WRAP3(F_BEGIN_CAPTURE, cudaStreamBeginCapture, (void *s, int mode), (s, mode), 0)
+WRAP3(F_END_CAPTURE, cudaStreamEndCapture, (void *s, void **g), (s, g), 0)
+WRAP3(F_MEMSET_ASYNC, cudaMemsetAsync, (void *p, int v, size_t n, void *s), (p, v, n, s), n)
+// The per-thread default stream (handle 2): ggml's synchronous tensor copies.
+#define WRAP_SYNC(fname)                                                 \
+    err_t fname(void *s) {                                               \
+        static err_t (*f)(void *);                                       \
+        if (!f) f = real(#fname);                                        \
+        TIMED(s == (void *)2 ? F_STREAM_SYNC_PT : F_STREAM_SYNC, 0, f(s)) \
+    }
+WRAP_SYNC(cudaStreamSynchronize)
+WRAP_SYNC(cudaStreamSynchronize_ptsz)
+WRAP_SYNC(cudaStreamSynchronize_ptds)
+WRAP3(F_EVENT_RECORD, cudaEventRecord, (void *e, void *s), (e, s), 0)
+WRAP3(F_STREAM_WAIT_EVENT, cudaStreamWaitEvent, (void *s, void *e, unsigned fl), (s, e, fl), 0)
+WRAP(F_EVENT_SYNC, cudaEventSynchronize, (void *e), (e), 0)
+WRAP(F_DEVICE_SYNC, cudaDeviceSynchronize, (void), (), 0)
+WRAP(F_SET_DEVICE, cudaSetDevice, (int d), (d), 0)
+WRAP(F_GET_DEVICE, cudaGetDevice, (int *d), (d), 0)
+WRAP3(F_MEMCPY, cudaMemcpy, (void *d, const void *s, size_t n, int k), (d, s, n, k), n)
+
+// Copies split by direction (kind: 1 host to device, 2 device to host).
+#define WRAP_COPY(fname)                                                                 \
+    err_t fname(void *d, const void *src, size_t n, int kind, void *s) {                \
+        static err_t (*f)(void *, const void *, size_t, int, void *);                  \
+        if (!f) f = real(#fname);                                                        \
+        int id = kind == 1 ? F_MEMCPY_ASYNC_H2D : kind == 2 ? F_MEMCPY_ASYNC_D2H : F_MEMCPY_ASYNC_D2D; \
+        TIMED(id, n, f(d, src, n, kind, s))                                              \
+    }
+WRAP_COPY(cudaMemcpyAsync)
+WRAP_COPY(cudaMemcpyAsync_ptsz)
+WRAP_COPY(cudaMemcpyAsync_ptds)
+
+// llama.cpp / ggml: where a llama_decode's host time goes outside the CUDA
+// runtime (batch and KV bookkeeping, graph build, scheduler, CPU split).
+typedef struct {
+    int n_tokens;
+    void *token, *embd, *pos, *n_seq_id, *seq_id, *logits;
+} llama_batch_t;
+
+WRAP(F_LLAMA_DECODE, llama_decode, (void *ctx, llama_batch_t b), (ctx, b), b.n_tokens)
+WRAP(F_SCHED_COMPUTE, ggml_backend_sched_graph_compute_async, (void *sched, void *g), (sched, g), 0)
+WRAP(F_TENSOR_COPY, ggml_backend_tensor_copy, (void *src, void *dst), (src, dst), 0)
+
+_Bool ggml_backend_sched_alloc_graph(void *sched, void *g) {
+    static _Bool (*f)(void *, void *);
+    if (!f) f = real("ggml_backend_sched_alloc_graph");
+    TIMED(F_SCHED_ALLOC, 0, f(sched, g))
+}
+
+#define TIMED_VOID(id, nbytes, call)                             \
+    unsigned long long t0_ = now_ns();                           \
+    call;                                                        \
+    unsigned long long d_ = now_ns() - t0_;                      \
+    sample(id, d_);                                              \
+    atomic_fetch_add(&nanos[id], d_);                            \
+    atomic_fetch_add(&calls[id], 1);                             \
+    atomic_fetch_add(&bytes[id], (unsigned long long)(nbytes));
+
+void ggml_backend_sched_reset(void *sched) {
+    static void (*f)(void *);
+    if (!f) f = real("ggml_backend_sched_reset");
+    TIMED_VOID(F_SCHED_RESET, 0, f(sched))
+}
+
+void ggml_backend_tensor_set(void *t, const void *data, size_t offset, size_t size) {
+    static void (*f)(void *, const void *, size_t, size_t);
+    if (!f) f = real("ggml_backend_tensor_set");
+    TIMED_VOID(F_TENSOR_SET, size, f(t, data, offset, size))
+}
+
+void *ggml_mul_mat(void *ctx, void *a, void *b) {
+    static void *(*f)(void *, void *, void *);
+    if (!f) f = real("ggml_mul_mat");
+    atomic_fetch_add(&calls[F_MUL_MAT], 1);
+    return f(ctx, a, b);
+}
+
+// Split by backend: the CUDA module's graph compute (host side: property
+// checks, graph launch) and the CPU backend's (the token embeddings stay on
+// the CPU in llama.cpp).
+int ggml_backend_graph_compute_async(void *backend, void *g) {
+    static int (*f)(void *, void *);
+    static const char *(*name)(void *);
+    if (!f) f = real("ggml_backend_graph_compute_async");
+    if (!name) name = real("ggml_backend_name");
+    const char *n = name(backend);
+    int id = strncmp(n, "CUDA", 4) == 0 ? F_COMPUTE_CUDA : strncmp(n, "CPU", 3) == 0 ? F_COMPUTE_CPU : F_COMPUTE_OTHER;
+    if (id == F_COMPUTE_CUDA) {
+        // struct ggml_cgraph begins { int size; int n_nodes; ... }
+        if (!graph_nodes) graph_nodes = calloc(MAX_SAMPLES, sizeof(unsigned));
+        unsigned i = atomic_fetch_add(&n_graph_nodes, 1);
+        if (i < MAX_SAMPLES) graph_nodes[i] = (unsigned)((const int *)g)[1];
+    }
+    TIMED(id, 0, f(backend, g))
+}
+
+__attribute__((destructor)) static void report(void) {
+    // Child processes (probes the program starts) inherit the shim: only a
+    // process that made traced calls writes its table.
+    unsigned long long any = 0;
+    for (int i = 0; i < F_N; i++) any += calls[i];
+    if (!any) return;
+    const char *path = getenv("CUDA_API_TRACE_OUT");
+    FILE *o = path ? fopen(path, "w") : stderr;
+    if (!o) o = stderr;
+    fprintf(o, "%-40s %9s %12s %9s %9s %9s %12s\n", "function", "calls", "total us", "mean us",
+            "median us", "p90 us", "bytes");
+    for (int i = 0; i < F_N; i++) {
+        unsigned long long c = calls[i];
+        if (!c) continue;
+        double med = 0, p90 = 0;
+        unsigned n = n_samples[i] < MAX_SAMPLES ? n_samples[i] : MAX_SAMPLES;
+        if (n && samples[i]) {
+            qsort(samples[i], n, sizeof(unsigned), cmp_u);
+            med = samples[i][n / 2] / 1e3;
+            p90 = samples[i][(unsigned)(n * 0.9)] / 1e3;
+        }
+        fprintf(o, "%-40s %9llu %12.1f %9.3f %9.3f %9.3f %12llu\n", names[i], c, nanos[i] / 1e3,
+                nanos[i] / 1e3 / (double)c, med, p90, (unsigned long long)bytes[i]);
+    }
+    unsigned g = n_graph_nodes < MAX_SAMPLES ? n_graph_nodes : MAX_SAMPLES;
+    if (g && graph_nodes) {
+        qsort(graph_nodes, g, sizeof(unsigned), cmp_u);
+        fprintf(o, "CUDA graph nodes per compute: median %u, max %u\n", graph_nodes[g / 2], graph_nodes[g - 1]);
+    }
+    if (o != stderr) fclose(o);
+}
