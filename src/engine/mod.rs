@@ -7,6 +7,7 @@ pub(crate) mod bridge;
 pub(crate) mod device_sampling;
 pub(crate) mod prompt;
 pub(crate) mod protocol;
+pub(crate) mod row_pool;
 pub(crate) mod sampler;
 pub(crate) mod scheduler;
 pub(crate) mod serve;
