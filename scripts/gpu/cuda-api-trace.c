@@ -6,8 +6,9 @@
 // or perf. Only calls between libraries are seen. Built and used on the NVIDIA machine:
 //   gcc -O2 -shared -fPIC -o libcuda-api-trace.so cuda-api-trace.c -ldl
 //   CUDA_API_TRACE_OUT=trace.txt LD_PRELOAD=$PWD/libcuda-api-trace.so bench ...
-// At exit it writes one line per function: calls, total and mean host
-// microseconds (bytes for copies; tokens for llama_decode). No CUDA headers: the declarations
+// At exit it writes one line per function: calls, total, mean, median and
+// p90 host microseconds (bytes for copies; tokens for llama_decode), and the
+// CUDA graphs' node counts. No CUDA headers: the declarations
 // below follow the runtime's ABI (handles are pointers, enums ints, dim3
 // three unsigned ints by value). Each wrapped name also gets its
 // per-thread-default-stream twin (`_ptsz` / `_ptds`), whichever the backend
@@ -45,28 +46,38 @@ static const char *names[F_N] = {
 };
 static _Atomic unsigned long long calls[F_N], nanos[F_N], bytes[F_N];
 
-// Each call's duration (the first 1M per function), for the median and p90:
-// a run's totals hold one-time costs (lazy kernel loading, graph
-// instantiation, prompt steps) that a steady step does not pay.
+// A series of values (the first 1M), for its median, p90 and max.
 #define MAX_SAMPLES (1u << 20)
-static unsigned *samples[F_N];           // nanoseconds, capped at ~4 s
-static _Atomic unsigned n_samples[F_N];
-static void sample(int id, unsigned long long ns) {
-    if (!samples[id]) {
+struct series {
+    unsigned *v; // allocated on the first value
+    _Atomic unsigned n;
+};
+static void record(struct series *s, unsigned long long x) {
+    if (!__atomic_load_n(&s->v, __ATOMIC_ACQUIRE)) {
         unsigned *p = calloc(MAX_SAMPLES, sizeof(unsigned));
         unsigned *expected = NULL;
-        if (!__atomic_compare_exchange_n(&samples[id], &expected, p, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) free(p);
+        if (!__atomic_compare_exchange_n(&s->v, &expected, p, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) free(p);
     }
-    unsigned i = atomic_fetch_add(&n_samples[id], 1);
-    if (i < MAX_SAMPLES) samples[id][i] = ns > 0xffffffffull ? 0xffffffffu : (unsigned)ns;
+    unsigned i = atomic_fetch_add(&s->n, 1);
+    if (i < MAX_SAMPLES) s->v[i] = x > 0xffffffffull ? 0xffffffffu : (unsigned)x;
 }
 static int cmp_u(const void *a, const void *b) {
     unsigned x = *(const unsigned *)a, y = *(const unsigned *)b;
     return x < y ? -1 : x > y;
 }
-// The CUDA graphs' node counts (median, max).
-static unsigned *graph_nodes;
-static _Atomic unsigned n_graph_nodes;
+// Sorts the series (at exit); its number of values.
+static unsigned sorted(struct series *s) {
+    unsigned n = s->n < MAX_SAMPLES ? s->n : MAX_SAMPLES;
+    if (!n || !s->v) return 0;
+    qsort(s->v, n, sizeof(unsigned), cmp_u);
+    return n;
+}
+// Each call's duration in nanoseconds (capped at ~4 s), for the median and
+// p90: a run's totals hold one-time costs (lazy kernel loading, graph
+// instantiation, prompt steps) that a steady step does not pay.
+static struct series durations[F_N];
+// The CUDA graphs' node counts.
+static struct series graph_nodes;
 
 static unsigned long long now_ns(void) {
     struct timespec t;
@@ -92,14 +103,19 @@ static void *real(const char *name) {
     return f;
 }
 
-#define TIMED(id, nbytes, call)                                  \
-    unsigned long long t0_ = now_ns();                           \
-    err_t r_ = call;                                             \
-    unsigned long long d_ = now_ns() - t0_;                      \
-    sample(id, d_);                                              \
-    atomic_fetch_add(&nanos[id], d_);                            \
-    atomic_fetch_add(&calls[id], 1);                             \
-    atomic_fetch_add(&bytes[id], (unsigned long long)(nbytes)); \
+// One call of function `id` that began at `t0`.
+static void account(int id, unsigned long long t0, unsigned long long nbytes) {
+    unsigned long long d = now_ns() - t0;
+    record(&durations[id], d);
+    atomic_fetch_add(&nanos[id], d);
+    atomic_fetch_add(&calls[id], 1);
+    atomic_fetch_add(&bytes[id], nbytes);
+}
+
+#define TIMED(id, nbytes, call)             \
+    unsigned long long t0_ = now_ns();      \
+    err_t r_ = call;                        \
+    account(id, t0_, (unsigned long long)(nbytes)); \
     return r_;
 
 // Each wrapper exists under NAME and NAME_ptsz / NAME_ptds; every copy
@@ -172,14 +188,10 @@ _Bool ggml_backend_sched_alloc_graph(void *sched, void *g) {
     TIMED(F_SCHED_ALLOC, 0, f(sched, g))
 }
 
-#define TIMED_VOID(id, nbytes, call)                             \
-    unsigned long long t0_ = now_ns();                           \
-    call;                                                        \
-    unsigned long long d_ = now_ns() - t0_;                      \
-    sample(id, d_);                                              \
-    atomic_fetch_add(&nanos[id], d_);                            \
-    atomic_fetch_add(&calls[id], 1);                             \
-    atomic_fetch_add(&bytes[id], (unsigned long long)(nbytes));
+#define TIMED_VOID(id, nbytes, call)   \
+    unsigned long long t0_ = now_ns(); \
+    call;                              \
+    account(id, t0_, (unsigned long long)(nbytes));
 
 void ggml_backend_sched_reset(void *sched) {
     static void (*f)(void *);
@@ -212,9 +224,7 @@ int ggml_backend_graph_compute_async(void *backend, void *g) {
     int id = strncmp(n, "CUDA", 4) == 0 ? F_COMPUTE_CUDA : strncmp(n, "CPU", 3) == 0 ? F_COMPUTE_CPU : F_COMPUTE_OTHER;
     if (id == F_COMPUTE_CUDA) {
         // struct ggml_cgraph begins { int size; int n_nodes; ... }
-        if (!graph_nodes) graph_nodes = calloc(MAX_SAMPLES, sizeof(unsigned));
-        unsigned i = atomic_fetch_add(&n_graph_nodes, 1);
-        if (i < MAX_SAMPLES) graph_nodes[i] = (unsigned)((const int *)g)[1];
+        record(&graph_nodes, (unsigned)((const int *)g)[1]);
     }
     TIMED(id, 0, f(backend, g))
 }
@@ -234,19 +244,18 @@ __attribute__((destructor)) static void report(void) {
         unsigned long long c = calls[i];
         if (!c) continue;
         double med = 0, p90 = 0;
-        unsigned n = n_samples[i] < MAX_SAMPLES ? n_samples[i] : MAX_SAMPLES;
-        if (n && samples[i]) {
-            qsort(samples[i], n, sizeof(unsigned), cmp_u);
-            med = samples[i][n / 2] / 1e3;
-            p90 = samples[i][(unsigned)(n * 0.9)] / 1e3;
+        unsigned n = sorted(&durations[i]);
+        if (n) {
+            med = durations[i].v[n / 2] / 1e3;
+            p90 = durations[i].v[(unsigned)(n * 0.9)] / 1e3;
         }
         fprintf(o, "%-40s %9llu %12.1f %9.3f %9.3f %9.3f %12llu\n", names[i], c, nanos[i] / 1e3,
                 nanos[i] / 1e3 / (double)c, med, p90, (unsigned long long)bytes[i]);
     }
-    unsigned g = n_graph_nodes < MAX_SAMPLES ? n_graph_nodes : MAX_SAMPLES;
-    if (g && graph_nodes) {
-        qsort(graph_nodes, g, sizeof(unsigned), cmp_u);
-        fprintf(o, "CUDA graph nodes per compute: median %u, max %u\n", graph_nodes[g / 2], graph_nodes[g - 1]);
+    unsigned g = sorted(&graph_nodes);
+    if (g) {
+        fprintf(o, "CUDA graph nodes per compute: median %u, max %u\n", graph_nodes.v[g / 2],
+                graph_nodes.v[g - 1]);
     }
     if (o != stderr) fclose(o);
 }
