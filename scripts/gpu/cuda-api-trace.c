@@ -13,7 +13,23 @@
 // three unsigned ints by value). Each wrapped name also gets its
 // per-thread-default-stream twin (`_ptsz` / `_ptds`), whichever the backend
 // was built with.
+//
+// CUDA_API_TRACE_KERNELS=1 adds device times: an event pair around every
+// kernel and CUDA graph launch, read once the events have completed, summed
+// per kernel (or graph) and per llama_decode batch size (tokens); the table
+// lists, for each batch size with at least 20 decode calls, the device time
+// per call. With GGML_CUDA_DISABLE_GRAPHS=1 each kernel is launched one by
+// one: its launches per step are exact, but its interval includes the host's
+// launch latency (the device waits for the host), so not its device cost.
+// With CUDA graphs (llama.cpp's default) the interval should be the step's
+// graph, but on an H200 with programmatic dependent launch on (llama.cpp's
+// default on Hopper) it was implausible: 0.06 ms for a one-token graph whose
+// step waits 1 ms for the device. PDL lets a kernel's successor start early
+// and is the likely cause (unchecked): time graphs with GGML_CUDA_PDL=0. Launches made while
+// a stream records a CUDA graph are not timed. The events add a few
+// microseconds of host time per launch.
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <dlfcn.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -91,9 +107,9 @@ static void *real(const char *name) {
     void *f = dlsym(RTLD_NEXT, name);
     if (!f) {
         static void *lib;
-        if (!lib) lib = dlopen("libcudart.so.12", RTLD_NOW | RTLD_NOLOAD);
-        if (!lib) lib = dlopen("libcudart.so.12", RTLD_NOW);
-        if (!lib) lib = dlopen("libcudart.so", RTLD_NOW);
+        static const char *sonames[] = {"libcudart.so.13", "libcudart.so.12", "libcudart.so"};
+        for (int i = 0; !lib && i < 3; i++) lib = dlopen(sonames[i], RTLD_NOW | RTLD_NOLOAD);
+        for (int i = 0; !lib && i < 3; i++) lib = dlopen(sonames[i], RTLD_NOW);
         if (lib) f = dlsym(lib, name);
     }
     if (!f) {
@@ -132,10 +148,161 @@ static void account(int id, unsigned long long t0, unsigned long long nbytes) {
     WRAP(id, base##_ptsz, params, args, nbytes) \
     WRAP(id, base##_ptds, params, args, nbytes)
 
-WRAP3(F_LAUNCH, cudaLaunchKernel,
-      (const void *fn, dim3_t g, dim3_t b, void **a, size_t sh, void *s), (fn, g, b, a, sh, s), 0)
-WRAP3(F_LAUNCH_EX, cudaLaunchKernelExC, (const void *cfg, const void *fn, void **a), (cfg, fn, a), 0)
-WRAP3(F_GRAPH_LAUNCH, cudaGraphLaunch, (void *exec, void *s), (exec, s), 0)
+// Kernel device times (CUDA_API_TRACE_KERNELS=1).
+static int kernel_times = -1;
+static __thread int decode_tokens; // the batch size of the llama_decode running on this thread
+#define MAX_TOKENS 1024
+static _Atomic unsigned long long decodes_by_tokens[MAX_TOKENS + 1];
+struct kernel_stat {
+    const void *fn;
+    int tokens;
+    unsigned long long launches;
+    double gpu_us;
+};
+#define KSTATS 8192
+static struct kernel_stat kstats[KSTATS];
+struct pending {
+    const void *fn;
+    int tokens;
+    void *e0, *e1;
+};
+#define MAX_PENDING 65536
+static struct pending pend[MAX_PENDING];
+static unsigned n_pend;
+static void *event_pool[MAX_PENDING * 2];
+static unsigned n_events;
+static pthread_mutex_t kmu = PTHREAD_MUTEX_INITIALIZER;
+static err_t (*ev_create)(void **), (*ev_record)(void *, void *), (*ev_query)(void *),
+    (*ev_elapsed)(float *, void *, void *), (*ev_sync)(void *);
+
+static int kernels_on(void) {
+    if (kernel_times < 0) {
+        const char *v = getenv("CUDA_API_TRACE_KERNELS");
+        kernel_times = v && *v == '1';
+        if (kernel_times) {
+            ev_create = real("cudaEventCreate");
+            ev_record = real("cudaEventRecord");
+            ev_query = real("cudaEventQuery");
+            ev_elapsed = real("cudaEventElapsedTime");
+            ev_sync = real("cudaEventSynchronize");
+        }
+    }
+    return kernel_times;
+}
+static void *take_event(void) {
+    if (n_events) return event_pool[--n_events];
+    void *e = NULL;
+    ev_create(&e);
+    return e;
+}
+static void add_kernel(const void *fn, int tokens, double us) {
+    size_t h = ((size_t)fn >> 4) * 31u + (size_t)tokens;
+    for (unsigned i = 0; i < KSTATS; i++) {
+        struct kernel_stat *k = &kstats[(h + i) % KSTATS];
+        if (!k->fn) {
+            k->fn = fn;
+            k->tokens = tokens;
+        }
+        if (k->fn == fn && k->tokens == tokens) {
+            k->launches++;
+            k->gpu_us += us;
+            return;
+        }
+    }
+}
+// Reads the pending pairs whose events have completed (all of them when
+// `wait`), keeping the rest in order; called with kmu held.
+static void drain(int wait) {
+    unsigned keep = 0;
+    for (unsigned i = 0; i < n_pend; i++) {
+        struct pending *p = &pend[i];
+        if (wait) ev_sync(p->e1);
+        else if (ev_query(p->e1) != 0) {
+            pend[keep++] = *p;
+            continue;
+        }
+        float ms = 0;
+        ev_elapsed(&ms, p->e0, p->e1);
+        add_kernel(p->fn, p->tokens, ms * 1e3);
+        event_pool[n_events++] = p->e0;
+        event_pool[n_events++] = p->e1;
+    }
+    n_pend = keep;
+}
+// Before a launch on stream `s`: its start event (NULL when not timing).
+static void *kernel_begin(void *s) {
+    if (!kernels_on()) return NULL;
+    // Not while the stream records a CUDA graph (no event queries then).
+    static err_t (*capturing)(void *, int *);
+    if (!capturing) capturing = real("cudaStreamIsCapturing");
+    int st = 0;
+    if (capturing(s, &st) != 0 || st != 0) return NULL;
+    pthread_mutex_lock(&kmu);
+    if (n_pend + 1 >= MAX_PENDING) drain(1);
+    void *e0 = take_event();
+    pthread_mutex_unlock(&kmu);
+    ev_record(e0, s);
+    return e0;
+}
+static void kernel_end(void *e0, const void *fn, void *s) {
+    if (!e0) return;
+    pthread_mutex_lock(&kmu);
+    void *e1 = take_event();
+    ev_record(e1, s);
+    pend[n_pend++] = (struct pending){fn, decode_tokens, e0, e1};
+    if (n_pend % 256 == 0) drain(0);
+    pthread_mutex_unlock(&kmu);
+}
+
+#define WRAP_LAUNCH(fname)                                                              \
+    err_t fname(const void *fn, dim3_t g, dim3_t b, void **a, size_t sh, void *s) {     \
+        static err_t (*f)(const void *, dim3_t, dim3_t, void **, size_t, void *);      \
+        if (!f) f = real(#fname);                                                       \
+        void *e0 = kernel_begin(s);                                                     \
+        unsigned long long t0_ = now_ns();                                              \
+        err_t r_ = f(fn, g, b, a, sh, s);                                               \
+        account(F_LAUNCH, t0_, 0);                                                      \
+        kernel_end(e0, fn, s);                                                          \
+        return r_;                                                                      \
+    }
+WRAP_LAUNCH(cudaLaunchKernel)
+WRAP_LAUNCH(cudaLaunchKernel_ptsz)
+// cudaLaunchConfig_t: dim3 grid, dim3 block, size_t shared memory, stream, ...
+struct launch_config {
+    dim3_t g, b;
+    size_t sh;
+    void *stream;
+};
+#define WRAP_LAUNCH_EX(fname)                                                           \
+    err_t fname(const void *cfg, const void *fn, void **a) {                           \
+        static err_t (*f)(const void *, const void *, void **);                        \
+        if (!f) f = real(#fname);                                                       \
+        void *s = ((const struct launch_config *)cfg)->stream;                          \
+        void *e0 = kernel_begin(s);                                                     \
+        unsigned long long t0_ = now_ns();                                              \
+        err_t r_ = f(cfg, fn, a);                                                       \
+        account(F_LAUNCH_EX, t0_, 0);                                                   \
+        kernel_end(e0, fn, s);                                                          \
+        return r_;                                                                      \
+    }
+WRAP_LAUNCH_EX(cudaLaunchKernelExC)
+WRAP_LAUNCH_EX(cudaLaunchKernelExC_ptsz)
+// A CUDA graph's launch, timed like a kernel (its device time: the whole
+// graph, from its stream reaching it to its last node).
+#define GRAPH_FN ((const void *)1)
+#define WRAP_GRAPH_LAUNCH(fname)                                                        \
+    err_t fname(void *exec, void *s) {                                                  \
+        static err_t (*f)(void *, void *);                                              \
+        if (!f) f = real(#fname);                                                       \
+        void *e0 = kernel_begin(s);                                                     \
+        unsigned long long t0_ = now_ns();                                              \
+        err_t r_ = f(exec, s);                                                          \
+        account(F_GRAPH_LAUNCH, t0_, 0);                                                \
+        kernel_end(e0, GRAPH_FN, s);                                                    \
+        return r_;                                                                      \
+    }
+WRAP_GRAPH_LAUNCH(cudaGraphLaunch)
+WRAP_GRAPH_LAUNCH(cudaGraphLaunch_ptsz)
 WRAP(F_GRAPH_UPDATE, cudaGraphExecUpdate, (void *exec, void *g, void *info), (exec, g, info), 0)
 WRAP(F_GRAPH_INST, cudaGraphInstantiate, (void **exec, void *g, unsigned long long fl), (exec, g, fl), 0)
 WRAP3(F_BEGIN_CAPTURE, cudaStreamBeginCapture, (void *s, int mode), (s, mode), 0)
@@ -178,7 +345,51 @@ typedef struct {
     void *token, *embd, *pos, *n_seq_id, *seq_id, *logits;
 } llama_batch_t;
 
-WRAP(F_LLAMA_DECODE, llama_decode, (void *ctx, llama_batch_t b), (ctx, b), b.n_tokens)
+err_t llama_decode(void *ctx, llama_batch_t b) {
+    static err_t (*f)(void *, llama_batch_t);
+    if (!f) f = real("llama_decode");
+    int t = b.n_tokens < 0 ? 0 : b.n_tokens > MAX_TOKENS ? MAX_TOKENS : b.n_tokens;
+    decode_tokens = t;
+    atomic_fetch_add(&decodes_by_tokens[t], 1);
+    unsigned long long t0_ = now_ns();
+    err_t r_ = f(ctx, b);
+    account(F_LLAMA_DECODE, t0_, (unsigned long long)b.n_tokens);
+    decode_tokens = 0;
+    return r_;
+}
+// Newer tools (llama-batched-bench) decode through llama_process with an
+// opaque llama_batch_ext: its tokens are counted as they are added.
+static __thread int batch_ext_tokens;
+void llama_batch_ext_clear(void *batch) {
+    static void (*f)(void *);
+    if (!f) f = real("llama_batch_ext_clear");
+    batch_ext_tokens = 0;
+    f(batch);
+}
+int llama_batch_ext_add(void *batch, int seq) {
+    static int (*f)(void *, int);
+    if (!f) f = real("llama_batch_ext_add");
+    batch_ext_tokens++;
+    return f(batch, seq);
+}
+int llama_batch_ext_add_token(void *batch, int seq, int token) {
+    static int (*f)(void *, int, int);
+    if (!f) f = real("llama_batch_ext_add_token");
+    batch_ext_tokens++;
+    return f(batch, seq, token);
+}
+err_t llama_process(void *ctx, int type, void *batch) {
+    static err_t (*f)(void *, int, void *);
+    if (!f) f = real("llama_process");
+    int t = batch_ext_tokens > MAX_TOKENS ? MAX_TOKENS : batch_ext_tokens;
+    decode_tokens = t;
+    atomic_fetch_add(&decodes_by_tokens[t], 1);
+    unsigned long long t0_ = now_ns();
+    err_t r_ = f(ctx, type, batch);
+    account(F_LLAMA_DECODE, t0_, (unsigned long long)t);
+    decode_tokens = 0;
+    return r_;
+}
 WRAP(F_SCHED_COMPUTE, ggml_backend_sched_graph_compute_async, (void *sched, void *g), (sched, g), 0)
 WRAP(F_TENSOR_COPY, ggml_backend_tensor_copy, (void *src, void *dst), (src, dst), 0)
 
@@ -229,6 +440,56 @@ int ggml_backend_graph_compute_async(void *backend, void *g) {
     TIMED(id, 0, f(backend, g))
 }
 
+static int cmp_gpu(const void *a, const void *b) {
+    double x = (*(struct kernel_stat *const *)a)->gpu_us, y = (*(struct kernel_stat *const *)b)->gpu_us;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+// Per batch size with >= 20 decode calls: each kernel's device time per call.
+static void report_kernels(FILE *o) {
+    // The kernel's name from the runtime when it knows it (else its
+    // library offset, resolved from the symbol table by device.sh kernels).
+    err_t (*get_name)(const char **, const void *) = dlsym(RTLD_DEFAULT, "cudaFuncGetName");
+    pthread_mutex_lock(&kmu);
+    drain(1);
+    pthread_mutex_unlock(&kmu);
+    static struct kernel_stat *rows[KSTATS];
+    for (int t = 0; t <= MAX_TOKENS; t++) {
+        unsigned long long d = decodes_by_tokens[t];
+        if (d < 20) continue;
+        unsigned n = 0;
+        double total = 0;
+        unsigned long long launches = 0;
+        for (unsigned i = 0; i < KSTATS; i++)
+            if (kstats[i].fn && kstats[i].tokens == t) {
+                rows[n++] = &kstats[i];
+                total += kstats[i].gpu_us;
+                launches += kstats[i].launches;
+            }
+        if (!n) continue;
+        qsort(rows, n, sizeof rows[0], cmp_gpu);
+        fprintf(o, "\nkernels in llama_decode of %d tokens: %llu calls, %.1f launches and %.1f us of device time per call\n",
+                t, d, launches / (double)d, total / d);
+        fprintf(o, "%10s %10s %10s  %s\n", "us/call", "launch/call", "us/launch", "kernel");
+        for (unsigned i = 0; i < n && i < 25; i++) {
+            const char *nm = NULL;
+            char buf[512];
+            Dl_info info;
+            if (rows[i]->fn == GRAPH_FN) {
+                nm = "(CUDA graph launch)";
+            } else if (get_name && get_name(&nm, rows[i]->fn) == 0 && nm) {
+            } else if (dladdr(rows[i]->fn, &info) && info.dli_fname) {
+                // Resolved afterwards from the library's symbol table (device.sh kernels).
+                const char *base = strrchr(info.dli_fname, '/');
+                snprintf(buf, sizeof buf, "%s+0x%lx", base ? base + 1 : info.dli_fname,
+                         (unsigned long)((const char *)rows[i]->fn - (const char *)info.dli_fbase));
+                nm = info.dli_sname ? info.dli_sname : buf;
+            }
+            fprintf(o, "%10.2f %10.2f %10.2f  %.160s\n", rows[i]->gpu_us / d, rows[i]->launches / (double)d,
+                    rows[i]->gpu_us / rows[i]->launches, nm ? nm : "?");
+        }
+    }
+}
+
 __attribute__((destructor)) static void report(void) {
     // Child processes (probes the program starts) inherit the shim: only a
     // process that made traced calls writes its table.
@@ -257,5 +518,6 @@ __attribute__((destructor)) static void report(void) {
         fprintf(o, "CUDA graph nodes per compute: median %u, max %u\n", graph_nodes.v[g / 2],
                 graph_nodes.v[g - 1]);
     }
+    if (kernel_times == 1) report_kernels(o);
     if (o != stderr) fclose(o);
 }

@@ -144,6 +144,79 @@ N=8 two lanes, no trace|NO_TRACE=1|--npcs 8 --lanes 2"}
         [ -s "$OUT/trace/trace$i.txt" ] && cat "$OUT/trace/trace$i.txt"
     done <<<"$variants"
     ;;
+kernels)
+    # Device time per llama_decode batch size (tokens), for our bench (npcs
+    # section; KERNEL_VARIANTS: label|env|flags lines) and for
+    # llama-batched-bench of the same llama.cpp and module, under
+    # scripts/gpu/cuda-api-trace.c with CUDA_API_TRACE_KERNELS=1: with CUDA
+    # graphs, each step's graph as the device ran it; with
+    # GGML_CUDA_DISABLE_GRAPHS=1, the kernels launched one by one (names and
+    # counts). Tables in $OUT/kernels.tgz (the device tool returns few files).
+    wait_for_builds cuda
+    prepare_inputs
+    K=$W/kernels
+    mkdir -p "$K"
+    gcc -O2 -shared -fPIC -o "$W/libcuda-api-trace.so" scripts/gpu/cuda-api-trace.c -ldl -lpthread
+    export CUDA_API_TRACE_KERNELS=1
+    variants=${KERNEL_VARIANTS:-"N=1||--npcs 1
+N=8 one lane||--npcs 8 --lanes 1
+N=8 two lanes||--npcs 8 --lanes 2
+N=32 one lane||--npcs 32 --lanes 1
+N=32 two lanes||--npcs 32 --lanes 2
+N=8 two lanes, kernels one by one|GGML_CUDA_DISABLE_GRAPHS=1|--npcs 8 --lanes 2"}
+    i=0
+    while IFS='|' read -r label envs flags; do
+        [ -n "$label" ] || continue
+        i=$((i + 1))
+        # shellcheck disable=SC2086
+        env $envs LD_PRELOAD="$W/libcuda-api-trace.so" CUDA_API_TRACE_OUT="$K/bench$i.txt" "$W/bins/bench" \
+            --sections npcs --tokens 128 --no-sequential --label "$label" \
+            --json-out "$K/bench$i.json" $flags >"$K/bench$i.log" 2>&1 || echo "variant $label failed"
+        echo "== $label"
+        grep -E "generation rate" "$K/bench$i.log" | sed "s/  */ /g" || true
+        grep -A4 "^kernels in" "$K/bench$i.txt" || true
+    done <<<"$variants"
+    tools=$W/backends/same-tools-patched
+    [ -d "$tools" ] || tools=$W/backends/same-tools
+    for mode in graphs eager; do
+        e=; [ $mode = eager ] && e=GGML_CUDA_DISABLE_GRAPHS=1
+        env $e LD_LIBRARY_PATH="$tools:$LD_LIBRARY_PATH" LD_PRELOAD="$W/libcuda-api-trace.so" \
+            CUDA_API_TRACE_OUT="$K/batched-$mode.txt" "$tools/llama-batched-bench" -m "$model" -ngl 99 \
+            -c 12288 -b 2048 -ub 512 -npp 256 -ntg 128 -npl 1,4,8,16,32 >"$K/batched-$mode.log" 2>&1 \
+            || echo "llama-batched-bench ($mode) failed"
+        echo "== llama-batched-bench ($mode)"
+        grep "^|" "$K/batched-$mode.log" | tail -5
+        grep -A4 "^kernels in" "$K/batched-$mode.txt" || true
+    done
+    # Kernel names from the module's symbol table (offsets the shim printed).
+    for lib in "$W/backends/patched/libggml-cuda.so" "$tools/libggml-cuda.so"; do
+        [ -s "$lib" ] && nm --defined-only "$lib" >"$K/$(basename "$(dirname "$lib")")-symbols.txt" || true
+    done
+    python3 - "$K" <<'PY'
+import glob, re, subprocess, sys
+k = sys.argv[1]
+for symfile in glob.glob(f"{k}/*-symbols.txt"):
+    syms = {}
+    for line in open(symfile):
+        parts = line.split()
+        if len(parts) == 3:
+            syms[int(parts[0], 16)] = parts[2]
+    for txt in glob.glob(f"{k}/*.txt"):
+        if txt.endswith("-symbols.txt"):
+            continue
+        body = open(txt).read()
+        def name(m):
+            s = syms.get(int(m.group(1), 16))
+            if not s:
+                return m.group(0)
+            try:
+                return subprocess.run(["c++filt", s], capture_output=True, text=True).stdout.strip()[:160]
+            except OSError:
+                return s
+        open(txt, "w").write(re.sub(r"libggml-cuda\.so\+0x([0-9a-f]+)", name, body))
+PY
+    tar czf "$OUT/kernels.tgz" -C "$W" kernels
+    ;;
 start)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     nproc
@@ -223,6 +296,6 @@ PY
     ls -la "$OUT"
     ;;
 *)
-    echo "usage: device.sh start|stash|run|quick-start|quick CARRY_DIR" >&2; exit 2
+    echo "usage: device.sh start|stash|run|quick-start|quick|trace|kernels CARRY_DIR" >&2; exit 2
     ;;
 esac
