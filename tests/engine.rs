@@ -64,6 +64,44 @@ fn same_prompt_and_seed_give_the_same_text() {
     assert_eq!(ta, tb);
 }
 
+/// Requests spawned in one frame reach the worker as one command and start
+/// together, so the same requests with the same seeds, spawned together
+/// again, run in the same batch layout and give the same texts (on a GPU a
+/// different layout can change logits in their last bits: see `Command::Submit`).
+#[test]
+fn same_seeds_in_one_batch_give_the_same_texts_twice() {
+    let mut s = settings();
+    // Both rounds read their prompts whole, as the bench's `seed` section does.
+    s.prefix_cache = false;
+    let mut app = app_with(s);
+    load_ready(&mut app, None);
+    let round = |app: &mut App| -> Vec<String> {
+        let es: Vec<Entity> = ["the harvest", "the old mill", "wolves", "the river"]
+            .iter()
+            .enumerate()
+            .map(|(i, what)| {
+                let req = chat(&format!("Tell me about {what}."))
+                    .with_seed(7 + i as u32)
+                    .with_temperature(0.9);
+                request(app, req)
+            })
+            .collect();
+        run_until_finished(app, &es);
+        let r = app.world().resource::<Recorded>();
+        es.iter().map(|&e| r.completed_text(e).unwrap()).collect()
+    };
+    let (a, b) = (round(&mut app), round(&mut app));
+    assert!(a.iter().all(|t| !t.is_empty()), "{a:?}");
+    assert_eq!(a, b);
+    // They ran together: at least one decode step held all four.
+    let stats = app.world().resource::<LlmEngineStats>();
+    assert!(
+        stats.counters.max_batch_sequences >= 4,
+        "{:?}",
+        stats.counters
+    );
+}
+
 /// A greedy request and its text on an engine with the test settings (one
 /// lane, host sampling): the reference other configurations must repeat.
 fn greedy_reference() -> (LlmRequest, String) {

@@ -15,6 +15,10 @@
 #      the plan variants; everything lands in $OUT)
 # `run` skips the steps already done, so a call cut at its time limit can
 # be followed by another `run` while the machine is warm.
+# Exploration, after `quick-start` (or `start`) and the stashes: `quick`
+# (the variants of scripts/gpu/quick-variants.txt), `trace` (host time per
+# CUDA runtime call and llama.cpp entry point), `kernels` (kernel launches
+# and device intervals per llama_decode batch size).
 set -euo pipefail
 cmd=$1 from=${2:-}
 W=/tmp/npc-llm-dev
@@ -257,10 +261,12 @@ json.dump(doc, open(f"{w}/comparators-all.json", "w"), indent=2)
 PY
     cp "$W/comparators-all.json" "$OUT/comparators.json"
     bench=$W/bins/bench
-    # The plan's defaults three times (this machine's run-to-run spread).
+    # The plan's defaults three times (this machine's run-to-run spread),
+    # in files named for the card (e.g. nvidia-h100-80gb-hbm3.json).
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/-*$//')
     for run in 1 2 3; do
-        json=$W/h100.json log=$W/logs/bench.log
-        [ "$run" = 1 ] || json=$W/h100-run$run.json log=$W/logs/bench-run$run.log
+        json=$W/${gpu:-gpu}.json log=$W/logs/bench.log
+        [ "$run" = 1 ] || json=$W/${gpu:-gpu}-run$run.json log=$W/logs/bench-run$run.log
         if [ ! -s "$json" ]; then
             "$bench" --sections binding,npcs,cache,player,constrained,seed --npcs 1,8,16,32,64,128,255 --tokens 128 \
                 --no-sequential --comparators "$W/comparators-all.json" --label "plan defaults, run $run" \

@@ -81,12 +81,12 @@ impl LlmEngine {
         self.knobs = None;
         self.last_rate = None;
         let Some(old) = old else { return moved };
-        let jobs: Vec<Job> = self.pending.values().cloned().collect();
-        for job in jobs {
-            let id = job.id;
-            if self.worker.as_ref().is_some_and(|w| w.submit(job)) {
-                moved.insert(id);
-            }
+        // In submission order (ids grow), as one command.
+        let mut jobs: Vec<Job> = self.pending.values().cloned().collect();
+        jobs.sort_by_key(|j| j.id);
+        let ids: Vec<RequestId> = jobs.iter().map(|j| j.id).collect();
+        if self.worker.as_ref().is_some_and(|w| w.submit(jobs)) {
+            moved.extend(ids);
         }
         self.retire(old, moved.clone());
         moved
@@ -419,6 +419,8 @@ pub(crate) fn submit(
     alive: Query<Entity>,
     serving: Res<LlmEngineStats>,
 ) {
+    // This frame's jobs go to the worker as one command (see `Command::Submit`).
+    let mut batch: Vec<Job> = Vec::new();
     for c in cancels.read() {
         if let Some(&id) = loader.engine.by_entity.get(&c.entity) {
             loader.engine.cancel(id);
@@ -486,7 +488,11 @@ pub(crate) fn submit(
             submitted: Instant::now(),
         };
         loader.engine.pending.insert(id, job.clone());
-        if !loader.engine.backend().is_some_and(|w| w.submit(job)) {
+        batch.push(job);
+    }
+    let ids: Vec<RequestId> = batch.iter().map(|j| j.id).collect();
+    if !loader.engine.backend().is_some_and(|w| w.submit(batch)) {
+        for id in ids {
             loader.engine.pending.remove(&id);
             loader.engine.local.push(Event::Failed {
                 id,

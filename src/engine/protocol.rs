@@ -74,7 +74,11 @@ pub(crate) struct Knobs {
 
 #[derive(Debug)]
 pub(crate) enum Command {
-    Submit(Box<Job>),
+    /// Jobs submitted together (one frame's, in spawn order): the worker
+    /// queues them all before it plans its next step, so requests spawned in
+    /// one frame start in the same step whatever the threads' timing (the
+    /// same layout each time: same seeds, same text, on a GPU too).
+    Submit(Vec<Job>),
     Cancel(RequestId),
     Load(Box<LoadSpec>),
     Unload,

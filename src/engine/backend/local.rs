@@ -344,18 +344,20 @@ impl Worker {
 
     fn handle_idle(&mut self, cmd: Command) -> Option<Next> {
         match cmd {
-            Command::Submit(job) => {
-                let id = job.id;
-                if let Some(error) = &self.no_model {
-                    let error = LlmError::ModelUnavailable(error.clone());
-                    self.send(Event::Failed { id, error });
-                } else if self.queue.push(job.priority, *job).is_err() {
-                    self.send(Event::Failed {
-                        id,
-                        error: LlmError::QueueFull {
-                            capacity: self.knobs.queue_capacity as usize,
-                        },
-                    });
+            Command::Submit(jobs) => {
+                for job in jobs {
+                    let id = job.id;
+                    if let Some(error) = &self.no_model {
+                        let error = LlmError::ModelUnavailable(error.clone());
+                        self.send(Event::Failed { id, error });
+                    } else if self.queue.push(job.priority, job).is_err() {
+                        self.send(Event::Failed {
+                            id,
+                            error: LlmError::QueueFull {
+                                capacity: self.knobs.queue_capacity as usize,
+                            },
+                        });
+                    }
                 }
                 None
             }

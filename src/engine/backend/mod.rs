@@ -36,8 +36,9 @@ pub(crate) trait InferenceBackend: Send + Sync {
 
     fn into_handle(self: Box<Self>) -> WorkerHandle;
 
-    fn submit(&self, job: Job) -> bool {
-        self.handle().send(Command::Submit(Box::new(job)))
+    /// Queue `jobs` (in order) as one command; nothing is sent for none.
+    fn submit(&self, jobs: Vec<Job>) -> bool {
+        jobs.is_empty() || self.handle().send(Command::Submit(jobs))
     }
 
     fn cancel(&self, id: RequestId) -> bool {

@@ -219,24 +219,26 @@ impl RemoteWorker {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit(job) => {
-                if self.connected.is_none()
-                    && let Some(error) = &self.last_error
-                {
-                    self.counters.failed += 1;
-                    self.send(Event::Failed {
-                        id: job.id,
-                        error: LlmError::ModelUnavailable(error.clone()),
-                    });
-                    return;
-                }
-                if let Err(job) = self.queue.push(job.priority, *job) {
-                    self.send(Event::Failed {
-                        id: job.id,
-                        error: LlmError::QueueFull {
-                            capacity: self.queue.len(),
-                        },
-                    });
+            Command::Submit(jobs) => {
+                for job in jobs {
+                    if self.connected.is_none()
+                        && let Some(error) = &self.last_error
+                    {
+                        self.counters.failed += 1;
+                        self.send(Event::Failed {
+                            id: job.id,
+                            error: LlmError::ModelUnavailable(error.clone()),
+                        });
+                        continue;
+                    }
+                    if let Err(job) = self.queue.push(job.priority, job) {
+                        self.send(Event::Failed {
+                            id: job.id,
+                            error: LlmError::QueueFull {
+                                capacity: self.queue.len(),
+                            },
+                        });
+                    }
                 }
                 self.pump();
             }
