@@ -742,6 +742,16 @@ fn seed(args: &Args, f: &mut Figures) {
     let a = texts(&mut app, 8);
     let b = texts(&mut app, 8);
     let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    // Greedy texts as a checksum: two builds or settings that must compute
+    // the same thing (e.g. a ggml patch on and off) give the same figures.
+    let greedy = |app: &mut App, n: usize| -> f64 {
+        let reqs = (0..n)
+            .map(|i| npc_request(i).with_temperature(0.0).with_max_tokens(48))
+            .collect();
+        let texts: Vec<String> = run(app, reqs).0.into_iter().map(|s| s.text).collect();
+        f64::from(fnv1a32(texts.join("\u{1}").as_bytes()))
+    };
+    let (greedy_one, greedy_eight) = (greedy(&mut app, 1), greedy(&mut app, 8));
     f.add(
         "seed",
         "same seed, same text: one request twice (1 = held)",
@@ -754,6 +764,25 @@ fn seed(args: &Args, f: &mut Figures) {
         same as f64,
         "of 8",
     );
+    f.add(
+        "seed",
+        "greedy text checksum (FNV-1a), one request",
+        greedy_one,
+        "",
+    );
+    f.add(
+        "seed",
+        "greedy texts checksum (FNV-1a), 8 batched requests",
+        greedy_eight,
+        "",
+    );
+}
+
+/// FNV-1a, 32 bits: a checksum of texts that fits a JSON number exactly.
+fn fnv1a32(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |h: u32, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// Generated tokens per second of wall time over a set of requests.

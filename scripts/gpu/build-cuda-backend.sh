@@ -12,6 +12,10 @@
 # prompt steps; see that script). off: llama.cpp as shipped. both: the tools
 # and DEST/libggml-cuda.so as shipped, then the patched module in
 # DEST/patched (and DEST/same-tools-patched), to compare in one sitting.
+# Wherever that patch goes, scripts/gpu/patch-share-q8.py goes too (unless
+# SHARE_Q8_PATCH=off): products of the same activations share one q8_1
+# quantisation, switched on at run time by GGML_CUDA_SHARE_Q8_1=1 (off by
+# default: an experiment to measure).
 # Usage: build-cuda-backend.sh LLAMA_SRC_TARBALL DEST [CUDA_ARCH=90] [TOOLS_TARBALL]
 set -euo pipefail
 tarball=$1 dest=$2 arch=${3:-90} tools=${4:-}
@@ -19,8 +23,14 @@ graph_patch=${CUDA_GRAPH_PATCH:-on}
 work=/tmp/npc-llm-cuda
 mkdir -p "$work" "$dest"
 tar xzf "$tarball" -C "$work"
-if [ "$graph_patch" = on ]; then
+patch_sources() {
     python3 "$(dirname "$0")/patch-cuda-graphs.py" "$work/llama.cpp"
+    if [ "${SHARE_Q8_PATCH:-on}" != off ]; then
+        python3 "$(dirname "$0")/patch-share-q8.py" "$work/llama.cpp"
+    fi
+}
+if [ "$graph_patch" = on ]; then
+    patch_sources
 fi
 targets=(ggml-cuda)
 extra=(-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_COMMON=OFF)
@@ -58,7 +68,7 @@ if [ -n "$tools" ] && cmake --build "$work/build" --target "${targets[@]:1}" -j"
     find "$work/build" \( -name 'lib*.so' -o -name 'lib*.so.*' \) -exec cp -P {} "$dest/same-tools/" \;
 fi
 if [ "$graph_patch" = both ]; then
-    python3 "$(dirname "$0")/patch-cuda-graphs.py" "$work/llama.cpp"
+    patch_sources
     time cmake --build "$work/build" --target ggml-cuda -j"$(nproc)" 2>&1 | tail -3
     mkdir -p "$dest/patched"
     cp "$(find "$work/build" -name 'libggml-cuda.so' | head -1)" "$dest/patched/"

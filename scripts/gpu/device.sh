@@ -109,7 +109,7 @@ quick)
             --comparators "$W/comparators-quick.json" --label "$label" --json-out "$W/quick$i.json" $flags \
             >"$W/logs/quick$i.log" 2>&1 || echo "variant $label failed"
         echo "== $label ($envs $flags)"
-        grep -E "plan:|per step|single stream /|N=(1|8|32|128) +batched generation rate|ratio|cache on:|cache off:|arrivals" "$W/logs/quick$i.log" \
+        grep -E "plan:|per step|single stream /|N=(1|8|32|128) +batched generation rate|ratio|cache on:|cache off:|arrivals|checksum|same seed" "$W/logs/quick$i.log" \
             | grep -v "binding  ratio" | sed 's/  */ /g'
     done < scripts/gpu/quick-variants.txt
     mkdir -p "$OUT/quick" && cp "$W"/quick*.json "$OUT/quick/" 2>/dev/null || true
