@@ -39,7 +39,14 @@ build_tools() {
 
 # The CUDA module (as shipped and patched) and the same llama.cpp's tools,
 # detached from this call (the build outlives it).
+# QUICK_TOOLS=off: the patched module only (no shipped module, no tools):
+# the shortest build, for an A/B of runtime switches without comparators.
 start_module_build() {
+    if [ "${QUICK_TOOLS:-on}" = off ]; then
+        setsid nohup bash -c "CUDA_GRAPH_PATCH=on bash '$root/scripts/gpu/build-cuda-backend.sh' '$W/in/llama-src.tar.gz' '$W/backends/patched' 90 \
+            && touch '$W/cuda.done' || touch '$W/cuda.failed'" >"$W/logs/cuda-build.log" 2>&1 </dev/null &
+        return
+    fi
     setsid nohup bash -c "CUDA_GRAPH_PATCH=both bash '$root/scripts/gpu/build-cuda-backend.sh' '$W/in/llama-src.tar.gz' '$W/backends' 90 '$W/in/llama-tools-src.tar.gz' \
         && touch '$W/cuda.done' || touch '$W/cuda.failed'" >"$W/logs/cuda-build.log" 2>&1 </dev/null &
 }
@@ -96,9 +103,14 @@ quick)
         LD_LIBRARY_PATH=$W/backends/$tools python3 -u scripts/gpu/comparators.py "$W/backends/$tools" \
             "$model" "$W/quick-comparators-$tools.json" "$W/logs/quick-$tools" 1,8,32,128 - 2>&1 | tail -3
     done
-    # The bench reads the same tools' figures as its "old" comparator too here.
-    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['same_llama_cpp']=dict(d); json.dump(d,open(sys.argv[2],'w'))" \
-        "$W/quick-comparators-same-tools.json" "$W/comparators-quick.json"
+    # The bench reads the same tools' figures as its "old" comparator too here
+    # (none without the tools: QUICK_TOOLS=off).
+    comparators=()
+    if [ -s "$W/quick-comparators-same-tools.json" ]; then
+        python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['same_llama_cpp']=dict(d); json.dump(d,open(sys.argv[2],'w'))" \
+            "$W/quick-comparators-same-tools.json" "$W/comparators-quick.json"
+        comparators=(--comparators "$W/comparators-quick.json")
+    fi
     i=0
     while IFS='|' read -r label envs flags; do
         [ -n "$label" ] || continue
@@ -106,7 +118,7 @@ quick)
         [ -s "$W/quick$i.json" ] && continue
         # shellcheck disable=SC2086
         env $envs "$W/bins/bench" --sections binding,npcs,cache,arrivals --npcs 1,8,32,128 --tokens 128 --no-sequential \
-            --comparators "$W/comparators-quick.json" --label "$label" --json-out "$W/quick$i.json" $flags \
+            "${comparators[@]}" --label "$label" --json-out "$W/quick$i.json" $flags \
             >"$W/logs/quick$i.log" 2>&1 || echo "variant $label failed"
         echo "== $label ($envs $flags)"
         grep -E "plan:|per step|single stream /|N=(1|8|32|128) +batched generation rate|ratio|cache on:|cache off:|arrivals|checksum|same seed" "$W/logs/quick$i.log" \
