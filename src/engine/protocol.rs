@@ -77,7 +77,8 @@ pub(crate) enum Command {
     /// Jobs submitted together (one frame's, in spawn order): the worker
     /// queues them all before it plans its next step, so requests spawned in
     /// one frame start in the same step whatever the threads' timing (the
-    /// same layout each time: same seeds, same text, on a GPU too).
+    /// same batch layout each time; on a GPU a different layout can change a
+    /// sequence's logits in their last bits, and so a same-seed text).
     Submit(Vec<Job>),
     Cancel(RequestId),
     Load(Box<LoadSpec>),
