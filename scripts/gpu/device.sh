@@ -118,7 +118,7 @@ quick)
         [ -s "$W/quick$i.json" ] && continue
         # shellcheck disable=SC2086
         env $envs "$W/bins/bench" --sections binding,npcs,cache,arrivals --npcs 1,8,32,128 --tokens 128 --no-sequential \
-            "${comparators[@]}" --label "$label" --json-out "$W/quick$i.json" $flags \
+            ${comparators[@]+"${comparators[@]}"} --label "$label" --json-out "$W/quick$i.json" $flags \
             >"$W/logs/quick$i.log" 2>&1 || echo "variant $label failed"
         echo "== $label ($envs $flags)"
         grep -E "plan:|per step|single stream /|N=(1|8|32|128) +batched generation rate|ratio|cache on:|cache off:|arrivals|checksum|same seed" "$W/logs/quick$i.log" \
