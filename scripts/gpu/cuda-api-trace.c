@@ -254,16 +254,21 @@ static void kernel_end(void *e0, const void *fn, void *s) {
     pthread_mutex_unlock(&kmu);
 }
 
+// A launch on stream `s`, timed on the host as `id` and, with
+// CUDA_API_TRACE_KERNELS=1, on the device as `fn` (a kernel or GRAPH_FN).
+#define TIMED_LAUNCH(id, fn, s, call)   \
+    void *e0_ = kernel_begin(s);        \
+    unsigned long long t0_ = now_ns();  \
+    err_t r_ = call;                    \
+    account(id, t0_, 0);                \
+    kernel_end(e0_, fn, s);             \
+    return r_;
+
 #define WRAP_LAUNCH(fname)                                                              \
     err_t fname(const void *fn, dim3_t g, dim3_t b, void **a, size_t sh, void *s) {     \
         static err_t (*f)(const void *, dim3_t, dim3_t, void **, size_t, void *);      \
         if (!f) f = real(#fname);                                                       \
-        void *e0 = kernel_begin(s);                                                     \
-        unsigned long long t0_ = now_ns();                                              \
-        err_t r_ = f(fn, g, b, a, sh, s);                                               \
-        account(F_LAUNCH, t0_, 0);                                                      \
-        kernel_end(e0, fn, s);                                                          \
-        return r_;                                                                      \
+        TIMED_LAUNCH(F_LAUNCH, fn, s, f(fn, g, b, a, sh, s))                            \
     }
 WRAP_LAUNCH(cudaLaunchKernel)
 WRAP_LAUNCH(cudaLaunchKernel_ptsz)
@@ -278,12 +283,7 @@ struct launch_config {
         static err_t (*f)(const void *, const void *, void **);                        \
         if (!f) f = real(#fname);                                                       \
         void *s = ((const struct launch_config *)cfg)->stream;                          \
-        void *e0 = kernel_begin(s);                                                     \
-        unsigned long long t0_ = now_ns();                                              \
-        err_t r_ = f(cfg, fn, a);                                                       \
-        account(F_LAUNCH_EX, t0_, 0);                                                   \
-        kernel_end(e0, fn, s);                                                          \
-        return r_;                                                                      \
+        TIMED_LAUNCH(F_LAUNCH_EX, fn, s, f(cfg, fn, a))                                 \
     }
 WRAP_LAUNCH_EX(cudaLaunchKernelExC)
 WRAP_LAUNCH_EX(cudaLaunchKernelExC_ptsz)
@@ -294,12 +294,7 @@ WRAP_LAUNCH_EX(cudaLaunchKernelExC_ptsz)
     err_t fname(void *exec, void *s) {                                                  \
         static err_t (*f)(void *, void *);                                              \
         if (!f) f = real(#fname);                                                       \
-        void *e0 = kernel_begin(s);                                                     \
-        unsigned long long t0_ = now_ns();                                              \
-        err_t r_ = f(exec, s);                                                          \
-        account(F_GRAPH_LAUNCH, t0_, 0);                                                \
-        kernel_end(e0, GRAPH_FN, s);                                                    \
-        return r_;                                                                      \
+        TIMED_LAUNCH(F_GRAPH_LAUNCH, GRAPH_FN, s, f(exec, s))                           \
     }
 WRAP_GRAPH_LAUNCH(cudaGraphLaunch)
 WRAP_GRAPH_LAUNCH(cudaGraphLaunch_ptsz)
@@ -345,17 +340,21 @@ typedef struct {
     void *token, *embd, *pos, *n_seq_id, *seq_id, *logits;
 } llama_batch_t;
 
+// A decode of `n` tokens: its kernels are counted under its batch size.
+#define TIMED_DECODE(n, call)                                                  \
+    int t_ = (n) < 0 ? 0 : (n) > MAX_TOKENS ? MAX_TOKENS : (n);                \
+    decode_tokens = t_;                                                        \
+    atomic_fetch_add(&decodes_by_tokens[t_], 1);                               \
+    unsigned long long t0_ = now_ns();                                         \
+    err_t r_ = call;                                                           \
+    account(F_LLAMA_DECODE, t0_, (unsigned long long)(n));                     \
+    decode_tokens = 0;                                                         \
+    return r_;
+
 err_t llama_decode(void *ctx, llama_batch_t b) {
     static err_t (*f)(void *, llama_batch_t);
     if (!f) f = real("llama_decode");
-    int t = b.n_tokens < 0 ? 0 : b.n_tokens > MAX_TOKENS ? MAX_TOKENS : b.n_tokens;
-    decode_tokens = t;
-    atomic_fetch_add(&decodes_by_tokens[t], 1);
-    unsigned long long t0_ = now_ns();
-    err_t r_ = f(ctx, b);
-    account(F_LLAMA_DECODE, t0_, (unsigned long long)b.n_tokens);
-    decode_tokens = 0;
-    return r_;
+    TIMED_DECODE(b.n_tokens, f(ctx, b))
 }
 // Newer tools (llama-batched-bench) decode through llama_process with an
 // opaque llama_batch_ext: its tokens are counted as they are added.
@@ -381,14 +380,7 @@ int llama_batch_ext_add_token(void *batch, int seq, int token) {
 err_t llama_process(void *ctx, int type, void *batch) {
     static err_t (*f)(void *, int, void *);
     if (!f) f = real("llama_process");
-    int t = batch_ext_tokens > MAX_TOKENS ? MAX_TOKENS : batch_ext_tokens;
-    decode_tokens = t;
-    atomic_fetch_add(&decodes_by_tokens[t], 1);
-    unsigned long long t0_ = now_ns();
-    err_t r_ = f(ctx, type, batch);
-    account(F_LLAMA_DECODE, t0_, (unsigned long long)t);
-    decode_tokens = 0;
-    return r_;
+    TIMED_DECODE(batch_ext_tokens, f(ctx, type, batch))
 }
 WRAP(F_SCHED_COMPUTE, ggml_backend_sched_graph_compute_async, (void *sched, void *g), (sched, g), 0)
 WRAP(F_TENSOR_COPY, ggml_backend_tensor_copy, (void *src, void *dst), (src, dst), 0)

@@ -81,6 +81,36 @@ prepare_inputs() {
     fi
 }
 
+# The bench's npcs section under scripts/gpu/cuda-api-trace.c for each line
+# of VARIANTS (label|env|flags) into DIR/trace$i.{txt,json,log}, then SHOW (a
+# command) on each table. A variant's env may hold NO_TRACE=1 (no shim) and
+# BENCH_BIN=path (another bench binary, for an A/B of engine builds).
+traced_variants() {
+    local dir=$1 variants=$2 show=$3 i=0 label envs flags pre bin e
+    mkdir -p "$dir"
+    gcc -O2 -shared -fPIC -o "$W/libcuda-api-trace.so" scripts/gpu/cuda-api-trace.c -ldl -lpthread
+    while IFS='|' read -r label envs flags; do
+        [ -n "$label" ] || continue
+        i=$((i + 1))
+        pre=$W/libcuda-api-trace.so
+        case "$envs" in *NO_TRACE=1*) pre= ;; esac
+        bin=$W/bins/bench
+        for e in $envs; do case $e in BENCH_BIN=*) bin=${e#BENCH_BIN=} ;; esac; done
+        # shellcheck disable=SC2086
+        env $envs LD_PRELOAD="$pre" CUDA_API_TRACE_OUT="$dir/trace$i.txt" "$bin" \
+            --sections npcs --tokens 128 --no-sequential --label "$label" \
+            --json-out "$dir/trace$i.json" $flags >"$dir/trace$i.log" 2>&1 || echo "variant $label failed"
+        echo "== $label"
+        grep -E "per step|generation rate" "$dir/trace$i.log" | sed 's/  */ /g' || true
+        if [ -s "$dir/trace$i.txt" ]; then "$show" "$dir/trace$i.txt"; fi
+    done <<<"$variants"
+}
+
+# The kernel tables of a shim table (CUDA_API_TRACE_KERNELS=1), heads only.
+kernel_tables() {
+    grep -A4 "^kernels in" "$1" || true
+}
+
 case $cmd in
 quick-start)
     # An exploration sitting: the CUDA module and the same-llama.cpp tools
@@ -134,31 +164,13 @@ trace)
     # (env NO_TRACE=1: run without the shim; BENCH_BIN=path: another bench).
     wait_for_builds cuda
     prepare_inputs
-    mkdir -p "$OUT/trace"
-    gcc -O2 -shared -fPIC -o "$W/libcuda-api-trace.so" scripts/gpu/cuda-api-trace.c -ldl
     variants=${TRACE_VARIANTS:-"N=1||--npcs 1
 N=8 one lane||--npcs 8 --lanes 1
 N=8 two lanes||--npcs 8 --lanes 2
 N=32 two lanes||--npcs 32 --lanes 2
 N=128 two lanes||--npcs 128 --lanes 2
 N=8 two lanes, no trace|NO_TRACE=1|--npcs 8 --lanes 2"}
-    i=0
-    while IFS='|' read -r label envs flags; do
-        [ -n "$label" ] || continue
-        i=$((i + 1))
-        pre=$W/libcuda-api-trace.so
-        case "$envs" in *NO_TRACE=1*) pre= ;; esac
-        # BENCH_BIN=path in a variant's env: another bench binary (A/B of engine builds).
-        bin=$W/bins/bench
-        for e in $envs; do case $e in BENCH_BIN=*) bin=${e#BENCH_BIN=} ;; esac; done
-        # shellcheck disable=SC2086
-        env $envs LD_PRELOAD="$pre" CUDA_API_TRACE_OUT="$OUT/trace/trace$i.txt" "$bin" \
-            --sections npcs --tokens 128 --no-sequential --label "$label" \
-            --json-out "$OUT/trace/trace$i.json" $flags >"$OUT/trace/trace$i.log" 2>&1 || echo "variant $label failed"
-        echo "== $label"
-        grep -E "per step|generation rate" "$OUT/trace/trace$i.log" | sed 's/  */ /g'
-        [ -s "$OUT/trace/trace$i.txt" ] && cat "$OUT/trace/trace$i.txt"
-    done <<<"$variants"
+    traced_variants "$OUT/trace" "$variants" cat
     ;;
 kernels)
     # Device time per llama_decode batch size (tokens), for our bench (npcs
@@ -171,8 +183,6 @@ kernels)
     wait_for_builds cuda
     prepare_inputs
     K=$W/kernels
-    mkdir -p "$K"
-    gcc -O2 -shared -fPIC -o "$W/libcuda-api-trace.so" scripts/gpu/cuda-api-trace.c -ldl -lpthread
     export CUDA_API_TRACE_KERNELS=1
     variants=${KERNEL_VARIANTS:-"N=1||--npcs 1
 N=8 one lane||--npcs 8 --lanes 1
@@ -180,18 +190,7 @@ N=8 two lanes||--npcs 8 --lanes 2
 N=32 one lane||--npcs 32 --lanes 1
 N=32 two lanes||--npcs 32 --lanes 2
 N=8 two lanes, kernels one by one|GGML_CUDA_DISABLE_GRAPHS=1|--npcs 8 --lanes 2"}
-    i=0
-    while IFS='|' read -r label envs flags; do
-        [ -n "$label" ] || continue
-        i=$((i + 1))
-        # shellcheck disable=SC2086
-        env $envs LD_PRELOAD="$W/libcuda-api-trace.so" CUDA_API_TRACE_OUT="$K/bench$i.txt" "$W/bins/bench" \
-            --sections npcs --tokens 128 --no-sequential --label "$label" \
-            --json-out "$K/bench$i.json" $flags >"$K/bench$i.log" 2>&1 || echo "variant $label failed"
-        echo "== $label"
-        grep -E "generation rate" "$K/bench$i.log" | sed "s/  */ /g" || true
-        grep -A4 "^kernels in" "$K/bench$i.txt" || true
-    done <<<"$variants"
+    traced_variants "$K" "$variants" kernel_tables
     tools=$W/backends/same-tools-patched
     [ -d "$tools" ] || tools=$W/backends/same-tools
     for mode in graphs eager; do
@@ -201,8 +200,8 @@ N=8 two lanes, kernels one by one|GGML_CUDA_DISABLE_GRAPHS=1|--npcs 8 --lanes 2"
             -c 12288 -b 2048 -ub 512 -npp 256 -ntg 128 -npl 1,4,8,16,32 >"$K/batched-$mode.log" 2>&1 \
             || echo "llama-batched-bench ($mode) failed"
         echo "== llama-batched-bench ($mode)"
-        grep "^|" "$K/batched-$mode.log" | tail -5
-        grep -A4 "^kernels in" "$K/batched-$mode.txt" || true
+        grep "^|" "$K/batched-$mode.log" | tail -5 || true
+        kernel_tables "$K/batched-$mode.txt"
     done
     # Kernel names from the module's symbol table (offsets the shim printed).
     for lib in "$W/backends/patched/libggml-cuda.so" "$tools/libggml-cuda.so"; do

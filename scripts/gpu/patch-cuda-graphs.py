@@ -21,25 +21,16 @@ changes: a graph is still replayed only when every node's properties match
 
 Usage: patch-cuda-graphs.py LLAMA_CPP_DIR   (fails if the code moved)
 """
-import pathlib
 import sys
 
-root = pathlib.Path(sys.argv[1])
+import source_patch
+
+root = sys.argv[1]
 MARK = "bevy_npc_llm patch"
 
 
 def patch(path, edits):
-    p = root / path
-    text = p.read_text()
-    if MARK in text:
-        print(f"{path}: already patched")
-        return
-    for old, new in edits:
-        if text.count(old) != 1:
-            sys.exit(f"{path}: expected exactly one occurrence of:\n{old}")
-        text = text.replace(old, new)
-    p.write_text(text)
-    print(f"{path}: patched")
+    source_patch.patch(root, MARK, path, edits)
 
 
 patch(

@@ -27,25 +27,16 @@ changes: the skipped kernel would have written the same bytes.
 
 Usage: patch-share-q8.py LLAMA_CPP_DIR   (fails if the code moved)
 """
-import pathlib
 import sys
 
-root = pathlib.Path(sys.argv[1])
+import source_patch
+
+root = sys.argv[1]
 MARK = "bevy_npc_llm share-q8 patch"
 
 
 def patch(path, edits):
-    p = root / path
-    text = p.read_text()
-    if MARK in text:
-        print(f"{path}: already patched")
-        return
-    for old, new in edits:
-        if text.count(old) != 1:
-            sys.exit(f"{path}: expected exactly one occurrence of:\n{old}")
-        text = text.replace(old, new)
-    p.write_text(text)
-    print(f"{path}: patched")
+    source_patch.patch(root, MARK, path, edits)
 
 
 patch(
