@@ -728,28 +728,27 @@ fn seed(args: &Args, f: &mut Figures) {
     s.max_parallel_sequences = 8;
     s.sampling.ignore_eos = false;
     let mut app = ready_app(s);
-    let texts = |app: &mut App, n: usize| -> Vec<String> {
+    // The texts of NPCs 0..n, 48 tokens at most, each request as `tweak` makes it.
+    let texts = |app: &mut App, n: usize, tweak: &dyn Fn(usize, LlmRequest) -> LlmRequest| {
         let reqs = (0..n)
-            .map(|i| {
-                npc_request(i)
-                    .with_seed(1000 + i as u32)
-                    .with_max_tokens(48)
-            })
+            .map(|i| tweak(i, npc_request(i).with_max_tokens(48)))
             .collect();
-        run(app, reqs).0.into_iter().map(|s| s.text).collect()
+        run(app, reqs)
+            .0
+            .into_iter()
+            .map(|s| s.text)
+            .collect::<Vec<String>>()
     };
-    let one = texts(&mut app, 1) == texts(&mut app, 1);
-    let a = texts(&mut app, 8);
-    let b = texts(&mut app, 8);
+    let seeded = |i: usize, r: LlmRequest| r.with_seed(1000 + i as u32);
+    let one = texts(&mut app, 1, &seeded) == texts(&mut app, 1, &seeded);
+    let a = texts(&mut app, 8, &seeded);
+    let b = texts(&mut app, 8, &seeded);
     let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
     // Greedy texts as a checksum: two builds or settings that must compute
     // the same thing (e.g. a ggml patch on and off) give the same figures.
-    let greedy = |app: &mut App, n: usize| -> f64 {
-        let reqs = (0..n)
-            .map(|i| npc_request(i).with_temperature(0.0).with_max_tokens(48))
-            .collect();
-        let texts: Vec<String> = run(app, reqs).0.into_iter().map(|s| s.text).collect();
-        f64::from(fnv1a32(texts.join("\u{1}").as_bytes()))
+    let greedy = |app: &mut App, n: usize| {
+        let t = texts(app, n, &|_, r: LlmRequest| r.with_temperature(0.0));
+        f64::from(fnv1a32(t.join("\u{1}").as_bytes()))
     };
     let (greedy_one, greedy_eight) = (greedy(&mut app, 1), greedy(&mut app, 8));
     f.add(
