@@ -14,11 +14,8 @@
 # DEST/patched (and DEST/same-tools-patched), to compare in one sitting.
 # Wherever that patch goes, scripts/gpu/patch-share-q8.py goes too (unless
 # SHARE_Q8_PATCH=off): products of the same activations share one q8_1
-# quantisation, switched on at run time by GGML_CUDA_SHARE_Q8_1=1 (off by
-# default: an experiment to measure), and scripts/gpu/patch-mmvq-fusion.py
-# (unless MMVQ_FUSION_PATCH=off): gate, up and the GLU as one kernel for 2 to
-# 8 tokens too, switched on at run time by GGML_CUDA_FUSE_MMVQ_COLS=1 (off
-# by default, likewise).
+# quantisation (on by default; GGML_CUDA_SHARE_Q8_1=0 switches it off at run
+# time, for an A/B in one sitting).
 # Usage: build-cuda-backend.sh LLAMA_SRC_TARBALL DEST [CUDA_ARCH=90] [TOOLS_TARBALL]
 set -euo pipefail
 tarball=$1 dest=$2 arch=${3:-90} tools=${4:-}
@@ -30,9 +27,6 @@ patch_sources() {
     python3 "$(dirname "$0")/patch-cuda-graphs.py" "$work/llama.cpp"
     if [ "${SHARE_Q8_PATCH:-on}" != off ]; then
         python3 "$(dirname "$0")/patch-share-q8.py" "$work/llama.cpp"
-    fi
-    if [ "${MMVQ_FUSION_PATCH:-on}" != off ]; then
-        python3 "$(dirname "$0")/patch-mmvq-fusion.py" "$work/llama.cpp"
     fi
 }
 if [ "$graph_patch" = on ]; then

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Patch ggml's CUDA backend (the llama.cpp of llama-cpp-sys-2, before the
 CUDA module is built) so that matrix-vector products of the same
-activations share one quantisation of them -- switched on at run time with
-GGML_CUDA_SHARE_Q8_1=1, off by default (an experiment to measure).
+activations share one quantisation of them -- on by default since the H100
+sitting of session 12 (docs/BENCHMARKS.md: single stream +3.5 %, 8 NPCs
++5-10 %, greedy texts identical with and without); GGML_CUDA_SHARE_Q8_1=0
+switches it off at run time.
 
 Why: for 1 to 8 tokens a step llama.cpp multiplies with its matrix-vector
 kernels (`mmvq`), and each product first quantises its activations to q8_1
@@ -46,7 +48,7 @@ patch(
             "    explicit ggml_backend_cuda_context(int device) :\n",
             f"    // {MARK}: the q8_1 copy of the activations of the last plain\n"
             "    // matrix-vector product, for the next products of the same tensor\n"
-            "    // (GGML_CUDA_SHARE_Q8_1=1). A fixed buffer, never reallocated:\n"
+            "    // (on unless GGML_CUDA_SHARE_Q8_1=0). A fixed buffer, never reallocated:\n"
             "    // recorded CUDA graphs hold its address.\n"
             "    const ggml_tensor * share_q8_src1 = nullptr;\n"
             "    const void *        share_q8_data = nullptr;\n"
@@ -143,7 +145,7 @@ patch(
             "    // same tensor (and weight type) reuses it (see ggml-cuda.cu for when it is forgotten)\n"
             "    static const bool share_q8 = [] {\n"
             "        const char * env = getenv(\"GGML_CUDA_SHARE_Q8_1\");\n"
-            "        return env != nullptr && atoi(env) != 0;\n"
+            "        return env == nullptr || atoi(env) != 0;\n"
             "    }();\n"
             "    const bool shareable = share_q8 && fusion == nullptr && ids == nullptr && ctx.curr_stream_no == 0 &&\n"
             "                           ctx.stream_context().concurrent_events.empty();\n"
