@@ -2,9 +2,9 @@
 """Patch ggml's CUDA backend (the llama.cpp of llama-cpp-sys-2, before the
 CUDA module is built) so that matrix-vector products of the same
 activations share one quantisation of them -- on by default since the H100
-sitting of session 12 (docs/BENCHMARKS.md: single stream +3.5 %, 8 NPCs
-+5-10 %, greedy texts identical with and without); GGML_CUDA_SHARE_Q8_1=0
-switches it off at run time.
+sittings of session 12 (docs/BENCHMARKS.md: single stream 2-3.5 % faster, no
+change beyond the noise from 8 NPCs on, greedy texts identical with and
+without); GGML_CUDA_SHARE_Q8_1=0 switches it off at run time.
 
 Why: for 1 to 8 tokens a step llama.cpp multiplies with its matrix-vector
 kernels (`mmvq`), and each product first quantises its activations to q8_1
