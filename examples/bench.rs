@@ -144,7 +144,12 @@ fn parse_args() -> Args {
             "--lanes" => a.lanes = Some(val().parse().unwrap()),
             "--arrivals" => a.arrivals = val().parse().unwrap(),
             "--no-sequential" => a.no_sequential = true,
-            "--reps" => a.reps = val().parse::<usize>().unwrap_or(1).max(1),
+            "--reps" => {
+                a.reps = val()
+                    .parse::<usize>()
+                    .expect("--reps takes a whole number")
+                    .max(1)
+            }
             "--label" => a.label = Some(val()),
             "--comparators" => {
                 let path = val();
@@ -502,12 +507,11 @@ fn npcs(args: &Args, f: &mut Figures) {
             );
         }
         let reqs = || (0..n).map(npc_request).collect::<Vec<_>>();
-        // Generation alone, as llama-batched-bench's S_TG counts it: every
-        // NPC's own rate after its first token, summed (they run together).
-        let gen_rate_of = |bs: &[LlmRequestStatus]| -> f64 {
+        // Each NPC's own generation rate after its first token.
+        let per_npc_rates = |bs: &[LlmRequestStatus]| -> Vec<f64> {
             bs.iter()
                 .map(|s| f64::from(s.stats.tokens_per_second))
-                .sum()
+                .collect()
         };
         // `--reps K`: K runs on this engine, the one with the median
         // generation rate reported (with its own breakdown).
@@ -524,7 +528,9 @@ fn npcs(args: &Args, f: &mut Figures) {
                     .resource::<LlmEngineStats>()
                     .counters
                     .clone();
-                (gen_rate_of(&bs), bs, bw, d0, d1)
+                // Generation alone, as llama-batched-bench's S_TG counts
+                // it: the NPCs' own rates summed (they run together).
+                (per_npc_rates(&bs).iter().sum::<f64>(), bs, bw, d0, d1)
             })
             .collect();
         runs.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -545,10 +551,7 @@ fn npcs(args: &Args, f: &mut Figures) {
         let (gen_rate, bs, bw, d0, d1) = runs.swap_remove(args.reps / 2);
         let b = aggregate(&bs, bw);
         f.add("npcs", &format!("N={n:<2} batched aggregate"), b, "tok/s");
-        let mut per_npc: Vec<f64> = bs
-            .iter()
-            .map(|s| f64::from(s.stats.tokens_per_second))
-            .collect();
+        let mut per_npc = per_npc_rates(&bs);
         f.add(
             "npcs",
             &format!("N={n:<2} batched generation rate (sum of per-NPC tok/s)"),

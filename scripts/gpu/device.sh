@@ -289,12 +289,17 @@ PY
     done
     cp "$W/logs/bench.log" "$OUT/"
     # Plan variants, the npcs section only, each against the same comparators
-    # (the module as shipped only where it was built: not with QUICK_TOOLS=off).
+    # (one whose backends folder holds no CUDA module is skipped: the module
+    # as shipped is not built with QUICK_TOOLS=off).
     i=0
     while IFS='|' read -r label envs flags; do
         i=$((i + 1))
         [ -s "$W/variant$i.json" ] && continue
-        case "$envs" in *"=$W/backends") [ -s "$W/backends/libggml-cuda.so" ] || continue ;; esac
+        for e in $envs; do
+            case $e in BEVY_NPC_LLM_BACKENDS_DIR=*)
+                [ -s "${e#*=}/libggml-cuda.so" ] || { echo "variant $label skipped: no CUDA module in ${e#*=}"; continue 2; } ;;
+            esac
+        done
         # shellcheck disable=SC2086
         env $envs "$bench" --sections npcs --npcs 8,32,128 --tokens 128 --reps 5 --no-sequential \
             --comparators "$W/comparators-all.json" --label "$label" --json-out "$W/variant$i.json" $flags \
