@@ -7,7 +7,7 @@
 //!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained,seed,arrivals]
 //!     [--json] [--json-out FILE]
 //!     [--remote URL]
-//!     [--device-sampling on|off] [--kv-unified on|off] [--fill-gaps on|off] [--flash-attn on|off|auto]
+//!     [--device-sampling on|off] [--kv-unified on|off] [--fill-gaps on|off] [--even-prompts on|off] [--flash-attn on|off|auto]
 //!     [--sampling-threads N] [--lanes N] [--no-sequential] [--comparators FILE] [--label TEXT]
 //!     [--arrivals N] [--reps K]
 //!
@@ -60,6 +60,7 @@ struct Args {
     device_sampling: Option<bool>,
     kv_unified: Option<bool>,
     fill_gaps: Option<bool>,
+    even_prompt_steps: Option<bool>,
     flash_attn: Option<Option<bool>>,
     sampling_threads: Option<u32>,
     /// NPCs at a time in the `arrivals` section.
@@ -107,6 +108,7 @@ fn parse_args() -> Args {
         device_sampling: None,
         kv_unified: None,
         fill_gaps: None,
+        even_prompt_steps: None,
         flash_attn: None,
         sampling_threads: None,
         arrivals: 16,
@@ -136,6 +138,7 @@ fn parse_args() -> Args {
             "--device-sampling" => a.device_sampling = Some(on_off(&val())),
             "--kv-unified" => a.kv_unified = Some(on_off(&val())),
             "--fill-gaps" => a.fill_gaps = Some(on_off(&val())),
+            "--even-prompts" => a.even_prompt_steps = Some(on_off(&val())),
             "--flash-attn" => {
                 let v = val();
                 a.flash_attn = Some((v != "auto").then(|| on_off(&v)));
@@ -204,6 +207,9 @@ fn base_settings(args: &Args) -> LlmSettings {
     }
     if let Some(v) = args.fill_gaps {
         s.gpu.fill_gaps = Some(v);
+    }
+    if let Some(v) = args.even_prompt_steps {
+        s.gpu.even_prompt_steps = Some(v);
     }
     if let Some(v) = args.kv_unified {
         s.gpu.kv_unified = Some(v);
@@ -616,6 +622,24 @@ fn npcs(args: &Args, f: &mut Figures) {
                 (d1.device_sampled_tokens - d0.device_sampled_tokens) as f64 * 100.0
                     / generated as f64,
                 "%",
+            );
+            f.add(
+                "npcs",
+                &format!("N={n:<2} decode calls (all lanes)"),
+                steps as f64,
+                "steps",
+            );
+            f.add(
+                "npcs",
+                &format!("N={n:<2} even prompt steps"),
+                (d1.even_prompt_steps - d0.even_prompt_steps) as f64,
+                "steps",
+            );
+            f.add(
+                "npcs",
+                &format!("N={n:<2} prompt padding"),
+                (d1.prompt_padding - d0.prompt_padding) as f64,
+                "tokens",
             );
         }
         let ttft: Vec<f64> = bs
@@ -1043,6 +1067,12 @@ fn arrivals(args: &Args, f: &mut Figures) {
         (c1.gap_fillers - c0.gap_fillers) as f64 / steps,
         "tokens",
     );
+    f.add(
+        "arrivals",
+        &name("per step: prompt padding"),
+        (c1.prompt_padding - c0.prompt_padding) as f64 / steps,
+        "tokens",
+    );
 }
 
 /// The engine's counters once they hold `completed` more requests than
@@ -1356,7 +1386,7 @@ fn main() {
                 .join(", ")
         );
         println!(
-            "plan: model {} on {} ({} GPU layers, {} threads, device top-k {}, sampling threads {}, unified KV {}, gap fillers {}, flash attention {}, lanes {})",
+            "plan: model {} on {} ({} GPU layers, {} threads, device top-k {}, sampling threads {}, unified KV {}, gap fillers {}, even prompt steps {}, flash attention {}, lanes {})",
             plan.model,
             plan.device.as_deref().unwrap_or(&plan.backend),
             plan.gpu_layers,
@@ -1365,6 +1395,7 @@ fn main() {
             plan.sampling_threads,
             plan.kv_unified,
             plan.fill_gaps,
+            plan.even_prompt_steps,
             plan.flash_attention
                 .map_or("llama.cpp's choice", |on| if on { "on" } else { "off" }),
             plan.lanes,
@@ -1378,6 +1409,7 @@ fn main() {
             "sampling_threads": plan.sampling_threads,
             "kv_unified": plan.kv_unified,
             "fill_gaps": plan.fill_gaps,
+            "even_prompt_steps": plan.even_prompt_steps,
             "flash_attention": plan.flash_attention,
             "lanes": plan.lanes,
             "model": plan.model,

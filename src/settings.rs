@@ -273,6 +273,21 @@ pub struct GpuTuning {
     /// on any backend; never with unified KV or a sliding-window model
     /// (nothing to fill, or a filler would move the window).
     pub fill_gaps: Option<bool>,
+    /// With a KV stream per sequence, read the prompts of a step in even
+    /// shares: each sequence of a step that reads a prompt gets the same
+    /// number of tokens (a prompt its next slice, a talking NPC its one
+    /// token, each padded with throw-away tokens that are removed again
+    /// after the step), so the step is one micro-batch. llama.cpp splits a
+    /// step into micro-batches of consecutive sequences with as many tokens
+    /// each, so NPCs that start together with prompts of different lengths
+    /// otherwise make up to one micro-batch per length, each launched
+    /// kernel by kernel on a GPU. Padding is used only where it at most
+    /// doubles the step (a prompt beside many talking NPCs is read as a
+    /// chunk of its own), never in the player's steps, never with unified
+    /// KV or a sliding-window model. `None`: on with a GPU, off on the CPU
+    /// (where padding is only extra compute); `Some(_)` applies on any
+    /// backend.
+    pub even_prompt_steps: Option<bool>,
     /// Flash attention on or off; `None`: llama.cpp's choice (on where the
     /// device supports it).
     pub flash_attention: Option<bool>,

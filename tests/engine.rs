@@ -332,6 +332,7 @@ fn uncached_text(req: LlmRequest) -> String {
     let mut s = settings();
     s.prefix_cache = false;
     s.gpu.fill_gaps = Some(false);
+    s.gpu.even_prompt_steps = Some(false);
     let mut plain = app_with(s);
     let e = request(&mut plain, req);
     run_until_finished(&mut plain, &[e]);
@@ -438,6 +439,46 @@ fn gap_fillers_leave_an_idle_npcs_cache_intact() {
     let (_, reused, cached) = cached_turn(&mut app, brom, &req);
     assert!(reused > 0, "Brom's cache was not reused");
     assert_eq!(uncached_text(req), cached);
+}
+
+/// Even prompt steps (`gpu.even_prompt_steps`, on by default on a GPU;
+/// here on the CPU): three NPCs whose prompts differ in length start
+/// together, so their prompts are read in one step padded to the longest
+/// (throw-away tokens removed again after it). The padding changes no
+/// text: each NPC's greedy text is its text alone on an engine without
+/// padding, gap fillers or cache.
+#[test]
+fn even_prompt_steps_pad_a_crowds_prompts_without_changing_a_text() {
+    let mut s = settings();
+    s.gpu.even_prompt_steps = Some(true);
+    s.max_parallel_sequences = 4;
+    let mut app = app_with(s);
+    let lines = [
+        "Tell me about bread.",
+        "What do you think of the weather in the valley this spring, and of the harvest?",
+        "Sing.",
+    ];
+    let req = |line: &str| chat(line).with_temperature(0.0).with_max_tokens(16);
+    let npcs: Vec<Entity> = lines.iter().map(|l| request(&mut app, req(l))).collect();
+    run_until_finished(&mut app, &npcs);
+    let c = app.world().resource::<LlmEngineStats>().counters.clone();
+    assert!(
+        c.even_prompt_steps > 0 && c.prompt_padding > 0,
+        "no prompt step was padded: {c:?}"
+    );
+    let texts: Vec<String> = {
+        let r = app.world().resource::<Recorded>();
+        npcs.iter()
+            .map(|e| {
+                r.completed_text(*e)
+                    .unwrap_or_else(|| panic!("{:?}", r.of(*e)))
+            })
+            .collect()
+    };
+    for (line, text) in lines.iter().zip(texts) {
+        assert!(!text.is_empty(), "{line}: no text");
+        assert_eq!(uncached_text(req(line)), text, "{line}");
+    }
 }
 
 fn tokens_after_cancel(recs: &[Rec]) -> usize {

@@ -429,20 +429,30 @@ fn real_model_tiers_on_simulated_machines() {
             assert!(!p.device_sampling && p.sampling_threads > 1, "{p:?}");
             assert_eq!(p.lanes, 2, "two lanes on a GPU: {p:?}");
             assert!(p.fill_gaps && !p.kv_unified, "gap fillers on a GPU: {p:?}");
+            assert!(p.even_prompt_steps, "even prompt steps on a GPU: {p:?}");
             // Unified KV asked for: nothing to fill.
             let mut s = LlmSettings::default();
             s.gpu.kv_unified = Some(true);
             let u = plan(profile, &reg, &s).unwrap();
-            assert!(u.kv_unified && !u.fill_gaps, "{u:?}");
+            assert!(
+                u.kv_unified && !u.fill_gaps && !u.even_prompt_steps,
+                "{u:?}"
+            );
         }
         if name.starts_with("2 cores") {
             assert!(entry.size_bytes <= 1_200_000_000, "{p:?}");
             assert_eq!(p.lanes, 1, "one lane on the CPU: {p:?}");
             assert!(!p.fill_gaps, "no gap fillers on the CPU by default: {p:?}");
+            assert!(
+                !p.even_prompt_steps,
+                "no padding on the CPU by default: {p:?}"
+            );
             let mut s = LlmSettings::default();
             s.gpu.fill_gaps = Some(true);
+            s.gpu.even_prompt_steps = Some(true);
+            let asked = plan(profile, &reg, &s).unwrap();
             assert!(
-                plan(profile, &reg, &s).unwrap().fill_gaps,
+                asked.fill_gaps && asked.even_prompt_steps,
                 "asked for on the CPU"
             );
         }

@@ -23,15 +23,17 @@ fn town_villagers_meet_and_talk_headless() {
     town_runs(s);
 }
 
-/// The same town with gap fillers (a GPU plan's default, here on the CPU
-/// backend): a silent villager's slot between two speaking ones gets a
-/// throw-away token in their steps, removed again; the conversations follow
-/// the same rules.
+/// The same town with gap fillers and even prompt steps (a GPU plan's
+/// defaults, here on the CPU backend): a silent villager's slot between two
+/// speaking ones gets a throw-away token in their steps, prompts read
+/// beside others may be padded to one width, all removed again; the
+/// conversations follow the same rules.
 #[test]
 fn town_talks_with_gap_fillers() {
     let mut s = settings();
     s.max_parallel_sequences = 4;
     s.gpu.fill_gaps = Some(true);
+    s.gpu.even_prompt_steps = Some(true);
     let counters = town_runs(s);
     assert!(counters.gap_fillers > 0, "no gap was filled: {counters:?}");
 }

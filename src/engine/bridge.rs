@@ -217,6 +217,7 @@ pub(crate) fn load_spec(
         sampling_threads: plan.sampling_threads,
         kv_unified: plan.kv_unified,
         fill_gaps: plan.fill_gaps,
+        even_prompt_steps: plan.even_prompt_steps,
         flash_attention: plan.flash_attention,
         lanes: plan.lanes,
     };

@@ -57,6 +57,9 @@ pub(crate) struct LoadSpec {
     /// Fill the gaps of generation steps (streams only; see the scheduler's
     /// `Filler`).
     pub fill_gaps: bool,
+    /// Even prompt steps (streams only; see the scheduler's
+    /// `even_prompt_step`).
+    pub even_prompt_steps: bool,
     /// Flash attention on/off; `None`: llama.cpp decides.
     pub flash_attention: Option<bool>,
     /// llama.cpp contexts the slots are split across, decoded in turns
@@ -141,6 +144,12 @@ pub struct EngineCounters {
     /// between its sequences (`GpuTuning::fill_gaps`), removed again after
     /// their step.
     pub gap_fillers: u64,
+    /// Steps that read prompts in even shares, one micro-batch each
+    /// (`GpuTuning::even_prompt_steps`).
+    pub even_prompt_steps: u64,
+    /// Throw-away tokens padding those steps' sequences to one width,
+    /// removed again after their step.
+    pub prompt_padding: u64,
     /// Requests completed.
     pub completed: u64,
     /// Requests failed.

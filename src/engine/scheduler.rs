@@ -63,6 +63,10 @@ pub(crate) struct Limits {
     /// Fill the gaps of a generation step (a KV stream per sequence, full
     /// attention only): see [`Filler`].
     pub fill_gaps: bool,
+    /// Give the sequences of a step that reads Normal prompts even shares,
+    /// padded to one width (a KV stream per sequence, full attention
+    /// only): see [`Scheduler::even_prompt_step`].
+    pub even_prompt_steps: bool,
 }
 
 /// Where slot `slot` decodes when the slots are split across `lanes`
@@ -152,12 +156,19 @@ pub(crate) struct BatchToken<T> {
 /// they are at most [`MAX_FILLERS_ALWAYS`] or as many as the step's
 /// sequences. Nothing below the step's lowest sequence is filled: one NPC
 /// alone, or a run without gaps, decodes as it is.
+///
+/// An even prompt step ([`Scheduler::even_prompt_step`]) pads with fillers
+/// too: `count` of them after a sequence's own tokens of the step (or in an
+/// idle slot), none asking for logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Filler {
     /// The slot (its lane's sequence id: see [`lane_seq`]).
     pub slot: usize,
-    /// Its position: the tokens the slot's KV holds.
+    /// Its first position: the tokens the slot's KV holds, plus the
+    /// sequence's own tokens in the step.
     pub pos: i32,
+    /// Throw-away tokens at `pos`, `pos + 1`, …
+    pub count: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +197,9 @@ pub(crate) struct Plan<T> {
     /// The gap fillers among `tokens` (see [`Filler`]): the caller drops
     /// each from its sequence's KV after the decode.
     pub fillers: Vec<Filler>,
+    /// An even prompt step ([`Scheduler::even_prompt_step`]): its fillers
+    /// pad, they fill no gap.
+    pub even: bool,
     entries: Vec<Entry>,
     /// The lane it was planned for.
     lane: usize,
@@ -497,6 +511,9 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             .iter()
             .filter(|&&i| self.seqs[i].pending.is_some())
             .count();
+        if let Some(plan) = self.even_prompt_step(lane, &order, generating) {
+            return plan;
+        }
         let mut tokens = Vec::new();
         let mut entries = Vec::new();
         let mut budget = self.batch_limit;
@@ -558,9 +575,161 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         Plan {
             tokens,
             fillers,
+            even: false,
             entries,
             lane,
         }
+    }
+
+    /// An even prompt step: every sequence of the lane's step (`order`, in
+    /// plan order; `generating` of them have a sampled token) gets the same
+    /// number of tokens, `width`, so that with a KV stream per sequence
+    /// llama.cpp decodes the step as **one** micro-batch.
+    ///
+    /// Why: llama.cpp splits such a batch into micro-batches of consecutive
+    /// sequence ids with as many tokens each (see [`Filler`]). NPCs whose
+    /// prompts are read together have prompts of different lengths, so a
+    /// step of them — greedy prompt chunks, or generated tokens beside
+    /// chunks — falls apart into up to one micro-batch per length, each a
+    /// new shape that a GPU launches kernel by kernel (32 NPCs starting
+    /// together on two lanes: 13 micro-batches per lane's prompt phase,
+    /// ~100 ms before the first token on an H100). Here a prompt takes
+    /// `min(left, width)` tokens, a generating sequence its one token, and
+    /// each is padded to `width` with [`Filler`]s (no logits), as is an idle
+    /// slot between them. `width` is the longest prompt share (at most
+    /// [`Limits::prompt_chunk`] while some sequence generates), cut so that
+    /// the step fits the batch limit: a crowd of prompts is read in even
+    /// slices, one micro-batch per step.
+    ///
+    /// `None` (the greedy plan then) unless: [`Limits::even_prompt_steps`],
+    /// no sliding window, a Normal prompt is read in the step and no High
+    /// sequence is in it (the player's steps stay small), every slot of the
+    /// step's span has a known KV with room for `width` more tokens, and
+    /// the padding is at most the step's own tokens (the step at most
+    /// doubles: a prompt beside many generating NPCs stays a chunk of its
+    /// own, one extra micro-batch).
+    fn even_prompt_step(&self, lane: usize, order: &[usize], generating: usize) -> Option<Plan<T>> {
+        let l = &self.limits;
+        if !l.even_prompt_steps || l.swa_window > 0 {
+            return None;
+        }
+        let seqs: Vec<&Running<T>> = order.iter().map(|&i| &self.seqs[i]).collect();
+        if seqs.iter().any(|s| s.priority > NORMAL) || seqs.iter().all(|s| s.pending.is_some()) {
+            return None;
+        }
+        let lanes = l.lanes.max(1);
+        let id_of = |slot: usize| lane_seq(slot, lanes).1;
+        let low = seqs.iter().map(|s| id_of(s.slot)).min()?;
+        let top = seqs.iter().map(|s| id_of(s.slot)).max()?;
+        let span = top - low + 1;
+        let cap = if generating > 0 {
+            l.prompt_chunk.max(1)
+        } else {
+            usize::MAX
+        };
+        let share = |s: &Running<T>, width: usize| match s.pending {
+            Some(_) => 1,
+            None => (s.prompt.len() - s.fed).min(cap).min(width),
+        };
+        let longest = seqs.iter().map(|s| share(s, usize::MAX)).max()?;
+        let width = longest.min(self.batch_limit / span);
+        if width == 0 {
+            return None;
+        }
+        // What each slot of the span holds: its own tokens are planned at
+        // the end of its KV, its fillers after them.
+        let mut held: Vec<Option<usize>> = vec![None; span];
+        for s in &seqs {
+            held[id_of(s.slot) - low] = Some(s.kv.len());
+        }
+        for (q, h) in held.iter_mut().enumerate() {
+            if h.is_none() {
+                let slot = (low + q) * lanes + lane;
+                *h = Some(match self.seqs.iter().find(|s| s.slot == slot) {
+                    Some(s) => s.kv.len(),
+                    // An idle slot's KV is its cache record only while the
+                    // cache is on.
+                    None if self.slots.cache_enabled() => self.slots.tokens(slot).len(),
+                    None => return None,
+                });
+            }
+        }
+        if held
+            .iter()
+            .any(|h| h.is_none_or(|h| h + width > l.cells_per_seq))
+        {
+            return None;
+        }
+        let own: usize = seqs.iter().map(|s| share(s, width)).sum();
+        if span * width > 2 * own {
+            return None;
+        }
+        let mut tokens = Vec::with_capacity(span * width);
+        let mut entries = Vec::with_capacity(seqs.len());
+        let mut count = vec![0usize; span];
+        for s in &seqs {
+            let take = share(s, width);
+            count[id_of(s.slot) - low] = take;
+            if let Some(tok) = s.pending {
+                entries.push(Entry {
+                    id: s.id,
+                    part: Part::Next,
+                    logits_at: Some(tokens.len()),
+                });
+                tokens.push(BatchToken {
+                    token: tok,
+                    pos: s.kv.len() as i32,
+                    seq: s.slot as i32,
+                    logits: true,
+                });
+                continue;
+            }
+            let (from, to) = (s.fed, s.fed + take);
+            let last = to == s.prompt.len();
+            tokens.extend(
+                s.prompt[from..to]
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &tok)| BatchToken {
+                        token: tok,
+                        pos: (from + k) as i32,
+                        seq: s.slot as i32,
+                        logits: last && from + k + 1 == to,
+                    }),
+            );
+            entries.push(Entry {
+                id: s.id,
+                part: Part::Prompt { from, to },
+                logits_at: last.then(|| tokens.len() - 1),
+            });
+        }
+        let token = tokens.first()?.token;
+        let mut fillers = Vec::new();
+        for (q, (&n, h)) in count.iter().zip(&held).enumerate() {
+            if n == width {
+                continue;
+            }
+            let slot = (low + q) * lanes + lane;
+            let pos = (h.unwrap_or(0) + n) as i32;
+            fillers.push(Filler {
+                slot,
+                pos,
+                count: width - n,
+            });
+            tokens.extend((0..(width - n) as i32).map(|j| BatchToken {
+                token,
+                pos: pos + j,
+                seq: slot as i32,
+                logits: false,
+            }));
+        }
+        Some(Plan {
+            tokens,
+            fillers,
+            even: true,
+            entries,
+            lane,
+        })
     }
 
     /// The gap fillers of a lane's step (see [`Filler`]), appended to
@@ -626,6 +795,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             fillers.push(Filler {
                 slot,
                 pos: held as i32,
+                count: 1,
             });
         }
         if fillers.is_empty() {

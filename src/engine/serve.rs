@@ -217,6 +217,7 @@ impl<'m> Server<'m> {
             max_sit_out: MAX_SIT_OUT,
             lanes,
             fill_gaps: spec.fill_gaps,
+            even_prompt_steps: spec.even_prompt_steps,
         };
         let counters = EngineCounters {
             slots: sequences,
@@ -588,7 +589,13 @@ impl<'m> Server<'m> {
             }
         }
         if decoded {
-            self.counters.gap_fillers += fillers.len() as u64;
+            let thrown: u64 = fillers.iter().map(|f| f.count as u64).sum();
+            if plan.even {
+                self.counters.even_prompt_steps += 1;
+                self.counters.prompt_padding += thrown;
+            } else {
+                self.counters.gap_fillers += thrown;
+            }
         }
         let applied = self.sched.apply(plan, outcome);
         for slot in applied.evicted {

@@ -55,6 +55,12 @@ pub struct BackendPlan {
     /// on a GPU with a KV stream per sequence, unless the settings say
     /// otherwise.
     pub fill_gaps: bool,
+    /// Read the prompts of NPCs that start together in even shares, one
+    /// micro-batch per step
+    /// ([`GpuTuning::even_prompt_steps`](crate::settings::GpuTuning::even_prompt_steps)):
+    /// on a GPU with a KV stream per sequence, unless the settings say
+    /// otherwise.
+    pub even_prompt_steps: bool,
     /// Flash attention on/off; `None`: llama.cpp's choice.
     pub flash_attention: Option<bool>,
     /// llama.cpp contexts the sequences are split across and decoded in
@@ -240,6 +246,7 @@ pub fn plan(
         sampling_threads,
         kv_unified,
         fill_gaps: tuning.fill_gaps.unwrap_or(on_gpu) && !kv_unified,
+        even_prompt_steps: tuning.even_prompt_steps.unwrap_or(on_gpu) && !kv_unified,
         flash_attention: if on_gpu { tuning.flash_attention } else { None },
         // Two lanes on a GPU: measured on an H100 (docs/BENCHMARKS.md),
         // 1.18–1.22× llama-batched-bench's rate at 128 NPCs against 0.81–0.85×

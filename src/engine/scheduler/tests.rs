@@ -21,6 +21,7 @@ fn limits(slots: usize, batch: usize) -> Limits {
         max_sit_out: 3,
         lanes: 1,
         fill_gaps: false,
+        even_prompt_steps: false,
     }
 }
 
@@ -353,7 +354,14 @@ fn gap_fillers_table() {
     // Filled: slot 1's cache holds 3 tokens, so its filler goes at 3.
     let mut s = gap_in_the_middle(on, true, 1);
     let plan = s.plan();
-    assert_eq!(plan.fillers, vec![Filler { slot: 1, pos: 3 }]);
+    assert_eq!(
+        plan.fillers,
+        vec![Filler {
+            slot: 1,
+            pos: 3,
+            count: 1
+        }]
+    );
     check_fillers(&plan, &on);
     assert_eq!(
         plan.sequences(),
@@ -424,7 +432,14 @@ fn gap_fillers_table() {
     s.admit(id(7), 0, Some(7), vec![4, 5, 6, 7, 8, 9], |_| -1)
         .unwrap();
     let plan = s.plan();
-    assert_eq!(plan.fillers, vec![Filler { slot: 1, pos: 3 }]);
+    assert_eq!(
+        plan.fillers,
+        vec![Filler {
+            slot: 1,
+            pos: 3,
+            count: 1
+        }]
+    );
     check_fillers(&plan, &Limits { slots: 5, ..on });
     let chunk: Vec<_> = plan.tokens.iter().filter(|t| t.seq == 3).collect();
     assert_eq!(chunk.len(), 4, "the chunk cap");
@@ -464,15 +479,253 @@ fn gap_fillers_table() {
     let _ = s.apply(plan, Outcome::Decoded);
 }
 
-/// What a plan's gap fillers must be: only where allowed, one per missing
-/// sequence between the step's lowest and highest, the step then one run
-/// of sequence ids whose first token each asks for logits.
+/// NPCs admitted together with prompts of `lens` tokens (ids `0..`).
+fn crowd(l: Limits, lens: &[usize]) -> Scheduler<u32> {
+    let mut s = Scheduler::new(l, true);
+    for (n, &len) in lens.iter().enumerate() {
+        let prompt = (0..len as u32).map(|t| 1 + t + 100 * n as u32).collect();
+        s.admit(id(n as u64), 0, Some(n as u64), prompt, |_| -1)
+            .unwrap();
+    }
+    s
+}
+
+#[test]
+fn even_prompt_steps_table() {
+    let even = Limits {
+        even_prompt_steps: true,
+        ..limits(4, 64)
+    };
+    // Three prompts of 5, 7 and 9 tokens, nothing generating: one slice of
+    // 9 each (the longest), the shorter two padded; all three finish.
+    let mut s = crowd(even, &[5, 7, 9]);
+    let plan = s.plan();
+    assert!(plan.even);
+    check_fillers(&plan, &even);
+    assert_eq!(
+        plan.fillers,
+        vec![
+            Filler {
+                slot: 0,
+                pos: 5,
+                count: 4
+            },
+            Filler {
+                slot: 1,
+                pos: 7,
+                count: 2
+            },
+        ]
+    );
+    assert_eq!(plan.tokens.len(), 27);
+    assert_eq!(plan.prompt_tokens(), 21);
+    assert_eq!(micro_batches(&plan, 1, 512), vec![(3, 9)]);
+    let applied = s.apply(plan, Outcome::Decoded);
+    assert_eq!(applied.sample.len(), 3, "every prompt was read");
+    for n in 0..3u64 {
+        assert_eq!(
+            s.kv_of(id(n)).unwrap().len(),
+            [5, 7, 9][n as usize],
+            "fillers recorded"
+        );
+    }
+    // The same crowd greedily: 9 + 7 + 5 tokens in three micro-batches.
+    let mut g = crowd(limits(4, 64), &[5, 7, 9]);
+    let plan = g.plan();
+    assert!(!plan.even && plan.fillers.is_empty());
+    assert_eq!(micro_batches(&plan, 1, 512), vec![(3, 5), (2, 2), (1, 2)]);
+    let _ = g.apply(plan, Outcome::Decoded);
+
+    // A batch limit of 12: slices of 4 (12 / 3 sequences), then the rest
+    // padded to 4, then one token each (two generate, one reads its last
+    // prompt token): every step one micro-batch.
+    let small = Limits {
+        batch_tokens: 12,
+        ..even
+    };
+    let mut s = crowd(small, &[5, 7, 9]);
+    let mut widths = Vec::new();
+    for _ in 0..3 {
+        let plan = s.plan();
+        assert!(plan.even, "{plan:?}");
+        check_fillers(&plan, &small);
+        let mb = micro_batches(&plan, 1, 512);
+        assert_eq!(mb.len(), 1);
+        widths.push(mb[0].1);
+        let applied = s.apply(plan, Outcome::Decoded);
+        for (rid, _) in applied.sample {
+            assert!(s.sampled(rid, 7));
+        }
+    }
+    assert_eq!(widths, vec![4, 4, 1]);
+    // Then all three generate: an ordinary step.
+    let plan = s.plan();
+    assert!(!plan.even && plan.prompt_tokens() == 0);
+    let _ = s.apply(plan, Outcome::Decoded);
+
+    // Greedy instead: the setting off; a sliding window; a High sequence
+    // in the step; padding above the step's own tokens (a prompt beside
+    // generating sequences); no KV room for the padding; an idle slot
+    // between them whose KV is unknown (cache off).
+    let greedy = |what: &str, l: Limits, s: &mut Scheduler<u32>| {
+        let plan = s.plan();
+        assert!(!plan.even, "{what}: even");
+        check_fillers(&plan, &l);
+        let _ = s.apply(plan, Outcome::Decoded);
+    };
+    greedy("off", limits(4, 64), &mut crowd(limits(4, 64), &[5, 7, 9]));
+    let window = Limits {
+        swa_window: 8,
+        ..even
+    };
+    greedy("window", window, &mut crowd(window, &[5, 7, 9]));
+    let mut s = crowd(even, &[5, 7]);
+    s.admit(id(9), HIGH, None, vec![4, 5, 6], |_| -1).unwrap();
+    greedy("High", even, &mut s);
+    let mut s = crowd(Limits { slots: 5, ..even }, &[2, 2, 2]);
+    run_step(&mut s);
+    s.admit(id(5), 0, Some(5), (1..=12).collect(), |_| -1)
+        .unwrap();
+    // Three generate (1 token each), one prompt slice of 4 (the chunk
+    // cap): 4 × 4 = 16 tokens for 7 of their own.
+    greedy("padding", Limits { slots: 5, ..even }, &mut s);
+    // Slot 0 holds 6 of 8 cells and generates; a 3-token prompt beside it
+    // would pad it to 9.
+    let tight = Limits {
+        cells_per_seq: 8,
+        ..even
+    };
+    let mut s = crowd(tight, &[6]);
+    run_step(&mut s);
+    s.admit(id(1), 0, Some(1), vec![3, 4, 5], |_| -1).unwrap();
+    greedy("KV room", tight, &mut s);
+    // Cache off: slices of 3 (batch 9), slot 1's line ends, its KV is
+    // unknown while slot 2 still reads its prompt.
+    let off = Limits {
+        batch_tokens: 9,
+        ..even
+    };
+    let mut s = Scheduler::new(off, false);
+    for (n, len) in [(0, 2), (1, 2), (2, 6)] {
+        s.admit(id(n), 0, None, (1..=len).collect(), |_| -1)
+            .unwrap();
+    }
+    let plan = s.plan();
+    assert!(plan.even);
+    let applied = s.apply(plan, Outcome::Decoded);
+    assert_eq!(applied.sample.len(), 2);
+    assert!(s.sampled(id(0), 7));
+    assert!(s.finish(id(1)).is_some());
+    greedy("cache off", off, &mut s);
+
+    // An idle cached slot between them is padded like a sequence.
+    let l = Limits { slots: 5, ..even };
+    let mut s = Scheduler::new(l, true);
+    for n in 0..3 {
+        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
+    }
+    run_step(&mut s);
+    assert!(s.finish(id(1)).is_some());
+    let a = s.admit(id(7), 0, Some(7), vec![3, 4], |_| -1).unwrap();
+    assert_eq!(a.slot, 3);
+    let plan = s.plan();
+    // Slots 0 and 2 generate, slot 3 reads 2 prompt tokens, slot 1 is idle
+    // (its cache holds its prompt, 2 tokens): width 2, 8 tokens for 4 of
+    // their own.
+    assert!(plan.even, "{plan:?}");
+    check_fillers(&plan, &l);
+    assert!(plan.fillers.contains(&Filler {
+        slot: 1,
+        pos: 2,
+        count: 2
+    }));
+    assert!(plan.fillers.contains(&Filler {
+        slot: 0,
+        pos: 3,
+        count: 1
+    }));
+    let _ = s.apply(plan, Outcome::Decoded);
+    assert_eq!(
+        s.slot_table().tokens(1),
+        &[1, 2],
+        "an idle slot's cache changed"
+    );
+}
+
+/// The prompt phase of a crowd (the bench's: 32 NPCs on two lanes, prompts
+/// of 36 to 44 tokens, batch 512): greedily 13 micro-batches per lane,
+/// in even steps one per step.
+#[test]
+fn even_steps_read_a_crowd_in_fewer_micro_batches() {
+    let lens: Vec<usize> = (0..32).map(|n| 36 + (n * 7) % 9).collect();
+    let mut counts = Vec::new();
+    for even_prompt_steps in [false, true] {
+        let l = Limits {
+            batch_tokens: 512,
+            prompt_chunk: 128,
+            cells_per_seq: 512,
+            slots: 33,
+            lanes: 2,
+            fill_gaps: true,
+            even_prompt_steps,
+            ..limits(33, 512)
+        };
+        let mut s = crowd(l, &lens);
+        let mut micro = 0;
+        let mut first = 0;
+        let mut steps = 0;
+        while first < lens.len() {
+            steps += 1;
+            assert!(steps < 40, "the prompt phase did not end");
+            let lane = steps % 2;
+            let plan = s.plan_lane(lane);
+            check_fillers(&plan, &l);
+            micro += micro_batches(&plan, 2, 512).len();
+            let applied = s.apply(plan, Outcome::Decoded);
+            for (rid, _) in applied.sample {
+                if s.kv_of(rid).unwrap().len() == lens[rid.0 as usize] {
+                    first += 1;
+                }
+                assert!(s.sampled(rid, 7));
+            }
+        }
+        counts.push(micro);
+    }
+    println!("micro-batches of the prompt phase, greedy / even: {counts:?}");
+    assert!(counts[0] >= 20, "greedy: {counts:?}");
+    assert!(counts[1] <= 6, "even: {counts:?}");
+}
+
+/// What a plan's fillers must be: only where allowed, the step then one
+/// run of sequence ids, each filler's tokens at the end of its slot's
+/// tokens in the step, right after the ones before them. A gap-filling
+/// step: one filler token per missing sequence, asking for logits, and the
+/// first token of every sequence asks for logits too. An even prompt
+/// step: every sequence of the run has as many tokens (one micro-batch),
+/// fillers ask for no logits, and a High sequence is never in it.
 fn check_fillers(plan: &Plan<u32>, l: &Limits) {
+    let lanes = l.lanes.max(1);
+    if plan.even {
+        assert!(
+            l.even_prompt_steps && l.swa_window == 0,
+            "an even step where not allowed"
+        );
+        assert!(
+            plan.prompt_tokens() > 0,
+            "an even step that reads no prompt"
+        );
+        assert_eq!(
+            micro_batches(plan, lanes, usize::MAX).len(),
+            1,
+            "an even step of more than one micro-batch: {:?}",
+            micro_batches(plan, lanes, usize::MAX)
+        );
+    }
     if plan.fillers.is_empty() {
         return;
     }
     assert!(
-        l.fill_gaps && l.swa_window == 0,
+        (l.fill_gaps || plan.even) && l.swa_window == 0,
         "fillers where not allowed"
     );
     assert!(
@@ -481,7 +734,6 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
             .any(|t| !plan.fillers.iter().any(|f| f.slot as i32 == t.seq)),
         "a step of fillers only"
     );
-    let lanes = l.lanes.max(1);
     let mut ids: Vec<usize> = plan.tokens.iter().map(|t| t.seq as usize / lanes).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -492,31 +744,100 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
         "a gap left in a filled step"
     );
     for f in &plan.fillers {
+        assert!(f.count >= 1);
+        assert_eq!(
+            plan.fillers.iter().filter(|g| g.slot == f.slot).count(),
+            1,
+            "two fillers of slot {}",
+            f.slot
+        );
         let of_seq: Vec<_> = plan
             .tokens
             .iter()
             .filter(|t| t.seq as usize == f.slot)
             .collect();
-        assert_eq!(
-            of_seq.len(),
-            1,
-            "a filler beside real tokens of slot {}",
-            f.slot
-        );
-        assert_eq!(of_seq[0].pos, f.pos);
-        assert!(of_seq[0].logits);
-    }
-    let mut seen = Vec::new();
-    for t in &plan.tokens {
-        if !seen.contains(&t.seq) {
-            seen.push(t.seq);
-            assert!(
-                t.logits,
-                "the first token of sequence {} asks no logits",
-                t.seq
+        let own = of_seq.len() - f.count;
+        // The slot's tokens: its own first, then the fillers, in order.
+        for (k, t) in of_seq.iter().enumerate() {
+            if k > 0 {
+                assert_eq!(t.pos, of_seq[k - 1].pos + 1, "slot {}: positions", f.slot);
+            }
+            if k >= own {
+                assert!(t.logits != plan.even, "filler logits in slot {}", f.slot);
+            }
+        }
+        assert_eq!(of_seq[own].pos, f.pos, "slot {}: filler position", f.slot);
+        if !plan.even {
+            assert_eq!(
+                (own, f.count),
+                (0, 1),
+                "a gap filler beside real tokens of slot {}",
+                f.slot
             );
         }
     }
+    if !plan.even {
+        let mut seen = Vec::new();
+        for t in &plan.tokens {
+            if !seen.contains(&t.seq) {
+                seen.push(t.seq);
+                assert!(
+                    t.logits,
+                    "the first token of sequence {} asks no logits",
+                    t.seq
+                );
+            }
+        }
+    }
+}
+
+/// The micro-batches llama.cpp makes of a lane's step with a KV stream
+/// per sequence: `split_equal(n_ubatch, sequential = true)` of
+/// llama-batch.cpp on the batch as the worker builds it (sorted by
+/// sequence): from the first unused token, sequences with consecutive ids
+/// in batch order, as many tokens from each as all have, within `n_ubatch`.
+/// Each as (sequences, tokens per sequence).
+fn micro_batches(plan: &Plan<u32>, lanes: usize, n_ubatch: usize) -> Vec<(usize, usize)> {
+    let mut seqs: Vec<usize> = plan
+        .tokens
+        .iter()
+        .map(|t| t.seq as usize / lanes.max(1))
+        .collect();
+    seqs.sort_unstable();
+    let mut used = vec![false; seqs.len()];
+    let mut out = Vec::new();
+    while used.iter().any(|u| !u) {
+        let mut cur: Vec<usize> = Vec::new();
+        for (i, &q) in seqs.iter().enumerate() {
+            if used[i] || cur.contains(&q) || cur.last().is_some_and(|&last| q != last + 1) {
+                continue;
+            }
+            cur.push(q);
+            if cur.len() > n_ubatch {
+                break;
+            }
+        }
+        let idx: Vec<Vec<usize>> = cur
+            .iter()
+            .map(|&q| {
+                (0..seqs.len())
+                    .filter(|&i| seqs[i] == q && !used[i])
+                    .collect()
+            })
+            .collect();
+        let mut k = 0;
+        while idx.iter().all(|v| v.len() > k) {
+            for v in &idx {
+                used[v[k]] = true;
+            }
+            k += 1;
+            if (k + 1) * cur.len() > n_ubatch {
+                break;
+            }
+        }
+        out.push((cur.len(), k));
+    }
+    out
 }
 
 /// A fake llama.cpp: per sequence id the tokens at positions `0..len`
@@ -969,21 +1290,25 @@ fn limits_strategy() -> impl Strategy<Value = (Limits, usize)> {
         prop_oneof![Just(0usize), 4usize..12],
         1u32..4,
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(slots, extra, chunk, window, sit, fill_gaps)| {
-            let l = Limits {
-                batch_tokens: slots + 1 + extra,
-                prompt_chunk: chunk,
-                cells_per_seq: 48,
-                slots,
-                swa_window: window,
-                max_sit_out: sit,
-                lanes: 1,
-                fill_gaps,
-            };
-            // A pool sometimes smaller than every slot's share: "no KV slot".
-            (l, 40 * slots)
-        })
+        .prop_map(
+            |(slots, extra, chunk, window, sit, fill_gaps, even_prompt_steps)| {
+                let l = Limits {
+                    batch_tokens: slots + 1 + extra,
+                    prompt_chunk: chunk,
+                    cells_per_seq: 48,
+                    slots,
+                    swa_window: window,
+                    max_sit_out: sit,
+                    lanes: 1,
+                    fill_gaps,
+                    even_prompt_steps,
+                };
+                // A pool sometimes smaller than every slot's share: "no KV slot".
+                (l, 40 * slots)
+            },
+        )
 }
 
 fn cases() -> u32 {
@@ -1049,6 +1374,7 @@ proptest! {
         lanes in 2usize..4,
         slots in 2usize..9,
         fill_gaps in any::<bool>(),
+        even_prompt_steps in any::<bool>(),
         jobs in proptest::collection::vec((any::<bool>(), 1usize..12, 1usize..6), 1..14),
         turns in proptest::collection::vec(0usize..4, 0..300),
     ) {
@@ -1061,6 +1387,7 @@ proptest! {
             max_sit_out: 3,
             lanes,
             fill_gaps,
+            even_prompt_steps,
         };
         let mut s: Scheduler<u32> = Scheduler::new(l, true);
         let mut queue: std::collections::VecDeque<(u64, bool, usize, usize)> = jobs

@@ -85,6 +85,7 @@ pub(crate) fn remote_spec(settings: &crate::settings::LlmSettings) -> LoadSpec {
         sampling_threads: 1,
         kv_unified: false,
         fill_gaps: false,
+        even_prompt_steps: false,
         lanes: 1,
         flash_attention: None,
     }
