@@ -151,7 +151,7 @@ quick)
             ${comparators[@]+"${comparators[@]}"} --label "$label" --json-out "$W/quick$i.json" $flags \
             >"$W/logs/quick$i.log" 2>&1 || echo "variant $label failed"
         echo "== $label ($envs $flags)"
-        grep -E "plan:|per step|single stream /|N=(1|8|32|128) +batched generation rate|ratio|cache on:|cache off:|arrivals|checksum|same seed" "$W/logs/quick$i.log" \
+        grep -E "single stream /|N=[0-9]+ +(batched aggregate|batched generation rate|batched mean time to first|even prompt steps|per step: wall)|ratio|cache on:|cache off:|arrivals|checksum|same seed" "$W/logs/quick$i.log" \
             | grep -v "binding  ratio" | sed 's/  */ /g'
     done < scripts/gpu/quick-variants.txt
     mkdir -p "$OUT/quick" && cp "$W"/quick*.json "$OUT/quick/" 2>/dev/null || true
@@ -310,6 +310,7 @@ shared q8_1 quantisation off|GGML_CUDA_SHARE_Q8_1=0|
 one lane||--lanes 1
 three lanes||--lanes 3
 device top-k||--device-sampling on
+even prompt steps off||--even-prompts off
 VARIANTS
     python3 - "$W" <<'PY'
 import glob, json, sys
