@@ -284,7 +284,11 @@ pub struct GpuTuning {
     /// kernel by kernel on a GPU. Padding is used only where it at most
     /// doubles the step (a prompt beside many talking NPCs is read as a
     /// chunk of its own), never in the player's steps, never with unified
-    /// KV or a sliding-window model. `None`: on with a GPU, off on the CPU
+    /// KV or a sliding-window model. Measured on an H100 (docs/BENCHMARKS.md,
+    /// session 13): the first token of 32 / 128 NPCs starting together in
+    /// 22 / 61–65 ms instead of 44–93 / 175–182 ms, 128 NPCs' aggregate
+    /// +33 %; lines replacing lines unchanged (a lone prompt beside many
+    /// talking NPCs is not padded). `None`: on with a GPU, off on the CPU
     /// (where padding is only extra compute); `Some(_)` applies on any
     /// backend.
     pub even_prompt_steps: Option<bool>,
