@@ -296,6 +296,46 @@ struct Running<T> {
     order: u64,
 }
 
+impl<T: Copy> Running<T> {
+    /// Add this sequence's own tokens to a step: its sampled token (`take`
+    /// is then 1), or its next `take` prompt tokens, the last of the prompt
+    /// asking for logits.
+    fn push_own(&self, take: usize, tokens: &mut Vec<BatchToken<T>>, entries: &mut Vec<Entry>) {
+        if let Some(tok) = self.pending {
+            entries.push(Entry {
+                id: self.id,
+                part: Part::Next,
+                logits_at: Some(tokens.len()),
+            });
+            tokens.push(BatchToken {
+                token: tok,
+                pos: self.kv.len() as i32,
+                seq: self.slot as i32,
+                logits: true,
+            });
+            return;
+        }
+        let (from, to) = (self.fed, self.fed + take);
+        let last = to == self.prompt.len();
+        tokens.extend(
+            self.prompt[from..to]
+                .iter()
+                .enumerate()
+                .map(|(k, &tok)| BatchToken {
+                    token: tok,
+                    pos: (from + k) as i32,
+                    seq: self.slot as i32,
+                    logits: last && from + k + 1 == to,
+                }),
+        );
+        entries.push(Entry {
+            id: self.id,
+            part: Part::Prompt { from, to },
+            logits_at: last.then(|| tokens.len() - 1),
+        });
+    }
+}
+
 impl<T> Running<T> {
     fn has_work(&self) -> bool {
         self.pending.is_some() || self.fed < self.prompt.len()
@@ -532,18 +572,8 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
                 if budget == 0 || pass_of(s) != pass {
                     continue;
                 }
-                if let Some(tok) = s.pending {
-                    entries.push(Entry {
-                        id: s.id,
-                        part: Part::Next,
-                        logits_at: Some(tokens.len()),
-                    });
-                    tokens.push(BatchToken {
-                        token: tok,
-                        pos: s.kv.len() as i32,
-                        seq: s.slot as i32,
-                        logits: true,
-                    });
+                if s.pending.is_some() {
+                    s.push_own(1, &mut tokens, &mut entries);
                     budget -= 1;
                     continue;
                 }
@@ -553,21 +583,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
                     self.limits.prompt_chunk.max(1)
                 };
                 let take = (s.prompt.len() - s.fed).min(budget).min(cap);
-                let (from, to) = (s.fed, s.fed + take);
-                let last = to == s.prompt.len();
-                for (k, &tok) in s.prompt[from..to].iter().enumerate() {
-                    tokens.push(BatchToken {
-                        token: tok,
-                        pos: (from + k) as i32,
-                        seq: s.slot as i32,
-                        logits: last && from + k + 1 == to,
-                    });
-                }
-                entries.push(Entry {
-                    id: s.id,
-                    part: Part::Prompt { from, to },
-                    logits_at: last.then(|| tokens.len() - 1),
-                });
+                s.push_own(take, &mut tokens, &mut entries);
                 budget -= take;
             }
         }
@@ -670,38 +686,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         for s in &seqs {
             let take = share(s, width);
             count[id_of(s.slot) - low] = take;
-            if let Some(tok) = s.pending {
-                entries.push(Entry {
-                    id: s.id,
-                    part: Part::Next,
-                    logits_at: Some(tokens.len()),
-                });
-                tokens.push(BatchToken {
-                    token: tok,
-                    pos: s.kv.len() as i32,
-                    seq: s.slot as i32,
-                    logits: true,
-                });
-                continue;
-            }
-            let (from, to) = (s.fed, s.fed + take);
-            let last = to == s.prompt.len();
-            tokens.extend(
-                s.prompt[from..to]
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &tok)| BatchToken {
-                        token: tok,
-                        pos: (from + k) as i32,
-                        seq: s.slot as i32,
-                        logits: last && from + k + 1 == to,
-                    }),
-            );
-            entries.push(Entry {
-                id: s.id,
-                part: Part::Prompt { from, to },
-                logits_at: last.then(|| tokens.len() - 1),
-            });
+            s.push_own(take, &mut tokens, &mut entries);
         }
         let token = tokens.first()?.token;
         let mut fillers = Vec::new();

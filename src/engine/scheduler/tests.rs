@@ -352,16 +352,14 @@ fn gap_fillers_table() {
         ..limits(4, 16)
     };
     // Filled: slot 1's cache holds 3 tokens, so its filler goes at 3.
+    let one_at_3 = vec![Filler {
+        slot: 1,
+        pos: 3,
+        count: 1,
+    }];
     let mut s = gap_in_the_middle(on, true, 1);
     let plan = s.plan();
-    assert_eq!(
-        plan.fillers,
-        vec![Filler {
-            slot: 1,
-            pos: 3,
-            count: 1
-        }]
-    );
+    assert_eq!(plan.fillers, one_at_3);
     check_fillers(&plan, &on);
     assert_eq!(
         plan.sequences(),
@@ -432,14 +430,7 @@ fn gap_fillers_table() {
     s.admit(id(7), 0, Some(7), vec![4, 5, 6, 7, 8, 9], |_| -1)
         .unwrap();
     let plan = s.plan();
-    assert_eq!(
-        plan.fillers,
-        vec![Filler {
-            slot: 1,
-            pos: 3,
-            count: 1
-        }]
-    );
+    assert_eq!(plan.fillers, one_at_3);
     check_fillers(&plan, &Limits { slots: 5, ..on });
     let chunk: Vec<_> = plan.tokens.iter().filter(|t| t.seq == 3).collect();
     assert_eq!(chunk.len(), 4, "the chunk cap");
