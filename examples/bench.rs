@@ -958,8 +958,13 @@ fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, [f64; 4]) {
         );
         let mut second = msgs.clone();
         second.push(ChatMessage::assistant("Good day."));
+        // Each second turn a word longer than the one before, so no two have
+        // one shape: a game's next turn is a shape the GPU has not just run
+        // (llama.cpp replays a recorded CUDA graph only for a shape it ran
+        // twice in a row, which would flatter repeated identical turns).
         second.push(ChatMessage::user(format!(
-            "Is my order number {rep} ready?"
+            "Is my order{} ready?",
+            " really".repeat(rep)
         )));
         let c0 = app.world().resource::<LlmEngineStats>().counters.clone();
         let (st, _) = run(
