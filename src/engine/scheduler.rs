@@ -608,8 +608,9 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     /// step of them — greedy prompt chunks, or generated tokens beside
     /// chunks — falls apart into up to one micro-batch per length, each a
     /// new shape that a GPU launches kernel by kernel (32 NPCs starting
-    /// together on two lanes: 13 micro-batches per lane's prompt phase,
-    /// ~100 ms before the first token on an H100). Here a prompt takes
+    /// together on two lanes: 35 micro-batches in their prompt phase,
+    /// 44–103 ms before their first token on an H100; 4 and 22 ms with
+    /// even steps, docs/BENCHMARKS.md session 13). Here a prompt takes
     /// `min(left, width)` tokens, a generating sequence its one token, and
     /// each is padded to `width` with [`Filler`]s (no logits), as is an idle
     /// slot between them. `width` is the longest prompt share (at most
