@@ -287,10 +287,9 @@ pub struct GpuTuning {
     /// KV or a sliding-window model. Measured on an H100 (docs/BENCHMARKS.md,
     /// session 13): the first token of 32 / 128 NPCs starting together in
     /// 22 / 61–65 ms instead of 44–93 / 175–182 ms, 128 NPCs' aggregate
-    /// +33 %; lines replacing lines unchanged (a lone prompt beside many
-    /// talking NPCs is not padded). `None`: on with a GPU, off on the CPU
-    /// (where padding is only extra compute); `Some(_)` applies on any
-    /// backend.
+    /// +33 %; lines replacing lines unchanged. `None`: on with a GPU, off on
+    /// the CPU (no effect beyond the 2-core machine's spread there);
+    /// `Some(_)` applies on any backend.
     pub even_prompt_steps: Option<bool>,
     /// Flash attention on or off; `None`: llama.cpp's choice (on where the
     /// device supports it).

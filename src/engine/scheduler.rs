@@ -655,26 +655,10 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         }
         // What each slot of the span holds: its own tokens are planned at
         // the end of its KV, its fillers after them.
-        let mut held: Vec<Option<usize>> = vec![None; span];
-        for s in &seqs {
-            held[id_of(s.slot) - low] = Some(s.kv.len());
-        }
-        for (q, h) in held.iter_mut().enumerate() {
-            if h.is_none() {
-                let slot = (low + q) * lanes + lane;
-                *h = Some(match self.seqs.iter().find(|s| s.slot == slot) {
-                    Some(s) => s.kv.len(),
-                    // An idle slot's KV is its cache record only while the
-                    // cache is on.
-                    None if self.slots.cache_enabled() => self.slots.tokens(slot).len(),
-                    None => return None,
-                });
-            }
-        }
-        if held
-            .iter()
-            .any(|h| h.is_none_or(|h| h + width > l.cells_per_seq))
-        {
+        let held: Vec<usize> = (low..=top)
+            .map(|q| self.held_by(q * lanes + lane))
+            .collect::<Option<_>>()?;
+        if held.iter().any(|&h| h + width > l.cells_per_seq) {
             return None;
         }
         let own: usize = seqs.iter().map(|s| share(s, width)).sum();
@@ -696,7 +680,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
                 continue;
             }
             let slot = (low + q) * lanes + lane;
-            let pos = (h.unwrap_or(0) + n) as i32;
+            let pos = (h + n) as i32;
             fillers.push(Filler {
                 slot,
                 pos,
@@ -716,6 +700,17 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             entries,
             lane,
         })
+    }
+
+    /// The tokens slot `slot`'s KV holds: a running sequence's record, an
+    /// idle slot's cache record while the cache is on; `None` when unknown
+    /// (cache off: a released slot keeps KV it forgot).
+    fn held_by(&self, slot: usize) -> Option<usize> {
+        match self.seqs.iter().find(|s| s.slot == slot) {
+            Some(s) => Some(s.kv.len()),
+            None if self.slots.cache_enabled() => Some(self.slots.tokens(slot).len()),
+            None => None,
+        }
     }
 
     /// The gap fillers of a lane's step (see [`Filler`]), appended to
@@ -768,12 +763,8 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
                 return Vec::new();
             }
             let slot = q * lanes + lane;
-            let held = match self.seqs.iter().find(|s| s.slot == slot) {
-                Some(s) => s.kv.len(),
-                // An idle slot's KV is its cache record only while the
-                // cache is on (off, a released slot keeps KV it forgot).
-                None if self.slots.cache_enabled() => self.slots.tokens(slot).len(),
-                None => return Vec::new(),
+            let Some(held) = self.held_by(slot) else {
+                return Vec::new();
             };
             if held + 1 > l.cells_per_seq {
                 return Vec::new();
