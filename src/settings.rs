@@ -267,6 +267,12 @@ pub struct GpuTuning {
     /// leave gaps in most steps (H100, 16 / 64 / 128 NPCs at a time with
     /// lines replacing lines: 1.4–1.9× the throughput; NPCs that all start
     /// together leave no gaps: unchanged; docs/BENCHMARKS.md, session 9).
+    /// In such a step a prompt chunk read beside talking NPCs asks for a
+    /// (discarded) logits row at its first token, so the step's first
+    /// micro-batch — one token of each sequence — keeps a generation
+    /// step's shape (H100, 16 NPCs at a time with lines replacing lines:
+    /// +20–25 % throughput, two alternating pairs; 64 at a time within the
+    /// spread; docs/BENCHMARKS.md, session 14).
     /// Costs one token of compute and one logits row per filled sequence;
     /// only gaps between talking NPCs are filled, at most max(8, their
     /// number). `None`: on with a GPU, off on the CPU; `Some(_)` applies

@@ -481,6 +481,59 @@ fn even_prompt_steps_pad_a_crowds_prompts_without_changing_a_text() {
     }
 }
 
+/// With gap fillers on (here on the CPU), a prompt read while other NPCs
+/// talk asks for logits at its first token too, so llama.cpp's first
+/// micro-batch of the step is a generation step's shape (on a GPU: its
+/// recorded CUDA graph replays). The throw-away output changes no text:
+/// the two talking NPCs and the one arriving among them each give their
+/// greedy text alone.
+#[test]
+fn a_prompt_read_beside_talking_npcs_changes_no_text() {
+    let mut s = settings();
+    s.gpu.fill_gaps = Some(true);
+    s.max_parallel_sequences = 4;
+    let mut app = app_with(s);
+    let req = |line: &str| chat(line).with_temperature(0.0).with_max_tokens(24);
+    let lines = [
+        "Tell me about bread.",
+        "Tell me about boats.",
+        "What do you think of the weather in the valley this spring, and of the harvest?",
+    ];
+    let talking: Vec<Entity> = lines[..2]
+        .iter()
+        .map(|l| request(&mut app, req(l)))
+        .collect();
+    let wait = talking.clone();
+    run_until(&mut app, 120, move |app| {
+        let r = app.world().resource::<Recorded>();
+        wait.iter()
+            .all(|e| r.of(*e).iter().any(|x| matches!(x, Rec::Token(..))))
+    });
+    let arriving = request(&mut app, req(lines[2]));
+    let npcs = [talking[0], talking[1], arriving];
+    run_until_finished(&mut app, &npcs);
+    let r = app.world().resource::<Recorded>();
+    let ended_before_arrival =
+        r.0.iter()
+            .take_while(|x| !matches!(x, Rec::Started(a, ..) if *a == arriving))
+            .any(|x| matches!(x, Rec::Completed(..)));
+    assert!(
+        !ended_before_arrival,
+        "the arriving prompt was not read while the others talked"
+    );
+    let texts: Vec<String> = npcs
+        .iter()
+        .map(|e| {
+            r.completed_text(*e)
+                .unwrap_or_else(|| panic!("{:?}", r.of(*e)))
+        })
+        .collect();
+    for (line, text) in lines.iter().zip(texts) {
+        assert!(!text.is_empty(), "{line}: no text");
+        assert_eq!(uncached_text(req(line)), text, "{line}");
+    }
+}
+
 fn tokens_after_cancel(recs: &[Rec]) -> usize {
     let at = recs
         .iter()

@@ -121,7 +121,9 @@ quick-start)
     echo "module build started"
     ;;
 quick)
-    # Variants from scripts/gpu/quick-variants.txt (label|env|flags), each
+    # Variants from scripts/gpu/quick-variants.txt (label|env|flags; an env
+    # BENCH_BIN=path runs another bench binary, e.g. bins/bench-before from
+    # pack-for-device.sh's BENCH_BEFORE, for an A/B of engine builds), each
     # with the binding, npcs 1/8/32/128, cache and arrivals sections, against the
     # same-llama.cpp comparators of this machine (B = 1/8/32/128 only: kept
     # apart from `run`'s, which cover every B). The plugin runs the patched
@@ -146,8 +148,10 @@ quick)
         [ -n "$label" ] || continue
         i=$((i + 1))
         [ -s "$W/quick$i.json" ] && continue
+        bin=$W/bins/bench
+        for e in $envs; do case $e in BENCH_BIN=*) bin=${e#BENCH_BIN=} ;; esac; done
         # shellcheck disable=SC2086
-        env $envs "$W/bins/bench" --sections binding,npcs,cache,arrivals --npcs 1,8,32,128 --tokens 128 --no-sequential \
+        env $envs "$bin" --sections binding,npcs,cache,arrivals --npcs 1,8,32,128 --tokens 128 --no-sequential \
             ${comparators[@]+"${comparators[@]}"} --label "$label" --json-out "$W/quick$i.json" $flags \
             >"$W/logs/quick$i.log" 2>&1 || echo "variant $label failed"
         echo "== $label ($envs $flags)"

@@ -10,6 +10,7 @@
 #   .device/b: model part 2
 #   .device/c: model part 3 + the examples built with `dynamic-backends`,
 #              their shared libraries and CPU modules, the comparator scripts
+#              (env BENCH_BEFORE=path: also a bench of another commit)
 # Then on the device, three calls back to back (see scripts/gpu/device.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -43,6 +44,11 @@ cp "$tools" .device/a/llama-tools-src.tar.gz
 sha256sum "$model" | cut -d' ' -f1 > .device/c/model.sha256
 cp "$CARGO_TARGET_DIR"/debug/examples/{basic,bench} /tmp/npc-llm-bins/
 strip /tmp/npc-llm-bins/basic /tmp/npc-llm-bins/bench
+# BENCH_BEFORE=path: a bench built from another commit (with dynamic-backends),
+# shipped as bins/bench-before for an A/B (BENCH_BIN in quick-variants.txt).
+if [ -n "${BENCH_BEFORE:-}" ]; then
+    cp "$BENCH_BEFORE" /tmp/npc-llm-bins/bench-before && strip /tmp/npc-llm-bins/bench-before
+fi
 cp -L "$out"/lib/{libllama.so.0,libggml.so.0,libggml-base.so.0} /tmp/npc-llm-bins/
 cp "$out"/backends/libggml-cpu-{x64,haswell,skylakex,icelake,zen4,sapphirerapids}.so /tmp/npc-llm-bins/backends/
 tar czf .device/c/bins.tar.gz -C /tmp/npc-llm-bins .

@@ -714,9 +714,13 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     }
 
     /// The gap fillers of a lane's step (see [`Filler`]), appended to
-    /// `tokens`; with fillers, the first token of every sequence in the step
-    /// asks for logits too (the step's first micro-batch then has a
-    /// generation step's shape). None when the step may not have them.
+    /// `tokens`; with fillers, or with a prompt chunk read beside generating
+    /// sequences and no gap, the first token of every sequence in the step
+    /// asks for logits too: llama.cpp's first micro-batch of the step (one
+    /// token of each sequence) then has a generation step's shape, one
+    /// output per token, and replays its recorded CUDA graph instead of being
+    /// launched kernel by kernel (a prompt chunk's first token without logits
+    /// made it a prompt graph). None when the step may not have them.
     fn fill_gaps(
         &self,
         lane: usize,
@@ -775,7 +779,13 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
                 count: 1,
             });
         }
-        if fillers.is_empty() {
+        // Without a gap the step is one run of sequences already; its first
+        // micro-batch (one token of each) is a generation step's shape unless
+        // a prompt chunk's first token in it asks for no logits.
+        let reads_prompt = entries
+            .iter()
+            .any(|e| matches!(e.part, Part::Prompt { .. }));
+        if fillers.is_empty() && !reads_prompt {
             return fillers;
         }
         // The first token of each sequence asks for logits.

@@ -437,6 +437,45 @@ fn gap_fillers_table() {
     assert!(chunk[0].logits && !chunk[1].logits);
     let _ = s.apply(plan, Outcome::Decoded);
 
+    // The same chunk beside generation without a gap (slot 1 still talks):
+    // nothing to fill, and the chunk's first token still asks for logits.
+    let l5 = Limits { slots: 5, ..on };
+    let mut s = Scheduler::new(l5, true);
+    for n in 0..3 {
+        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
+    }
+    run_step(&mut s);
+    s.admit(id(7), 0, Some(7), vec![4, 5, 6, 7, 8, 9], |_| -1)
+        .unwrap();
+    let plan = s.plan();
+    assert!(plan.fillers.is_empty());
+    check_fillers(&plan, &l5);
+    check_first_micro_batch(&s, &plan);
+    let chunk: Vec<_> = plan.tokens.iter().filter(|t| t.seq == 3).collect();
+    assert!(chunk[0].logits && !chunk[1].logits);
+    assert_eq!(
+        micro_batches(&plan, 1, usize::MAX)[0],
+        (4, 1),
+        "one token of each sequence first"
+    );
+    let applied = s.apply(plan, Outcome::Decoded);
+    assert_eq!(
+        applied.sample.len(),
+        3,
+        "the chunk is not sampled mid-prompt"
+    );
+    // The setting off: the chunk's first token asks for none.
+    let mut s = Scheduler::new(limits(5, 16), true);
+    for n in 0..3 {
+        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
+    }
+    run_step(&mut s);
+    s.admit(id(7), 0, Some(7), vec![4, 5, 6, 7, 8, 9], |_| -1)
+        .unwrap();
+    let plan = s.plan();
+    assert!(plan.tokens.iter().filter(|t| t.seq == 3).all(|t| !t.logits));
+    let _ = s.apply(plan, Outcome::Decoded);
+
     // No gap between the step's sequences (slot 0 idle below them, or one
     // sequence alone on slot 2): nothing to fill.
     for ends in [vec![0], vec![0, 1]] {
@@ -778,6 +817,41 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
                     t.seq
                 );
             }
+        }
+    }
+}
+
+/// Where gap fillers are allowed (the setting on, no sliding window, not
+/// an even step), a step that generates, reads no High prompt and has no
+/// gap between its sequences (none, or filled) asks for logits at the
+/// first token of every sequence: llama.cpp's first micro-batch of it has a
+/// generation step's shape.
+fn check_first_micro_batch(s: &Scheduler<u32>, plan: &Plan<u32>) {
+    let l = s.limits();
+    let lanes = l.lanes.max(1);
+    let generates = plan.entries.iter().any(|e| e.part == Part::Next);
+    let high_prompt = plan.entries.iter().any(|e| {
+        matches!(e.part, Part::Prompt { .. })
+            && s.seqs.iter().any(|q| q.id == e.id && q.priority > NORMAL)
+    });
+    if !l.fill_gaps || l.swa_window > 0 || plan.even || !generates || high_prompt {
+        return;
+    }
+    let mut ids: Vec<usize> = plan.tokens.iter().map(|t| t.seq as usize / lanes).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if ids.last().map(|&top| top - ids[0] + 1) != Some(ids.len()) {
+        return;
+    }
+    let mut seen = Vec::new();
+    for t in &plan.tokens {
+        if !seen.contains(&t.seq) {
+            seen.push(t.seq);
+            assert!(
+                t.logits,
+                "the first token of sequence {} asks no logits in a step without a gap",
+                t.seq
+            );
         }
     }
 }
@@ -1124,6 +1198,7 @@ impl Harness {
             }
         }
         check_fillers(&plan, self.s.limits());
+        check_first_micro_batch(&self.s, &plan);
         let tokens = plan.tokens.clone();
         let fillers = plan.fillers.clone();
         let held: Vec<(RequestId, bool)> = snap
