@@ -489,8 +489,22 @@ fn even_prompt_steps_pad_a_crowds_prompts_without_changing_a_text() {
 /// greedy text alone.
 #[test]
 fn a_prompt_read_beside_talking_npcs_changes_no_text() {
+    prompt_beside_talking_npcs(false);
+}
+
+/// The same with top-k on the device (`gpu.device_sampling`): llama.cpp's
+/// backend sampling allows one output per sequence in a batch, so a
+/// prompt's last chunk, whose last token is sampled, asks for no extra
+/// logits at its first token there.
+#[test]
+fn a_prompt_read_beside_talking_npcs_with_device_top_k_changes_no_text() {
+    prompt_beside_talking_npcs(true);
+}
+
+fn prompt_beside_talking_npcs(device_top_k: bool) {
     let mut s = settings();
     s.gpu.fill_gaps = Some(true);
+    s.gpu.device_sampling = Some(device_top_k);
     s.max_parallel_sequences = 4;
     let mut app = app_with(s);
     let req = |line: &str| chat(line).with_temperature(0.0).with_max_tokens(24);

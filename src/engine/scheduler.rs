@@ -67,6 +67,11 @@ pub(crate) struct Limits {
     /// padded to one width (a KV stream per sequence, full attention
     /// only): see [`Scheduler::even_prompt_step`].
     pub even_prompt_steps: bool,
+    /// At most one output (logits request) per sequence in a step:
+    /// llama.cpp's backend sampling (device top-k) refuses a batch with
+    /// more, so where a sequence's token is sampled in a step, no other of
+    /// its tokens asks for throw-away logits.
+    pub single_output: bool,
 }
 
 /// Where slot `slot` decodes when the slots are split across `lanes`
@@ -788,8 +793,15 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         if fillers.is_empty() && !reads_prompt {
             return fillers;
         }
-        // The first token of each sequence asks for logits.
+        // The first token of each sequence asks for logits, unless the
+        // sequence has one sampled in the step and only one output is allowed
+        // (that step's first micro-batch then keeps a prompt graph's shape).
         marked.fill(false);
+        if l.single_output {
+            for t in tokens.iter().filter(|t| t.logits) {
+                marked[seq_of(t) - low] = true;
+            }
+        }
         for t in tokens.iter_mut() {
             let k = seq_of(&*t) - low;
             if !marked[k] {

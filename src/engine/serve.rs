@@ -218,6 +218,7 @@ impl<'m> Server<'m> {
             lanes,
             fill_gaps: spec.fill_gaps,
             even_prompt_steps: spec.even_prompt_steps,
+            single_output: spec.device_sampling,
         };
         let counters = EngineCounters {
             slots: sequences,

@@ -22,6 +22,7 @@ fn limits(slots: usize, batch: usize) -> Limits {
         lanes: 1,
         fill_gaps: false,
         even_prompt_steps: false,
+        single_output: false,
     }
 }
 
@@ -464,6 +465,33 @@ fn gap_fillers_table() {
         3,
         "the chunk is not sampled mid-prompt"
     );
+    // One output per sequence (device top-k): a prompt's last chunk, sampled
+    // at its last token, asks for nothing at its first; a chunk that is not
+    // the last still does.
+    let single = Limits {
+        single_output: true,
+        ..l5
+    };
+    for (prompt, first, last) in [
+        (vec![4, 5, 6], false, true),
+        (vec![4, 5, 6, 7, 8, 9], true, false),
+    ] {
+        let mut s = Scheduler::new(single, true);
+        for n in 0..3 {
+            s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
+        }
+        run_step(&mut s);
+        s.admit(id(7), 0, Some(7), prompt, |_| -1).unwrap();
+        let plan = s.plan();
+        check_first_micro_batch(&s, &plan);
+        check_single_output(&plan, &single);
+        let chunk: Vec<_> = plan.tokens.iter().filter(|t| t.seq == 3).collect();
+        assert_eq!(
+            (chunk[0].logits, chunk.last().unwrap().logits),
+            (first, last)
+        );
+        let _ = s.apply(plan, Outcome::Decoded);
+    }
     // The setting off: the chunk's first token asks for none.
     let mut s = Scheduler::new(limits(5, 16), true);
     for n in 0..3 {
@@ -811,8 +839,11 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
         for t in &plan.tokens {
             if !seen.contains(&t.seq) {
                 seen.push(t.seq);
+                // One output per sequence: a sequence sampled in the step
+                // asks for nothing more.
+                let sampled_later = plan.tokens.iter().any(|u| u.seq == t.seq && u.logits);
                 assert!(
-                    t.logits,
+                    t.logits || (l.single_output && sampled_later),
                     "the first token of sequence {} asks no logits",
                     t.seq
                 );
@@ -847,12 +878,33 @@ fn check_first_micro_batch(s: &Scheduler<u32>, plan: &Plan<u32>) {
     for t in &plan.tokens {
         if !seen.contains(&t.seq) {
             seen.push(t.seq);
+            let sampled_later = plan.tokens.iter().any(|u| u.seq == t.seq && u.logits);
             assert!(
-                t.logits,
+                t.logits || (l.single_output && sampled_later),
                 "the first token of sequence {} asks no logits in a step without a gap",
                 t.seq
             );
         }
+    }
+}
+
+/// With [`Limits::single_output`] (llama.cpp's backend sampling), no
+/// sequence asks for logits at two tokens of a step.
+fn check_single_output(plan: &Plan<u32>, l: &Limits) {
+    if !l.single_output {
+        return;
+    }
+    for t in &plan.tokens {
+        let outputs = plan
+            .tokens
+            .iter()
+            .filter(|u| u.seq == t.seq && u.logits)
+            .count();
+        assert!(
+            outputs <= 1,
+            "sequence {} asks for {outputs} outputs",
+            t.seq
+        );
     }
 }
 
@@ -1199,6 +1251,7 @@ impl Harness {
         }
         check_fillers(&plan, self.s.limits());
         check_first_micro_batch(&self.s, &plan);
+        check_single_output(&plan, self.s.limits());
         let tokens = plan.tokens.clone();
         let fillers = plan.fillers.clone();
         let held: Vec<(RequestId, bool)> = snap
@@ -1357,9 +1410,10 @@ fn limits_strategy() -> impl Strategy<Value = (Limits, usize)> {
         1u32..4,
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(slots, extra, chunk, window, sit, fill_gaps, even_prompt_steps)| {
+            |(slots, extra, chunk, window, sit, fill_gaps, even_prompt_steps, single_output)| {
                 let l = Limits {
                     batch_tokens: slots + 1 + extra,
                     prompt_chunk: chunk,
@@ -1370,6 +1424,7 @@ fn limits_strategy() -> impl Strategy<Value = (Limits, usize)> {
                     lanes: 1,
                     fill_gaps,
                     even_prompt_steps,
+                    single_output,
                 };
                 // A pool sometimes smaller than every slot's share: "no KV slot".
                 (l, 40 * slots)
@@ -1441,6 +1496,7 @@ proptest! {
         slots in 2usize..9,
         fill_gaps in any::<bool>(),
         even_prompt_steps in any::<bool>(),
+        single_output in any::<bool>(),
         jobs in proptest::collection::vec((any::<bool>(), 1usize..12, 1usize..6), 1..14),
         turns in proptest::collection::vec(0usize..4, 0..300),
     ) {
@@ -1454,6 +1510,7 @@ proptest! {
             lanes,
             fill_gaps,
             even_prompt_steps,
+            single_output,
         };
         let mut s: Scheduler<u32> = Scheduler::new(l, true);
         let mut queue: std::collections::VecDeque<(u64, bool, usize, usize)> = jobs
@@ -1487,6 +1544,8 @@ proptest! {
             for t in &plan.tokens {
                 prop_assert_eq!(t.seq as usize % lanes, lane, "a token of another lane");
             }
+            check_first_micro_batch(&s, &plan);
+            check_single_output(&plan, &l);
             if !plan.fillers.is_empty() {
                 // The lane's step is one run of its sequence ids from 0.
                 let mut ids: Vec<usize> = plan.tokens.iter().map(|t| t.seq as usize / lanes).collect();
