@@ -346,6 +346,18 @@ fn gap_in_the_middle(l: Limits, cache: bool, steps: usize) -> Scheduler<u32> {
     s
 }
 
+/// Three NPCs talking on slots 0, 1, 2 (one step decoded), then a fourth
+/// admitted with `prompt`: its prompt is read beside their generation.
+fn talking_then_arriving(l: Limits, prompt: Vec<u32>) -> Scheduler<u32> {
+    let mut s = Scheduler::new(l, true);
+    for n in 0..3 {
+        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
+    }
+    run_step(&mut s);
+    s.admit(id(7), 0, Some(7), prompt, |_| -1).unwrap();
+    s
+}
+
 #[test]
 fn gap_fillers_table() {
     let on = Limits {
@@ -441,13 +453,7 @@ fn gap_fillers_table() {
     // The same chunk beside generation without a gap (slot 1 still talks):
     // nothing to fill, and the chunk's first token still asks for logits.
     let l5 = Limits { slots: 5, ..on };
-    let mut s = Scheduler::new(l5, true);
-    for n in 0..3 {
-        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
-    }
-    run_step(&mut s);
-    s.admit(id(7), 0, Some(7), vec![4, 5, 6, 7, 8, 9], |_| -1)
-        .unwrap();
+    let mut s = talking_then_arriving(l5, vec![4, 5, 6, 7, 8, 9]);
     let plan = s.plan();
     assert!(plan.fillers.is_empty());
     check_fillers(&plan, &l5);
@@ -476,12 +482,7 @@ fn gap_fillers_table() {
         (vec![4, 5, 6], false, true),
         (vec![4, 5, 6, 7, 8, 9], true, false),
     ] {
-        let mut s = Scheduler::new(single, true);
-        for n in 0..3 {
-            s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
-        }
-        run_step(&mut s);
-        s.admit(id(7), 0, Some(7), prompt, |_| -1).unwrap();
+        let mut s = talking_then_arriving(single, prompt);
         let plan = s.plan();
         check_first_micro_batch(&s, &plan);
         check_single_output(&plan, &single);
@@ -493,13 +494,7 @@ fn gap_fillers_table() {
         let _ = s.apply(plan, Outcome::Decoded);
     }
     // The setting off: the chunk's first token asks for none.
-    let mut s = Scheduler::new(limits(5, 16), true);
-    for n in 0..3 {
-        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
-    }
-    run_step(&mut s);
-    s.admit(id(7), 0, Some(7), vec![4, 5, 6, 7, 8, 9], |_| -1)
-        .unwrap();
+    let mut s = talking_then_arriving(limits(5, 16), vec![4, 5, 6, 7, 8, 9]);
     let plan = s.plan();
     assert!(plan.tokens.iter().filter(|t| t.seq == 3).all(|t| !t.logits));
     let _ = s.apply(plan, Outcome::Decoded);
@@ -835,19 +830,23 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
         }
     }
     if !plan.even {
-        let mut seen = Vec::new();
-        for t in &plan.tokens {
-            if !seen.contains(&t.seq) {
-                seen.push(t.seq);
-                // One output per sequence: a sequence sampled in the step
-                // asks for nothing more.
-                let sampled_later = plan.tokens.iter().any(|u| u.seq == t.seq && u.logits);
-                assert!(
-                    t.logits || (l.single_output && sampled_later),
-                    "the first token of sequence {} asks no logits",
-                    t.seq
-                );
-            }
+        first_tokens_ask_logits(plan, l, "in a filled step");
+    }
+}
+
+/// Every sequence's first token in the step asks for logits — except, with
+/// one output per sequence, where the sequence is sampled in the step.
+fn first_tokens_ask_logits(plan: &Plan<u32>, l: &Limits, what: &str) {
+    let mut seen = Vec::new();
+    for t in &plan.tokens {
+        if !seen.contains(&t.seq) {
+            seen.push(t.seq);
+            let sampled = plan.tokens.iter().any(|u| u.seq == t.seq && u.logits);
+            assert!(
+                t.logits || (l.single_output && sampled),
+                "the first token of sequence {} asks no logits {what}",
+                t.seq
+            );
         }
     }
 }
@@ -874,18 +873,7 @@ fn check_first_micro_batch(s: &Scheduler<u32>, plan: &Plan<u32>) {
     if ids.last().map(|&top| top - ids[0] + 1) != Some(ids.len()) {
         return;
     }
-    let mut seen = Vec::new();
-    for t in &plan.tokens {
-        if !seen.contains(&t.seq) {
-            seen.push(t.seq);
-            let sampled_later = plan.tokens.iter().any(|u| u.seq == t.seq && u.logits);
-            assert!(
-                t.logits || (l.single_output && sampled_later),
-                "the first token of sequence {} asks no logits in a step without a gap",
-                t.seq
-            );
-        }
-    }
+    first_tokens_ask_logits(plan, l, "in a step without a gap");
 }
 
 /// With [`Limits::single_output`] (llama.cpp's backend sampling), no
