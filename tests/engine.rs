@@ -548,6 +548,115 @@ fn prompt_beside_talking_npcs(device_top_k: bool) {
     }
 }
 
+/// Every GPU tuning at once, on the CPU (the same llama.cpp graphs): two
+/// lanes, gap fillers, even prompt steps and device top-k, under a town's
+/// churn — lines of different lengths replacing each other, one cancelled
+/// and one despawned mid-line, the player's line in between. Nothing fails:
+/// every line ends completed (or cancelled), and the engine is idle after.
+/// Bounded in frames.
+#[test]
+fn every_gpu_tuning_at_once_serves_a_churning_crowd() {
+    let mut s = settings();
+    s.gpu.lanes = 2;
+    s.gpu.fill_gaps = Some(true);
+    s.gpu.even_prompt_steps = Some(true);
+    s.gpu.device_sampling = Some(true);
+    s.max_parallel_sequences = 8;
+    let mut app = app_with(s);
+    let topics = [
+        "bread",
+        "the harvest in the valley this spring",
+        "boats",
+        "the old mill by the river and its miller",
+    ];
+    let line = |n: usize| {
+        chat(&format!("Tell me about {}.", topics[n % topics.len()]))
+            .with_seed(n as u32)
+            .with_max_tokens(8 + (n as u32 * 5) % 17)
+    };
+    const LINES: usize = 18;
+    let mut spawned: Vec<Entity> = (0..6).map(|n| request(&mut app, line(n))).collect();
+    let (mut cancelled, mut despawned, mut player) = (None, None, None);
+    for _ in 0..200_000 {
+        app.update();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let r = app.world().resource::<Recorded>();
+        let live: Vec<Entity> = spawned
+            .iter()
+            .copied()
+            .filter(|e| Some(*e) != despawned && !r.finished(*e))
+            .collect();
+        let talking = live.iter().copied().find(|e| {
+            ![cancelled, player].contains(&Some(*e))
+                && r.of(*e).iter().any(|x| matches!(x, Rec::Token(..)))
+        });
+        let n = spawned.len();
+        if n >= LINES && live.is_empty() {
+            break;
+        }
+        // At the 8th and 12th line, wait for a talking NPC to cancel or
+        // despawn before starting more.
+        let cancel_due = n == 8 && cancelled.is_none();
+        let despawn_due = n == 12 && despawned.is_none();
+        if cancel_due || despawn_due {
+            if let Some(e) = talking {
+                if cancel_due {
+                    cancelled = Some(e);
+                    app.world_mut()
+                        .write_message(CancelLlmRequest { entity: e });
+                } else {
+                    despawned = Some(e);
+                    app.world_mut().despawn(e);
+                }
+            }
+        } else if n == 10 && player.is_none() {
+            let e = request(
+                &mut app,
+                chat("Greet the traveller.")
+                    .with_priority(RequestPriority::High)
+                    .with_max_tokens(10),
+            );
+            player = Some(e);
+            spawned.push(e);
+        } else if n < LINES && live.len() < 6 {
+            spawned.push(request(&mut app, line(n)));
+        }
+    }
+    let r = app.world().resource::<Recorded>();
+    assert!(
+        spawned.len() >= LINES,
+        "only {} lines started",
+        spawned.len()
+    );
+    for e in spawned.iter().filter(|e| Some(**e) != despawned) {
+        let recs = r.of(*e);
+        assert!(
+            !recs.iter().any(|x| matches!(x, Rec::Failed(..))),
+            "{recs:?}"
+        );
+        if Some(*e) == cancelled {
+            assert!(
+                recs.iter().any(|x| matches!(x, Rec::Cancelled(_))),
+                "{recs:?}"
+            );
+        } else {
+            assert!(
+                r.completed_text(*e).is_some_and(|t| !t.is_empty()),
+                "{recs:?}"
+            );
+        }
+    }
+    assert!(cancelled.is_some() && despawned.is_some() && player.is_some());
+    let stats = app.world().resource::<LlmEngineStats>();
+    assert_eq!(stats.in_flight, 0);
+    let c = &stats.counters;
+    assert!(
+        c.device_sampler_switches > 0 && c.gap_fillers > 0 && c.even_prompt_steps > 0,
+        "a tuning not exercised: {c:?}"
+    );
+    assert_eq!(c.failed, 0, "{c:?}");
+}
+
 fn tokens_after_cancel(recs: &[Rec]) -> usize {
     let at = recs
         .iter()
