@@ -566,7 +566,20 @@ impl<'m> Server<'m> {
                 match result {
                     Ok(()) => Outcome::Decoded,
                     Err(DecodeError::NoKvCacheSlot) => Outcome::NoKvSlot,
-                    Err(e) => Outcome::Failed(e.to_string()),
+                    Err(e) => {
+                        // llama.cpp's -1 is any invalid batch (llama-cpp-2
+                        // names it "n_tokens == 0", which a planned batch
+                        // never is): say what was refused.
+                        let message = match e {
+                            DecodeError::NTokensZero => format!(
+                                "llama.cpp refused a batch of {n_tokens} tokens \
+                                 ({sequences_in_batch} sequences) as invalid (code -1)"
+                            ),
+                            e => e.to_string(),
+                        };
+                        bevy::log::error!("bevy_npc_llm: {message}");
+                        Outcome::Failed(message)
+                    }
                 }
             }
         };
