@@ -466,6 +466,17 @@ fn even_prompt_steps_pad_a_crowds_prompts_without_changing_a_text() {
         c.even_prompt_steps > 0 && c.prompt_padding > 0,
         "no prompt step was padded: {c:?}"
     );
+    each_text_is_its_text_alone(&app, &npcs, &lines, req);
+}
+
+/// Each NPC's completed text (NPC `i` asked `req(lines[i])`) is not empty
+/// and is the greedy text of its request alone ([`uncached_text`]).
+fn each_text_is_its_text_alone(
+    app: &App,
+    npcs: &[Entity],
+    lines: &[&str],
+    req: impl Fn(&str) -> LlmRequest,
+) {
     let texts: Vec<String> = {
         let r = app.world().resource::<Recorded>();
         npcs.iter()
@@ -535,17 +546,7 @@ fn prompt_beside_talking_npcs(device_top_k: bool) {
         !ended_before_arrival,
         "the arriving prompt was not read while the others talked"
     );
-    let texts: Vec<String> = npcs
-        .iter()
-        .map(|e| {
-            r.completed_text(*e)
-                .unwrap_or_else(|| panic!("{:?}", r.of(*e)))
-        })
-        .collect();
-    for (line, text) in lines.iter().zip(texts) {
-        assert!(!text.is_empty(), "{line}: no text");
-        assert_eq!(uncached_text(req(line)), text, "{line}");
-    }
+    each_text_is_its_text_alone(&app, &npcs, &lines, req);
 }
 
 /// Every GPU tuning at once, on the CPU (the same llama.cpp graphs): two

@@ -787,9 +787,7 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
             .any(|t| !plan.fillers.iter().any(|f| f.slot as i32 == t.seq)),
         "a step of fillers only"
     );
-    let mut ids: Vec<usize> = plan.tokens.iter().map(|t| t.seq as usize / lanes).collect();
-    ids.sort_unstable();
-    ids.dedup();
+    let ids = step_ids(plan, lanes);
     let (low, top) = (ids[0], *ids.last().unwrap());
     assert_eq!(
         ids,
@@ -834,6 +832,15 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
     }
 }
 
+/// The lane sequence ids of a step's tokens (fillers included), sorted,
+/// each once.
+fn step_ids(plan: &Plan<u32>, lanes: usize) -> Vec<usize> {
+    let mut ids: Vec<usize> = plan.tokens.iter().map(|t| t.seq as usize / lanes).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// Every sequence's first token in the step asks for logits — except, with
 /// one output per sequence, where the sequence is sampled in the step.
 fn first_tokens_ask_logits(plan: &Plan<u32>, l: &Limits, what: &str) {
@@ -867,9 +874,7 @@ fn check_first_micro_batch(s: &Scheduler<u32>, plan: &Plan<u32>) {
     if !l.fill_gaps || l.swa_window > 0 || plan.even || !generates || high_prompt {
         return;
     }
-    let mut ids: Vec<usize> = plan.tokens.iter().map(|t| t.seq as usize / lanes).collect();
-    ids.sort_unstable();
-    ids.dedup();
+    let ids = step_ids(plan, lanes);
     if ids.last().map(|&top| top - ids[0] + 1) != Some(ids.len()) {
         return;
     }
@@ -1536,9 +1541,7 @@ proptest! {
             check_single_output(&plan, &l);
             if !plan.fillers.is_empty() {
                 // The lane's step is one run of its sequence ids from 0.
-                let mut ids: Vec<usize> = plan.tokens.iter().map(|t| t.seq as usize / lanes).collect();
-                ids.sort_unstable();
-                ids.dedup();
+                let ids = step_ids(&plan, lanes);
                 let (low, top) = (ids[0], *ids.last().unwrap());
                 prop_assert_eq!(ids, (low..=top).collect::<Vec<_>>());
             }
