@@ -312,7 +312,8 @@ pub struct GpuTuning {
     /// device waits less for the host. Each lane is a context of its own
     /// (its own compute buffers; a sequence stays in its lane). While the
     /// player's prompt is read, the other lanes' NPCs sit out as in one
-    /// lane. 0: the plan's choice (2 on a GPU, 1 on the CPU; see
+    /// lane. 0: the plan's choice (on a GPU 2 to 4, at most 8 sequences a
+    /// lane up to 32 sequences, 2 beyond; 1 on the CPU; see
     /// [`BackendPlan::lanes`](crate::hardware::BackendPlan::lanes)); a number
     /// applies on any backend (on the CPU the lanes share the cores, so it
     /// only costs there; the tests use it).

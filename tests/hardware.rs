@@ -428,6 +428,33 @@ fn real_model_tiers_on_simulated_machines() {
             );
             assert!(!p.device_sampling && p.sampling_threads > 1, "{p:?}");
             assert_eq!(p.lanes, 2, "two lanes on a GPU: {p:?}");
+            // Lanes of at most 8 sequences up to four lanes (llama.cpp's
+            // matrix-vector kernels), at least two; two beyond 32 sequences.
+            for (n, lanes) in [
+                (1, 2),
+                (8, 2),
+                (16, 2),
+                (17, 3),
+                (24, 3),
+                (25, 4),
+                (32, 4),
+                (33, 2),
+                (64, 2),
+                (128, 2),
+            ] {
+                let mut s = LlmSettings::default();
+                s.max_parallel_sequences = n;
+                s.context_per_sequence = 256;
+                s.sampling.max_tokens = 128;
+                let q = plan(profile, &reg, &s).unwrap();
+                assert_eq!(q.sequences, n, "{q:?}");
+                assert_eq!(q.lanes, lanes, "{n} sequences: {q:?}");
+            }
+            // A number in the settings is kept.
+            let mut s = LlmSettings::default();
+            s.max_parallel_sequences = 32;
+            s.gpu.lanes = 1;
+            assert_eq!(plan(profile, &reg, &s).unwrap().lanes, 1);
             assert!(p.fill_gaps && !p.kv_unified, "gap fillers on a GPU: {p:?}");
             assert!(p.even_prompt_steps, "even prompt steps on a GPU: {p:?}");
             // Unified KV asked for: nothing to fill.

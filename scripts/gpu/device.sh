@@ -311,8 +311,9 @@ PY
     done <<'VARIANTS'
 CUDA module as llama.cpp ships it (no CUDA-graph patch)|BEVY_NPC_LLM_BACKENDS_DIR=/tmp/npc-llm-dev/backends|
 shared q8_1 quantisation off|GGML_CUDA_SHARE_Q8_1=0|
-one lane||--lanes 1
-three lanes||--lanes 3
+two lanes at 16 and 32 NPCs (the plan before session 15)||--lanes 2 --npcs 16,32
+four lanes at 64 to 255 NPCs||--lanes 4 --npcs 64,128,255
+three lanes at 64 to 255 NPCs||--lanes 3 --npcs 64,128,255
 device top-k||--device-sampling on
 even prompt steps off||--even-prompts off
 VARIANTS

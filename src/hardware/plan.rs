@@ -64,9 +64,10 @@ pub struct BackendPlan {
     /// Flash attention on/off; `None`: llama.cpp's choice.
     pub flash_attention: Option<bool>,
     /// llama.cpp contexts the sequences are split across and decoded in
-    /// turns ([`GpuTuning::lanes`](crate::settings::GpuTuning::lanes)): 2 on
-    /// a GPU, 1 on the CPU, unless the settings ask for a number; never more
-    /// than the context's sequences.
+    /// turns ([`GpuTuning::lanes`](crate::settings::GpuTuning::lanes)): on
+    /// a GPU enough for at most 8 sequences a lane up to 32 sequences (2 to
+    /// 4), 2 beyond; 1 on the CPU; unless the settings ask for a number;
+    /// never more than the context's sequences.
     pub lanes: u32,
     /// The model to load.
     pub model: String,
@@ -248,12 +249,9 @@ pub fn plan(
         fill_gaps: tuning.fill_gaps.unwrap_or(on_gpu) && !kv_unified,
         even_prompt_steps: tuning.even_prompt_steps.unwrap_or(on_gpu) && !kv_unified,
         flash_attention: if on_gpu { tuning.flash_attention } else { None },
-        // Two lanes on a GPU: measured on an H100 (docs/BENCHMARKS.md),
-        // 1.18–1.22× llama-batched-bench's rate at 128 NPCs against 0.81–0.85×
-        // with one; on the CPU the lanes would share the decoding cores.
         lanes: match (on_gpu, tuning.lanes) {
             (_, n) if n > 0 => n,
-            (true, _) => 2,
+            (true, _) => gpu_lanes(sequences),
             (false, _) => 1,
         }
         .clamp(1, 4)
@@ -265,6 +263,27 @@ pub fn plan(
         reason,
     })
 }
+
+/// The lanes a GPU plan decodes `sequences` parallel sequences in: at most
+/// [`LANE_SEQUENCES`] a lane while that takes at most four lanes (llama.cpp
+/// decodes a step of up to 8 tokens with its matrix-vector kernels, larger
+/// ones with its batched kernels, which cost about twice as much per step at
+/// 16 tokens), never fewer than two (the device computes one lane's step
+/// while the host chooses the other's tokens); beyond 32 sequences two, as
+/// measured on an H100 (docs/BENCHMARKS.md: at 32 NPCs four lanes of 8
+/// generate 12.2–12.3k tok/s against 7.0–7.3k for two lanes of 16; at 8 NPCs
+/// four lanes cost 10–15 %; at 64 two, three and four lanes are alike).
+pub(crate) fn gpu_lanes(sequences: u32) -> u32 {
+    if sequences > 4 * LANE_SEQUENCES {
+        2
+    } else {
+        sequences.div_ceil(LANE_SEQUENCES).clamp(2, 4)
+    }
+}
+
+/// The most sequences a GPU lane holds where the plan can keep to it
+/// ([`gpu_lanes`]): llama.cpp's matrix-vector kernels take up to 8 tokens.
+pub(crate) const LANE_SEQUENCES: u32 = 8;
 
 fn headroom(g: &GpuDevice) -> u64 {
     (g.memory_free_bytes / 10).max(512 << 20)
