@@ -307,13 +307,13 @@ pub struct GpuTuning {
     /// are busy decoding).
     pub sampling_threads: u32,
     /// llama.cpp contexts the parallel sequences are split across (1 to
-    /// 4), decoded in turns: while the device computes one lane's step, the
+    /// 8), decoded in turns: while the device computes one lane's step, the
     /// host chooses another lane's tokens and builds its next graph, so the
     /// device waits less for the host. Each lane is a context of its own
     /// (its own compute buffers; a sequence stays in its lane). While the
     /// player's prompt is read, the other lanes' NPCs sit out as in one
-    /// lane. 0: the plan's choice (on a GPU 2 to 4, at most 8 sequences a
-    /// lane up to 32 sequences, 2 beyond; 1 on the CPU; see
+    /// lane. 0: the plan's choice (on a GPU at most 8 sequences a lane up to
+    /// 64 sequences, 2 to 8 lanes, 4 beyond; 1 on the CPU; see
     /// [`BackendPlan::lanes`](crate::hardware::BackendPlan::lanes)); a number
     /// applies on any backend (on the CPU the lanes share the cores, so it
     /// only costs there; the tests use it).
@@ -689,8 +689,8 @@ impl LlmSettings {
                 "must be at most 64 (0 = the plan's choice)",
             );
         }
-        if self.gpu.lanes > 4 {
-            return bad("gpu.lanes", "must be at most 4 (0 = the plan's choice)");
+        if self.gpu.lanes > 8 {
+            return bad("gpu.lanes", "must be at most 8 (0 = the plan's choice)");
         }
         if u64::from(self.context_per_sequence) * u64::from(self.max_parallel_sequences) > 4_194_304
         {

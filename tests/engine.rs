@@ -192,16 +192,28 @@ fn device_top_k_matches_host_greedy_repeats_with_a_seed_and_mixes_with_whole_row
 /// again.
 #[test]
 fn two_lanes_match_one_and_serve_cancel_and_despawn_mid_answer() {
+    lanes_match_one_and_serve_cancel_and_despawn_mid_answer(2);
+}
+
+/// The same with eight lanes, the most a GPU plan uses (64 NPCs in lanes
+/// of 8): lanes of one or two sequences, the player's lane decoded first
+/// among eight.
+#[test]
+fn eight_lanes_match_one_and_serve_cancel_and_despawn_mid_answer() {
+    lanes_match_one_and_serve_cancel_and_despawn_mid_answer(8);
+}
+
+fn lanes_match_one_and_serve_cancel_and_despawn_mid_answer(lanes: u32) {
     let (greedy, want) = greedy_reference();
     let mut s = settings();
-    s.gpu.lanes = 2;
+    s.gpu.lanes = lanes;
     s.max_parallel_sequences = 9;
     s.sampling.max_tokens = 48;
     let mut app = app_with(s);
     assert_eq!(
         complete(&mut app, greedy.clone()),
         want,
-        "greedy on two lanes"
+        "greedy on {lanes} lanes"
     );
     let es: Vec<Entity> = (0..9)
         .map(|i| {

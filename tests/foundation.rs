@@ -318,7 +318,7 @@ fn settings_defaults_file_and_validation() {
     assert_eq!(LlmSettings::default().gpu.device_sampling, None);
     let invalid = [
         ("(gpu: (sampling_threads: 65))", "gpu.sampling_threads"),
-        ("(gpu: (lanes: 5))", "gpu.lanes"),
+        ("(gpu: (lanes: 9))", "gpu.lanes"),
         ("(sampling: (temperature: -0.5))", "sampling.temperature"),
         ("(context_per_sequence: 0)", "context_per_sequence"),
         ("(max_parallel_sequences: 0)", "max_parallel_sequences"),

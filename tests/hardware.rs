@@ -428,8 +428,8 @@ fn real_model_tiers_on_simulated_machines() {
             );
             assert!(!p.device_sampling && p.sampling_threads > 1, "{p:?}");
             assert_eq!(p.lanes, 2, "two lanes on a GPU: {p:?}");
-            // Lanes of at most 8 sequences up to four lanes (llama.cpp's
-            // matrix-vector kernels), at least two; two beyond 32 sequences.
+            // Lanes of at most 8 sequences up to eight lanes (llama.cpp's
+            // matrix-vector kernels), at least two; four beyond 64 sequences.
             for (n, lanes) in [
                 (1, 2),
                 (8, 2),
@@ -438,9 +438,10 @@ fn real_model_tiers_on_simulated_machines() {
                 (24, 3),
                 (25, 4),
                 (32, 4),
-                (33, 2),
-                (64, 2),
-                (128, 2),
+                (33, 5),
+                (64, 8),
+                (65, 4),
+                (128, 4),
             ] {
                 let mut s = LlmSettings::default();
                 s.max_parallel_sequences = n;

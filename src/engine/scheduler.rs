@@ -26,6 +26,7 @@
 use super::protocol::RequestId;
 use super::slots::SlotTable;
 use crate::errors::LlmError;
+use crate::hardware::LANE_SEQUENCES;
 
 /// llama.cpp's most sequences in one context (`LLAMA_MAX_SEQ`).
 pub(crate) const LLAMA_MAX_SEQ: u32 = 256;
@@ -371,7 +372,10 @@ pub(crate) struct Scheduler<T> {
 impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     pub(crate) fn new(limits: Limits, prefix_cache: bool) -> Self {
         Self {
-            slots: SlotTable::new(limits.slots, prefix_cache),
+            // Fresh slots fill lanes as the plan sizes them: a lane of at
+            // most LANE_SEQUENCES busy sequences before one more is opened.
+            slots: SlotTable::new(limits.slots, prefix_cache)
+                .with_lanes(limits.lanes, LANE_SEQUENCES as usize),
             batch_limit: limits.batch_tokens.max(1),
             limits,
             seqs: Vec::new(),

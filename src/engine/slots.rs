@@ -32,6 +32,11 @@ pub(crate) struct SlotTable<T> {
     slots: Vec<Slot<T>>,
     clock: u64,
     cache_enabled: bool,
+    /// Lanes the slots are split across (slot `s` in lane `s % lanes`) and
+    /// how many busy slots a lane should hold before a new request goes to
+    /// one more lane: see [`SlotTable::with_lanes`].
+    lanes: usize,
+    lane_fill: usize,
     /// Cached prefixes dropped to make room, since creation.
     pub evictions: u64,
 }
@@ -53,8 +58,40 @@ impl<T: PartialEq + Clone> SlotTable<T> {
                 .collect(),
             clock: 0,
             cache_enabled,
+            lanes: 1,
+            lane_fill: usize::MAX,
             evictions: 0,
         }
+    }
+
+    /// Slots split across `lanes` (slot `s` in lane `s % lanes`): a request
+    /// that takes a fresh slot goes to the least busy of the first
+    /// `max(2, ⌈(busy + 1) / lane_fill⌉)` lanes (all of them at most), so
+    /// few talking NPCs share two lanes and each further `lane_fill` opens
+    /// one more, rather than each NPC decoding alone in a lane of its own.
+    /// A request that finds its own cached prefix keeps that slot, wherever
+    /// it is.
+    pub(crate) fn with_lanes(mut self, lanes: usize, lane_fill: usize) -> Self {
+        self.lanes = lanes.max(1);
+        self.lane_fill = lane_fill.max(1);
+        self
+    }
+
+    /// How much a fresh slot `i` suits a new request (higher is better): a
+    /// lane among those in use now first, then the least busy lane.
+    fn lane_preference(&self, i: usize) -> (bool, std::cmp::Reverse<usize>) {
+        let lane = i % self.lanes;
+        let busy_in = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(j, s)| s.busy && j % self.lanes == lane)
+            .count();
+        let open = (self.busy() + 1)
+            .div_ceil(self.lane_fill)
+            .max(2)
+            .min(self.lanes);
+        (lane < open, std::cmp::Reverse(busy_in))
     }
 
     pub(crate) fn set_cache_enabled(&mut self, enabled: bool) {
@@ -116,15 +153,17 @@ impl<T: PartialEq + Clone> SlotTable<T> {
                     .enumerate()
                     .filter(|(_, s)| free(s) && s.key.is_none())
                     .map(|(i, s)| (i, common_prefix(&s.tokens, prompt)))
-                    .max_by_key(|&(i, lcp)| (lcp, std::cmp::Reverse(i)))
+                    .max_by_key(|&(i, lcp)| (lcp, self.lane_preference(i), std::cmp::Reverse(i)))
                     .map(|(i, lcp)| (i, lcp, false));
             }
         } else {
             pick = self
                 .slots
                 .iter()
-                .position(|s| free(s) && s.key.is_none())
-                .map(|i| (i, 0, false));
+                .enumerate()
+                .filter(|(_, s)| free(s) && s.key.is_none())
+                .max_by_key(|&(i, _)| (self.lane_preference(i), std::cmp::Reverse(i)))
+                .map(|(i, _)| (i, 0, false));
         }
         // 3. Evict the least recently used keyed slot.
         if pick.is_none() {
@@ -351,6 +390,109 @@ mod tests {
             t.acquire(Some(1), &[1, 2, 3, 4], |_, l| l).unwrap().reuse,
             0
         );
+    }
+
+    /// Busy slots per lane.
+    fn lane_loads(t: &SlotTable<u32>, lanes: usize) -> Vec<usize> {
+        let mut loads = vec![0; lanes];
+        for i in (0..t.slots.len()).filter(|&i| t.is_busy(i)) {
+            loads[i % lanes] += 1;
+        }
+        loads
+    }
+
+    /// 64 NPCs arriving one by one in a context of 65 slots in eight lanes
+    /// (the GPU plan's largest): the first sixteen share two lanes, then
+    /// each eight open one more lane; no lane holds more than eight.
+    #[test]
+    fn fresh_slots_fill_two_lanes_then_one_more_per_eight() {
+        for cache in [true, false] {
+            let mut t = SlotTable::<u32>::new(65, cache).with_lanes(8, 8);
+            for k in 1..=64usize {
+                let key = k as u64;
+                let a = t.acquire(Some(key), &[key as u32, 1, 2], |_, l| l).unwrap();
+                assert_eq!(a.reuse, 0);
+                let loads = lane_loads(&t, 8);
+                let used = loads.iter().filter(|&&n| n > 0).count();
+                let want = if k == 1 { 1 } else { k.div_ceil(8).max(2) };
+                assert_eq!(used, want, "{k} NPCs: {loads:?} (cache {cache})");
+                assert!(loads.iter().all(|&n| n <= 8), "{k} NPCs: {loads:?}");
+                if k == 8 {
+                    assert_eq!(loads[..2], [4, 4], "{loads:?}");
+                }
+            }
+        }
+    }
+
+    /// After some NPCs finish, a new one goes to the emptier of the lanes in
+    /// use, not to a lane of its own; an NPC with a cached prefix keeps its
+    /// slot wherever it is.
+    #[test]
+    fn a_new_npc_joins_the_emptier_lane_in_use() {
+        let mut t = SlotTable::<u32>::new(17, true).with_lanes(4, 8);
+        let got: Vec<usize> = (0..6u64)
+            .map(|k| t.acquire(Some(k), &[k as u32, 9], |_, l| l).unwrap().slot)
+            .collect();
+        assert_eq!(lane_loads(&t, 4), vec![3, 3, 0, 0]);
+        // Two of lane 1's NPCs finish.
+        let lane1: Vec<usize> = got.iter().copied().filter(|s| s % 4 == 1).collect();
+        t.release(lane1[0], vec![1, 9]);
+        t.release(lane1[1], vec![3, 9]);
+        let a = t.acquire(Some(100), &[100, 9], |_, l| l).unwrap();
+        assert_eq!(
+            a.slot % 4,
+            1,
+            "the emptier lane in use: {:?}",
+            lane_loads(&t, 4)
+        );
+        // A returning NPC finds its own slot (and prefix).
+        let back = t.acquire(Some(3), &[3, 9, 4], |_, l| l).unwrap();
+        assert_eq!((back.slot, back.reuse), (lane1[1], 2));
+    }
+
+    /// One lane (the CPU), or lanes without a fill: the lowest free slot,
+    /// as before lanes.
+    #[test]
+    fn one_lane_takes_the_lowest_free_slot() {
+        let mut t = SlotTable::<u32>::new(4, false);
+        let a = t.acquire(None, &[1], |_, l| l).unwrap();
+        let b = t.acquire(None, &[1], |_, l| l).unwrap();
+        assert_eq!((a.slot, b.slot), (0, 1));
+        t.release(0, vec![]);
+        assert_eq!(t.acquire(None, &[1], |_, l| l).unwrap().slot, 0);
+    }
+
+    proptest::proptest! {
+        /// Any interleaving of arrivals (a few returning keys) and
+        /// departures, any lane count: a request gets a slot exactly when
+        /// one is free, and never a busy one.
+        #[test]
+        fn lanes_never_refuse_a_free_slot(
+            lanes in 1usize..=8,
+            slots in 1usize..20,
+            cache in proptest::bool::ANY,
+            ops in proptest::collection::vec((proptest::bool::ANY, 0u64..6, 0usize..20), 0..200),
+        ) {
+            let mut t = SlotTable::<u32>::new(slots, cache).with_lanes(lanes, 3);
+            for (arrive, key, pick) in ops {
+                if arrive {
+                    let free_before = t.has_free();
+                    let busy_before: Vec<bool> = (0..slots).map(|i| t.is_busy(i)).collect();
+                    let got = t.acquire(Some(key), &[key as u32, 7], |_, l| l);
+                    proptest::prop_assert_eq!(got.is_some(), free_before);
+                    if let Some(a) = got {
+                        proptest::prop_assert!(!busy_before[a.slot]);
+                        proptest::prop_assert!(t.is_busy(a.slot));
+                    }
+                } else {
+                    let busy: Vec<usize> = (0..slots).filter(|&i| t.is_busy(i)).collect();
+                    if !busy.is_empty() {
+                        let s = busy[pick % busy.len()];
+                        t.release(s, vec![s as u32, 7]);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -26,8 +26,8 @@ mod profile;
 
 use bevy::prelude::Resource;
 
-pub(crate) use plan::gib;
 pub use plan::{BackendPlan, plan};
+pub(crate) use plan::{LANE_SEQUENCES, gib};
 pub use profile::{GpuDevice, GpuKind, HardwareProfile};
 
 /// What the plugin chose for this machine, for status displays.

@@ -65,9 +65,9 @@ pub struct BackendPlan {
     pub flash_attention: Option<bool>,
     /// llama.cpp contexts the sequences are split across and decoded in
     /// turns ([`GpuTuning::lanes`](crate::settings::GpuTuning::lanes)): on
-    /// a GPU enough for at most 8 sequences a lane up to 32 sequences (2 to
-    /// 4), 2 beyond; 1 on the CPU; unless the settings ask for a number;
-    /// never more than the context's sequences.
+    /// a GPU at most 8 sequences a lane up to 64 sequences (2 to 8 lanes), 4
+    /// beyond; 1 on the CPU; unless the settings ask for a number; never more
+    /// than the context's sequences.
     pub lanes: u32,
     /// The model to load.
     pub model: String,
@@ -254,7 +254,7 @@ pub fn plan(
             (true, _) => gpu_lanes(sequences),
             (false, _) => 1,
         }
-        .clamp(1, 4)
+        .clamp(1, 8)
         .min(sequences + 1),
         sequences,
         context_per_sequence: ctx,
@@ -265,19 +265,22 @@ pub fn plan(
 }
 
 /// The lanes a GPU plan decodes `sequences` parallel sequences in: at most
-/// [`LANE_SEQUENCES`] a lane while that takes at most four lanes (llama.cpp
-/// decodes a step of up to 8 tokens with its matrix-vector kernels, larger
-/// ones with its batched kernels, which cost about twice as much per step at
-/// 16 tokens), never fewer than two (the device computes one lane's step
-/// while the host chooses the other's tokens); beyond 32 sequences two, as
-/// measured on an H100 (docs/BENCHMARKS.md: at 32 NPCs four lanes of 8
-/// generate 12.2–12.3k tok/s against 7.0–7.3k for two lanes of 16; at 8 NPCs
-/// four lanes cost 10–15 %; at 64 two, three and four lanes are alike).
+/// [`LANE_SEQUENCES`] a lane up to eight lanes, never fewer than two (the
+/// device computes one lane's step while the host chooses the other's
+/// tokens); beyond 64 sequences four. llama.cpp decodes a step of up to 8
+/// tokens with its matrix-vector kernels, larger ones with its batched
+/// kernels, which cost about as much at 16 tokens as at 32; each lane is a
+/// context with its own CUDA stream, so lanes' steps also overlap on the
+/// device. Measured on an H100 (docs/BENCHMARKS.md, session 15): at 32 NPCs
+/// four lanes of 8 generate 12.2–12.3k tok/s against 7.0–7.3k for two lanes
+/// of 16; at 64 eight lanes of 8 16.9k / 19.6k against 13.0k / 13.1k for
+/// four of 16; at 128 and 255 four, six and eight lanes are alike (and
+/// 11–38 % above two); at 8 NPCs four lanes cost 10–15 %.
 pub(crate) fn gpu_lanes(sequences: u32) -> u32 {
-    if sequences > 4 * LANE_SEQUENCES {
-        2
+    if sequences > 8 * LANE_SEQUENCES {
+        4
     } else {
-        sequences.div_ceil(LANE_SEQUENCES).clamp(2, 4)
+        sequences.div_ceil(LANE_SEQUENCES).clamp(2, 8)
     }
 }
 

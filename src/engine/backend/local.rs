@@ -500,8 +500,9 @@ impl Worker {
             },
         )?;
         // Every lane's context at once, as serving holds them. Each lane has
-        // compute buffers of its own: when they do not all fit, one lane
-        // (one context, as before lanes) is tried before failing the load.
+        // compute buffers of its own: when they do not all fit, half as
+        // many lanes are tried, down to one (one context, as before lanes),
+        // before failing the load.
         let mut lanes = spec.lanes.max(1);
         loop {
             let n_seq = lane_sequences(&spec, lanes);
@@ -519,9 +520,10 @@ impl Worker {
                 }
                 Err(e) if lanes > 1 => {
                     bevy::log::warn!(
-                        "bevy_npc_llm: {lanes} lanes (llama.cpp contexts) do not fit ({e}); serving with one"
+                        "bevy_npc_llm: {lanes} lanes (llama.cpp contexts) do not fit ({e}); trying {}",
+                        lanes / 2
                     );
-                    lanes = 1;
+                    lanes /= 2;
                 }
                 Err(e) => return Err(e),
             }

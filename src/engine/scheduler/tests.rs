@@ -1485,13 +1485,13 @@ proptest! {
     /// records as they were, and every job completes.
     #[test]
     fn lanes_plan_apart_and_every_job_completes(
-        lanes in 2usize..4,
-        slots in 2usize..9,
+        lanes in 2usize..=8,
+        slots in 2usize..19,
         fill_gaps in any::<bool>(),
         even_prompt_steps in any::<bool>(),
         single_output in any::<bool>(),
         jobs in proptest::collection::vec((any::<bool>(), 1usize..12, 1usize..6), 1..14),
-        turns in proptest::collection::vec(0usize..4, 0..300),
+        turns in proptest::collection::vec(0usize..8, 0..300),
     ) {
         let l = Limits {
             batch_tokens: slots + 9,
