@@ -8,7 +8,7 @@
 //!     [--json] [--json-out FILE]
 //!     [--remote URL]
 //!     [--device-sampling on|off] [--kv-unified on|off] [--fill-gaps on|off] [--even-prompts on|off] [--flash-attn on|off|auto]
-//!     [--sampling-threads N] [--lanes N] [--no-sequential] [--comparators FILE] [--label TEXT]
+//!     [--sampling-threads N] [--lanes N] [--sequences N] [--no-sequential] [--comparators FILE] [--label TEXT]
 //!     [--arrivals N] [--reps K]
 //!
 //! `--reps K` (default 1) measures each N of the `npcs` section K times on the
@@ -18,7 +18,8 @@
 //! moves by ±10 % from one run to the next.
 //!
 //! The GPU knobs set `LlmSettings::gpu` (on a CPU plan only `--device-sampling on`
-//! and `--lanes N` apply).
+//! and `--lanes N` apply). `--sequences N` sizes the `npcs` section's engine
+//! for at least N sequences (a game's plan, fewer NPCs talking).
 //! `--comparators FILE` reads llama.cpp's own figures measured on the same
 //! machine (scripts/gpu/comparators.py writes it: llama-bench `tg`,
 //! llama-batched-bench `S_TG` per B, llama-server's aggregate per N) and adds
@@ -66,6 +67,9 @@ struct Args {
     /// NPCs at a time in the `arrivals` section.
     arrivals: usize,
     lanes: Option<u32>,
+    /// `--sequences N`: the npcs section's engine sized for at least N
+    /// sequences (a game's plan) whatever the NPCs talking.
+    sequences: Option<u32>,
     /// Skip the one-slot sequential comparison in `npcs`.
     no_sequential: bool,
     /// Repetitions of each `npcs` measurement (the median run is reported).
@@ -113,6 +117,7 @@ fn parse_args() -> Args {
         sampling_threads: None,
         arrivals: 16,
         lanes: None,
+        sequences: None,
         no_sequential: false,
         reps: 1,
         comparators: None,
@@ -145,6 +150,7 @@ fn parse_args() -> Args {
             }
             "--sampling-threads" => a.sampling_threads = Some(val().parse().unwrap()),
             "--lanes" => a.lanes = Some(val().parse().unwrap()),
+            "--sequences" => a.sequences = Some(val().parse().unwrap()),
             "--arrivals" => a.arrivals = val().parse().unwrap(),
             "--no-sequential" => a.no_sequential = true,
             "--reps" => {
@@ -498,7 +504,7 @@ fn npcs(args: &Args, f: &mut Figures) {
     for &n in &args.npcs {
         // An engine sized for N NPCs (llama.cpp's per-step cost grows with
         // the sequences a context holds, used or not).
-        s.max_parallel_sequences = n as u32;
+        s.max_parallel_sequences = (n as u32).max(args.sequences.unwrap_or(0));
         let mut batched = ready_app(s.clone());
         let plan = batched
             .world()

@@ -311,9 +311,11 @@ PY
     done <<'VARIANTS'
 CUDA module as llama.cpp ships it (no CUDA-graph patch)|BEVY_NPC_LLM_BACKENDS_DIR=/tmp/npc-llm-dev/backends|
 shared q8_1 quantisation off|GGML_CUDA_SHARE_Q8_1=0|
-two lanes at 16 and 32 NPCs (the plan before session 15)||--lanes 2 --npcs 16,32
-four lanes at 64 to 255 NPCs||--lanes 4 --npcs 64,128,255
-three lanes at 64 to 255 NPCs||--lanes 3 --npcs 64,128,255
+two lanes at 16 to 255 NPCs (the plan before session 15)||--lanes 2 --npcs 16,32,64,128,255
+four lanes at 64 NPCs||--lanes 4 --npcs 64
+eight lanes at 128 and 255 NPCs||--lanes 8 --npcs 128,255
+sized for 64 (eight lanes), 8 and 16 NPCs talking||--sequences 64 --npcs 8,16
+sized for 64, two lanes, 8 and 16 NPCs talking||--sequences 64 --lanes 2 --npcs 8,16
 device top-k||--device-sampling on
 even prompt steps off||--even-prompts off
 VARIANTS
