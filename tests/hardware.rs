@@ -443,17 +443,21 @@ fn real_model_tiers_on_simulated_machines() {
                 (65, 4),
                 (128, 4),
             ] {
-                let mut s = LlmSettings::default();
-                s.max_parallel_sequences = n;
-                s.context_per_sequence = 256;
+                let mut s = LlmSettings {
+                    max_parallel_sequences: n,
+                    context_per_sequence: 256,
+                    ..Default::default()
+                };
                 s.sampling.max_tokens = 128;
                 let q = plan(profile, &reg, &s).unwrap();
                 assert_eq!(q.sequences, n, "{q:?}");
                 assert_eq!(q.lanes, lanes, "{n} sequences: {q:?}");
             }
             // A number in the settings is kept.
-            let mut s = LlmSettings::default();
-            s.max_parallel_sequences = 32;
+            let mut s = LlmSettings {
+                max_parallel_sequences: 32,
+                ..Default::default()
+            };
             s.gpu.lanes = 1;
             assert_eq!(plan(profile, &reg, &s).unwrap().lanes, 1);
             assert!(p.fill_gaps && !p.kv_unified, "gap fillers on a GPU: {p:?}");
