@@ -274,8 +274,8 @@ pub fn plan(
 /// device. Measured on an H100 (docs/BENCHMARKS.md, session 15): at 32 NPCs
 /// four lanes of 8 generate 12.2–12.3k tok/s against 7.0–7.3k for two lanes
 /// of 16; at 64 eight lanes of 8 16.9k / 19.6k against 13.0k / 13.1k for
-/// four of 16; at 128 and 255 four, six and eight lanes are alike (and
-/// 11–38 % above two); at 8 NPCs four lanes cost 10–15 %.
+/// four of 16; at 128 and 255 four, six and eight lanes are alike (10–15 %
+/// and 37–52 % above two); at 8 NPCs four lanes cost 11–16 %.
 pub(crate) fn gpu_lanes(sequences: u32) -> u32 {
     if sequences > 8 * LANE_SEQUENCES {
         4
