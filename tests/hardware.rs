@@ -221,8 +221,9 @@ fn selection_over_synthetic_machines() {
         assert!(p.sequences >= 1 && p.sequences <= settings.max_parallel_sequences);
         assert_eq!(
             p.kv_bytes,
-            // The context holds one sequence more: the player's slot.
-            u64::from(p.sequences + 1)
+            // The context holds one sequence more: the player's slot; each
+            // lane's context a whole share.
+            u64::from(p.lanes * (p.sequences + 1).div_ceil(p.lanes))
                 * u64::from(p.context_per_sequence)
                 * kv(&reg, c.expect_model)
         );

@@ -38,8 +38,9 @@ pub struct BackendPlan {
     /// Tokens per sequence.
     pub context_per_sequence: u32,
     /// Estimated KV cache size in bytes for all sequences, the slot kept
-    /// for the player's requests included (the context holds
-    /// `sequences + 1`).
+    /// for the player's requests included (the contexts hold
+    /// `sequences + 1`, rounded up to a whole number per lane: each of the
+    /// `lanes` contexts holds ⌈(sequences + 1) / lanes⌉).
     pub kv_bytes: u64,
     /// Top-k inside llama.cpp's graph for requests that allow it (only when
     /// [`GpuTuning::device_sampling`](crate::settings::GpuTuning::device_sampling)
@@ -237,6 +238,13 @@ pub fn plan(
         (true, n) => n,
     };
     let kv_unified = on_gpu && tuning.kv_unified.unwrap_or(false);
+    let lanes = match (on_gpu, tuning.lanes) {
+        (_, n) if n > 0 => n,
+        (true, _) => gpu_lanes(sequences),
+        (false, _) => 1,
+    }
+    .clamp(1, 8)
+    .min(sequences + 1);
     Ok(BackendPlan {
         backend,
         device,
@@ -249,16 +257,10 @@ pub fn plan(
         fill_gaps: tuning.fill_gaps.unwrap_or(on_gpu) && !kv_unified,
         even_prompt_steps: tuning.even_prompt_steps.unwrap_or(on_gpu) && !kv_unified,
         flash_attention: if on_gpu { tuning.flash_attention } else { None },
-        lanes: match (on_gpu, tuning.lanes) {
-            (_, n) if n > 0 => n,
-            (true, _) => gpu_lanes(sequences),
-            (false, _) => 1,
-        }
-        .clamp(1, 8)
-        .min(sequences + 1),
+        lanes,
         sequences,
         context_per_sequence: ctx,
-        kv_bytes: per_seq_kv * u64::from(sequences + 1),
+        kv_bytes: per_seq_kv * u64::from(lanes * (sequences + 1).div_ceil(lanes)),
         model: entry.id.clone(),
         reason,
     })
