@@ -689,8 +689,14 @@ impl LlmSettings {
                 "must be at most 64 (0 = the plan's choice)",
             );
         }
-        if self.gpu.lanes > 8 {
-            return bad("gpu.lanes", "must be at most 8 (0 = the plan's choice)");
+        if self.gpu.lanes > crate::hardware::MAX_LANES {
+            return bad(
+                "gpu.lanes",
+                &format!(
+                    "must be at most {} (0 = the plan's choice)",
+                    crate::hardware::MAX_LANES
+                ),
+            );
         }
         if u64::from(self.context_per_sequence) * u64::from(self.max_parallel_sequences) > 4_194_304
         {

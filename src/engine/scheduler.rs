@@ -82,6 +82,12 @@ pub(crate) fn lane_seq(slot: usize, lanes: usize) -> (usize, usize) {
     (slot % lanes, slot / lanes)
 }
 
+/// Sequences each lane's context holds when `slots` slots are split across
+/// `lanes` contexts as [`lane_seq`] places them: the largest lane's share.
+pub(crate) fn lane_size(slots: u32, lanes: u32) -> u32 {
+    slots.div_ceil(lanes.max(1))
+}
+
 impl Limits {
     /// The lane slot `slot` decodes in.
     pub(crate) fn lane_of(&self, slot: usize) -> usize {

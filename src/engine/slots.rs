@@ -2,6 +2,8 @@
 //! FIFO, bounded) and the sequence slots with their per-key prefix cache
 //! (longest common prefix reuse, least-recently-used eviction).
 
+use super::scheduler::lane_seq;
+
 /// One sequence slot of the llama.cpp context (one sequence id).
 #[derive(Debug, Clone)]
 pub(crate) struct Slot<T> {
@@ -80,12 +82,12 @@ impl<T: PartialEq + Clone> SlotTable<T> {
     /// How much a fresh slot `i` suits a new request (higher is better): a
     /// lane among those in use now first, then the least busy lane.
     fn lane_preference(&self, i: usize) -> (bool, std::cmp::Reverse<usize>) {
-        let lane = i % self.lanes;
+        let lane = lane_seq(i, self.lanes).0;
         let busy_in = self
             .slots
             .iter()
             .enumerate()
-            .filter(|(j, s)| s.busy && j % self.lanes == lane)
+            .filter(|&(j, s)| s.busy && lane_seq(j, self.lanes).0 == lane)
             .count();
         let open = (self.busy() + 1)
             .div_ceil(self.lane_fill)

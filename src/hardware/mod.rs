@@ -27,7 +27,7 @@ mod profile;
 use bevy::prelude::Resource;
 
 pub use plan::{BackendPlan, plan};
-pub(crate) use plan::{LANE_SEQUENCES, gib};
+pub(crate) use plan::{LANE_SEQUENCES, MAX_LANES, gib};
 pub use profile::{GpuDevice, GpuKind, HardwareProfile};
 
 /// What the plugin chose for this machine, for status displays.

@@ -1,6 +1,7 @@
 //! Choosing backend, GPU layers, threads, parallel sequences and model for a
 //! machine: a pure function of (profile, registry, settings).
 
+use crate::engine::scheduler::lane_size;
 use crate::errors::SelectionError;
 use crate::registry::{ModelEntry, ModelRegistry};
 use crate::settings::{GpuLayers, LlmSettings};
@@ -243,7 +244,7 @@ pub fn plan(
         (true, _) => gpu_lanes(sequences),
         (false, _) => 1,
     }
-    .clamp(1, 8)
+    .clamp(1, MAX_LANES)
     .min(sequences + 1);
     Ok(BackendPlan {
         backend,
@@ -260,7 +261,7 @@ pub fn plan(
         lanes,
         sequences,
         context_per_sequence: ctx,
-        kv_bytes: per_seq_kv * u64::from(lanes * (sequences + 1).div_ceil(lanes)),
+        kv_bytes: per_seq_kv * u64::from(lanes * lane_size(sequences + 1, lanes)),
         model: entry.id.clone(),
         reason,
     })
@@ -279,16 +280,19 @@ pub fn plan(
 /// four of 16; at 128 and 255 four, six and eight lanes are alike (10–15 %
 /// and 37–52 % above two); at 8 NPCs four lanes cost 11–16 %.
 pub(crate) fn gpu_lanes(sequences: u32) -> u32 {
-    if sequences > 8 * LANE_SEQUENCES {
+    if sequences > MAX_LANES * LANE_SEQUENCES {
         4
     } else {
-        sequences.div_ceil(LANE_SEQUENCES).clamp(2, 8)
+        sequences.div_ceil(LANE_SEQUENCES).clamp(2, MAX_LANES)
     }
 }
 
 /// The most sequences a GPU lane holds where the plan can keep to it
 /// ([`gpu_lanes`]): llama.cpp's matrix-vector kernels take up to 8 tokens.
 pub(crate) const LANE_SEQUENCES: u32 = 8;
+
+/// The most lanes (llama.cpp contexts) a plan or `gpu.lanes` may ask for.
+pub(crate) const MAX_LANES: u32 = 8;
 
 fn headroom(g: &GpuDevice) -> u64 {
     (g.memory_free_bytes / 10).max(512 << 20)

@@ -16,6 +16,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 
 use super::{BackendKind, InferenceBackend, WorkerHandle};
 use crate::engine::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadedModelInfo};
+use crate::engine::scheduler::lane_size;
 use crate::engine::serve::Server;
 use crate::engine::slots::JobQueue;
 use crate::errors::{LlmError, ModelLoadError};
@@ -632,7 +633,7 @@ fn lane_contexts<'m>(
 /// Sequences of each lane's context when the slots are split across
 /// `lanes` contexts (slot `s` in lane `s % lanes`): the largest lane's share.
 pub(crate) fn lane_sequences(spec: &LoadSpec, lanes: u32) -> u32 {
-    context_sequences(spec).div_ceil(lanes.max(1))
+    lane_size(context_sequences(spec), lanes)
 }
 
 /// One lane's context: its share of the `sequences` slots plus the one
