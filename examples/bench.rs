@@ -7,7 +7,8 @@
 //!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained,seed,arrivals]
 //!     [--json] [--json-out FILE]
 //!     [--remote URL]
-//!     [--device-sampling on|off] [--kv-unified on|off] [--fill-gaps on|off] [--even-prompts on|off] [--flash-attn on|off|auto]
+//!     [--device-sampling on|off] [--kv-unified on|off] [--fill-gaps on|off] [--even-prompts on|off] [--round-prompts on|off]
+//!     [--flash-attn on|off|auto]
 //!     [--sampling-threads N] [--lanes N] [--sequences N] [--no-sequential] [--comparators FILE] [--label TEXT]
 //!     [--arrivals N] [--reps K]
 //!
@@ -62,6 +63,7 @@ struct Args {
     kv_unified: Option<bool>,
     fill_gaps: Option<bool>,
     even_prompt_steps: Option<bool>,
+    round_prompt_steps: Option<bool>,
     flash_attn: Option<Option<bool>>,
     sampling_threads: Option<u32>,
     /// NPCs at a time in the `arrivals` section.
@@ -113,6 +115,7 @@ fn parse_args() -> Args {
         kv_unified: None,
         fill_gaps: None,
         even_prompt_steps: None,
+        round_prompt_steps: None,
         flash_attn: None,
         sampling_threads: None,
         arrivals: 16,
@@ -144,6 +147,7 @@ fn parse_args() -> Args {
             "--kv-unified" => a.kv_unified = Some(on_off(&val())),
             "--fill-gaps" => a.fill_gaps = Some(on_off(&val())),
             "--even-prompts" => a.even_prompt_steps = Some(on_off(&val())),
+            "--round-prompts" => a.round_prompt_steps = Some(on_off(&val())),
             "--flash-attn" => {
                 let v = val();
                 a.flash_attn = Some((v != "auto").then(|| on_off(&v)));
@@ -216,6 +220,9 @@ fn base_settings(args: &Args) -> LlmSettings {
     }
     if let Some(v) = args.even_prompt_steps {
         s.gpu.even_prompt_steps = Some(v);
+    }
+    if let Some(v) = args.round_prompt_steps {
+        s.gpu.round_prompt_steps = Some(v);
     }
     if let Some(v) = args.kv_unified {
         s.gpu.kv_unified = Some(v);
@@ -941,11 +948,38 @@ fn history(turns: usize) -> Vec<ChatMessage> {
     m
 }
 
-/// The second turn's time to first token (median of 3), its prompt and
-/// reused prefix, and where that time went: admission, the llama_decode
-/// call, the device wait and the token choice of its one step (the second
-/// turn asks for one token, so its counters are that step's), in ms.
-fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, [f64; 4]) {
+/// What [`ttft_second_turn`] measured.
+struct SecondTurns {
+    /// The median second turn's time to first token, ms.
+    median: f64,
+    /// Every second turn's, in the order they ran, ms.
+    each: Vec<f64>,
+    /// One more second turn after the engine sat idle for
+    /// [`IDLE_BEFORE_TURN`] (a player reading the answer), ms; cache on
+    /// only.
+    after_idle: Option<f64>,
+    /// The last second turn's prompt and reused prefix, tokens.
+    prompt: usize,
+    reused: usize,
+    /// The median turn's admission, llama_decode call, device wait and
+    /// token choice, ms.
+    parts: [f64; 4],
+    /// Lone prompt steps rounded up to a width over all turns.
+    rounded_steps: u64,
+}
+
+/// How long the engine idles before [`SecondTurns::after_idle`]: longer
+/// than llama.cpp keeps a recorded CUDA graph unused (10 s), as a player
+/// who reads an answer before replying does.
+const IDLE_BEFORE_TURN: Duration = Duration::from_secs(12);
+
+/// The second turn's time to first token (median of `--reps`, at least 3,
+/// back to back; with the cache on, one more after the engine idled), its prompt and
+/// reused prefix, and where the median turn's time went: admission, the
+/// llama_decode call, the device wait and the token choice of its one step
+/// (the second turn asks for one token, so its counters are that step's),
+/// in ms.
+fn ttft_second_turn(args: &Args, cache: bool) -> SecondTurns {
     let mut s = base_settings(args);
     s.prefix_cache = cache;
     s.sampling.max_tokens = 8;
@@ -956,7 +990,16 @@ fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, [f64; 4]) {
     let mut times = Vec::new();
     let mut last = (0, 0);
     let reps = args.reps.max(3);
-    for rep in 0..reps {
+    let mut after_idle = None;
+    let rounded0 = app
+        .world()
+        .resource::<LlmEngineStats>()
+        .counters
+        .rounded_prompt_steps;
+    for rep in 0..=reps {
+        if rep == reps && !cache {
+            break;
+        }
         // Turn 1 (warms this NPC's cache), then turn 2 extends it by one line.
         let _ = run(
             &mut app,
@@ -964,6 +1007,14 @@ fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, [f64; 4]) {
         );
         let mut second = msgs.clone();
         second.push(ChatMessage::assistant("Good day."));
+        if rep == reps {
+            // The last turn comes after the engine sat idle (frames run on).
+            let idle = Instant::now();
+            while idle.elapsed() < IDLE_BEFORE_TURN {
+                app.update();
+                std::thread::sleep(Duration::from_millis(16));
+            }
+        }
         // Each second turn a word longer than the one before, so no two have
         // one shape: a game's next turn is a shape the GPU has not just run
         // (llama.cpp replays a recorded CUDA graph only for a shape it ran
@@ -992,11 +1043,30 @@ fn ttft_second_turn(args: &Args, cache: bool) -> (f64, usize, usize, [f64; 4]) {
             ms(c1.sync_time - c0.sync_time),
             ms(c1.pick_time - c0.pick_time),
         ];
-        times.push((ttft, parts));
-        last = (st[0].stats.prompt_tokens, st[0].stats.reused_prefix_tokens);
+        if rep == reps {
+            after_idle = Some(ttft);
+        } else {
+            times.push((ttft, parts));
+            last = (st[0].stats.prompt_tokens, st[0].stats.reused_prefix_tokens);
+        }
     }
+    let each = times.iter().map(|t| t.0).collect();
+    let rounded_steps = app
+        .world()
+        .resource::<LlmEngineStats>()
+        .counters
+        .rounded_prompt_steps
+        - rounded0;
     times.sort_by(|a, b| a.0.total_cmp(&b.0));
-    (times[reps / 2].0, last.0, last.1, times[reps / 2].1)
+    SecondTurns {
+        median: times[reps / 2].0,
+        each,
+        after_idle,
+        prompt: last.0,
+        reused: last.1,
+        parts: times[reps / 2].1,
+        rounded_steps,
+    }
 }
 
 /// NPCs starting lines while others talk, as in a town: `--arrivals N`
@@ -1101,9 +1171,36 @@ fn settled_counters(app: &mut App, c0: &EngineCounters, completed: u64) -> Engin
 }
 
 fn cache(args: &Args, f: &mut Figures) {
-    let (cached, prompt, reused, on) = ttft_second_turn(args, true);
-    let (plain, _, _, off) = ttft_second_turn(args, false);
-    for (what, parts) in [("cache on", on), ("cache off", off)] {
+    let on = ttft_second_turn(args, true);
+    let off = ttft_second_turn(args, false);
+    let (cached, plain, prompt, reused) = (on.median, off.median, on.prompt, on.reused);
+    for (what, turns) in [("cache on", &on), ("cache off", &off)] {
+        for (i, &v) in turns.each.iter().enumerate() {
+            f.add(
+                "cache",
+                &format!("second turn {}, {what}: TTFT", i + 1),
+                v,
+                "ms",
+            );
+        }
+        if let Some(v) = turns.after_idle {
+            f.add(
+                "cache",
+                &format!(
+                    "second turn after {} s idle, {what}: TTFT",
+                    IDLE_BEFORE_TURN.as_secs()
+                ),
+                v,
+                "ms",
+            );
+        }
+        f.add(
+            "cache",
+            &format!("{what}: lone prompt steps rounded up"),
+            turns.rounded_steps as f64,
+            "steps",
+        );
+        let parts = turns.parts;
         for (part, v) in [
             "admission (render, tokenize, slot)",
             "llama_decode call",
@@ -1397,7 +1494,7 @@ fn main() {
                 .join(", ")
         );
         println!(
-            "plan: model {} on {} ({} GPU layers, {} threads, device top-k {}, sampling threads {}, unified KV {}, gap fillers {}, even prompt steps {}, flash attention {}, lanes {})",
+            "plan: model {} on {} ({} GPU layers, {} threads, device top-k {}, sampling threads {}, unified KV {}, gap fillers {}, even prompt steps {}, rounded prompt steps {}, flash attention {}, lanes {})",
             plan.model,
             plan.device.as_deref().unwrap_or(&plan.backend),
             plan.gpu_layers,
@@ -1407,6 +1504,7 @@ fn main() {
             plan.kv_unified,
             plan.fill_gaps,
             plan.even_prompt_steps,
+            plan.round_prompt_steps,
             plan.flash_attention
                 .map_or("llama.cpp's choice", |on| if on { "on" } else { "off" }),
             plan.lanes,
@@ -1421,6 +1519,7 @@ fn main() {
             "kv_unified": plan.kv_unified,
             "fill_gaps": plan.fill_gaps,
             "even_prompt_steps": plan.even_prompt_steps,
+            "round_prompt_steps": plan.round_prompt_steps,
             "flash_attention": plan.flash_attention,
             "lanes": plan.lanes,
             "model": plan.model,

@@ -297,6 +297,21 @@ pub struct GpuTuning {
     /// the CPU (no effect beyond the 2-core machine's spread there);
     /// `Some(_)` applies on any backend.
     pub even_prompt_steps: Option<bool>,
+    /// Round a step that reads one sequence's prompt alone and ends it —
+    /// the player's next line, an NPC resuming a cached conversation —
+    /// up to a fixed width (16, 32 or 64 tokens) with throw-away tokens
+    /// after the prompt's own (removed again after the step; the prompt's
+    /// logits are those of its own last token, unchanged). Such a step has
+    /// a new length almost every time, and a GPU runs a new shape kernel by
+    /// kernel (about 5 ms of host time for SmolLM2-135M on an H100, most of
+    /// a cached turn's time to first token); rounded, the same NPC's next
+    /// turns have one shape and replay a recorded CUDA graph (with the CUDA
+    /// module of `scripts/gpu/build-cuda-backend.sh`, which keys such steps
+    /// by the sequence they read; llama.cpp drops a recorded graph unused
+    /// for 10 s). Steps over 64 tokens are not rounded. `None`: on with a
+    /// GPU, off on the CPU (where a token costs its compute); `Some(_)`
+    /// applies on any backend; never with a sliding-window model.
+    pub round_prompt_steps: Option<bool>,
     /// Flash attention on or off; `None`: llama.cpp's choice (on where the
     /// device supports it).
     pub flash_attention: Option<bool>,

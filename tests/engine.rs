@@ -345,6 +345,7 @@ fn uncached_text(req: LlmRequest) -> String {
     s.prefix_cache = false;
     s.gpu.fill_gaps = Some(false);
     s.gpu.even_prompt_steps = Some(false);
+    s.gpu.round_prompt_steps = Some(false);
     let mut plain = app_with(s);
     let e = request(&mut plain, req);
     run_until_finished(&mut plain, &[e]);
@@ -451,6 +452,61 @@ fn gap_fillers_leave_an_idle_npcs_cache_intact() {
     let (_, reused, cached) = cached_turn(&mut app, brom, &req);
     assert!(reused > 0, "Brom's cache was not reused");
     assert_eq!(uncached_text(req), cached);
+}
+
+/// Rounded lone prompt steps (`gpu.round_prompt_steps`, on by default on
+/// a GPU; here on the CPU): an NPC's cached second turn — the player's,
+/// High priority, while another NPC talks — reads its new tokens alone,
+/// rounded up with throw-away tokens after them that are removed again.
+/// No text changes (each turn's greedy text is that of an engine without
+/// cache or rounding), and the third turn reuses all the second left in
+/// the KV: the padding left nothing behind.
+#[test]
+fn rounded_prompt_steps_change_no_text_and_leave_the_cache_intact() {
+    let mut s = settings();
+    s.gpu.round_prompt_steps = Some(true);
+    s.max_parallel_sequences = 3;
+    let mut app = app_with(s);
+    let brom = app.world_mut().spawn_empty().id();
+    let (first, second) = brom_turns();
+    let turn = |msgs: Vec<ChatMessage>| {
+        LlmRequest::chat(msgs)
+            .with_priority(RequestPriority::High)
+            .with_temperature(0.0)
+            .with_max_tokens(16)
+    };
+    let (_, _, answer) = cached_turn(&mut app, brom, &turn(first));
+    assert!(!answer.is_empty());
+    // Another NPC talks while the player speaks to Brom again.
+    let tom = request(
+        &mut app,
+        chat("Tell me about bread.")
+            .with_seed(3)
+            .with_max_tokens(24),
+    );
+    let c0 = app.world().resource::<LlmEngineStats>().counters.clone();
+    let (prompt2, reused2, text2) = cached_turn(&mut app, brom, &turn(second.clone()));
+    let c1 = app.world().resource::<LlmEngineStats>().counters.clone();
+    assert!(
+        reused2 > 0 && prompt2 - reused2 <= 64,
+        "{prompt2} / {reused2}"
+    );
+    assert!(
+        c1.rounded_prompt_steps > c0.rounded_prompt_steps && c1.prompt_padding > c0.prompt_padding,
+        "the second turn was not rounded: {c1:?}"
+    );
+    run_until_finished(&mut app, &[tom]);
+    assert_eq!(uncached_text(turn(second.clone())), text2);
+    // The third turn extends the second's prompt and answer.
+    let mut third = second;
+    third.push(ChatMessage::assistant(text2));
+    third.push(ChatMessage::user("And my cart?"));
+    let (_, reused3, text3) = cached_turn(&mut app, brom, &turn(third.clone()));
+    assert!(
+        reused3 >= prompt2,
+        "third turn reused {reused3} of {prompt2}"
+    );
+    assert_eq!(uncached_text(turn(third)), text3);
 }
 
 /// Even prompt steps (`gpu.even_prompt_steps`, on by default on a GPU;

@@ -463,6 +463,10 @@ fn real_model_tiers_on_simulated_machines() {
             assert_eq!(plan(profile, &reg, &s).unwrap().lanes, 1);
             assert!(p.fill_gaps && !p.kv_unified, "gap fillers on a GPU: {p:?}");
             assert!(p.even_prompt_steps, "even prompt steps on a GPU: {p:?}");
+            assert!(p.round_prompt_steps, "rounded prompt steps on a GPU: {p:?}");
+            let mut s = LlmSettings::default();
+            s.gpu.round_prompt_steps = Some(false);
+            assert!(!plan(profile, &reg, &s).unwrap().round_prompt_steps);
             // Unified KV asked for: nothing to fill.
             let mut s = LlmSettings::default();
             s.gpu.kv_unified = Some(true);
@@ -477,15 +481,16 @@ fn real_model_tiers_on_simulated_machines() {
             assert_eq!(p.lanes, 1, "one lane on the CPU: {p:?}");
             assert!(!p.fill_gaps, "no gap fillers on the CPU by default: {p:?}");
             assert!(
-                !p.even_prompt_steps,
+                !p.even_prompt_steps && !p.round_prompt_steps,
                 "no padding on the CPU by default: {p:?}"
             );
             let mut s = LlmSettings::default();
             s.gpu.fill_gaps = Some(true);
             s.gpu.even_prompt_steps = Some(true);
+            s.gpu.round_prompt_steps = Some(true);
             let asked = plan(profile, &reg, &s).unwrap();
             assert!(
-                asked.fill_gaps && asked.even_prompt_steps,
+                asked.fill_gaps && asked.even_prompt_steps && asked.round_prompt_steps,
                 "asked for on the CPU"
             );
         }

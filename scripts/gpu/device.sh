@@ -307,17 +307,18 @@ PY
         # shellcheck disable=SC2086
         env $envs "$bench" --sections npcs --npcs 8,32,128 --tokens 128 --reps 5 --no-sequential \
             --comparators "$W/comparators-all.json" --label "$label" --json-out "$W/variant$i.json" $flags \
-            2>&1 | tee "$W/logs/variant$i.log" | grep -E "plan:|generation rate|per step: wall|aggregate" || true
+            2>&1 | tee "$W/logs/variant$i.log" | grep -E "plan:|generation rate|per step: wall|aggregate|TTFT|cached / uncached" || true
     done <<'VARIANTS'
-CUDA module as llama.cpp ships it (no CUDA-graph patch)|BEVY_NPC_LLM_BACKENDS_DIR=/tmp/npc-llm-dev/backends|
-shared q8_1 quantisation off|GGML_CUDA_SHARE_Q8_1=0|
+rounded prompt steps off (cache section)||--sections cache --round-prompts off
+rounded prompt steps on (cache section)||--sections cache --round-prompts on
+rounded prompt steps off again (cache section)||--sections cache --round-prompts off
 two lanes at 16 to 255 NPCs (the plan before session 15)||--lanes 2 --npcs 16,32,64,128,255
 four lanes at 64 NPCs||--lanes 4 --npcs 64
 eight lanes at 128 and 255 NPCs||--lanes 8 --npcs 128,255
 sized for 64 (eight lanes), 8 and 16 NPCs talking||--sequences 64 --npcs 8,16
 sized for 64, two lanes, 8 and 16 NPCs talking||--sequences 64 --lanes 2 --npcs 8,16
-device top-k||--device-sampling on
 even prompt steps off||--even-prompts off
+CUDA module as llama.cpp ships it (no CUDA-graph patch)|BEVY_NPC_LLM_BACKENDS_DIR=/tmp/npc-llm-dev/backends|
 VARIANTS
     python3 - "$W" <<'PY'
 import glob, json, sys

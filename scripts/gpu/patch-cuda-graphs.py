@@ -15,9 +15,17 @@ one recorded).
 The change: a decode-like graph (as many outputs as tokens: one token per
 generating sequence) is keyed by its shape too (node count, tokens), so
 each generation batch size keeps its own recorded graph across prompt
-steps; prompt graphs keep llama.cpp's key and warmup. Nothing computed
-changes: a graph is still replayed only when every node's properties match
-(ggml also still evicts graphs unused for 10 s).
+steps. A short prompt step with one output (at most 64 tokens: the engine
+rounds a sequence's lone prompt step up to 16, 32 or 64 tokens -- the
+player's next line, an NPC resuming a cached conversation) is keyed by
+every node's data address too, which names the KV stream it reads, so
+each sequence's rounded turns keep their own recorded graph across the
+other steps of the context (about 5 ms of host time launched kernel by
+kernel, most of a cached turn's time to first token). Other prompt graphs
+keep llama.cpp's key. llama.cpp's warmup is unchanged (a graph is recorded
+at the second call of a key with identical properties, replayed from the
+third). Nothing computed changes: a graph is still replayed only when every
+node's properties match (ggml also still evicts graphs unused for 10 s).
 
 Usage: patch-cuda-graphs.py LLAMA_CPP_DIR   (fails if the code moved)
 """
@@ -46,7 +54,17 @@ patch(
             "    const ggml_tensor * first = cgraph->nodes[0];\n"
             "    const ggml_tensor * last  = cgraph->nodes[cgraph->n_nodes - 1];\n"
             "    if (first->ne[1] != last->ne[1]) {\n"
-            "        return first;\n"
+            "        if (first->ne[1] > 64 || last->ne[1] != 1) {\n"
+            "            return first;\n"
+            "        }\n"
+            "        // a short prompt step ending one sequence's prompt (the engine rounds these to\n"
+            "        // 16/32/64 tokens): keyed by its nodes' addresses too, i.e. by the KV stream it reads\n"
+            "        uint64_t k = 0xcbf29ce484222325ull ^ (uint64_t) cgraph->n_nodes;\n"
+            "        for (int i = 0; i < cgraph->n_nodes; i++) {\n"
+            "            k = (k ^ (uint64_t) (uintptr_t) cgraph->nodes[i]->data) * 0x100000001b3ull;\n"
+            "        }\n"
+            "        k = (k ^ (uint64_t) first->ne[1]) * 0x100000001b3ull;\n"
+            "        return (const void *) ((uintptr_t) first ^ (uintptr_t) (k | 1));\n"
             "    }\n"
             "    uint64_t h = (uint64_t) cgraph->n_nodes * 0x9E3779B97F4A7C15ull ^ (uint64_t) first->ne[1];\n"
             "    return (const void *) ((uintptr_t) first ^ (uintptr_t) ((h + 1) * 0x9E3779B97F4A7C15ull));\n"

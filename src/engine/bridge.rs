@@ -218,6 +218,7 @@ pub(crate) fn load_spec(
         kv_unified: plan.kv_unified,
         fill_gaps: plan.fill_gaps,
         even_prompt_steps: plan.even_prompt_steps,
+        round_prompt_steps: plan.round_prompt_steps,
         flash_attention: plan.flash_attention,
         lanes: plan.lanes,
     };

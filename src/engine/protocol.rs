@@ -60,6 +60,9 @@ pub(crate) struct LoadSpec {
     /// Even prompt steps (streams only; see the scheduler's
     /// `even_prompt_step`).
     pub even_prompt_steps: bool,
+    /// Round a lone step that ends a prompt up to a fixed width (see the
+    /// scheduler's `round_lone_prompt`).
+    pub round_prompt_steps: bool,
     /// Flash attention on/off; `None`: llama.cpp decides.
     pub flash_attention: Option<bool>,
     /// llama.cpp contexts the slots are split across, decoded in turns
@@ -147,9 +150,13 @@ pub struct EngineCounters {
     /// Steps that read prompts in even shares, one micro-batch each
     /// (`GpuTuning::even_prompt_steps`).
     pub even_prompt_steps: u64,
-    /// Throw-away tokens padding those steps' sequences to one width,
-    /// removed again after their step.
+    /// Throw-away tokens padding those steps' sequences to one width, and
+    /// rounding lone prompt steps up to theirs, removed again after their
+    /// step.
     pub prompt_padding: u64,
+    /// Steps that read one sequence's prompt alone, rounded up to a fixed
+    /// width (`GpuTuning::round_prompt_steps`).
+    pub rounded_prompt_steps: u64,
     /// Requests completed.
     pub completed: u64,
     /// Requests failed.

@@ -38,6 +38,10 @@ const NORMAL: i32 = 0;
 /// sequence in the step (see [`Filler`]).
 const MAX_FILLERS_ALWAYS: usize = 8;
 
+/// The widths a lone prompt step is rounded up to (see
+/// [`Scheduler::round_lone_prompt`]); a longer step is not rounded.
+pub(crate) const ROUND_WIDTHS: [usize; 3] = [16, 32, 64];
+
 /// The sizes a step must respect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Limits {
@@ -68,6 +72,10 @@ pub(crate) struct Limits {
     /// padded to one width (a KV stream per sequence, full attention
     /// only): see [`Scheduler::even_prompt_step`].
     pub even_prompt_steps: bool,
+    /// Round a step that reads one sequence's prompt alone and ends it up
+    /// to one of [`ROUND_WIDTHS`] (full attention only): see
+    /// [`Scheduler::round_lone_prompt`].
+    pub round_prompt_steps: bool,
     /// At most one output (logits request) per sequence in a step:
     /// llama.cpp's backend sampling (device top-k) refuses a batch with
     /// more, so where a sequence's token is sampled in a step, no other of
@@ -171,7 +179,8 @@ pub(crate) struct BatchToken<T> {
 ///
 /// An even prompt step ([`Scheduler::even_prompt_step`]) pads with fillers
 /// too: `count` of them after a sequence's own tokens of the step (or in an
-/// idle slot), none asking for logits.
+/// idle slot), none asking for logits; so does a rounded lone prompt step
+/// ([`Scheduler::round_lone_prompt`]), after its one sequence's tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Filler {
     /// The slot (its lane's sequence id: see [`lane_seq`]).
@@ -212,6 +221,9 @@ pub(crate) struct Plan<T> {
     /// An even prompt step ([`Scheduler::even_prompt_step`]): its fillers
     /// pad, they fill no gap.
     pub even: bool,
+    /// A lone prompt step rounded up to a fixed width
+    /// ([`Scheduler::round_lone_prompt`]): its one filler pads.
+    pub rounded: bool,
     entries: Vec<Entry>,
     /// The lane it was planned for.
     lane: usize,
@@ -602,11 +614,19 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
                 budget -= take;
             }
         }
-        let fillers = self.fill_gaps(lane, &mut tokens, &entries, budget);
+        let mut fillers = self.fill_gaps(lane, &mut tokens, &entries, budget);
+        let mut rounded = false;
+        if fillers.is_empty()
+            && let Some(filler) = self.round_lone_prompt(&mut tokens, &entries)
+        {
+            fillers.push(filler);
+            rounded = true;
+        }
         Plan {
             tokens,
             fillers,
             even: false,
+            rounded,
             entries,
             lane,
         }
@@ -712,9 +732,71 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             tokens,
             fillers,
             even: true,
+            rounded: false,
             entries,
             lane,
         })
+    }
+
+    /// Rounds a step that reads one sequence's prompt alone and ends it up
+    /// to the smallest of [`ROUND_WIDTHS`] that holds it: one [`Filler`]
+    /// of the missing tokens right after the prompt's own, in the same
+    /// sequence, none asking for logits (the prompt's last token keeps the
+    /// step's one output; a filler after it is invisible to it under the
+    /// causal mask) — appended to `tokens`, and returned.
+    ///
+    /// Why: the player's next line, or an NPC resuming a cached
+    /// conversation, is such a step, and its length is new almost every
+    /// time; a GPU launches a new shape kernel by kernel (on an H100 about
+    /// 5 ms of host time for SmolLM2-135M: most of a cached turn's time to
+    /// first token). Rounded, the same sequence's next short turns have one
+    /// shape, whose recorded CUDA graph can be replayed.
+    ///
+    /// `None` unless: [`Limits::round_prompt_steps`], no sliding window
+    /// (a filler would slide it), the step holds exactly one sequence and
+    /// it reads the end of its prompt in at most 64 tokens, and the width
+    /// fits both the batch limit and the sequence's KV cells.
+    fn round_lone_prompt(
+        &self,
+        tokens: &mut Vec<BatchToken<T>>,
+        entries: &[Entry],
+    ) -> Option<Filler> {
+        let l = &self.limits;
+        if !l.round_prompt_steps || l.swa_window > 0 {
+            return None;
+        }
+        let [
+            Entry {
+                id,
+                part: Part::Prompt { from, to },
+                ..
+            },
+        ] = *entries
+        else {
+            return None;
+        };
+        let s = self.seqs.iter().find(|s| s.id == id)?;
+        if to != s.prompt.len() {
+            return None;
+        }
+        let own = to - from;
+        let width = ROUND_WIDTHS.into_iter().find(|&w| w >= own)?;
+        if width == own || width > self.batch_limit || to + width - own > l.cells_per_seq {
+            return None;
+        }
+        let token = tokens.first()?.token;
+        let filler = Filler {
+            slot: s.slot,
+            pos: to as i32,
+            count: width - own,
+        };
+        tokens.extend((0..filler.count as i32).map(|j| BatchToken {
+            token,
+            pos: filler.pos + j,
+            seq: s.slot as i32,
+            logits: false,
+        }));
+        Some(filler)
     }
 
     /// The tokens slot `slot`'s KV holds: a running sequence's record, an

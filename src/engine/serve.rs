@@ -218,6 +218,7 @@ impl<'m> Server<'m> {
             lanes,
             fill_gaps: spec.fill_gaps,
             even_prompt_steps: spec.even_prompt_steps,
+            round_prompt_steps: spec.round_prompt_steps,
             single_output: spec.device_sampling,
         };
         let counters = EngineCounters {
@@ -606,6 +607,9 @@ impl<'m> Server<'m> {
             let thrown: u64 = fillers.iter().map(|f| f.count as u64).sum();
             if plan.even {
                 self.counters.even_prompt_steps += 1;
+                self.counters.prompt_padding += thrown;
+            } else if plan.rounded {
+                self.counters.rounded_prompt_steps += 1;
                 self.counters.prompt_padding += thrown;
             } else {
                 self.counters.gap_fillers += thrown;

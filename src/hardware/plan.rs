@@ -63,6 +63,11 @@ pub struct BackendPlan {
     /// on a GPU with a KV stream per sequence, unless the settings say
     /// otherwise.
     pub even_prompt_steps: bool,
+    /// Round a lone step that ends one sequence's prompt up to a fixed
+    /// width
+    /// ([`GpuTuning::round_prompt_steps`](crate::settings::GpuTuning::round_prompt_steps)):
+    /// on a GPU unless the settings say otherwise.
+    pub round_prompt_steps: bool,
     /// Flash attention on/off; `None`: llama.cpp's choice.
     pub flash_attention: Option<bool>,
     /// llama.cpp contexts the sequences are split across and decoded in
@@ -257,6 +262,7 @@ pub fn plan(
         kv_unified,
         fill_gaps: tuning.fill_gaps.unwrap_or(on_gpu) && !kv_unified,
         even_prompt_steps: tuning.even_prompt_steps.unwrap_or(on_gpu) && !kv_unified,
+        round_prompt_steps: tuning.round_prompt_steps.unwrap_or(on_gpu),
         flash_attention: if on_gpu { tuning.flash_attention } else { None },
         lanes,
         sequences,

@@ -22,6 +22,7 @@ fn limits(slots: usize, batch: usize) -> Limits {
         lanes: 1,
         fill_gaps: false,
         even_prompt_steps: false,
+        round_prompt_steps: false,
         single_output: false,
     }
 }
@@ -755,9 +756,44 @@ fn even_steps_read_a_crowd_in_fewer_micro_batches() {
 /// step: one filler token per missing sequence, asking for logits, and the
 /// first token of every sequence asks for logits too. An even prompt
 /// step: every sequence of the run has as many tokens (one micro-batch),
-/// fillers ask for no logits, and a High sequence is never in it.
+/// fillers ask for no logits, and a High sequence is never in it. A
+/// rounded lone prompt step: one sequence, its prompt's last token the one
+/// output, one filler after it (no logits) up to a width of
+/// [`ROUND_WIDTHS`].
 fn check_fillers(plan: &Plan<u32>, l: &Limits) {
     let lanes = l.lanes.max(1);
+    assert!(!(plan.even && plan.rounded), "a step both even and rounded");
+    if plan.rounded {
+        assert!(
+            l.round_prompt_steps && l.swa_window == 0,
+            "a rounded step where not allowed"
+        );
+        assert_eq!(plan.fillers.len(), 1, "a rounded step's fillers");
+        let f = plan.fillers[0];
+        assert!(
+            plan.tokens.iter().all(|t| t.seq as usize == f.slot),
+            "a rounded step of two sequences"
+        );
+        assert!(
+            ROUND_WIDTHS.contains(&plan.tokens.len()),
+            "rounded to {}",
+            plan.tokens.len()
+        );
+        let own = plan.tokens.len() - f.count;
+        assert!(
+            own >= 1 && plan.tokens[own - 1].logits,
+            "the prompt's last token is the output"
+        );
+        assert_eq!(
+            plan.tokens.iter().filter(|t| t.logits).count(),
+            1,
+            "a rounded step has one output"
+        );
+        assert!(
+            plan.tokens.len() <= l.batch_tokens && f.pos as usize + f.count <= l.cells_per_seq,
+            "a rounded step over the batch or the KV"
+        );
+    }
     if plan.even {
         assert!(
             l.even_prompt_steps && l.swa_window == 0,
@@ -778,13 +814,15 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
         return;
     }
     assert!(
-        (l.fill_gaps || plan.even) && l.swa_window == 0,
+        (l.fill_gaps || plan.even || plan.rounded) && l.swa_window == 0,
         "fillers where not allowed"
     );
     assert!(
-        plan.tokens
-            .iter()
-            .any(|t| !plan.fillers.iter().any(|f| f.slot as i32 == t.seq)),
+        plan.rounded
+            || plan
+                .tokens
+                .iter()
+                .any(|t| !plan.fillers.iter().any(|f| f.slot as i32 == t.seq)),
         "a step of fillers only"
     );
     let ids = step_ids(plan, lanes);
@@ -814,11 +852,12 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
                 assert_eq!(t.pos, of_seq[k - 1].pos + 1, "slot {}: positions", f.slot);
             }
             if k >= own {
-                assert!(t.logits != plan.even, "filler logits in slot {}", f.slot);
+                let pads = plan.even || plan.rounded;
+                assert!(t.logits != pads, "filler logits in slot {}", f.slot);
             }
         }
         assert_eq!(of_seq[own].pos, f.pos, "slot {}: filler position", f.slot);
-        if !plan.even {
+        if !plan.even && !plan.rounded {
             assert_eq!(
                 (own, f.count),
                 (0, 1),
@@ -827,7 +866,7 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
             );
         }
     }
-    if !plan.even {
+    if !plan.even && !plan.rounded {
         first_tokens_ask_logits(plan, l, "in a filled step");
     }
 }
@@ -1404,9 +1443,20 @@ fn limits_strategy() -> impl Strategy<Value = (Limits, usize)> {
         any::<bool>(),
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(slots, extra, chunk, window, sit, fill_gaps, even_prompt_steps, single_output)| {
+            |(
+                slots,
+                extra,
+                chunk,
+                window,
+                sit,
+                fill_gaps,
+                even_prompt_steps,
+                round_prompt_steps,
+                single_output,
+            )| {
                 let l = Limits {
                     batch_tokens: slots + 1 + extra,
                     prompt_chunk: chunk,
@@ -1417,6 +1467,7 @@ fn limits_strategy() -> impl Strategy<Value = (Limits, usize)> {
                     lanes: 1,
                     fill_gaps,
                     even_prompt_steps,
+                    round_prompt_steps,
                     single_output,
                 };
                 // A pool sometimes smaller than every slot's share: "no KV slot".
@@ -1489,6 +1540,7 @@ proptest! {
         slots in 2usize..19,
         fill_gaps in any::<bool>(),
         even_prompt_steps in any::<bool>(),
+        round_prompt_steps in any::<bool>(),
         single_output in any::<bool>(),
         jobs in proptest::collection::vec((any::<bool>(), 1usize..12, 1usize..6), 1..14),
         turns in proptest::collection::vec(0usize..8, 0..300),
@@ -1503,6 +1555,7 @@ proptest! {
             lanes,
             fill_gaps,
             even_prompt_steps,
+            round_prompt_steps,
             single_output,
         };
         let mut s: Scheduler<u32> = Scheduler::new(l, true);
@@ -1577,4 +1630,176 @@ proptest! {
         }
         prop_assert!(s.is_idle() && queue.is_empty());
     }
+}
+
+/// A lone step that ends a prompt, rounded up to a width of
+/// [`ROUND_WIDTHS`]: when it is, when it is not, and that the rounding is
+/// never recorded.
+#[test]
+fn rounded_lone_prompt_steps_table() {
+    let on = Limits {
+        round_prompt_steps: true,
+        cells_per_seq: 256,
+        ..limits(3, 128)
+    };
+    // (prompt tokens, limits) -> the step's tokens, rounded or not.
+    let cases: [(usize, Limits, usize, bool); 11] = [
+        (1, on, 16, true),
+        (15, on, 16, true),
+        (16, on, 16, false), // already a width
+        (17, on, 32, true),
+        (22, on, 32, true),
+        (33, on, 64, true),
+        (64, on, 64, false),
+        (65, on, 65, false), // longer than the widest
+        (
+            22,
+            Limits {
+                cells_per_seq: 31,
+                ..on
+            },
+            22,
+            false,
+        ), // 32 cells do not fit
+        (
+            22,
+            Limits {
+                batch_tokens: 31,
+                ..on
+            },
+            22,
+            false,
+        ), // nor the batch
+        (
+            22,
+            Limits {
+                round_prompt_steps: false,
+                ..on
+            },
+            22,
+            false,
+        ),
+    ];
+    for (len, l, width, rounded) in cases {
+        let mut s = crowd(l, &[len]);
+        let plan = s.plan();
+        check_fillers(&plan, &l);
+        assert_eq!(
+            (plan.tokens.len(), plan.rounded),
+            (width, rounded),
+            "{len} tokens, {l:?}"
+        );
+        if rounded {
+            assert_eq!(
+                plan.fillers,
+                vec![Filler {
+                    slot: 0,
+                    pos: len as i32,
+                    count: width - len
+                }]
+            );
+        }
+        let applied = s.apply(plan, Outcome::Decoded);
+        assert_eq!(applied.sample.len(), 1, "the prompt was read");
+        assert_eq!(s.kv_of(id(0)).unwrap().len(), len, "padding recorded");
+    }
+    // A sliding window: never rounded.
+    let window = Limits {
+        swa_window: 8,
+        ..on
+    };
+    let plan = crowd(window, &[5]).plan();
+    assert!(!plan.rounded && plan.tokens.len() == 5);
+
+    // A prompt read in two steps (a batch of 32): the first step does not
+    // end it (not rounded), the second reads its last 8 tokens alone,
+    // rounded to 16 at position 40.
+    let small = Limits {
+        batch_tokens: 32,
+        ..on
+    };
+    let mut s = crowd(small, &[40]);
+    let plan = s.plan();
+    assert!(!plan.rounded && plan.tokens.len() == 32);
+    let _ = s.apply(plan, Outcome::Decoded);
+    let plan = s.plan();
+    check_fillers(&plan, &small);
+    assert!(plan.rounded);
+    assert_eq!(
+        plan.fillers,
+        vec![Filler {
+            slot: 0,
+            pos: 40,
+            count: 8
+        }]
+    );
+    let _ = s.apply(plan, Outcome::Decoded);
+    assert_eq!(s.kv_of(id(0)).unwrap().len(), 40);
+
+    // Two prompts in one step, or a prompt beside a generating sequence:
+    // not lone, not rounded.
+    let four = Limits { slots: 4, ..on };
+    let mut s = crowd(four, &[5, 7]);
+    let plan = s.plan();
+    assert!(!plan.rounded && plan.fillers.is_empty());
+    let applied = s.apply(plan, Outcome::Decoded);
+    for &(rid, _) in &applied.sample {
+        assert!(s.sampled(rid, 7));
+    }
+    s.admit(id(9), 0, Some(9), vec![3; 6], |_| -1).unwrap();
+    let plan = s.plan();
+    assert!(
+        !plan.rounded && plan.fillers.is_empty(),
+        "{:?}",
+        plan.tokens
+    );
+}
+
+/// The player's next turn, cached: a High request whose prompt extends an
+/// idle slot's cache reads only its new tokens — alone, while a Normal
+/// sequence sits out — rounded up, its fillers right after the prompt.
+#[test]
+fn a_cached_turn_of_the_player_is_rounded() {
+    let on = Limits {
+        round_prompt_steps: true,
+        cells_per_seq: 256,
+        ..limits(3, 128)
+    };
+    let mut s: Scheduler<u32> = Scheduler::new(on, true);
+    let first: Vec<u32> = (0..70).collect();
+    s.admit(id(0), HIGH, Some(1), first.clone(), |_| -1)
+        .unwrap();
+    let plan = s.plan();
+    assert!(!plan.rounded, "70 tokens: not rounded");
+    let applied = s.apply(plan, Outcome::Decoded);
+    assert_eq!(applied.sample.len(), 1);
+    assert!(s.sampled(id(0), 77));
+    let _ = s.finish(id(0)).unwrap();
+    // A Normal NPC talking, then the player's second turn: the 70 cached
+    // tokens, the answer (77, never decoded: not cached) and 9 new ones.
+    s.admit(id(1), 0, Some(2), vec![500; 4], |_| -1).unwrap();
+    let _ = run_step(&mut s);
+    let mut second = first;
+    second.push(77);
+    second.extend(200..209);
+    let admitted = s.admit(id(2), HIGH, Some(1), second, |_| -1).unwrap();
+    assert_eq!(admitted.reuse, 70);
+    let plan = s.plan();
+    check_fillers(&plan, &on);
+    assert!(plan.rounded, "{:?}", plan.tokens);
+    assert!(!plan.holds(id(1)), "the Normal NPC sits out");
+    assert_eq!(
+        plan.fillers,
+        vec![Filler {
+            slot: admitted.slot,
+            pos: 80,
+            count: 6
+        }]
+    );
+    let applied = s.apply(plan, Outcome::Decoded);
+    assert_eq!(
+        applied.sample.iter().map(|a| a.0).collect::<Vec<_>>(),
+        vec![id(2)]
+    );
+    assert_eq!(s.kv_of(id(2)).unwrap().len(), 80);
 }

@@ -86,6 +86,7 @@ pub(crate) fn remote_spec(settings: &crate::settings::LlmSettings) -> LoadSpec {
         kv_unified: false,
         fill_gaps: false,
         even_prompt_steps: false,
+        round_prompt_steps: false,
         lanes: 1,
         flash_attention: None,
     }
