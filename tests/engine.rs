@@ -463,8 +463,11 @@ fn gap_fillers_leave_an_idle_npcs_cache_intact() {
 /// the KV: the padding left nothing behind.
 #[test]
 fn rounded_prompt_steps_change_no_text_and_leave_the_cache_intact() {
+    // A GPU plan's defaults, on the CPU.
     let mut s = settings();
     s.gpu.round_prompt_steps = Some(true);
+    s.gpu.even_prompt_steps = Some(true);
+    s.gpu.fill_gaps = Some(true);
     s.max_parallel_sequences = 3;
     let mut app = app_with(s);
     let brom = app.world_mut().spawn_empty().id();
@@ -475,6 +478,8 @@ fn rounded_prompt_steps_change_no_text_and_leave_the_cache_intact() {
             .with_temperature(0.0)
             .with_max_tokens(16)
     };
+    // An NPC's own turn (Normal priority, alone) is rounded too.
+    let npc_turn = |msgs: Vec<ChatMessage>| turn(msgs).with_priority(RequestPriority::Normal);
     let (_, _, answer) = cached_turn(&mut app, brom, &turn(first));
     assert!(!answer.is_empty());
     // Another NPC talks while the player speaks to Brom again.
@@ -501,12 +506,20 @@ fn rounded_prompt_steps_change_no_text_and_leave_the_cache_intact() {
     let mut third = second;
     third.push(ChatMessage::assistant(text2));
     third.push(ChatMessage::user("And my cart?"));
-    let (_, reused3, text3) = cached_turn(&mut app, brom, &turn(third.clone()));
+    let c2 = app.world().resource::<LlmEngineStats>().counters.clone();
+    let (prompt3, reused3, text3) = cached_turn(&mut app, brom, &npc_turn(third.clone()));
+    let c3 = app.world().resource::<LlmEngineStats>().counters.clone();
     assert!(
         reused3 >= prompt2,
         "third turn reused {reused3} of {prompt2}"
     );
-    assert_eq!(uncached_text(turn(third)), text3);
+    // Read alone: rounded, unless it is a width already (16, 32, 64).
+    let read = prompt3 - reused3;
+    assert!(
+        c3.rounded_prompt_steps > c2.rounded_prompt_steps || [16, 32, 64].contains(&read),
+        "the NPC's turn ({read} tokens) was not rounded: {c3:?}"
+    );
+    assert_eq!(uncached_text(npc_turn(third)), text3);
 }
 
 /// Even prompt steps (`gpu.even_prompt_steps`, on by default on a GPU;

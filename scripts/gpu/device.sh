@@ -120,6 +120,22 @@ quick-start)
     sleep 2
     echo "module build started"
     ;;
+ttft)
+    # After `quick-start` and the stashes: the bench's cache section only
+    # (the cached second turn), rounded prompt steps off / on alternating,
+    # twice, on the patched module; JSON and logs into $OUT. Resumable.
+    wait_for_builds cuda
+    prepare_inputs
+    i=0
+    for round in off on off on; do
+        i=$((i + 1))
+        [ -s "$W/ttft$i.json" ] || "$W/bins/bench" --sections cache --reps 5 --round-prompts $round \
+            --label "rounded prompt steps $round ($i)" --json-out "$W/ttft$i.json" >"$W/logs/ttft$i.log" 2>&1 \
+            || echo "ttft $i failed"
+        grep -E "plan:|TTFT|rounded|ratio" "$W/logs/ttft$i.log" | sed 's/  */ /g' || true
+    done
+    tar czf "$OUT/ttft.tar.gz" -C "$W" logs $(cd "$W" && ls ttft*.json)
+    ;;
 quick)
     # Variants from scripts/gpu/quick-variants.txt (label|env|flags; an env
     # BENCH_BIN=path runs another bench binary, e.g. bins/bench-before from
@@ -331,6 +347,6 @@ PY
     ls -la "$OUT"
     ;;
 *)
-    echo "usage: device.sh start|stash|run|quick-start|quick|trace|kernels CARRY_DIR" >&2; exit 2
+    echo "usage: device.sh start|stash|run|quick-start|quick|ttft|trace|kernels CARRY_DIR" >&2; exit 2
     ;;
 esac

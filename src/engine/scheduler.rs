@@ -654,7 +654,8 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     /// slices, one micro-batch per step.
     ///
     /// `None` (the greedy plan then) unless: [`Limits::even_prompt_steps`],
-    /// no sliding window, a Normal prompt is read in the step and no High
+    /// no sliding window, two or more sequences in the step (one alone is
+    /// one micro-batch already), a Normal prompt is read in the step and no High
     /// sequence is in it (the player's steps stay small), every slot of the
     /// step's span has a known KV with room for `width` more tokens, and
     /// the padding is at most the step's own tokens (the step at most
@@ -667,6 +668,11 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         }
         let seqs: Vec<&Running<T>> = order.iter().map(|&i| &self.seqs[i]).collect();
         if seqs.iter().any(|s| s.priority > NORMAL) || seqs.iter().all(|s| s.pending.is_some()) {
+            return None;
+        }
+        // One sequence alone is one micro-batch as it is (its greedy step
+        // may be rounded instead: see `round_lone_prompt`).
+        if seqs.len() == 1 {
             return None;
         }
         let lanes = l.lanes.max(1);

@@ -1703,6 +1703,19 @@ fn rounded_lone_prompt_steps_table() {
         assert_eq!(applied.sample.len(), 1, "the prompt was read");
         assert_eq!(s.kv_of(id(0)).unwrap().len(), len, "padding recorded");
     }
+    // With even prompt steps on (a GPU's default), a lone Normal prompt is
+    // still rounded: one sequence is no crowd.
+    let both = Limits {
+        even_prompt_steps: true,
+        fill_gaps: true,
+        ..on
+    };
+    let mut s = crowd(both, &[22]);
+    let plan = s.plan();
+    check_fillers(&plan, &both);
+    assert!(plan.rounded && !plan.even && plan.tokens.len() == 32);
+    let _ = s.apply(plan, Outcome::Decoded);
+    assert_eq!(s.kv_of(id(0)).unwrap().len(), 22);
     // A sliding window: never rounded.
     let window = Limits {
         swa_window: 8,
