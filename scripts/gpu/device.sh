@@ -16,7 +16,9 @@
 # `run` skips the steps already done, so a call cut at its time limit can
 # be followed by another `run` while the machine is warm.
 # Exploration, after `quick-start` (or `start`) and the stashes: `quick`
-# (the variants of scripts/gpu/quick-variants.txt), `trace` (host time per
+# (the variants of scripts/gpu/quick-variants.txt), `ttft` (the cached
+# second turn with rounded prompt steps off/on and graphs kept longer; with
+# QUICK_TOOLS=off quick-start, about 5 min of device time), `trace` (host time per
 # CUDA runtime call and llama.cpp entry point), `kernels` (kernel launches
 # and device intervals per llama_decode batch size).
 set -euo pipefail
@@ -123,15 +125,20 @@ quick-start)
 ttft)
     # After `quick-start` and the stashes: the bench's cache section only
     # (the cached second turn), rounded prompt steps off / on alternating,
-    # twice, on the patched module; JSON and logs into $OUT. Resumable.
+    # twice, on the patched module, then on with recorded graphs kept 60 s
+    # unused (GGML_CUDA_GRAPH_KEEP_S, scripts/gpu/patch-cuda-graphs.py: the
+    # turn after 12 s idle) against on with llama.cpp's 10 s; JSON and logs
+    # into $OUT. Resumable.
     wait_for_builds cuda
     prepare_inputs
     i=0
-    for round in off on off on; do
+    for round in off on off on on:60 on on:60; do
         i=$((i + 1))
-        [ -s "$W/ttft$i.json" ] || "$W/bins/bench" --sections cache --reps 5 --round-prompts $round \
-            --label "rounded prompt steps $round ($i)" --json-out "$W/ttft$i.json" >"$W/logs/ttft$i.log" 2>&1 \
-            || echo "ttft $i failed"
+        keep=10
+        case $round in *:*) keep=${round#*:} round=${round%%:*} ;; esac
+        [ -s "$W/ttft$i.json" ] || GGML_CUDA_GRAPH_KEEP_S=$keep "$W/bins/bench" --sections cache --reps 5 \
+            --round-prompts $round --label "rounded prompt steps $round, graphs kept ${keep} s ($i)" \
+            --json-out "$W/ttft$i.json" >"$W/logs/ttft$i.log" 2>&1 || echo "ttft $i failed"
         grep -E "plan:|TTFT|rounded|ratio" "$W/logs/ttft$i.log" | sed 's/  */ /g' || true
     done
     tar czf "$OUT/ttft.tar.gz" -C "$W" logs $(cd "$W" && ls ttft*.json)

@@ -27,6 +27,11 @@ at the second call of a key with identical properties, replayed from the
 third). Nothing computed changes: a graph is still replayed only when every
 node's properties match (ggml also still evicts graphs unused for 10 s).
 
+Prepared, not measured yet: GGML_CUDA_GRAPH_KEEP_S=N (read once; default 10,
+llama.cpp's) keeps a recorded graph N seconds unused instead of 10 -- a
+player who reads an answer for longer than 10 s before the next line finds
+the NPC's rounded turn evicted and pays the kernel-by-kernel step again.
+
 Usage: patch-cuda-graphs.py LLAMA_CPP_DIR   (fails if the code moved)
 """
 import sys
@@ -69,6 +74,22 @@ patch(
             "    uint64_t h = (uint64_t) cgraph->n_nodes * 0x9E3779B97F4A7C15ull ^ (uint64_t) first->ne[1];\n"
             "    return (const void *) ((uintptr_t) first ^ (uintptr_t) ((h + 1) * 0x9E3779B97F4A7C15ull));\n"
             "}\n",
+        ),
+    ],
+)
+
+patch(
+    "ggml/src/ggml-cuda/common.cuh",
+    [
+        (
+            "                if (time_now - it->second->last_used_time >= 10'000'000) {\n",
+            f"                // {MARK}: GGML_CUDA_GRAPH_KEEP_S seconds (default 10) unused before eviction\n"
+            "                static const int64_t keep_us = [] {\n"
+            "                    const char * s = getenv(\"GGML_CUDA_GRAPH_KEEP_S\");\n"
+            "                    const long long v = s ? atoll(s) : 0;\n"
+            "                    return (int64_t) (v > 0 ? v : 10) * 1'000'000;\n"
+            "                }();\n"
+            "                if (time_now - it->second->last_used_time >= keep_us) {\n",
         ),
     ],
 )
