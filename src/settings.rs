@@ -308,7 +308,11 @@ pub struct GpuTuning {
     /// turns have one shape and replay a recorded CUDA graph (with the CUDA
     /// module of `scripts/gpu/build-cuda-backend.sh`, which keys such steps
     /// by the sequence they read; llama.cpp drops a recorded graph unused
-    /// for 10 s). Steps over 64 tokens are not rounded. `None`: on with a
+    /// for 10 s). Measured on an H200 (docs/BENCHMARKS.md, session 16): a
+    /// cached turn's first token in 4.9–5.1 ms instead of 7.6–8.0 from the
+    /// third turn in quick succession on; the second pays for recording the
+    /// graph (about 16 ms), and a turn after more than 10 s idle is as
+    /// before. Steps over 64 tokens are not rounded. `None`: on with a
     /// GPU, off on the CPU (where a token costs its compute); `Some(_)`
     /// applies on any backend; never with a sliding-window model.
     pub round_prompt_steps: Option<bool>,
