@@ -192,6 +192,19 @@ pub(crate) struct Filler {
     pub count: usize,
 }
 
+impl Filler {
+    /// Its tokens for the batch: `token` at `pos`, `pos + 1`, … in its
+    /// slot's sequence, each asking for `logits` or not.
+    fn batch_tokens<T: Copy>(self, token: T, logits: bool) -> impl Iterator<Item = BatchToken<T>> {
+        (0..self.count as i32).map(move |j| BatchToken {
+            token,
+            pos: self.pos + j,
+            seq: self.slot as i32,
+            logits,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
     /// The sequence's sampled token.
@@ -720,19 +733,13 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             if n == width {
                 continue;
             }
-            let slot = (low + q) * lanes + lane;
-            let pos = (h + n) as i32;
-            fillers.push(Filler {
-                slot,
-                pos,
+            let filler = Filler {
+                slot: (low + q) * lanes + lane,
+                pos: (h + n) as i32,
                 count: width - n,
-            });
-            tokens.extend((0..(width - n) as i32).map(|j| BatchToken {
-                token,
-                pos: pos + j,
-                seq: slot as i32,
-                logits: false,
-            }));
+            };
+            fillers.push(filler);
+            tokens.extend(filler.batch_tokens(token, false));
         }
         Some(Plan {
             tokens,
@@ -796,12 +803,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             pos: to as i32,
             count: width - own,
         };
-        tokens.extend((0..filler.count as i32).map(|j| BatchToken {
-            token,
-            pos: filler.pos + j,
-            seq: s.slot as i32,
-            logits: false,
-        }));
+        tokens.extend(filler.batch_tokens(token, false));
         Some(filler)
     }
 
@@ -908,12 +910,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             }
         }
         let token = tokens[0].token;
-        tokens.extend(fillers.iter().map(|f| BatchToken {
-            token,
-            pos: f.pos,
-            seq: f.slot as i32,
-            logits: true,
-        }));
+        tokens.extend(fillers.iter().flat_map(|f| f.batch_tokens(token, true)));
         fillers
     }
 

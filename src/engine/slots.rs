@@ -79,21 +79,23 @@ impl<T: PartialEq + Clone> SlotTable<T> {
         self
     }
 
-    /// How much a fresh slot `i` suits a new request (higher is better): a
-    /// lane among those in use now first, then the least busy lane.
-    fn lane_preference(&self, i: usize) -> (bool, std::cmp::Reverse<usize>) {
-        let lane = lane_seq(i, self.lanes).0;
-        let busy_in = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|&(j, s)| s.busy && lane_seq(j, self.lanes).0 == lane)
-            .count();
-        let open = (self.busy() + 1)
-            .div_ceil(self.lane_fill)
-            .max(2)
-            .min(self.lanes);
-        (lane < open, std::cmp::Reverse(busy_in))
+    /// How much a fresh slot suits a new request (higher is better), for
+    /// the busy slots of now: a lane among those in use first, then the
+    /// least busy lane. The lanes' loads are counted once, here.
+    fn lane_preference(&self) -> impl Fn(usize) -> (bool, std::cmp::Reverse<usize>) + use<T> {
+        let lanes = self.lanes;
+        let mut busy_in = vec![0usize; lanes];
+        for (j, s) in self.slots.iter().enumerate() {
+            if s.busy {
+                busy_in[lane_seq(j, lanes).0] += 1;
+            }
+        }
+        let busy: usize = busy_in.iter().sum();
+        let open = (busy + 1).div_ceil(self.lane_fill).max(2).min(lanes);
+        move |i| {
+            let lane = lane_seq(i, lanes).0;
+            (lane < open, std::cmp::Reverse(busy_in[lane]))
+        }
     }
 
     pub(crate) fn set_cache_enabled(&mut self, enabled: bool) {
@@ -139,6 +141,7 @@ impl<T: PartialEq + Clone> SlotTable<T> {
     ) -> Option<Acquired> {
         let max_reuse = prompt.len().saturating_sub(1);
         let free = |s: &Slot<T>| !s.busy;
+        let preference = self.lane_preference();
         let mut pick: Option<(usize, usize, bool)> = None;
         if self.cache_enabled {
             // 1. This key's own slot.
@@ -155,7 +158,7 @@ impl<T: PartialEq + Clone> SlotTable<T> {
                     .enumerate()
                     .filter(|(_, s)| free(s) && s.key.is_none())
                     .map(|(i, s)| (i, common_prefix(&s.tokens, prompt)))
-                    .max_by_key(|&(i, lcp)| (lcp, self.lane_preference(i), std::cmp::Reverse(i)))
+                    .max_by_key(|&(i, lcp)| (lcp, preference(i), std::cmp::Reverse(i)))
                     .map(|(i, lcp)| (i, lcp, false));
             }
         } else {
@@ -164,7 +167,7 @@ impl<T: PartialEq + Clone> SlotTable<T> {
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| free(s) && s.key.is_none())
-                .max_by_key(|&(i, _)| (self.lane_preference(i), std::cmp::Reverse(i)))
+                .max_by_key(|&(i, _)| (preference(i), std::cmp::Reverse(i)))
                 .map(|(i, _)| (i, 0, false));
         }
         // 3. Evict the least recently used keyed slot.

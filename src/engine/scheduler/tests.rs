@@ -1632,16 +1632,21 @@ proptest! {
     }
 }
 
+/// Three slots, a batch of 128, 256 cells a sequence, rounding on.
+fn rounding() -> Limits {
+    Limits {
+        round_prompt_steps: true,
+        cells_per_seq: 256,
+        ..limits(3, 128)
+    }
+}
+
 /// A lone step that ends a prompt, rounded up to a width of
 /// [`ROUND_WIDTHS`]: when it is, when it is not, and that the rounding is
 /// never recorded.
 #[test]
 fn rounded_lone_prompt_steps_table() {
-    let on = Limits {
-        round_prompt_steps: true,
-        cells_per_seq: 256,
-        ..limits(3, 128)
-    };
+    let on = rounding();
     // (prompt tokens, limits) -> the step's tokens, rounded or not.
     let cases: [(usize, Limits, usize, bool); 11] = [
         (1, on, 16, true),
@@ -1773,11 +1778,7 @@ fn rounded_lone_prompt_steps_table() {
 /// sequence sits out — rounded up, its fillers right after the prompt.
 #[test]
 fn a_cached_turn_of_the_player_is_rounded() {
-    let on = Limits {
-        round_prompt_steps: true,
-        cells_per_seq: 256,
-        ..limits(3, 128)
-    };
+    let on = rounding();
     let mut s: Scheduler<u32> = Scheduler::new(on, true);
     let first: Vec<u32> = (0..70).collect();
     s.admit(id(0), HIGH, Some(1), first.clone(), |_| -1)
