@@ -39,6 +39,40 @@ pub mod testing {
             w.crash();
         }
     }
+
+    /// What the inference worker did while the app exited (see
+    /// [`exit_worker`]).
+    #[derive(Debug, Default)]
+    pub struct WorkerExit {
+        /// Models whose load finished after the exit began.
+        pub loaded: Vec<String>,
+        /// Models whose load the exit stopped.
+        pub aborted: Vec<String>,
+    }
+
+    /// Stop the inference worker as dropping the app does (every load told
+    /// to stop, the thread asked to end and joined) and report the loads it
+    /// finished or stopped on its way out.
+    pub fn exit_worker(world: &mut World) -> WorkerExit {
+        use crate::engine::protocol::Event;
+        let mut out = WorkerExit::default();
+        let worker = world
+            .resource_mut::<crate::engine::bridge::LlmEngine>()
+            .worker
+            .take();
+        for event in worker.map(|w| w.into_handle().exit()).unwrap_or_default() {
+            match event {
+                Event::Loaded(info) => out.loaded.push(info.model),
+                Event::LoadFailed {
+                    model,
+                    error: crate::errors::ModelLoadError::Aborted,
+                    ..
+                } => out.aborted.push(model),
+                _ => {}
+            }
+        }
+        out
+    }
 }
 
 /// The process-wide llama.cpp backend the plugin uses, initialised on first

@@ -192,8 +192,16 @@ fn exiting_mid_generation_joins_the_worker_quickly() {
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
 
+/// Exit never waits for a model load to finish: with a load asked for every
+/// frame (each stops the one before it), the last is still under way when
+/// the app exits, and the exit stops it instead of finishing it or starting
+/// a queued one. Checked by what the worker did on its way out, not by a
+/// wall time on a shared machine: llama.cpp reads a GGUF's header and
+/// vocabulary before it can be interrupted, which is most of this small
+/// model's load. (A shutdown that a starting load once overwrote made the
+/// exit finish that load.)
 #[test]
-fn a_load_requested_every_frame_still_loads_and_exit_stays_quick() {
+fn a_load_requested_every_frame_still_loads_and_exit_stops_the_last() {
     let mut app = app();
     let start = Instant::now();
     run_until(&mut app, 60, |app| {
@@ -207,9 +215,17 @@ fn a_load_requested_every_frame_still_loads_and_exit_stays_quick() {
         });
         app.update();
     }
-    let t = Instant::now();
-    drop(app);
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(
+        matches!(
+            app.world().resource::<LlmModelState>(),
+            LlmModelState::Loading { model, .. } if model == GEMMA
+        ),
+        "the last load must still be under way at exit: {:?}",
+        app.world().resource::<LlmModelState>()
+    );
+    let exit = bevy_npc_llm::testing::exit_worker(app.world_mut());
+    assert!(exit.loaded.is_empty(), "{exit:?}");
+    assert_eq!(exit.aborted, [GEMMA], "{exit:?}");
 }
 
 #[test]

@@ -311,10 +311,8 @@ impl Loader<'_> {
                     }
                     return;
                 }
-                if let Some(w) = self.engine.backend() {
-                    // Stop a verification or load still running for an older request.
-                    w.abort_load();
-                }
+                // A verification or load still running for an older request
+                // stops early (see `InferenceBackend::load`).
                 if self.engine.backend().is_some_and(|w| w.load(spec)) {
                     *self.state = LlmModelState::Loading {
                         model: id,

@@ -87,7 +87,8 @@ pub(crate) enum Command {
     /// sequence's logits in their last bits, and so a same-seed text).
     Submit(Vec<Job>),
     Cancel(RequestId),
-    Load(Box<LoadSpec>),
+    /// Load a model; the ticket tells the worker when to stop early.
+    Load(Box<LoadSpec>, super::backend::LoadTicket),
     Unload,
     Configure(Knobs),
     Shutdown,

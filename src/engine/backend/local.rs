@@ -4,7 +4,6 @@
 
 use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -14,7 +13,7 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
-use super::{BackendKind, InferenceBackend, WorkerHandle};
+use super::{BackendKind, InferenceBackend, LoadAbort, LoadTicket, WorkerHandle};
 use crate::engine::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadedModelInfo};
 use crate::engine::scheduler::lane_size;
 use crate::engine::serve::Server;
@@ -162,7 +161,7 @@ impl LocalBackend {
         let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
         let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
-        let abort = Arc::new(AtomicBool::new(false));
+        let abort = Arc::new(LoadAbort::default());
         let abort2 = abort.clone();
         let join = std::thread::Builder::new()
             .name("npc-llm-worker".into())
@@ -220,7 +219,7 @@ struct Worker {
     backend: &'static LlamaBackend,
     commands: Receiver<Command>,
     events: Sender<Event>,
-    abort: Arc<AtomicBool>,
+    abort: Arc<LoadAbort>,
     queue: JobQueue<Job>,
     knobs: Knobs,
     /// Why the last load failed when no model is left: requests arriving
@@ -237,7 +236,7 @@ struct Loaded {
 
 /// What the worker should do after serving stops.
 pub(crate) enum Next {
-    Load(Box<LoadSpec>),
+    Load(Box<LoadSpec>, LoadTicket),
     Unload,
     Shutdown,
 }
@@ -295,10 +294,9 @@ impl Worker {
                         self.send(Event::Unloaded { model });
                     }
                 }
-                Next::Load(spec) => {
-                    self.abort.store(false, Ordering::Relaxed);
+                Next::Load(spec, ticket) => {
                     self.no_model = None;
-                    match self.load(&spec) {
+                    match self.load(&spec, ticket) {
                         Ok(loaded) => {
                             if let Some(old) = current.take() {
                                 let id = old.spec.model_id.clone();
@@ -373,7 +371,7 @@ impl Worker {
                 self.queue.set_capacity(k.queue_capacity as usize);
                 None
             }
-            Command::Load(spec) => Some(Next::Load(spec)),
+            Command::Load(spec, ticket) => Some(Next::Load(spec, ticket)),
             Command::Unload => Some(Next::Unload),
             Command::Shutdown => Some(Next::Shutdown),
             #[cfg(debug_assertions)]
@@ -405,7 +403,7 @@ impl Worker {
         }
     }
 
-    fn load(&mut self, spec: &LoadSpec) -> Result<Loaded, ModelLoadError> {
+    fn load(&mut self, spec: &LoadSpec, ticket: LoadTicket) -> Result<Loaded, ModelLoadError> {
         let started = Instant::now();
         let id = spec.model_id.clone();
         let mut hashed = false;
@@ -432,7 +430,7 @@ impl Worker {
                             progress: p,
                         });
                     }
-                    !abort.load(Ordering::Relaxed)
+                    !abort.stops(ticket)
                 },
             )?;
             hashed = outcome == VerifyOutcome::Hashed;
@@ -450,10 +448,10 @@ impl Worker {
                     phase: LoadPhase::Loading,
                     progress: p,
                 });
-                !abort.load(Ordering::Relaxed)
+                !abort.stops(ticket)
             });
         let model = LlamaModel::load_from_file(self.backend, &spec.path, &params).map_err(|e| {
-            if self.abort.load(Ordering::Relaxed) {
+            if self.abort.stops(ticket) {
                 ModelLoadError::Aborted
             } else {
                 ModelLoadError::Llama {
@@ -569,7 +567,7 @@ impl Worker {
             };
             if let Some(cmd) = cmd {
                 let next = match cmd {
-                    Command::Load(spec) => Some(Next::Load(spec)),
+                    Command::Load(spec, ticket) => Some(Next::Load(spec, ticket)),
                     Command::Unload => Some(Next::Unload),
                     Command::Shutdown => Some(Next::Shutdown),
                     Command::Cancel(id) => {
@@ -588,7 +586,7 @@ impl Worker {
                 };
                 if let Some(next) = next {
                     let reason = match &next {
-                        Next::Load(spec) => format!("switching to model `{}`", spec.model_id),
+                        Next::Load(spec, _) => format!("switching to model `{}`", spec.model_id),
                         Next::Unload => "model unloaded".into(),
                         Next::Shutdown => "engine shut down".into(),
                     };

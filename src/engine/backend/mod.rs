@@ -11,7 +11,7 @@ pub(crate) mod remote;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -45,8 +45,11 @@ pub(crate) trait InferenceBackend: Send + Sync {
         self.handle().send(Command::Cancel(id))
     }
 
+    /// Queue a load; a verification or load still running for an older
+    /// request stops early.
     fn load(&self, spec: LoadSpec) -> bool {
-        self.handle().send(Command::Load(Box::new(spec)))
+        let ticket = self.handle().abort.next_ticket();
+        self.handle().send(Command::Load(Box::new(spec), ticket))
     }
 
     fn unload(&self) -> bool {
@@ -55,11 +58,6 @@ pub(crate) trait InferenceBackend: Send + Sync {
 
     fn configure(&self, knobs: Knobs) -> bool {
         self.handle().send(Command::Configure(knobs))
-    }
-
-    /// Ask a running load (or connection check) to stop early.
-    fn abort_load(&self) {
-        self.handle().abort_load();
     }
 
     /// Every event that arrived since the last poll, without waiting.
@@ -89,12 +87,46 @@ pub(crate) struct Retiring {
     pub last_events: Receiver<Vec<Event>>,
 }
 
+/// When a verification or model load stops early: once the worker is shut
+/// down, or once a newer load was asked for after it. Each
+/// [`Command::Load`] carries the [`LoadTicket`] it was sent with, so
+/// whatever order the two threads run in, only a superseded load stops and a
+/// shutdown is never forgotten (a single flag cleared as each load starts
+/// could clear a shutdown that arrived just before it: the app's exit then
+/// waited for a whole load).
+#[derive(Debug, Default)]
+pub(crate) struct LoadAbort {
+    newest: AtomicU64,
+    shutdown: AtomicBool,
+}
+
+/// Which load request a [`Command::Load`] is (see [`LoadAbort`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LoadTicket(u64);
+
+impl LoadAbort {
+    /// The ticket of a new load request; every older load now stops.
+    pub(crate) fn next_ticket(&self) -> LoadTicket {
+        LoadTicket(self.newest.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    /// Stop every load, now and later.
+    pub(crate) fn shut_down(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the load sent with `ticket` should stop.
+    pub(crate) fn stops(&self, ticket: LoadTicket) -> bool {
+        self.shutdown.load(Ordering::SeqCst) || self.newest.load(Ordering::SeqCst) != ticket.0
+    }
+}
+
 /// Owner of a backend's worker thread. Dropping it stops and joins the
 /// thread (at app exit); inside systems use [`WorkerHandle::retire`].
 pub(crate) struct WorkerHandle {
     pub(crate) commands: Sender<Command>,
     pub(crate) events: Receiver<Event>,
-    abort: Arc<AtomicBool>,
+    abort: Arc<LoadAbort>,
     join: Option<JoinHandle<()>>,
 }
 
@@ -103,7 +135,7 @@ impl WorkerHandle {
     pub(crate) fn from_parts(
         commands: Sender<Command>,
         events: Receiver<Event>,
-        abort: Arc<AtomicBool>,
+        abort: Arc<LoadAbort>,
         join: JoinHandle<()>,
     ) -> Self {
         Self {
@@ -119,15 +151,10 @@ impl WorkerHandle {
         self.commands.send(cmd).is_ok()
     }
 
-    /// Ask a running load or verification to stop early.
-    pub(crate) fn abort_load(&self) {
-        self.abort.store(true, Ordering::Relaxed);
-    }
-
     /// Ask the worker to stop and join it on a reaper thread; the returned
     /// channel yields every event the worker sent before it ended.
     pub(crate) fn retire(mut self) -> Receiver<Vec<Event>> {
-        self.abort.store(true, Ordering::Relaxed);
+        self.abort.shut_down();
         let _ = self.commands.send(Command::Shutdown);
         let (tx, rx) = crossbeam_channel::bounded(1);
         let join = self.join.take();
@@ -153,12 +180,50 @@ impl WorkerHandle {
     }
 }
 
-impl Drop for WorkerHandle {
-    fn drop(&mut self) {
-        self.abort.store(true, Ordering::Relaxed);
+impl WorkerHandle {
+    /// What the app's exit does: stop every load, ask the worker to stop
+    /// and join it.
+    fn stop_and_join(&mut self) {
+        self.abort.shut_down();
         let _ = self.commands.send(Command::Shutdown);
         if let Some(join) = self.join.take() {
             let _ = join.join();
         }
+    }
+
+    /// [`Self::stop_and_join`], then every event the worker sent that
+    /// nobody polled (a test hook: what the worker did on its way out).
+    #[cfg(debug_assertions)]
+    pub(crate) fn exit(mut self) -> Vec<Event> {
+        self.stop_and_join();
+        self.events.try_iter().collect()
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_load_stops_when_superseded_or_shut_down_whatever_the_order() {
+        let abort = LoadAbort::default();
+        let first = abort.next_ticket();
+        assert!(!abort.stops(first));
+        let second = abort.next_ticket();
+        assert!(abort.stops(first), "a newer request stops the older load");
+        assert!(!abort.stops(second), "but not itself");
+        // A shutdown that arrives before the worker even starts the newest
+        // load (the order that once let exit wait for a whole load) still
+        // stops it, and any load after it.
+        abort.shut_down();
+        assert!(abort.stops(second));
+        let third = abort.next_ticket();
+        assert!(abort.stops(third));
     }
 }

@@ -12,7 +12,7 @@ mod stream;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
@@ -122,7 +122,7 @@ pub(crate) fn spawn(
     let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded();
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded();
     let cfg = Arc::new(RemoteConfig::new(settings));
-    let abort = Arc::new(AtomicBool::new(false));
+    let abort = Arc::new(super::LoadAbort::default());
     let join = std::thread::Builder::new()
         .name("npc-llm-remote".into())
         .spawn(move || {
@@ -255,7 +255,7 @@ impl RemoteWorker {
                     self.send(Event::Cancelled { id });
                 }
             }
-            Command::Load(spec) => self.connect(&spec),
+            Command::Load(spec, _) => self.connect(&spec),
             Command::Unload => {
                 if let Some(model) = self.connected.take() {
                     self.send(Event::Unloaded { model });
