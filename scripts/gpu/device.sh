@@ -15,6 +15,8 @@
 #      the plan variants; everything lands in $OUT)
 # `run` skips the steps already done, so a call cut at its time limit can
 # be followed by another `run` while the machine is warm.
+# `single` (after `start` and the stashes; also part of `run`): single stream
+# against llama-bench tg in paired rounds (scripts/gpu/single-stream.py).
 # Exploration, after `quick-start` (or `start`) and the stashes: `quick`
 # (the variants of scripts/gpu/quick-variants.txt), `ttft` (the cached
 # second turn with rounded prompt steps off/on and graphs kept longer; with
@@ -81,6 +83,22 @@ prepare_inputs() {
         cp "$W"/bins/backends/*.so "$W/backends/patched/"
         export BEVY_NPC_LLM_BACKENDS_DIR=$W/backends/patched
     fi
+}
+
+# Single stream against llama-bench tg in ROUNDS paired rounds
+# (scripts/gpu/single-stream.py: llama.cpp 0.3.36's tool and the same
+# llama.cpp's, whichever were built, back to back with the bench's binding
+# section, order reversed every other round) into $OUT/single-stream.json.
+single_stream() {
+    local args=()
+    [ -x "$W/tools-build/bin/llama-bench" ] && args+=("llama.cpp 0.3.36=$W/tools-build/bin")
+    [ -x "$W/backends/same-tools/llama-bench" ] && args+=("same llama.cpp=$W/backends/same-tools")
+    [ -x "$W/backends/same-tools-patched/llama-bench" ] && args+=("same llama.cpp, patched CUDA module=$W/backends/same-tools-patched")
+    if [ ! -s "$W/single-stream.json" ]; then
+        python3 -u scripts/gpu/single-stream.py "$W/single-stream.json" "$model" "$W/bins/bench" \
+            "${ROUNDS:-6}" "${args[@]}" 2>&1 | tee "$W/logs/single-stream.log"
+    fi
+    cp "$W/single-stream.json" "$OUT/"
 }
 
 # The bench's npcs section under scripts/gpu/cuda-api-trace.c for each line
@@ -182,6 +200,13 @@ quick)
             | grep -v "binding  ratio" | sed 's/  */ /g'
     done < scripts/gpu/quick-variants.txt
     mkdir -p "$OUT/quick" && cp "$W"/quick*.json "$OUT/quick/" 2>/dev/null || true
+    ;;
+single)
+    # After `start` (or `quick-start`) and the stashes: single stream against
+    # llama-bench tg in paired rounds only (env ROUNDS, default 6).
+    if [ -e "$W/logs/tools-build.log" ]; then wait_for_builds cuda tools; else wait_for_builds cuda; fi
+    prepare_inputs
+    single_stream
     ;;
 trace)
     # Where the host time of a step goes in the CUDA runtime (no nsys or perf
@@ -315,6 +340,7 @@ PY
         python3 scripts/gpu/check-targets.py "$json" | tee "$W/logs/targets-run$run.txt"
     done
     cp "$W/logs/bench.log" "$OUT/"
+    single_stream
     # Plan variants, the npcs section only, each against the same comparators
     # (one whose backends folder holds no CUDA module is skipped: the module
     # as shipped is not built with QUICK_TOOLS=off).
@@ -354,6 +380,6 @@ PY
     ls -la "$OUT"
     ;;
 *)
-    echo "usage: device.sh start|stash|run|quick-start|quick|ttft|trace|kernels CARRY_DIR" >&2; exit 2
+    echo "usage: device.sh start|stash|run|quick-start|quick|single|ttft|trace|kernels CARRY_DIR" >&2; exit 2
     ;;
 esac
