@@ -235,13 +235,25 @@ impl Sampler {
             self.top(logits, 1);
             return self.candidates[0].1;
         }
-        // The maximum in one vectorised pass, then its first index (the
-        // lowest id among ties, as a scan keeping the first best would).
-        let best = logits
-            .chunks(SELECT_BLOCK)
-            .map(block_max)
-            .fold(f32::NEG_INFINITY, |m, l| if l > m { l } else { m });
-        logits.iter().position(|&l| l == best).unwrap_or(0) as i32
+        // Each block's maximum in one vectorised pass, then the first
+        // block that holds the row's maximum, then its first index there
+        // (the lowest id among ties, as a scan keeping the first best
+        // would): no earlier block can hold it, as its maximum is lower.
+        // A scalar search of the whole row for the maximum cost as much
+        // again as the vectorised pass (~40 against ~16 µs for a 49k row
+        // read from memory, as a freshly decoded row is).
+        self.blocks.clear();
+        self.blocks
+            .extend(logits.chunks(SELECT_BLOCK).map(block_max));
+        let best = self
+            .blocks
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+        let base = self.blocks.iter().position(|&l| l == best).unwrap_or(0) * SELECT_BLOCK;
+        logits[base..]
+            .iter()
+            .position(|&l| l == best)
+            .map_or(0, |j| base + j) as i32
     }
 
     fn penalizes(&self) -> bool {
@@ -584,6 +596,30 @@ mod tests {
         let mut s = Sampler::new(&params(0.0, 40, 1.0, 0.0, 1.5), 1);
         assert_eq!(s.sample(&l), 42);
         assert_eq!(s.sample(&l), 7, "5.0 / 1.5 < 4.5");
+    }
+
+    #[test]
+    fn greedy_takes_the_first_best_whatever_the_blocks() {
+        let greedy = |l: &[f32]| Sampler::new(&params(0.0, 40, 1.0, 0.0, 1.0), 1).sample(l);
+        let mut l = vec![0.0f32; 100];
+        // Ties in two blocks: the lower id; a NaN block before them is skipped.
+        l[5] = f32::NAN;
+        l[70] = 3.0;
+        l[40] = 3.0;
+        assert_eq!(greedy(&l), 40);
+        // The best in the short last block (100 = 3 blocks of 32 + 4).
+        l[98] = 9.0;
+        assert_eq!(greedy(&l), 98);
+        // Ties inside one block: the lower id.
+        l[97] = 9.0;
+        assert_eq!(greedy(&l), 97);
+        // A row of -inf but one NaN block: the first -inf.
+        let mut l = vec![f32::NEG_INFINITY; 70];
+        l[..32].fill(f32::NAN);
+        assert_eq!(greedy(&l), 32);
+        // Nothing comparable: token 0, as before.
+        assert_eq!(greedy(&[f32::NAN; 40]), 0);
+        assert_eq!(greedy(&[]), 0);
     }
 
     #[test]
