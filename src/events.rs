@@ -113,7 +113,10 @@ pub struct LoadModel {
 }
 
 /// Unload the current model; running requests fail with
-/// [`LlmError::ModelUnloaded`], waiting ones wait for the next load.
+/// [`LlmError::ModelUnloaded`], waiting ones wait for the next load (the
+/// next new request starts one). Sent while a load is under way, that load
+/// finishes first and its model is then unloaded: [`ModelLoaded`] and
+/// [`ModelUnloaded`] both arrive, and the state ends `Unloaded`.
 #[derive(Message, Debug, Clone, PartialEq, Eq, Default)]
 pub struct UnloadModel;
 

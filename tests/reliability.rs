@@ -376,3 +376,47 @@ fn a_request_waiting_on_a_failing_load_fails_typed() {
         );
     }
 }
+
+/// Models the game was told are unloaded (a test system's record).
+#[derive(Resource, Default)]
+struct UnloadedSeen(Vec<String>);
+
+/// A game that unloads while a load is under way ends with no model and
+/// says so: the state is `Unloaded` once the worker has unloaded what that
+/// load brought in (not `Ready` with nothing loaded, where the next request
+/// waited for a model forever), and the next request loads the settings'
+/// model again and is answered.
+#[test]
+fn unloading_during_a_load_ends_unloaded_and_the_next_request_is_served() {
+    use bevy_npc_llm::events::{ModelUnloaded, UnloadModel};
+    let mut app = app();
+    app.init_resource::<UnloadedSeen>().add_systems(
+        Update,
+        |mut seen: ResMut<UnloadedSeen>, mut msgs: MessageReader<ModelUnloaded>| {
+            seen.0.extend(msgs.read().map(|m| m.model.clone()));
+        },
+    );
+    load_ready(&mut app, None);
+    app.world_mut().write_message(LoadModel {
+        model: Some(GEMMA.into()),
+    });
+    app.update();
+    app.world_mut().write_message(UnloadModel);
+    run_until(&mut app, 60, |app| {
+        app.world()
+            .resource::<UnloadedSeen>()
+            .0
+            .iter()
+            .any(|m| m == GEMMA)
+    });
+    // A few more frames: nothing may bring a model back by itself.
+    for _ in 0..10 {
+        app.update();
+    }
+    assert_eq!(
+        *app.world().resource::<LlmModelState>(),
+        LlmModelState::Unloaded
+    );
+    complete(&mut app, chat("Still there?").with_max_tokens(4));
+    assert!(app.world().resource::<LlmModelState>().is_ready());
+}

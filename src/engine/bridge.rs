@@ -636,6 +636,13 @@ pub(crate) fn receive(
                     stats.serving_model = None;
                     stats.remote_server = None;
                 }
+                // The state follows the worker: a model unloaded after it was
+                // reported ready (an unload asked for while its load ran) is
+                // no longer ready, and the next request loads one again
+                // instead of waiting for a model that is not there.
+                if matches!(&*state, LlmModelState::Ready(info) if info.model == model) {
+                    *state = LlmModelState::Unloaded;
+                }
                 out.unloaded.write(ModelUnloaded { model });
             }
             Event::Counters(c) => {
