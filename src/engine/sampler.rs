@@ -242,9 +242,7 @@ impl Sampler {
         // A scalar search of the whole row for the maximum cost as much
         // again as the vectorised pass (~40 against ~16 µs for a 49k row
         // read from memory, as a freshly decoded row is).
-        self.blocks.clear();
-        self.blocks
-            .extend(logits.chunks(SELECT_BLOCK).map(block_max));
+        self.fill_blocks(logits);
         let best = self
             .blocks
             .iter()
@@ -254,6 +252,15 @@ impl Sampler {
             .iter()
             .position(|&l| l == best)
             .map_or(0, |j| base + j) as i32
+    }
+
+    /// `self.blocks`: each [`SELECT_BLOCK`]-logit block's maximum, in one
+    /// vectorised pass (the first pass of [`Self::argmax`] and
+    /// [`Self::select`]).
+    fn fill_blocks(&mut self, logits: &[f32]) {
+        self.blocks.clear();
+        self.blocks
+            .extend(logits.chunks(SELECT_BLOCK).map(block_max));
     }
 
     fn penalizes(&self) -> bool {
@@ -311,9 +318,7 @@ impl Sampler {
     fn select(&mut self, logits: &[f32], k: usize) {
         let k = k.clamp(1, logits.len().max(1));
         self.candidates.clear();
-        self.blocks.clear();
-        self.blocks
-            .extend(logits.chunks(SELECT_BLOCK).map(block_max));
+        self.fill_blocks(logits);
         let threshold = if self.blocks.len() > k {
             self.scratch.clear();
             self.scratch.extend_from_slice(&self.blocks);

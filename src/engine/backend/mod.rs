@@ -178,9 +178,7 @@ impl WorkerHandle {
         }
         rx
     }
-}
 
-impl WorkerHandle {
     /// What the app's exit does: stop every load, ask the worker to stop
     /// and join it.
     fn stop_and_join(&mut self) {
