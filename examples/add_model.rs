@@ -14,7 +14,9 @@
 
 use std::path::PathBuf;
 
-use bevy_npc_llm::registry::{DownloadSource, append_entry_to_ron, entry_from_gguf};
+use bevy_npc_llm::registry::{
+    DownloadSource, append_entry_to_ron, entry_from_gguf, write_registry_file,
+};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -100,7 +102,7 @@ fn main() {
         println!("(dry run: {} unchanged)", registry.display());
         return;
     }
-    std::fs::write(&registry, updated).unwrap_or_else(|e| {
+    write_registry_file(&registry, &updated, &models_dir, &entry.id).unwrap_or_else(|e| {
         eprintln!("add_model: cannot write {}: {e}", registry.display());
         std::process::exit(1)
     });

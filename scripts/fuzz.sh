@@ -16,6 +16,9 @@
 #   build_prompt  dialogue prompts from arbitrary persona and player text,
 #                 rendered with SmolLM2's template; control tokens counted
 #                 with its control-token vocabulary (read once)
+#   constraint    JSON schemas, GBNF and Lark grammars compiled as the worker
+#                 compiles them (nesting bound first, then llguidance), and
+#                 a server's text checked against them
 #   build_prompt_llama  the same through llama.cpp's own tokenizer (exact,
 #                 ~20 inputs/s: not one of the fast targets)
 # The fast targets (all but build_prompt_llama) reach >= 1M executions in the
@@ -28,7 +31,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(parse_config clean_line dialogue_save dialogue_prompt build_prompt build_prompt_llama)
+[ ${#targets[@]} -gt 0 ] || targets=(parse_config clean_line dialogue_save dialogue_prompt constraint build_prompt build_prompt_llama)
 flags=${FUZZ_FLAGS:--s none --no-trace-compares}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 rustup toolchain list | grep -q nightly || { echo "fuzz.sh needs a nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
@@ -42,6 +45,7 @@ for t in "${targets[@]}"; do
     echo "== $t: ${secs}s"
     case $t in
         parse_config | dialogue_save) dict=fuzz/dict/ron.dict ;;
+        constraint) dict=fuzz/dict/constraint.dict ;;
         *) dict=fuzz/dict/text.dict ;;
     esac
     # shellcheck disable=SC2086

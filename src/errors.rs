@@ -292,11 +292,18 @@ pub enum RemoteError {
         /// Tokens received before it closed.
         tokens: usize,
     },
-    /// Nothing arrived for longer than `token_timeout_ms`.
-    #[error("the server sent nothing for {waited_ms} ms")]
+    /// No token arrived for longer than `token_timeout_ms` (keep-alive
+    /// comments and empty chunks do not count as tokens).
+    #[error("the server sent no token for {waited_ms} ms")]
     Timeout {
         /// How long was waited.
         waited_ms: u64,
+    },
+    /// The whole request took longer than `request_timeout_ms`.
+    #[error("the request took longer than its {limit_ms} ms deadline")]
+    Deadline {
+        /// The deadline.
+        limit_ms: u64,
     },
     /// The connection broke while reading.
     #[error("connection error: {0}")]

@@ -526,3 +526,38 @@ pub fn dialogue_prompt_invariants(persona: [&str; 4], player: &str, memory: &str
         );
     }
 }
+
+/// Compile `text` as an output constraint chosen by `which` (0 a JSON
+/// schema, 1 a GBNF grammar, 2 a Lark grammar, modulo 3), the way the
+/// worker does before a constrained request starts, on a byte-level
+/// vocabulary; then check a remote server's text against it. Refusals are
+/// fine; a panic or a stack overflow is the crash this looks for. Time per
+/// input is bounded by the nesting bound (checked first) and llguidance's
+/// own limits.
+pub fn constraint_compile(which: u8, text: &str) {
+    use crate::constraint::OutputConstraint;
+    use crate::constraint::matcher::ConstraintCompiler;
+    static COMPILER: std::sync::OnceLock<ConstraintCompiler> = std::sync::OnceLock::new();
+    let compiler = COMPILER.get_or_init(|| {
+        ConstraintCompiler::new(&toktrie::ApproximateTokEnv::single_byte_env())
+            .expect("a byte-level vocabulary")
+    });
+    let c = match which % 3 {
+        0 => OutputConstraint::JsonSchema(text.to_string()),
+        1 => OutputConstraint::Gbnf(text.to_string()),
+        _ => OutputConstraint::Lark(text.to_string()),
+    };
+    let nested_ok = crate::constraint::nesting::check(&c).is_ok();
+    match compiler.matcher(&c) {
+        Ok(mut m) => {
+            assert!(nested_ok, "a constraint past the nesting bound compiled");
+            let _ = m.compute_mask();
+        }
+        Err(e) => assert!(!e.is_empty()),
+    }
+    let _ = crate::constraint::validate::unenforced_output(
+        Some(&c),
+        "{\"say\": \"hi\"}",
+        crate::request::FinishReason::EndOfTurn,
+    );
+}

@@ -8,6 +8,7 @@ mod engine;
 pub mod errors;
 pub mod events;
 pub mod hardware;
+mod http;
 pub mod overlay;
 mod plugin;
 pub mod registry;

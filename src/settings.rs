@@ -437,27 +437,6 @@ impl From<String> for ApiKey {
     }
 }
 
-/// Whether `url`'s host is this machine (`localhost`, `127.0.0.0/8`, `::1`).
-fn is_loopback(url: &str) -> bool {
-    let rest = url
-        .trim()
-        .split_once("://")
-        .map_or(url, |(_, r)| r)
-        .split(['/', '?', '#'])
-        .next()
-        .unwrap_or("");
-    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let host = if let Some(v6) = host.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
-    };
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 /// An OpenAI-compatible inference server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -481,7 +460,13 @@ pub struct RemoteSettings {
     pub connect_timeout_ms: u64,
     /// Most time to wait for the response headers and then for each
     /// streamed token, in milliseconds: a slower server fails the request.
+    /// Only tokens count: keep-alive comments and empty chunks do not
+    /// restart it.
     pub token_timeout_ms: u64,
+    /// Most time for a whole request, from sending it to its last token, in
+    /// milliseconds: a server that never ends a stream fails it
+    /// ([`RemoteError::Deadline`](crate::errors::RemoteError::Deadline)).
+    pub request_timeout_ms: u64,
     /// Extra attempts after a connection error (never after the server
     /// answered: a request is not sent twice).
     pub max_retries: u32,
@@ -503,6 +488,7 @@ impl Default for RemoteSettings {
             prompt_format: RemotePromptFormat::Chat,
             connect_timeout_ms: 2_000,
             token_timeout_ms: 30_000,
+            request_timeout_ms: 600_000,
             max_retries: 2,
             retry_backoff_ms: 200,
             allow_api_key_over_http: false,
@@ -527,28 +513,21 @@ impl RemoteSettings {
     pub fn validate(&self) -> Result<(), SettingsError> {
         let bad = |field, message: String| Err(SettingsError::Invalid { field, message });
         let url = self.base_url.trim();
-        let rest = url
-            .strip_prefix("http://")
-            .or_else(|| url.strip_prefix("https://"));
-        match rest {
-            None => {
-                return bad(
-                    "remote.base_url",
-                    format!("`{url}` must start with http:// or https://"),
-                );
-            }
-            Some(host) if host.trim_matches('/').is_empty() => {
-                return bad("remote.base_url", format!("`{url}` names no host"));
-            }
-            Some(_) => {}
-        }
-        if url.starts_with("https://") && !cfg!(feature = "remote-tls") {
+        // Read as the HTTP client reads it; refused when readers could differ.
+        let parsed = match crate::http::parse_http_url(url) {
+            Ok(u) => u,
+            Err(e) => return bad("remote.base_url", e.0),
+        };
+        if parsed.scheme() == "https" && !cfg!(feature = "remote-tls") {
             return bad(
                 "remote.base_url",
                 "https needs the crate's `remote-tls` feature".into(),
             );
         }
-        if self.connect_timeout_ms == 0 || self.token_timeout_ms == 0 {
+        if self.connect_timeout_ms == 0
+            || self.token_timeout_ms == 0
+            || self.request_timeout_ms == 0
+        {
             return bad(
                 "remote.token_timeout_ms",
                 "timeouts must be at least 1 ms".into(),
@@ -557,8 +536,8 @@ impl RemoteSettings {
         if self.max_retries > 10 {
             return bad("remote.max_retries", "must be at most 10".into());
         }
-        if url.starts_with("http://")
-            && !is_loopback(url)
+        if parsed.scheme() == "http"
+            && !crate::http::is_loopback(&parsed)
             && !self.allow_api_key_over_http
             && self.resolved_api_key().is_some()
         {
@@ -758,12 +737,5 @@ impl LlmSettings {
 /// and displays.
 #[must_use]
 pub fn redact_url(url: &str) -> std::borrow::Cow<'_, str> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.into();
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
-        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]).into(),
-        None => url.into(),
-    }
+    crate::http::redact_url(url)
 }

@@ -4,7 +4,9 @@
 
 mod common;
 
-use bevy_npc_llm::registry::{ModelRegistry, append_entry_to_ron, entry_from_gguf};
+use bevy_npc_llm::registry::{
+    ModelRegistry, append_entry_to_ron, entry_from_gguf, write_registry_file,
+};
 use common::*;
 
 #[test]
@@ -51,4 +53,42 @@ fn appending_keeps_comments_and_validates() {
         reg.get("smol-copy").unwrap().sha256,
         reg.get(SMOL).unwrap().sha256
     );
+}
+
+/// Brackets inside comments and strings, a trailing comment after the
+/// registry, other lists after `models`: the entry lands in the `models`
+/// list or the call fails; it never returns a registry without it. The file
+/// is written atomically and read back.
+#[test]
+fn appending_finds_the_models_list_whatever_surrounds_it() {
+    let text = std::fs::read_to_string(models_dir().join("models.ron")).unwrap();
+    let (mut entry, _) = entry_from_gguf(&smol_file()).unwrap();
+    entry.id = "smol-copy".into();
+    let variants = [
+        format!("{text}\n// trailing note: see [the docs] ]\n"),
+        format!("{text}\n/* a block ] comment /* nested ] */ still ] */\n"),
+        text.replacen("models:", "// models: [ a commented list ]\n    models:", 1),
+        text.replacen("name: \"SmolLM2", "name: \"Smol]LM2", 1),
+    ];
+    for (i, variant) in variants.iter().enumerate() {
+        ModelRegistry::from_ron_str(variant, models_dir(), "in.ron")
+            .unwrap_or_else(|e| panic!("variant {i} must parse: {e}"));
+        let out = append_entry_to_ron(variant, &entry, &models_dir())
+            .unwrap_or_else(|e| panic!("variant {i}: {e}"));
+        let reg = ModelRegistry::from_ron_str(&out, models_dir(), "out.ron").unwrap();
+        assert_eq!(reg.len(), 3, "variant {i}");
+        assert!(reg.get("smol-copy").is_some(), "variant {i}");
+    }
+    let dir = std::env::temp_dir().join(format!("npc-llm-registry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("models.ron");
+    std::fs::write(&path, &variants[0]).unwrap();
+    let out = append_entry_to_ron(&variants[0], &entry, &models_dir()).unwrap();
+    write_registry_file(&path, &out, &models_dir(), "smol-copy").unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), out);
+    // Text without the entry is caught after writing.
+    assert!(write_registry_file(&path, &variants[0], &models_dir(), "smol-copy").is_err());
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "no temporary file left");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -520,3 +520,118 @@ fn a_request_for_a_missing_model_downloads_it_first() {
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The newest load or unload wins over one that waits for a download,
+/// whatever order downloads end in: its progress no longer shows, its file
+/// is not loaded in place of the newer model, and its failure fails only
+/// what waited for it (a request streaming on the loaded model goes on).
+#[test]
+fn a_load_waiting_for_a_download_yields_to_a_newer_load_or_unload() {
+    let dir = std::env::temp_dir().join(format!("npc-llm-dl-newest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let server = file_server(&smol_file(), &dir.join("requests.log"));
+    let mut s = settings();
+    s.downloads.allow_http = true;
+    let mut app = app_with(s);
+    app.init_resource::<Outcomes>().add_systems(Update, record);
+    app.update();
+    for (id, mode) in [("slow-b", "slow/400000"), ("gone-b", "missing")] {
+        let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
+        let mut e = reg.get(SMOL).unwrap().clone();
+        e.id = id.into();
+        e.file = dir.join(format!("{id}.gguf"));
+        e.download = Some(DownloadSource {
+            urls: vec![format!("{}/{mode}/{id}.gguf", server.url)],
+        });
+        reg.add(e).unwrap();
+    }
+    load_ready(&mut app, Some(SMOL));
+    let ready_on = |app: &App, id: &str| matches!(app.world().resource::<LlmModelState>(), LlmModelState::Ready(i) if i.model == id);
+    // B needs a download; then A is asked for: A is loaded and stays.
+    app.world_mut().write_message(LoadModel {
+        model: Some("slow-b".into()),
+    });
+    run_until(&mut app, 60, |app| {
+        app.world()
+            .resource::<ModelDownloads>()
+            .progress("slow-b")
+            .is_some_and(|p| p.bytes > 0)
+    });
+    app.world_mut().write_message(LoadModel {
+        model: Some(SMOL.into()),
+    });
+    run_until(&mut app, 60, |app| ready_on(app, SMOL));
+    let streaming = request(&mut app, chat("Tell me a story.").with_max_tokens(48));
+    for _ in 0..300 {
+        app.update();
+        assert!(
+            ready_on(&app, SMOL),
+            "B's download news must not move the state: {:?}",
+            app.world().resource::<LlmModelState>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // B's download ends (cancelled here): nothing that ran on A fails.
+    app.world_mut().write_message(CancelModelDownload {
+        id: "slow-b".into(),
+    });
+    run_until(&mut app, 60, |app| {
+        !app.world().resource::<Outcomes>().failed.is_empty()
+    });
+    run_until_finished(&mut app, &[streaming]);
+    let r = app.world().resource::<Recorded>();
+    assert!(
+        r.completed_text(streaming).is_some(),
+        "{:?}",
+        r.of(streaming)
+    );
+    assert!(ready_on(&app, SMOL));
+
+    // The newest load waits for a download that fails while A still
+    // serves: that load fails, the request streaming on A does not.
+    let streaming = request(&mut app, chat("And another one.").with_max_tokens(48));
+    app.world_mut().write_message(LoadModel {
+        model: Some("gone-b".into()),
+    });
+    run_until_finished(&mut app, &[streaming]);
+    run_until(
+        &mut app,
+        60,
+        |app| matches!(app.world().resource::<LlmModelState>(), LlmModelState::Failed { model, .. } if model == "gone-b"),
+    );
+    let r = app.world().resource::<Recorded>();
+    assert!(
+        r.completed_text(streaming).is_some(),
+        "{:?}",
+        r.of(streaming)
+    );
+
+    // Unload while a load waits for its download: unloaded, and it stays so.
+    app.world_mut().write_message(LoadModel {
+        model: Some("slow-b".into()),
+    });
+    run_until(&mut app, 60, |app| {
+        matches!(
+            app.world().resource::<LlmModelState>(),
+            LlmModelState::Loading {
+                phase: LoadPhase::Downloading,
+                ..
+            }
+        )
+    });
+    app.world_mut().write_message(UnloadModel);
+    for _ in 0..300 {
+        app.update();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(
+        *app.world().resource::<LlmModelState>(),
+        LlmModelState::Unloaded
+    );
+    app.world_mut().write_message(CancelModelDownload {
+        id: "slow-b".into(),
+    });
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -170,6 +170,53 @@ fn semantic_mistakes_are_invalid_entries() {
     ));
 }
 
+/// A relative `file` that climbs out of the models folder is refused (a
+/// download would write there); absolute paths stay the documented opt-in,
+/// and harmless relative forms (`./`, sub-folders) are kept.
+#[test]
+fn relative_model_files_stay_inside_the_models_folder() {
+    let text = shipped_manifest();
+    let file = "file: \"SmolLM2-135M-Instruct.Q4_1.gguf\"";
+    assert!(text.contains(file));
+    for bad in [
+        "../SmolLM2.gguf",
+        "../../home/user/.bashrc",
+        "sub/../../escape.gguf",
+        "a/./../../b.gguf",
+    ] {
+        let broken = text.replacen(file, &format!("file: {bad:?}"), 1);
+        match ModelRegistry::from_ron_str(&broken, "m", "x") {
+            Err(RegistryError::Invalid { field, message, .. }) => {
+                assert_eq!(field, "file", "{bad}");
+                assert!(message.contains(".."), "{bad}: {message}");
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    for good in [
+        "./SmolLM2.gguf",
+        "sub/dir/SmolLM2.gguf",
+        "/opt/models/SmolLM2.gguf",
+    ] {
+        let ok = text.replacen(file, &format!("file: {good:?}"), 1);
+        let reg = ModelRegistry::from_ron_str(&ok, "m", "x").unwrap();
+        let path = reg.resolve(SMOL).unwrap();
+        assert!(
+            path.starts_with("m") || path.is_absolute(),
+            "{good}: {}",
+            path.display()
+        );
+    }
+    let mut reg = ModelRegistry::load(models_dir().join("models.ron")).unwrap();
+    let mut e = reg.get(SMOL).unwrap().clone();
+    e.id = "climber".into();
+    e.file = "../climber.gguf".into();
+    assert!(matches!(
+        reg.add(e),
+        Err(RegistryError::Invalid { field: "file", .. })
+    ));
+}
+
 #[test]
 fn entries_can_be_added_at_run_time() {
     let mut reg = ModelRegistry::load(models_dir().join("models.ron")).unwrap();

@@ -678,3 +678,188 @@ fn constrained_output_through_llama_server() {
         assert!(g.output.is_none());
     }
 }
+
+/// Every remote request ends whatever the server does: a stream with no end
+/// is cut at `max_tokens` (counted here) with `MaxTokens`; keep-alive
+/// comments and empty chunks do not hold off the token time-out; a slow
+/// endless stream meets the request's deadline; an event of endless `data:`
+/// lines is refused. Each case ends within a bound far below the stub's 60 s.
+#[test]
+fn every_remote_request_ends_whatever_the_server_sends() {
+    let server = stub(&[]);
+    type Check = fn(&Rec) -> bool;
+    let cases: [(&str, u64, u64, Check); 4] = [
+        ("endless", 20_000, 600_000, |r| {
+            matches!(r, Rec::Completed(_, text, FinishReason::MaxTokens, stats)
+                if stats.generated_tokens <= 16 + 4 && text.contains("more"))
+        }),
+        ("keepalive", 500, 600_000, |r| {
+            matches!(
+                r,
+                Rec::Failed(_, LlmError::Remote(RemoteError::Timeout { waited_ms: 500 }))
+            )
+        }),
+        ("drip", 20_000, 1_500, |r| {
+            matches!(
+                r,
+                Rec::Failed(
+                    _,
+                    LlmError::Remote(RemoteError::Deadline { limit_ms: 1_500 })
+                )
+            )
+        }),
+        ("bigevent", 20_000, 600_000, |r| {
+            matches!(r, Rec::Failed(_, LlmError::Remote(RemoteError::Malformed(m)))
+                if m.contains("longer than"))
+        }),
+    ];
+    for (model, token_ms, request_ms, check) in cases {
+        let mut s = remote_settings(&server.url);
+        s.remote.model = model.into();
+        s.remote.token_timeout_ms = token_ms;
+        s.remote.request_timeout_ms = request_ms;
+        let mut app = app_with(s);
+        ready(&mut app);
+        let start = Instant::now();
+        let e = request(&mut app, chat("Talk").with_max_tokens(16));
+        run_until(&mut app, 30, |app| {
+            app.world().resource::<Recorded>().finished(e)
+        });
+        let recs = app.world().resource::<Recorded>().of(e);
+        let last = recs.last().unwrap();
+        assert!(check(last), "{model}: {last:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{model} took {:?}",
+            start.elapsed()
+        );
+        app.update();
+        assert_eq!(app.world().resource::<LlmEngineStats>().in_flight, 0);
+    }
+}
+
+/// A server that ignores the schema: its text is checked against the
+/// request's constraint before any event, so a value outside the schema (an
+/// item nobody declared, a wrong type) is an `OutputError`, never a value;
+/// and an NPC's line built from it is retried, never an action.
+#[test]
+fn output_a_server_makes_up_is_checked_against_the_schema() {
+    let server = stub(&[]);
+    let mut s = remote_settings(&server.url);
+    s.remote.model = "badschema".into();
+    let mut app = app_with(s);
+    record_outputs(&mut app);
+    ready(&mut app);
+    let schema = r#"{"type":"object","properties":{"say":{"type":"string"},"action":{"anyOf":[{"type":"null"},{"type":"object","properties":{"Give":{"type":"object","properties":{"item":{"enum":["bread"]}},"required":["item"]}},"required":["Give"]}]}},"required":["say","action"]}"#;
+    let e = request(
+        &mut app,
+        chat("Give me something").with_json_schema(&serde_json::from_str(schema).unwrap()),
+    );
+    run_until_finished(&mut app, &[e]);
+    let out = app
+        .world()
+        .resource::<Outputs>()
+        .0
+        .iter()
+        .find(|(x, _)| *x == e)
+        .map(|(_, o)| o.clone());
+    match out {
+        Some(Some(Err(bevy_npc_llm::constraint::OutputError::DoesNotMatch { text, .. }))) => {
+            assert!(text.contains("crown"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Deeply nested JSON from a server is an error, not a stack overflow.
+    let mut s = remote_settings(&server.url);
+    s.remote.model = "deepjson".into();
+    let mut app = app_with(s);
+    record_outputs(&mut app);
+    ready(&mut app);
+    let e = request(
+        &mut app,
+        chat("Nest").with_json_schema(&serde_json::json!({"type": "array"})),
+    );
+    run_until_finished(&mut app, &[e]);
+    let out = app
+        .world()
+        .resource::<Outputs>()
+        .0
+        .iter()
+        .find(|(x, _)| *x == e)
+        .cloned();
+    assert!(matches!(out, Some((_, Some(Err(_))))), "{out:?}");
+}
+
+/// Every output a completion carried, by entity.
+#[derive(Resource, Default)]
+struct Outputs(
+    Vec<(
+        Entity,
+        Option<Result<serde_json::Value, bevy_npc_llm::constraint::OutputError>>,
+    )>,
+);
+
+fn record_outputs(app: &mut App) {
+    app.init_resource::<Outputs>();
+    app.add_observer(|e: On<LlmCompleted>, mut out: ResMut<Outputs>| {
+        out.0.push((e.entity, e.output.clone()));
+    });
+}
+
+/// Credentials never reach an error text: a key the server quotes back, a
+/// `user:password@` and a `?key=` in the URL are redacted; a URL the key
+/// check and the HTTP client could read as different hosts is refused.
+#[test]
+fn secrets_never_reach_error_texts_and_ambiguous_urls_are_refused() {
+    const KEY: &str = "sk-echoed-secret-4567";
+    let server = stub(&[]);
+    let mut s = remote_settings(&server.url);
+    s.remote.model = "echokey".into();
+    s.remote.api_key = Some(KEY.into());
+    let mut app = app_with(s);
+    ready(&mut app);
+    let e = request(&mut app, chat("Hi"));
+    run_until_finished(&mut app, &[e]);
+    let error = app.world().resource::<Recorded>().failure(e).unwrap();
+    let shown = format!("{error} {error:?}");
+    assert!(matches!(
+        error,
+        LlmError::Remote(RemoteError::Status { status: 401, .. })
+    ));
+    assert!(
+        shown.contains("invalid credentials"),
+        "the body is kept: {shown}"
+    );
+    assert!(!shown.contains(KEY), "{shown}");
+    // Credentials in the URL of a server that is not there.
+    let port = free_port();
+    let mut s = remote_settings(&format!(
+        "http://alice:pa55word@127.0.0.1:{port}/v1?key=qu3rysecret"
+    ));
+    s.remote.max_retries = 0;
+    let mut app = app_with(s);
+    let error = load_failure(&mut app, None);
+    let shown = format!("{error} {error:?}");
+    for secret in ["pa55word", "alice", "qu3rysecret"] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    // The key check reads hosts as the client does: a backslash before `@`
+    // could send the key to evil.example while the old split saw 127.0.0.1.
+    let mut s = settings();
+    s.backend = BackendChoice::Remote;
+    s.remote.api_key = Some(KEY.into());
+    for url in [
+        "http://evil.example\\@127.0.0.1:8080",
+        "http://%31%32%37.0.0.1:8080",
+        "http://127.0.0.1 @evil.example",
+    ] {
+        s.remote.base_url = url.into();
+        match s.validate() {
+            Err(SettingsError::Invalid { field, message }) => {
+                assert_eq!(field, "remote.base_url", "{url}: {message}");
+                assert!(!message.contains(KEY));
+            }
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+}

@@ -209,6 +209,9 @@ struct Parser<'a> {
     toks: &'a [Tok],
     at: usize,
     used: BTreeSet<String>,
+    /// Groups open now: the descent recurses once per group, so it stops
+    /// at [`super::MAX_CONSTRAINT_NESTING`] whatever checked the text before.
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -280,7 +283,15 @@ impl Parser<'_> {
                 }
                 Some(Tok::LParen) => {
                     self.at += 1;
+                    self.depth += 1;
+                    if self.depth > super::MAX_CONSTRAINT_NESTING {
+                        return Err(GbnfError(format!(
+                            "groups nest deeper than {} levels",
+                            super::MAX_CONSTRAINT_NESTING
+                        )));
+                    }
                     let inner = self.alternatives(true)?;
+                    self.depth -= 1;
                     if self.peek() != Some(&Tok::RParen) {
                         return Err(GbnfError("unclosed (".into()));
                     }
@@ -320,6 +331,7 @@ pub(crate) fn to_lark(gbnf: &str) -> Result<String, GbnfError> {
         toks: &toks,
         at: 0,
         used: BTreeSet::new(),
+        depth: 0,
     };
     let mut defined = BTreeSet::new();
     let mut out = String::from("start: g_root\n");
@@ -377,6 +389,29 @@ mod tests {
             let e = to_lark(g).unwrap_err();
             assert!(e.0.contains(want), "{g:?}: {e:?}");
         }
+    }
+
+    /// The translation itself refuses deep nesting (it is also called
+    /// directly, e.g. by the remote backend), on a small stack.
+    #[test]
+    fn deep_groups_are_an_error_not_a_stack_overflow() {
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(|| {
+                let deep = format!(
+                    "root ::= {}\"x\"{}",
+                    "(".repeat(100_000),
+                    ")".repeat(100_000)
+                );
+                let e = to_lark(&deep).unwrap_err();
+                assert!(e.0.contains("deeper than"), "{e:?}");
+                let n = crate::constraint::MAX_CONSTRAINT_NESTING;
+                let ok = format!("root ::= {}\"x\"{}", "(".repeat(n), ")".repeat(n));
+                assert!(to_lark(&ok).is_ok());
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     #[test]

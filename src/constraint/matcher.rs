@@ -8,8 +8,10 @@ use toktrie::TokEnv;
 
 use super::{OutputConstraint, gbnf, schema_with_defaults};
 
-/// The llguidance grammar of a constraint.
+/// The llguidance grammar of a constraint (its nesting checked first:
+/// nothing recursive runs on a constraint nested too deeply).
 pub(crate) fn grammar(constraint: &OutputConstraint) -> Result<TopLevelGrammar, String> {
+    super::nesting::check(constraint)?;
     Ok(match constraint {
         OutputConstraint::JsonSchema(schema) => {
             TopLevelGrammar::from_json_schema(schema_with_defaults(schema)?)

@@ -13,6 +13,10 @@
 
 pub(crate) mod gbnf;
 pub(crate) mod matcher;
+pub(crate) mod nesting;
+pub(crate) mod validate;
+
+pub use nesting::MAX_CONSTRAINT_NESTING;
 
 use serde::de::DeserializeOwned;
 
@@ -88,6 +92,16 @@ pub enum OutputError {
     /// The request asked for no JSON (no JSON schema).
     #[error("the request asked for no JSON output")]
     NotRequested,
+    /// The text does not satisfy the constraint (only possible when a
+    /// remote server ignored it: local generation cannot produce such text).
+    /// Nothing of it reaches the game as a value or an action.
+    #[error("the output does not match the {kind}: {text:?}")]
+    DoesNotMatch {
+        /// The constraint's kind.
+        kind: &'static str,
+        /// What was generated.
+        text: String,
+    },
     /// The JSON does not deserialize into the Rust type asked for.
     #[error("the JSON does not match the type {type_name}: {error}")]
     WrongType {

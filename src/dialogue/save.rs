@@ -97,25 +97,52 @@ pub fn save_dialogue(world: &mut World) -> Result<String, DialogueError> {
 pub const MAX_SAVED_LINES: usize = 100_000;
 /// Most characters of one saved text (a line, a memory, a persona field).
 pub const MAX_SAVED_TEXT_CHARS: usize = 100_000;
+/// Most NPCs, conversations, memories of one NPC, traits of one persona or
+/// names in one memory's `about` in a save.
+pub const MAX_SAVED_ITEMS: usize = 100_000;
+/// Most tokens a saved conversation may ask for one line
+/// ([`ConversationLimits::max_tokens`]).
+pub const MAX_SAVED_LINE_TOKENS: u32 = 65_536;
+/// Largest retry or fallback count a save may carry.
+pub const MAX_SAVED_COUNT: u32 = 1 << 30;
+/// Largest game time (seconds, either sign) a save may carry: about 31,000
+/// years, far below where `f64` seconds lose their sub-second part.
+pub const MAX_SAVED_TIME: f64 = 1e12;
 
 /// Check every cross-field invariant of a save before anything is loaded:
 /// unique, non-empty NPC names; each conversation's names match its
 /// participants (NPC names known and distinct, at least two speakers, the
 /// player last and alone with one NPC when `with_player`); no NPC in two
-/// conversations; `next_speaker` in range; sane limits; finite times and
-/// importances; texts and transcripts within [`MAX_SAVED_TEXT_CHARS`] and
-/// [`MAX_SAVED_LINES`].
+/// conversations; `next_speaker` in range; texts and transcripts within
+/// [`MAX_SAVED_TEXT_CHARS`] and [`MAX_SAVED_LINES`]; and every number within
+/// both bounds: limits from 1 to [`MAX_SAVED_LINES`] lines,
+/// [`MAX_SAVED_TEXT_CHARS`] characters and [`MAX_SAVED_LINE_TOKENS`] tokens;
+/// retry and fallback counts at most [`MAX_SAVED_COUNT`]; times finite and
+/// within ±[`MAX_SAVED_TIME`]; importances finite; lists at most
+/// [`MAX_SAVED_ITEMS`] long. A value a game could never have written (say
+/// `u32::MAX` retries) is refused, so nothing computed from a loaded save can
+/// overflow.
 ///
 /// # Errors
 /// [`DialogueError::Invalid`] naming the first problem found.
 pub fn validate_snapshot(snap: &DialogueSnapshot) -> Result<(), DialogueError> {
     let bad = |m: String| Err(DialogueError::Invalid(m));
     let long = |t: &str| t.chars().count() > MAX_SAVED_TEXT_CHARS;
+    let bad_time = |t: f64| !t.is_finite() || t.abs() > MAX_SAVED_TIME;
+    if snap.npcs.len() > MAX_SAVED_ITEMS || snap.conversations.len() > MAX_SAVED_ITEMS {
+        return bad(format!("more than {MAX_SAVED_ITEMS} NPCs or conversations"));
+    }
     let mut names = std::collections::HashSet::new();
     for npc in &snap.npcs {
         let p = &npc.persona;
         if p.name.trim().is_empty() {
             return bad("an NPC has an empty name".into());
+        }
+        if p.traits.len() > MAX_SAVED_ITEMS || npc.memory.entries.len() > MAX_SAVED_ITEMS {
+            return bad(format!(
+                "`{}` has more than {MAX_SAVED_ITEMS} traits or memories",
+                p.name
+            ));
         }
         if !names.insert(p.name.as_str()) {
             return bad(format!("two NPCs are named `{}`", p.name));
@@ -128,9 +155,15 @@ pub fn validate_snapshot(snap: &DialogueSnapshot) -> Result<(), DialogueError> {
             return bad(format!("a text of `{}` is too long", p.name));
         }
         for m in &npc.memory.entries {
-            if !m.time.is_finite() || !m.importance.is_finite() || long(&m.text) {
+            if bad_time(m.time)
+                || !m.importance.is_finite()
+                || long(&m.text)
+                || m.about.len() > MAX_SAVED_ITEMS
+                || m.about.iter().any(|a| long(a))
+            {
                 return bad(format!(
-                    "a memory of `{}` has a non-finite time or importance, or too long a text",
+                    "a memory of `{}` has a time beyond ±{MAX_SAVED_TIME} s, a non-finite \
+                     importance, or too long a text or list",
                     p.name
                 ));
             }
@@ -181,6 +214,24 @@ pub fn validate_snapshot(snap: &DialogueSnapshot) -> Result<(), DialogueError> {
         {
             return bad(format!("{what}: limits must be at least 1"));
         }
+        if l.max_lines > MAX_SAVED_LINES
+            || l.max_prompt_lines > MAX_SAVED_LINES
+            || l.max_line_chars > MAX_SAVED_TEXT_CHARS
+            || l.max_tokens > MAX_SAVED_LINE_TOKENS
+        {
+            return bad(format!(
+                "{what}: limits beyond {MAX_SAVED_LINES} lines, {MAX_SAVED_TEXT_CHARS} \
+                 characters or {MAX_SAVED_LINE_TOKENS} tokens"
+            ));
+        }
+        if c.retries > MAX_SAVED_COUNT || c.fallbacks > MAX_SAVED_COUNT {
+            return bad(format!(
+                "{what}: more than {MAX_SAVED_COUNT} retries or fallbacks"
+            ));
+        }
+        if c.names.len() > MAX_SAVED_ITEMS {
+            return bad(format!("{what}: more than {MAX_SAVED_ITEMS} names"));
+        }
         if c.lines.len() > MAX_SAVED_LINES {
             return bad(format!("{what}: more than {MAX_SAVED_LINES} lines"));
         }
@@ -191,9 +242,9 @@ pub fn validate_snapshot(snap: &DialogueSnapshot) -> Result<(), DialogueError> {
                     line.speaker
                 ));
             }
-            if !line.time.is_finite() || long(&line.text) {
+            if bad_time(line.time) || long(&line.text) {
                 return bad(format!(
-                    "{what}: a line has a non-finite time or too long a text"
+                    "{what}: a line has a time beyond ±{MAX_SAVED_TIME} s or too long a text"
                 ));
             }
         }
@@ -359,6 +410,72 @@ mod tests {
         world
     }
 
+    /// Every number a save carries has an upper bound: values a game could
+    /// never have written (near `u32::MAX`, `usize::MAX`, huge times) are
+    /// typed errors before anything is loaded, and the largest accepted ones
+    /// load and run without overflowing.
+    #[test]
+    fn numbers_near_their_type_limits_are_refused() {
+        let base = || DialogueSnapshot {
+            npcs: vec![npc("Mira"), npc("Brom")],
+            conversations: vec![conv(&["Mira", "Brom"], false)],
+        };
+        type Edit = fn(&mut DialogueSnapshot);
+        let cases: Vec<(&str, Edit)> = vec![
+            ("retries", |s| s.conversations[0].retries = u32::MAX),
+            ("fallbacks", |s| s.conversations[0].fallbacks = u32::MAX - 1),
+            ("max_tokens", |s| {
+                s.conversations[0].limits.max_tokens = u32::MAX
+            }),
+            ("max_lines", |s| {
+                s.conversations[0].limits.max_lines = usize::MAX
+            }),
+            ("max_line_chars", |s| {
+                s.conversations[0].limits.max_line_chars = usize::MAX;
+            }),
+            ("max_prompt_lines", |s| {
+                s.conversations[0].limits.max_prompt_lines = usize::MAX;
+            }),
+            ("line time", |s| {
+                s.conversations[0].lines.push(TranscriptLine {
+                    speaker: "Mira".into(),
+                    text: "Hi.".into(),
+                    time: 1e300,
+                });
+            }),
+            ("memory time", |s| {
+                s.npcs[0].memory.entries.push(MemoryEntry {
+                    time: -1e300,
+                    text: "x".into(),
+                    importance: 0.5,
+                    about: vec![],
+                });
+            }),
+        ];
+        for (what, edit) in cases {
+            let mut s = base();
+            edit(&mut s);
+            let text = ron::ser::to_string(&s).unwrap();
+            match parse_dialogue(&text) {
+                Err(DialogueError::Invalid(m)) => assert!(!m.is_empty(), "{what}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // The largest accepted values load.
+        let mut s = base();
+        let c = &mut s.conversations[0];
+        c.retries = MAX_SAVED_COUNT;
+        c.fallbacks = MAX_SAVED_COUNT;
+        c.limits.max_tokens = MAX_SAVED_LINE_TOKENS;
+        c.limits.max_lines = MAX_SAVED_LINES;
+        c.limits.max_line_chars = MAX_SAVED_TEXT_CHARS;
+        c.limits.max_prompt_lines = MAX_SAVED_LINES;
+        let mut world = World::new();
+        load_dialogue(&mut world, &ron::ser::to_string(&s).unwrap()).unwrap();
+        let conv = world.query::<&Conversation>().single(&world).unwrap();
+        assert_eq!(conv.retries, MAX_SAVED_COUNT);
+    }
+
     #[test]
     fn inconsistent_saves_are_typed_errors_and_leave_the_world_alone() {
         let player_without_names = DialogueSnapshot {
@@ -425,7 +542,8 @@ mod tests {
         prop_oneof![
             -1e12f64..1e12,
             Just(0.0),
-            Just(f64::MAX),
+            Just(MAX_SAVED_TIME),
+            Just(-MAX_SAVED_TIME),
             Just(f64::MIN_POSITIVE)
         ]
     }

@@ -646,8 +646,8 @@ fn apply(
             rt.say = SayStream::default();
             rt.attempt = attempt;
             if attempt > 0 {
-                conv.retries += 1;
-                ctx.stats.retries += 1;
+                conv.retries = conv.retries.saturating_add(1);
+                ctx.stats.retries = ctx.stats.retries.saturating_add(1);
             }
             let req = line_request(
                 conv,
@@ -691,8 +691,8 @@ fn apply(
             let text = match (fallback, rt.output.take()) {
                 (false, Some(text)) => text,
                 _ => {
-                    conv.fallbacks += 1;
-                    ctx.stats.fallbacks += 1;
+                    conv.fallbacks = conv.fallbacks.saturating_add(1);
+                    ctx.stats.fallbacks = ctx.stats.fallbacks.saturating_add(1);
                     if closing {
                         FALLBACK_CLOSING.to_string()
                     } else {
@@ -860,14 +860,18 @@ fn line_request(
     let max_chars = conv
         .limits
         .max_line_chars
-        .min(3 * conv.limits.max_tokens as usize);
+        .min((conv.limits.max_tokens as usize).saturating_mul(3));
     let schema = line_schema(
         actions,
         settings.plain_speech,
         settings.max_sentences,
         max_chars,
     );
-    let max_tokens = conv.limits.max_tokens + max_chars as u32 / 3 + 40;
+    let max_tokens = conv
+        .limits
+        .max_tokens
+        .saturating_add(u32::try_from(max_chars / 3).unwrap_or(u32::MAX))
+        .saturating_add(40);
     LlmRequest::new(lp.prompt)
         .with_json_schema(&schema)
         .with_max_tokens(max_tokens)

@@ -49,25 +49,116 @@ pub(crate) fn lock_path(dest: &Path) -> PathBuf {
     with_suffix(dest, ".lock")
 }
 
-/// Holds `<file>.lock` (our process id inside) while it lives.
-struct Lock(PathBuf);
+/// A lock untouched for this long is stale whoever wrote it: a running
+/// download refreshes its lock's modification time every
+/// [`LOCK_HEARTBEAT`] (while bytes arrive and while it waits to retry), so
+/// only a lock whose holder died (or a PID that was reused) gets this old.
+pub(crate) const LOCK_STALE_AFTER: Duration = Duration::from_secs(120);
+/// How often a running download refreshes its lock.
+const LOCK_HEARTBEAT: Duration = Duration::from_secs(10);
+/// An empty or unreadable lock younger than this may be one another process
+/// has just created and not yet written: it is respected that long.
+const LOCK_WRITE_GRACE: Duration = Duration::from_secs(2);
+
+/// Locks this process holds now (a second download of the same file in
+/// this process is `Busy`, whatever the lock file says).
+static HELD: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// A number drawn once per process, written into its locks beside the PID:
+/// after a crash, a new process in a fresh PID namespace may get the same
+/// PID, but never the same number.
+fn process_nonce() -> u64 {
+    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *NONCE.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        h.finish()
+    })
+}
+
+/// Who wrote a lock file, as far as its text tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockHolder {
+    /// Empty, unreadable or not a lock we wrote.
+    Unknown,
+    /// A process id, and the writer's per-process number (absent in locks
+    /// written by older versions).
+    Process { pid: u32, nonce: Option<u64> },
+}
+
+impl LockHolder {
+    fn parse(text: &str) -> Self {
+        let mut it = text.split_whitespace();
+        let pid = it.next().and_then(|p| p.parse::<u32>().ok());
+        let nonce = it.next().and_then(|n| n.parse::<u64>().ok());
+        match pid {
+            Some(pid) => Self::Process { pid, nonce },
+            None => Self::Unknown,
+        }
+    }
+}
+
+/// Whether a lock file another download may hold is stale and may be taken
+/// over (pure: the caller reads the file, its age and whether the process
+/// runs). A lock is respected only while its holder can be alive: a
+/// process that runs, that is not this process (whose own locks are in
+/// [`HELD`]), and that touched the lock within [`LOCK_STALE_AFTER`].
+pub(crate) fn lock_is_stale(
+    holder: LockHolder,
+    age: Option<Duration>,
+    own_pid: u32,
+    alive: impl Fn(u32) -> bool,
+) -> bool {
+    // Unknown age (a clock that went backwards, no mtime): judged by content.
+    let older_than = |d: Duration| age.is_some_and(|a| a > d);
+    match holder {
+        LockHolder::Unknown => older_than(LOCK_WRITE_GRACE),
+        // Our PID, but not one of our locks: a process before us had it.
+        LockHolder::Process { pid, .. } if pid == own_pid => true,
+        LockHolder::Process { pid, .. } => !alive(pid) || older_than(LOCK_STALE_AFTER),
+    }
+}
+
+/// Holds `<file>.lock` (our process id and number inside) while it lives.
+struct Lock {
+    path: PathBuf,
+    touched: Instant,
+}
 
 impl Lock {
-    /// Take the lock, or `Busy` when a live process holds it. A lock left
-    /// by a process that is gone is taken over.
+    /// Take the lock, or `Busy` when a download that may still run holds it
+    /// (see [`lock_is_stale`]); a stale lock is taken over.
     fn take(path: PathBuf) -> Result<Self, DownloadError> {
+        let mut held = HELD
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if held.contains(&path) {
+            return Err(DownloadError::Busy { lock: path });
+        }
         for _ in 0..2 {
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(mut f) => {
-                    let _ = write!(f, "{}", std::process::id());
-                    return Ok(Self(path));
+                    let _ = write!(f, "{} {}", std::process::id(), process_nonce());
+                    held.push(path.clone());
+                    return Ok(Self {
+                        path,
+                        touched: Instant::now(),
+                    });
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                     let holder = std::fs::read_to_string(&path)
+                        .map_or(LockHolder::Unknown, |t| LockHolder::parse(&t));
+                    let age = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
                         .ok()
-                        .and_then(|s| s.trim().parse::<u32>().ok());
-                    let alive = holder.is_none_or(process_alive);
-                    if alive {
+                        .and_then(|t| t.elapsed().ok());
+                    if !lock_is_stale(holder, age, std::process::id(), process_alive) {
                         return Err(DownloadError::Busy { lock: path });
                     }
                     let _ = std::fs::remove_file(&path);
@@ -77,11 +168,27 @@ impl Lock {
         }
         Err(DownloadError::Busy { lock: path })
     }
+
+    /// Refresh the lock's modification time (at most every
+    /// [`LOCK_HEARTBEAT`]), so other processes see the download is alive.
+    fn touch(&mut self) {
+        if self.touched.elapsed() < LOCK_HEARTBEAT {
+            return;
+        }
+        self.touched = Instant::now();
+        if let Ok(f) = OpenOptions::new().write(true).open(&self.path) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
 }
 
 impl Drop for Lock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.path);
+        let mut held = HELD
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.retain(|p| *p != self.path);
     }
 }
 
@@ -114,6 +221,9 @@ fn check_url(url: &str, settings: &DownloadSettings) -> Result<(), DownloadError
             reason: reason.into(),
         })
     };
+    if let Err(e) = crate::http::parse_http_url(url) {
+        return refused(&e.0);
+    }
     if url.starts_with("https://") {
         if cfg!(feature = "remote-tls") {
             Ok(())
@@ -203,7 +313,17 @@ enum Attempt {
 
 /// Download `job` to its destination. `progress(done, total)` is called as
 /// bytes arrive; `cancel` stops at the next read (the partial file stays).
+/// Errors are redacted ([`crate::http::redact`]): a mirror's credentials or
+/// token never reach a message.
 pub(crate) fn fetch(
+    job: &FetchJob,
+    cancel: &AtomicBool,
+    progress: impl FnMut(u64, u64),
+) -> Result<PathBuf, DownloadError> {
+    fetch_unredacted(job, cancel, progress).map_err(crate::http::redact_download_error)
+}
+
+fn fetch_unredacted(
     job: &FetchJob,
     cancel: &AtomicBool,
     mut progress: impl FnMut(u64, u64),
@@ -221,7 +341,7 @@ pub(crate) fn fetch(
         .unwrap_or(Path::new("."))
         .to_path_buf();
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let _lock = Lock::take(lock_path(&job.dest))?;
+    let mut lock = Lock::take(lock_path(&job.dest))?;
     let part_file = part_path(&job.dest);
     let mut part = Partial::open(part_file.clone(), cancel)?;
     if part.len > job.size {
@@ -237,16 +357,21 @@ pub(crate) fn fetch(
             available,
         });
     }
-    let agent = ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_millis(job.settings.connect_timeout_ms))
-        .timeout_read(Duration::from_millis(job.settings.read_timeout_ms))
-        .build();
+    // One agent a mirror: one that starts at https never follows a
+    // redirect to plain http.
+    let agent_for = |url: &str| {
+        crate::http::agent_builder_for(url)
+            .timeout_connect(Duration::from_millis(job.settings.connect_timeout_ms))
+            .timeout_read(Duration::from_millis(job.settings.read_timeout_ms))
+            .build()
+    };
     let mut last = DownloadError::Network {
         url: String::new(),
         message: "no mirror tried".into(),
     };
     progress(part.len, job.size);
     'mirrors: for url in &job.urls {
+        let agent = agent_for(url);
         let mut attempt = 0u32;
         loop {
             if cancel.load(Ordering::Relaxed) {
@@ -255,7 +380,10 @@ pub(crate) fn fetch(
             let outcome = if part.len == job.size {
                 Attempt::Complete
             } else {
-                try_once(&agent, url, job, &mut part, cancel, &mut progress)?
+                try_once(&agent, url, job, &mut part, cancel, &mut |done, total| {
+                    lock.touch();
+                    progress(done, total);
+                })?
             };
             match outcome {
                 Attempt::Complete => match finish(job, part) {
@@ -289,6 +417,7 @@ pub(crate) fn fetch(
                 if cancel.load(Ordering::Relaxed) {
                     return Err(DownloadError::Cancelled);
                 }
+                lock.touch();
                 std::thread::sleep(Duration::from_millis(20).min(wait));
             }
         }
@@ -454,4 +583,103 @@ fn finish(job: &FetchJob, part: Partial) -> Result<PathBuf, DownloadError> {
         let _ = d.sync_all();
     }
     Ok(job.dest.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OWN: u32 = 4242;
+
+    #[test]
+    fn which_locks_are_stale() {
+        let alive = |pid: u32| pid == 7;
+        let p = |pid, nonce| LockHolder::Process { pid, nonce };
+        let s = Duration::from_secs;
+        let young = Some(s(1));
+        let old = Some(LOCK_STALE_AFTER + s(1));
+        // (holder, age, stale?)
+        let table = [
+            // Empty or unreadable: respected only while it may be mid-write.
+            (LockHolder::Unknown, young, false),
+            (LockHolder::Unknown, Some(s(3)), true),
+            (LockHolder::Unknown, old, true),
+            (LockHolder::Unknown, None, false),
+            // This process's PID but not a lock it holds: a previous
+            // process (same PID in a fresh namespace) left it.
+            (p(OWN, None), young, true),
+            (p(OWN, Some(1)), young, true),
+            // Another process: respected while it runs and touches the lock.
+            (p(7, Some(9)), young, false),
+            (p(7, None), None, false),
+            (p(7, Some(9)), old, true),
+            (p(8, Some(9)), young, true),
+        ];
+        for (holder, age, stale) in table {
+            assert_eq!(
+                lock_is_stale(holder, age, OWN, alive),
+                stale,
+                "{holder:?} aged {age:?}"
+            );
+        }
+        assert_eq!(LockHolder::parse(""), LockHolder::Unknown);
+        assert_eq!(LockHolder::parse("\u{0}\u{1}garbage"), LockHolder::Unknown);
+        assert_eq!(LockHolder::parse("12"), p(12, None));
+        assert_eq!(LockHolder::parse("12 34\n"), p(12, Some(34)));
+    }
+
+    fn aged(path: &Path, text: &[u8], age: Duration) {
+        std::fs::write(path, text).unwrap();
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.set_modified(std::time::SystemTime::now() - age).unwrap();
+    }
+
+    /// Locks a crash left behind are taken over; a live one is not.
+    #[test]
+    fn stale_lock_files_are_taken_over() {
+        let dir = std::env::temp_dir().join(format!("npc-llm-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.gguf.lock");
+        let own = std::process::id().to_string();
+        let cases: [(&str, &[u8], Duration, bool); 6] = [
+            ("our PID, not ours", own.as_bytes(), Duration::ZERO, true),
+            ("empty, old", b"", Duration::from_secs(60), true),
+            ("garbage, old", b"\xff\xfe", Duration::from_secs(60), true),
+            ("empty, just created", b"", Duration::ZERO, false),
+            // PID 1 always runs (in a container too).
+            ("a live process", b"1 5", Duration::ZERO, false),
+            (
+                "a live PID, untouched for long",
+                b"1 5",
+                LOCK_STALE_AFTER + Duration::from_secs(5),
+                true,
+            ),
+        ];
+        for (what, text, age, taken) in cases {
+            aged(&path, text, age);
+            let got = Lock::take(path.clone());
+            assert_eq!(got.is_ok(), taken, "{what}");
+            if let Ok(lock) = got {
+                // The lock now names this process, and a second taker in
+                // this process is refused while it is held.
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert_eq!(
+                    LockHolder::parse(&text),
+                    LockHolder::Process {
+                        pid: std::process::id(),
+                        nonce: Some(process_nonce())
+                    }
+                );
+                assert!(matches!(
+                    Lock::take(path.clone()),
+                    Err(DownloadError::Busy { .. })
+                ));
+                drop(lock);
+                assert!(!path.exists(), "{what}: released");
+            } else {
+                assert!(path.exists(), "{what}: a live lock is left alone");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -12,6 +12,7 @@ use bevy::prelude::*;
 
 use super::backend::local::LocalBackend;
 use super::backend::{BackendKind, InferenceBackend, Retiring};
+use super::load_intent::{LoadDecision, LoadInput, LoadIntent, Wanted};
 use super::protocol::{Event, Job, Knobs, LoadSpec, RequestId};
 use super::{LlmEngineStats, LlmModelState};
 use crate::errors::{LlmError, ModelLoadError};
@@ -34,9 +35,9 @@ pub(crate) struct LlmEngine {
     local: Vec<Event>,
     pub(crate) verification_cache: Option<PathBuf>,
     knobs: Option<Knobs>,
-    /// A load waiting for its model file to download: (registry id, the
-    /// model argument of the load).
-    load_after_download: Option<(String, Option<String>)>,
+    /// The load that waits for its model file to download, if any (the
+    /// newest load or unload wins: [`LoadIntent`]).
+    intent: LoadIntent,
     last_rate: Option<(Instant, u64)>,
     /// Backends being replaced, until their threads ended and their last
     /// events were delivered.
@@ -57,7 +58,7 @@ impl LlmEngine {
             local: Vec::new(),
             verification_cache,
             knobs: None,
-            load_after_download: None,
+            intent: LoadIntent::default(),
             last_rate: None,
             retiring: Vec::new(),
             pending: HashMap::new(),
@@ -242,6 +243,10 @@ pub(crate) struct Loader<'w> {
 impl Loader<'_> {
     fn start(&mut self, model: Option<&str>) {
         let wanted = model.unwrap_or(&self.settings.model).to_string();
+        // This load is the newest wish: a load that waited for a download
+        // no longer does (unless it is this same load, restored below).
+        let waited = self.engine.intent.clone();
+        self.engine.intent.on(LoadInput::LoadNow);
         if self.settings.backend == BackendChoice::Remote {
             self.start_remote();
             return;
@@ -271,6 +276,7 @@ impl Loader<'_> {
             Ok((spec, _)) if matches!(&*self.state, LlmModelState::Loading { model, .. } if *model == spec.model_id) =>
             {
                 // Already loading this model: a repeated request changes nothing.
+                self.engine.intent = waited;
             }
             Ok((spec, plan)) => {
                 let id = spec.model_id.clone();
@@ -299,8 +305,10 @@ impl Loader<'_> {
                     {
                         Ok(()) => {
                             info!("bevy_npc_llm: `{id}` is not on disk: downloading it first");
-                            self.engine.load_after_download =
-                                Some((id.clone(), model.map(String::from)));
+                            self.engine.intent.on(LoadInput::LoadAfterDownload(Wanted {
+                                id: id.clone(),
+                                arg: model.map(String::from),
+                            }));
                             *self.state = LlmModelState::Loading {
                                 model: id,
                                 phase: LoadPhase::Downloading,
@@ -360,34 +368,51 @@ pub(crate) fn control(
     mut downloaded: MessageReader<crate::download::ModelDownloaded>,
     mut download_failed: MessageReader<crate::download::ModelDownloadFailed>,
     mut download_progress: MessageReader<crate::download::ModelDownloadProgress>,
+    serving: Res<LlmEngineStats>,
 ) {
-    // A load that waited for its file.
-    if let Some((id, model)) = loader.engine.load_after_download.clone() {
-        for p in download_progress.read().filter(|p| p.id == id) {
+    // News of downloads counts only for the load that still waits for it
+    // (the newest load or unload wins, whatever order downloads end in).
+    for p in download_progress.read() {
+        if loader.engine.intent.on(LoadInput::Progress(p.id.clone())) == LoadDecision::ShowProgress
+        {
             *loader.state = LlmModelState::Loading {
-                model: id.clone(),
+                model: p.id.clone(),
                 phase: LoadPhase::Downloading,
                 progress: p.fraction(),
             };
         }
-        if downloaded.read().any(|d| d.id == id) {
-            loader.engine.load_after_download = None;
+    }
+    for d in downloaded.read() {
+        if let LoadDecision::Load(model) =
+            loader.engine.intent.on(LoadInput::Downloaded(d.id.clone()))
+        {
             // Not "already loading": the file is here now.
             *loader.state = LlmModelState::Unloaded;
             loader.start(model.as_deref());
-        } else if let Some(f) = download_failed.read().find(|f| f.id == id) {
-            loader.engine.load_after_download = None;
+        }
+    }
+    for f in download_failed.read() {
+        if loader
+            .engine
+            .intent
+            .on(LoadInput::DownloadFailed(f.id.clone()))
+            == LoadDecision::FailWaiting
+        {
             let error = ModelLoadError::Download(f.error.clone());
-            // Requests waiting for this model fail now, typed.
-            let ids: Vec<RequestId> = loader.engine.by_id.keys().copied().collect();
-            for rid in ids {
-                loader.engine.cancel(rid);
-                loader.engine.local.push(Event::Failed {
-                    id: rid,
-                    error: LlmError::ModelUnavailable(error.clone()),
-                });
+            // Requests wait for this model only when no model serves them:
+            // those fail now, typed; requests streaming on a loaded model
+            // go on.
+            if serving.serving_model.is_none() {
+                let ids: Vec<RequestId> = loader.engine.by_id.keys().copied().collect();
+                for rid in ids {
+                    loader.engine.cancel(rid);
+                    loader.engine.local.push(Event::Failed {
+                        id: rid,
+                        error: LlmError::ModelUnavailable(error.clone()),
+                    });
+                }
             }
-            loader.fail(id, error);
+            loader.fail(f.id.clone(), error);
         }
     }
     let k = knobs(&loader.settings);
@@ -398,6 +423,7 @@ pub(crate) fn control(
         }
     }
     for _ in unloads.read() {
+        loader.engine.intent.on(LoadInput::Unload);
         if loader.engine.backend().is_some_and(|w| w.unload()) {
             *loader.state = LlmModelState::Unloaded;
         }

@@ -5,6 +5,7 @@
 pub(crate) mod backend;
 pub(crate) mod bridge;
 pub(crate) mod device_sampling;
+pub(crate) mod load_intent;
 pub(crate) mod prompt;
 pub(crate) mod protocol;
 pub(crate) mod row_pool;

@@ -309,8 +309,8 @@ impl PromptRenderer {
 }
 
 /// The uncached tokenization [`PromptRenderer`] caches per piece (the tests'
-/// reference).
-#[cfg(test)]
+/// and the fuzz targets' reference).
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn tokenize_pieces(model: &LlamaModel, pieces: &[Piece]) -> Vec<LlamaToken> {
     let vocab = model.vocab();
     let mut out = Vec::new();

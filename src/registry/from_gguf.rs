@@ -182,7 +182,10 @@ pub fn entry_from_gguf(path: &Path) -> Result<(ModelEntry, GgufFacts), ModelLoad
 
 /// `registry_text` (a `models.ron`) with `entry` appended to its `models`
 /// list; everything else, comments included, is kept as written. The result
-/// is parsed and validated before it is returned.
+/// is parsed and validated before it is returned, and must hold exactly one
+/// more model than before, the new one: a list the scan could not place
+/// (say a `]` inside a comment) is an error, never a registry without the
+/// entry.
 ///
 /// # Errors
 /// [`RegistryError`](crate::errors::RegistryError) when the text does not
@@ -195,35 +198,27 @@ pub fn append_entry_to_ron(
 ) -> Result<String, crate::errors::RegistryError> {
     use crate::errors::RegistryError;
     let existing = super::ModelRegistry::from_ron_str(registry_text, models_dir, "models.ron")?;
+    let invalid = |field, message: String| RegistryError::Invalid {
+        id: entry.id.clone(),
+        field,
+        message,
+    };
     if existing.get(&entry.id).is_some() {
-        return Err(RegistryError::Invalid {
-            id: entry.id.clone(),
-            field: "id",
-            message: "the registry already has this id".into(),
-        });
+        return Err(invalid("id", "the registry already has this id".into()));
     }
     let config = ron::ser::PrettyConfig::new()
         .indentor("    ")
         .struct_names(false);
-    let body = ron::ser::to_string_pretty(entry, config).map_err(|e| RegistryError::Invalid {
-        id: entry.id.clone(),
-        field: "entry",
-        message: e.to_string(),
-    })?;
+    let body =
+        ron::ser::to_string_pretty(entry, config).map_err(|e| invalid("entry", e.to_string()))?;
     let indented: String = body
         .lines()
         .map(|l| format!("        {l}\n"))
         .collect::<String>()
         .trim_end()
         .to_string();
-    // The list's closing bracket: the last `]` of the file.
-    let close = registry_text
-        .rfind(']')
-        .ok_or_else(|| RegistryError::Invalid {
-            id: entry.id.clone(),
-            field: "models",
-            message: "no `models: [...]` list found".into(),
-        })?;
+    let close = models_list_end(registry_text)
+        .ok_or_else(|| invalid("models", "no `models: [...]` list found".into()))?;
     let before = registry_text[..close].trim_end();
     let comma = if before.ends_with('[') || before.ends_with(',') {
         ""
@@ -234,6 +229,178 @@ pub fn append_entry_to_ron(
         "{before}{comma}\n        // Added by add_model from the GGUF's metadata.\n{indented},\n    {}",
         &registry_text[close..]
     );
-    super::ModelRegistry::from_ron_str(&text, models_dir, "models.ron")?;
+    let updated = super::ModelRegistry::from_ron_str(&text, models_dir, "models.ron")?;
+    if updated.len() != existing.len() + 1 || updated.get(&entry.id).is_none() {
+        return Err(invalid(
+            "models",
+            "the entry could not be placed in the `models` list".into(),
+        ));
+    }
     Ok(text)
+}
+
+/// Write a registry's text to `path` atomically (a temporary file beside
+/// it, flushed, then renamed over it), then read it back and check that it
+/// parses and holds the model `must_hold`. A crash midway leaves the old
+/// file whole.
+///
+/// # Errors
+/// [`RegistryError::Io`](crate::errors::RegistryError::Io) when writing
+/// fails; the registry's own errors when what was written does not read
+/// back with the entry.
+pub fn write_registry_file(
+    path: &Path,
+    text: &str,
+    models_dir: &Path,
+    must_hold: &str,
+) -> Result<(), crate::errors::RegistryError> {
+    use crate::errors::RegistryError;
+    use std::io::Write;
+    let io = |e: std::io::Error| RegistryError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    let back = std::fs::read_to_string(path).map_err(io)?;
+    let reg = super::ModelRegistry::from_ron_str(&back, models_dir, &path.display().to_string())?;
+    if reg.get(must_hold).is_none() {
+        return Err(RegistryError::Invalid {
+            id: must_hold.to_string(),
+            field: "models",
+            message: format!("{} does not hold the entry after writing", path.display()),
+        });
+    }
+    Ok(())
+}
+
+/// Byte offset of the `]` closing the top-level `models: [` list, reading
+/// RON as RON: strings, raw strings, character literals and (nested) block
+/// and line comments are skipped, so a bracket inside them never counts.
+pub(crate) fn models_list_end(text: &str) -> Option<usize> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    // Depth of brackets of any kind; the registry struct itself is depth 1.
+    let mut depth = 0usize;
+    // (depth inside the list) once `models: [` was seen at depth 1.
+    let mut list_depth: Option<usize> = None;
+    let mut last_ident: Option<&str> = None;
+    let mut after_colon = false;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut nest = 1;
+                i += 2;
+                while i < b.len() && nest > 0 {
+                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                        nest += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                        nest -= 1;
+                        i += 2;
+                    } else {
+                        i += 1;
+                    }
+                }
+                continue;
+            }
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+                last_ident = None;
+                continue;
+            }
+            b'r' if matches!(b.get(i + 1), Some(b'"' | b'#')) => {
+                // Raw string r#"…"#: count the hashes, find the same closing.
+                let mut j = i + 1;
+                let mut hashes = 0;
+                while b.get(j) == Some(&b'#') {
+                    hashes += 1;
+                    j += 1;
+                }
+                if b.get(j) == Some(&b'"') {
+                    let close: Vec<u8> = std::iter::once(b'"')
+                        .chain(std::iter::repeat_n(b'#', hashes))
+                        .collect();
+                    i = j + 1;
+                    while i < b.len() && !b[i..].starts_with(&close) {
+                        i += 1;
+                    }
+                    i += close.len();
+                    last_ident = None;
+                    continue;
+                }
+            }
+            b'\'' => {
+                // A character literal: 'x', '\'' or '\u{…}'.
+                let mut j = i + 1;
+                while j < b.len() && b[j] != b'\'' {
+                    j += if b[j] == b'\\' { 2 } else { 1 };
+                }
+                i = j + 1;
+                continue;
+            }
+            _ => {}
+        }
+        if c.is_ascii_alphabetic() || c == b'_' {
+            let start = i;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                i += 1;
+            }
+            last_ident = Some(&text[start..i]);
+            after_colon = false;
+            continue;
+        }
+        match c {
+            b':' => after_colon = last_ident == Some("models") && depth == 1,
+            b'(' | b'[' | b'{' => {
+                if c == b'[' && after_colon && list_depth.is_none() {
+                    list_depth = Some(depth + 1);
+                }
+                depth += 1;
+                after_colon = false;
+                last_ident = None;
+            }
+            b')' | b']' | b'}' => {
+                if c == b']' && list_depth == Some(depth) {
+                    return Some(i);
+                }
+                depth = depth.checked_sub(1)?;
+                last_ident = None;
+            }
+            c if c.is_ascii_whitespace() => {}
+            _ => {
+                after_colon = false;
+                last_ident = None;
+            }
+        }
+        i += 1;
+    }
+    None
 }

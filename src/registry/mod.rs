@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use bevy::prelude::Resource;
 
-pub use from_gguf::{GgufFacts, append_entry_to_ron, entry_from_gguf};
+pub use from_gguf::{GgufFacts, append_entry_to_ron, entry_from_gguf, write_registry_file};
 pub use manifest::{
     DownloadSource, ExplicitTemplate, HardwareRequirements, ModelEntry, ModelSource, PromptFormat,
 };
@@ -243,6 +243,25 @@ fn validate_entry(entry: &mut ModelEntry) -> Result<(), RegistryError> {
     }
     if entry.file.as_os_str().is_empty() {
         return bad("file", "must not be empty".into());
+    }
+    // A relative file stays inside the models folder (a download writes
+    // there); an absolute path is the documented way to point elsewhere.
+    if !entry.file.is_absolute()
+        && entry.file.components().any(|c| {
+            !matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
+    {
+        return bad(
+            "file",
+            format!(
+                "`{}` leaves the models folder: a relative path may not use `..` \
+                 (or a root or drive prefix); give an absolute path to use a file elsewhere",
+                entry.file.display()
+            ),
+        );
     }
     entry.sha256 = entry.sha256.to_ascii_lowercase();
     // Empty: not verified yet (example entries); loading and downloading

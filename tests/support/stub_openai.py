@@ -11,6 +11,15 @@ error tests (the happy path uses the real llama-server). The request's
   close      HTTP 200, two tokens, then the connection closes mid-answer
   slow       HTTP 200, one token, then nothing for 30 s
   auth       every path answers 401
+  endless    HTTP 200, a token every 5 ms, never a finish (until 60 s)
+  keepalive  HTTP 200, one token, then only keep-alive comments and empty
+             deltas every 50 ms (until 60 s)
+  drip       HTTP 200, a token every 100 ms (until 60 s)
+  bigevent   HTTP 200, then `data:` lines of 1000 bytes with no blank line
+             ending the event (until 60 s)
+  echokey    HTTP 401 whose body quotes the Authorization header back
+  badschema  HTTP 200, JSON that matches no NPC's line schema
+  deepjson   HTTP 200, JSON nested 100,000 deep, then [DONE]
 
 Usage: stub_openai.py PORT (0 = any); prints "ready PORT" when listening.
 """
@@ -65,7 +74,13 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_body(code, json.dumps({"error": {"message": f"stub says {code}"}}))
         if mode == "auth":
             return self.send_body(401, '{"error":{"message":"bad key"}}')
+        if mode == "echokey":
+            got = self.headers.get("Authorization", "")
+            return self.send_body(
+                401, json.dumps({"error": {"message": f"invalid credentials: {got}"}})
+            )
         self.start_stream()
+        deadline = time.time() + 60
         if mode == "ok":
             for t in ["Hello", " there", " friend"]:
                 self.write(chunk(t))
@@ -82,6 +97,34 @@ class Handler(BaseHTTPRequestHandler):
         elif mode == "slow":
             self.write(chunk("Wait"))
             time.sleep(30)
+        elif mode == "endless":
+            while time.time() < deadline:
+                self.write(chunk(" more"))
+                time.sleep(0.005)
+        elif mode == "keepalive":
+            self.write(chunk("Hold on"))
+            while time.time() < deadline:
+                self.write(": keep-alive\n\n")
+                self.write(chunk(""))
+                self.write('data: {"choices":[{"index":0,"delta":{}}]}\n\n')
+                time.sleep(0.05)
+        elif mode == "drip":
+            while time.time() < deadline:
+                self.write(chunk(" drop"))
+                time.sleep(0.1)
+        elif mode == "bigevent":
+            line = "data: " + "x" * 1000 + "\n"
+            while time.time() < deadline:
+                self.write(line * 64)
+        elif mode == "badschema":
+            for t in ['{"say": 5, ', '"action": {"Give": {"item": "crown"}}}']:
+                self.write(chunk(t))
+            self.write(chunk("", "stop"))
+            self.write("data: [DONE]\n\n")
+        elif mode == "deepjson":
+            self.write(chunk("[" * 100000 + "]" * 100000))
+            self.write(chunk("", "stop"))
+            self.write("data: [DONE]\n\n")
 
 
 def main():

@@ -34,15 +34,25 @@ pub(crate) struct RemoteConfig {
     pub api_key: Option<crate::settings::ApiKey>,
     pub prompt_format: RemotePromptFormat,
     pub token_timeout: Duration,
+    pub request_timeout: Duration,
     pub max_retries: u32,
     pub retry_backoff: Duration,
     pub agent: ureq::Agent,
 }
 
 impl RemoteConfig {
+    /// `e` with every secret it may quote (the API key, credentials in a
+    /// URL, secret query values) redacted: every remote error leaves the
+    /// backend through this.
+    pub(crate) fn redacted(&self, e: RemoteError) -> RemoteError {
+        let key = self.api_key.as_ref().map(crate::settings::ApiKey::expose);
+        crate::http::redact_remote_error(e, key.as_slice())
+    }
+
     pub(crate) fn new(s: &RemoteSettings) -> Self {
         let token_timeout = Duration::from_millis(s.token_timeout_ms);
-        let agent = ureq::AgentBuilder::new()
+        // An https server is never followed to plain http (redirects included).
+        let agent = crate::http::agent_builder_for(&s.base_url)
             .timeout_connect(Duration::from_millis(s.connect_timeout_ms))
             .timeout_read(token_timeout)
             .timeout_write(token_timeout)
@@ -58,6 +68,7 @@ impl RemoteConfig {
             api_key: s.resolved_api_key(),
             prompt_format: s.prompt_format,
             token_timeout,
+            request_timeout: Duration::from_millis(s.request_timeout_ms),
             max_retries: s.max_retries,
             retry_backoff: Duration::from_millis(s.retry_backoff_ms),
             agent,
@@ -300,7 +311,7 @@ impl RemoteWorker {
                 self.pump();
             }
             Err(e) => {
-                let error = ModelLoadError::Remote(e);
+                let error = ModelLoadError::Remote(self.cfg.redacted(e));
                 self.last_error = Some(error.clone());
                 self.send(Event::LoadFailed {
                     model: spec.model_id.clone(),

@@ -23,6 +23,11 @@ pub(crate) enum Chunk {
     Done,
 }
 
+/// Most bytes of one event, all its `data:` lines together (one token's
+/// chunk is a few hundred bytes; the cap per line alone would let an event
+/// of many lines grow without bound).
+pub(crate) const MAX_SSE_EVENT: usize = 1 << 20;
+
 /// Assembles SSE lines into events (`data:` lines up to a blank line).
 #[derive(Debug, Default)]
 pub(crate) struct SseParser {
@@ -49,6 +54,11 @@ impl SseParser {
         };
         match field {
             "data" => {
+                let held = self.data.as_ref().map_or(0, |d| d.len() + 1);
+                if held + value.len() > MAX_SSE_EVENT {
+                    self.data = None;
+                    return Err(format!("an event is longer than {MAX_SSE_EVENT} bytes"));
+                }
                 match &mut self.data {
                     Some(d) => {
                         d.push('\n');
@@ -208,6 +218,19 @@ mod tests {
             let mut p = SseParser::default();
             assert!(feed(&mut p, bad).iter().any(Result::is_err), "{bad}");
         }
+        // An event of many `data:` lines is capped as a whole.
+        let mut p = SseParser::default();
+        let line = format!("data: {}", "x".repeat(1000));
+        let fed = (0..2 * MAX_SSE_EVENT / 1000).map(|_| p.line(&line));
+        let err = fed.filter_map(Result::err).next();
+        assert!(err.is_some_and(|e| e.contains("longer than")));
+        // Empty `data:` lines count too (each adds a line break).
+        let mut p = SseParser::default();
+        assert!(
+            (0..MAX_SSE_EVENT + 2)
+                .map(|_| p.line("data:"))
+                .any(|r| r.is_err())
+        );
         // An event cut off by the end of the stream still parses.
         let mut p = SseParser::default();
         p.line("data: [DONE]").unwrap();

@@ -49,6 +49,19 @@ impl StreamControl {
 /// a few hundred bytes).
 const MAX_SSE_LINE: u64 = 1 << 20;
 
+/// Most bytes of text one token may average before a stream counts as past
+/// its `max_tokens` by size alone (a server that sends few, huge chunks).
+const MAX_TOKEN_BYTES: usize = 64;
+
+/// Tokens a stream may bring before it is cut with `MaxTokens`: the
+/// request's `max_tokens` counted here as the server's chunks, plus a small
+/// allowance (an eighth, at least 4) for servers whose chunks and tokens do
+/// not match one to one. A server that honours `max_tokens` ends first.
+pub(super) fn token_allowance(max_tokens: u32) -> usize {
+    let max = max_tokens as usize;
+    max.saturating_add((max / 8).max(4))
+}
+
 /// The request's endpoint path and JSON body, and the stop strings to apply.
 pub(super) fn request_body(
     cfg: &RemoteConfig,
@@ -121,6 +134,9 @@ pub(super) fn request_body(
     };
     if !stops.is_empty() {
         body["stop"] = json!(stops);
+    }
+    if let Some(c) = &job.constraint {
+        crate::constraint::nesting::check(c).map_err(LlmError::InvalidConstraint)?;
     }
     match &job.constraint {
         None => {}
@@ -248,7 +264,7 @@ pub(super) fn run(
         if control.claim() {
             let _ = events.send(Event::Failed {
                 id,
-                error: LlmError::Remote(error),
+                error: LlmError::Remote(cfg.redacted(error)),
             });
             Outcome::Failed
         } else {
@@ -305,6 +321,12 @@ pub(super) fn run(
     let mut usage: (Option<usize>, Option<usize>, Option<usize>) = (None, None, None);
     let mut line = String::new();
     let mut done = false;
+    let max_tokens = job.base_sampling.with_overrides(&job.overrides).max_tokens;
+    let allowance = token_allowance(max_tokens);
+    let mut received_bytes = 0usize;
+    // The token time-out counts from the last token, not the last byte:
+    // keep-alive comments and empty chunks do not restart it.
+    let mut last_token = Instant::now();
     while !done {
         line.clear();
         // One SSE line is bounded: a server that never sends a newline
@@ -359,6 +381,8 @@ pub(super) fn run(
                 usage.2 = cached_tokens.or(usage.2);
                 if !piece.is_empty() {
                     tokens += 1;
+                    received_bytes = received_bytes.saturating_add(piece.len());
+                    last_token = Instant::now();
                     generated.fetch_add(1, Ordering::Relaxed);
                     first.get_or_insert_with(Instant::now);
                     let released = matcher.push(&piece);
@@ -381,6 +405,25 @@ pub(super) fn run(
                     });
                 }
             }
+        }
+        if done {
+            break;
+        }
+        // Every request ends, whatever the server does: past `max_tokens`
+        // (counted here), past its deadline, or without a token for too long.
+        if tokens >= allowance || received_bytes > allowance.saturating_mul(MAX_TOKEN_BYTES) {
+            finish.get_or_insert(FinishReason::MaxTokens);
+            break; // dropping the stream stops the server
+        }
+        if started.elapsed() > cfg.request_timeout {
+            return fail(RemoteError::Deadline {
+                limit_ms: cfg.request_timeout.as_millis() as u64,
+            });
+        }
+        if last_token.elapsed() > cfg.token_timeout {
+            return fail(RemoteError::Timeout {
+                waited_ms: cfg.token_timeout.as_millis() as u64,
+            });
         }
     }
     let Some(finish) = finish else {
@@ -412,12 +455,10 @@ pub(super) fn run(
         },
         slot: 0,
     };
-    // The server was asked for JSON: parse (and so check) it as locally.
-    let output = job
-        .constraint
-        .as_ref()
-        .filter(|c| c.is_json())
-        .map(|c| crate::constraint::parse_output(c, &text, finish));
+    // The server was asked for a constraint it may have ignored: the text
+    // is checked against it here, before any event carries a value.
+    let output =
+        crate::constraint::validate::unenforced_output(job.constraint.as_ref(), &text, finish);
     let _ = events.send(Event::Completed {
         id,
         text,
