@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--model ID] [--npcs 1,2,4,8,16] [--tokens 64]
-//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained,seed,arrivals]
+//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained,compile,seed,arrivals]
 //!     [--json] [--json-out FILE]
 //!     [--remote URL]
 //!     [--device-sampling on|off] [--kv-unified on|off] [--fill-gaps on|off] [--even-prompts on|off] [--round-prompts on|off]
@@ -104,6 +104,7 @@ fn parse_args() -> Args {
             "memory",
             "player",
             "constrained",
+            "compile",
             "seed",
         ]
         .map(String::from)
@@ -793,6 +794,107 @@ fn constrained(args: &Args, f: &mut Figures) {
             per_token(1) / per_token(0),
             "x",
         );
+    }
+}
+
+/// How long one large constraint's compile stalls the other NPCs: 8 NPCs
+/// stream free text; a request with a 5,000-value enum schema arrives;
+/// each NPC's longest gap between two tokens while it compiles, against
+/// their median gap (one decode step). Constraints compile on a thread of
+/// their own, so the stall should stay within about one step.
+fn compile_stall(args: &Args, f: &mut Figures) {
+    #[derive(Resource, Default)]
+    struct Arrivals(Vec<(Entity, Instant)>);
+    let mut s = base_settings(args);
+    s.max_parallel_sequences = 10;
+    s.sampling.max_tokens = 160;
+    let mut app = ready_app(s);
+    app.init_resource::<Arrivals>();
+    app.add_observer(|e: On<LlmToken>, mut a: ResMut<Arrivals>| {
+        a.0.push((e.entity, Instant::now()));
+    });
+    let values: Vec<String> = (0..5000)
+        .map(|i| format!("item-{i:04}-{}", TOPICS[i % 16]))
+        .collect();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": { "say": { "type": "string", "maxLength": 200 }, "item": { "enum": values } },
+        "required": ["say", "item"],
+    });
+    for round in 0..2 {
+        app.world_mut().resource_mut::<Arrivals>().0.clear();
+        let npcs: Vec<Entity> = (0..8)
+            .map(|i| app.world_mut().spawn(npc_request(i + round)).id())
+            .collect();
+        // Let them stream a while, then the large constraint arrives.
+        update_until(&mut app, &npcs, |s| {
+            s.stats.generated_tokens >= 1 || s.text.len() > 16
+        });
+        let warm = Instant::now();
+        while warm.elapsed() < Duration::from_millis(500) {
+            app.update();
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        let submitted = Instant::now();
+        let big = app
+            .world_mut()
+            .spawn(
+                LlmRequest::raw("Name one item:")
+                    .with_json_schema(&schema)
+                    .with_max_tokens(24)
+                    .with_priority(RequestPriority::High),
+            )
+            .id();
+        update_until(&mut app, &[big], |s| s.state != RequestState::Queued);
+        let started = Instant::now();
+        update_until(&mut app, &npcs, LlmRequestStatus::is_finished);
+        update_until(&mut app, &[big], LlmRequestStatus::is_finished);
+        let arrivals = std::mem::take(&mut app.world_mut().resource_mut::<Arrivals>().0);
+        let mut gaps = Vec::new();
+        let mut stall: f64 = 0.0;
+        for npc in &npcs {
+            let times: Vec<Instant> = arrivals
+                .iter()
+                .filter(|(e, _)| e == npc)
+                .map(|(_, t)| *t)
+                .collect();
+            for w in times.windows(2) {
+                let gap = w[1].duration_since(w[0]).as_secs_f64() * 1e3;
+                gaps.push(gap);
+                if w[1] > submitted && w[0] < started {
+                    stall = stall.max(gap);
+                }
+            }
+        }
+        let median = percentile(&mut gaps, 0.5);
+        let compile_ms = started.duration_since(submitted).as_secs_f64() * 1e3;
+        f.add(
+            "compile",
+            &format!("round {round}: 5,000-value enum, submit to start"),
+            compile_ms,
+            "ms",
+        );
+        f.add(
+            "compile",
+            &format!("round {round}: NPCs' median token gap"),
+            median,
+            "ms",
+        );
+        f.add(
+            "compile",
+            &format!("round {round}: NPCs' longest gap while it compiles"),
+            stall,
+            "ms",
+        );
+        f.add(
+            "compile",
+            &format!("round {round}: longest gap while compiling / median gap (target <= 2.5)"),
+            stall / median.max(1e-6),
+            "x",
+        );
+        for e in npcs.into_iter().chain([big]) {
+            app.world_mut().despawn(e);
+        }
     }
 }
 
@@ -1538,6 +1640,7 @@ fn main() {
             "player" => player(&args, &mut figs),
             "remote" => remote(&args, &mut figs),
             "constrained" => constrained(&args, &mut figs),
+            "compile" => compile_stall(&args, &mut figs),
             "seed" => seed(&args, &mut figs),
             "arrivals" => arrivals(&args, &mut figs),
             other => panic!("unknown section {other}"),

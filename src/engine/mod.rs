@@ -4,6 +4,7 @@
 
 pub(crate) mod backend;
 pub(crate) mod bridge;
+pub(crate) mod constraint_jobs;
 pub(crate) mod device_sampling;
 pub(crate) mod load_intent;
 pub(crate) mod prompt;

@@ -15,13 +15,13 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
 use super::backend::local::{context_sequences, lane_sequences};
+use super::constraint_jobs::Compiled;
 use super::device_sampling::{DEVICE_TOP_K, DeviceSampling, StepRows};
 use super::prompt::PromptRenderer;
 use super::protocol::{EngineCounters, Event, Job, Knobs, LoadSpec, RequestId};
 use super::sampler::Sampler;
 use super::scheduler::{Limits, Outcome, Released, Scheduler, lane_seq};
 use super::text_stream::{StopMatcher, Utf8Stream};
-use crate::constraint::matcher::ConstraintCompiler;
 use crate::errors::LlmError;
 use crate::request::{FinishReason, RequestStats};
 use crate::settings::SamplingOverrides;
@@ -141,9 +141,6 @@ pub(crate) struct Server<'m> {
     events: Sender<Event>,
     counters: EngineCounters,
     last_counters: Instant,
-    /// Compiles output constraints for this model's vocabulary; built on the
-    /// first constrained request.
-    constraints: Option<ConstraintCompiler>,
     /// Threads choosing tokens in parallel (the plan's `sampling_threads` > 1:
     /// GPU plans; on the CPU the cores are busy decoding).
     pool: Option<rayon::ThreadPool>,
@@ -255,7 +252,6 @@ impl<'m> Server<'m> {
             events,
             counters,
             last_counters: Instant::now(),
-            constraints: None,
             pool: (spec.sampling_threads > 1)
                 .then(|| {
                     rayon::ThreadPoolBuilder::new()
@@ -314,14 +310,15 @@ impl<'m> Server<'m> {
         self.send(Event::Failed { id, error });
     }
 
-    /// Start a job on a free slot (the caller asked [`Self::has_free_slot_for`]).
-    pub(crate) fn admit(&mut self, job: Job) {
+    /// Start a job on a free slot (the caller asked [`Self::has_free_slot_for`])
+    /// with its constraint compiled, if it has one.
+    pub(crate) fn admit(&mut self, job: Job, compiled: Option<Compiled>) {
         let t0 = Instant::now();
-        self.admit_inner(job);
+        self.admit_inner(job, compiled);
         self.counters.admit_time += t0.elapsed();
     }
 
-    fn admit_inner(&mut self, job: Job) {
+    fn admit_inner(&mut self, job: Job, compiled: Option<Compiled>) {
         let sampling = job
             .base_sampling
             .with_overrides(&self.model_sampling)
@@ -330,27 +327,18 @@ impl<'m> Server<'m> {
             self.fail(job.id, LlmError::InvalidRequest(e.to_string()));
             return;
         }
-        let matcher = match &job.constraint {
-            None => None,
-            Some(c) => {
-                if self.constraints.is_none() {
-                    let env = llama_cpp_2::sampling::LlamaSampler::llguidance_tok_env(self.model);
-                    match ConstraintCompiler::new(&env) {
-                        Ok(compiler) => self.constraints = Some(compiler),
-                        Err(e) => {
-                            self.fail(job.id, LlmError::InvalidConstraint(e));
-                            return;
-                        }
-                    }
-                }
-                match self.constraints.as_ref().map(|k| k.matcher(c)) {
-                    Some(Ok(m)) => Some(m),
-                    Some(Err(e)) => {
-                        self.fail(job.id, LlmError::InvalidConstraint(e));
-                        return;
-                    }
-                    None => None,
-                }
+        // Constraints are compiled off this thread (`ConstraintJobs`).
+        let matcher = match (compiled, &job.constraint) {
+            (Some(Ok(m)), Some(_)) => Some(m),
+            (Some(Err(e)), _) => {
+                self.fail(job.id, LlmError::InvalidConstraint(e));
+                return;
+            }
+            (None, None) | (Some(Ok(_)), None) => None,
+            (None, Some(c)) => {
+                let e = format!("internal: the {} was not compiled", c.kind());
+                self.fail(job.id, LlmError::InvalidConstraint(e));
+                return;
             }
         };
         let max_tokens = (sampling.max_tokens as usize).min(self.per_seq.saturating_sub(1).max(1));

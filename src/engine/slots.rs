@@ -313,6 +313,18 @@ impl<J> JobQueue<J> {
         Ok(())
     }
 
+    /// Put back a job that had left the queue, ahead of every job of its
+    /// priority (capacity not checked: it was counted when it came).
+    pub(crate) fn push_front(&mut self, priority: i32, job: J) {
+        let seq = self
+            .items
+            .iter()
+            .map(|(_, s, _)| *s)
+            .min()
+            .map_or(self.next, |m| m.saturating_sub(1));
+        self.items.push((priority, seq, job));
+    }
+
     /// Highest priority waiting, without removing it.
     pub(crate) fn peek_priority(&self) -> Option<i32> {
         self.items.iter().map(|(p, _, _)| *p).max()

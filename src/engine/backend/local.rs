@@ -7,13 +7,14 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, select};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
 use super::{BackendKind, InferenceBackend, LoadAbort, LoadTicket, WorkerHandle};
+use crate::engine::constraint_jobs::ConstraintJobs;
 use crate::engine::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadedModelInfo};
 use crate::engine::scheduler::lane_size;
 use crate::engine::serve::Server;
@@ -549,62 +550,101 @@ impl Worker {
             self.events.clone(),
         )
         .map_err(|e| e.to_string())?;
+        let mut constraints = ConstraintJobs::new(model.clone());
         loop {
+            constraints.collect();
             // Commands first: new jobs join between decode steps. With no
             // sequence running and nothing admissible, nothing can progress:
-            // block on the channel (the loop never spins).
-            let admissible = self
-                .queue
-                .peek_priority()
-                .is_some_and(|p| server.has_free_slot_for(p));
+            // block on the channel and the constraint compiler (the loop
+            // never spins).
+            let fits = |server: &Server<'_>, p: Option<i32>| {
+                p.is_some_and(|p| server.has_free_slot_for(p))
+            };
+            let admissible = fits(&server, self.queue.peek_priority())
+                || fits(&server, constraints.peek_ready_priority());
             let cmd = if server.is_idle() && !admissible {
-                match self.commands.recv() {
-                    Ok(c) => Some(c),
-                    Err(_) => return Ok(Next::Shutdown),
+                select! {
+                    recv(self.commands) -> c => match c {
+                        Ok(c) => Some(c),
+                        Err(_) => return Ok(Next::Shutdown),
+                    },
+                    recv(constraints.results()) -> r => {
+                        if let Ok(r) = r {
+                            constraints.accept(r);
+                        }
+                        continue;
+                    },
                 }
             } else {
                 self.commands.try_recv().ok()
             };
             if let Some(cmd) = cmd {
-                let next = match cmd {
-                    Command::Load(spec, ticket) => Some(Next::Load(spec, ticket)),
-                    Command::Unload => Some(Next::Unload),
-                    Command::Shutdown => Some(Next::Shutdown),
-                    Command::Cancel(id) => {
-                        if !server.cancel(id) && self.queue.remove_where(|j| j.id == id).is_some() {
-                            self.send(Event::Cancelled { id });
-                        }
-                        None
-                    }
-                    Command::Configure(k) => {
-                        self.knobs = k;
-                        self.queue.set_capacity(k.queue_capacity as usize);
-                        server.configure(k);
-                        None
-                    }
-                    other => self.handle_idle(other),
-                };
-                if let Some(next) = next {
-                    let reason = match &next {
-                        Next::Load(spec, _) => format!("switching to model `{}`", spec.model_id),
-                        Next::Unload => "model unloaded".into(),
-                        Next::Shutdown => "engine shut down".into(),
-                    };
-                    server.fail_all(&LlmError::ModelUnloaded { reason });
+                if let Some(next) = self.serve_command(cmd, &mut server, &mut constraints) {
                     return Ok(next);
                 }
                 continue;
             }
             // Admit waiting jobs into free slots, then run one decode step.
-            while let Some(p) = self.queue.peek_priority()
-                && server.has_free_slot_for(p)
-            {
+            // A constrained job first has its constraint compiled off this
+            // thread ([`ConstraintJobs`]); it is admitted once that is done.
+            while fits(&server, constraints.peek_ready_priority()) {
+                let Some((job, compiled)) = constraints.pop_ready() else {
+                    break;
+                };
+                server.admit(job, Some(compiled));
+            }
+            while fits(&server, self.queue.peek_priority()) {
                 let Some(job) = self.queue.pop() else { break };
-                server.admit(job);
+                if job.constraint.is_some() {
+                    constraints.start(job);
+                } else {
+                    server.admit(job, None);
+                }
             }
             server.step();
-            server.send_counters(self.queue.len());
+            server.send_counters(self.queue.len() + constraints.len());
         }
+    }
+
+    /// One command while serving; `Some` when serving must stop (running
+    /// requests then fail; waiting ones, compiled or not, go back to the
+    /// queue for the next model).
+    fn serve_command(
+        &mut self,
+        cmd: Command,
+        server: &mut Server<'_>,
+        constraints: &mut ConstraintJobs,
+    ) -> Option<Next> {
+        let next = match cmd {
+            Command::Load(spec, ticket) => Some(Next::Load(spec, ticket)),
+            Command::Unload => Some(Next::Unload),
+            Command::Shutdown => Some(Next::Shutdown),
+            Command::Cancel(id) => {
+                if !server.cancel(id)
+                    && (self.queue.remove_where(|j| j.id == id).is_some() || constraints.remove(id))
+                {
+                    self.send(Event::Cancelled { id });
+                }
+                None
+            }
+            Command::Configure(k) => {
+                self.knobs = k;
+                self.queue.set_capacity(k.queue_capacity as usize);
+                server.configure(k);
+                None
+            }
+            other => self.handle_idle(other),
+        }?;
+        let reason = match &next {
+            Next::Load(spec, _) => format!("switching to model `{}`", spec.model_id),
+            Next::Unload => "model unloaded".into(),
+            Next::Shutdown => "engine shut down".into(),
+        };
+        server.fail_all(&LlmError::ModelUnloaded { reason });
+        for job in constraints.take_all().into_iter().rev() {
+            self.queue.push_front(job.priority, job);
+        }
+        Some(next)
     }
 }
 
