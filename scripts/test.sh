@@ -17,9 +17,18 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 start=$(date +%s)
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-# The windowed AI town and the egui overlay (the debug-ui feature) are checked,
-# not built: the test suite itself needs no renderer.
-cargo clippy --features debug-ui --example ai_town --lib -- -D warnings
+# Every feature and combination the crate offers compiles and lints, with
+# every target (examples included), so none can rot unnoticed: no default
+# features (no TLS), the fuzz entry points, ggml's loadable backends (a
+# second llama.cpp build: all CPU variants), the windowed AI town and egui
+# overlay (checked, not linked: the suite itself needs no renderer), and all
+# of them together. cuda, vulkan and metal need their SDKs: not here.
+for features in --no-default-features "--features fuzzing" "--features debug-ui" \
+    "--features dynamic-backends" "--features fuzzing,debug-ui,dynamic-backends"; do
+    echo "test.sh: cargo clippy --all-targets $features"
+    # shellcheck disable=SC2086
+    cargo clippy --all-targets $features -- -D warnings
+done
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 log=$(mktemp); trap 'rm -f "$log"' EXIT
 cargo test --all-targets 2>&1 | tee -a "$log"

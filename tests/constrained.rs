@@ -271,3 +271,72 @@ fn grammars_bad_constraints_and_cut_short_output() {
         Err(OutputError::NotRequested)
     ));
 }
+
+/// Constraints compile on a thread of their own: a 5,000-value enum
+/// compiles while two NPCs stream, and its answer is one of the values; a
+/// request cancelled while its constraint compiles is answered `Cancelled`
+/// (nothing of it runs); a constraint nested past the bound fails typed
+/// before any work; the NPCs finish untouched by all three.
+#[test]
+fn large_constraints_compile_beside_talking_npcs_and_can_be_cancelled() {
+    let mut app = app_with(settings());
+    load_ready(&mut app, None);
+    let npcs: Vec<Entity> = (0..2)
+        .map(|i| {
+            request(
+                &mut app,
+                chat(&format!("Tell me about the river, friend {i}.")).with_max_tokens(48),
+            )
+        })
+        .collect();
+    let values: Vec<String> = (0..5000).map(|i| format!("item-{i:04}")).collect();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": { "item": { "enum": values } },
+        "required": ["item"],
+    });
+    let cancelled = request(&mut app, LlmRequest::raw("Pick:").with_json_schema(&schema));
+    app.update();
+    app.world_mut()
+        .write_message(CancelLlmRequest { entity: cancelled });
+    let picked = request(
+        &mut app,
+        LlmRequest::raw("Pick one item:")
+            .with_json_schema(&schema)
+            .with_max_tokens(24),
+    );
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let too_deep = request(
+        &mut app,
+        LlmRequest::raw("x").with_constraint(OutputConstraint::JsonSchema(deep)),
+    );
+    let mut all = npcs.clone();
+    all.extend([cancelled, picked, too_deep]);
+    run_until_finished(&mut app, &all);
+    let r = app.world().resource::<Recorded>();
+    assert!(
+        matches!(r.of(cancelled).last(), Some(Rec::Cancelled(_))),
+        "{:?}",
+        r.of(cancelled)
+    );
+    assert!(
+        !r.of(cancelled)
+            .iter()
+            .any(|x| matches!(x, Rec::Started(..))),
+        "a job cancelled while compiling never starts"
+    );
+    match r.failure(too_deep) {
+        Some(LlmError::InvalidConstraint(m)) => assert!(m.contains("deeper than"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let text = r
+        .completed_text(picked)
+        .unwrap_or_else(|| panic!("{:?}", r.of(picked)));
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let item = v["item"].as_str().unwrap_or_default();
+    assert!(item.starts_with("item-") && item.len() == 9, "{text}");
+    for npc in npcs {
+        assert!(r.completed_text(npc).is_some(), "{:?}", r.of(npc));
+    }
+}

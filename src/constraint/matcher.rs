@@ -37,6 +37,19 @@ impl ConstraintCompiler {
         Ok(Self { factory })
     }
 
+    /// A compiler for a byte-level vocabulary (a token per byte), without
+    /// the vocabulary slices that speed up masks over a real model's
+    /// vocabulary (they cost every compile a set of extra lexemes): for
+    /// checking finished text against a constraint, and for fuzzing the
+    /// compile path.
+    pub(crate) fn for_bytes() -> Result<Self, String> {
+        let env = toktrie::ApproximateTokEnv::single_byte_env();
+        let mut factory =
+            ParserFactory::new(&env, Default::default(), &[]).map_err(|e| e.to_string())?;
+        factory.quiet();
+        Ok(Self { factory })
+    }
+
     /// A fresh matcher for one request, or why the constraint is unusable.
     pub(crate) fn matcher(&self, constraint: &OutputConstraint) -> Result<Matcher, String> {
         let parser = self

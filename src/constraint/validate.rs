@@ -17,9 +17,7 @@ use crate::request::FinishReason;
 fn byte_compiler() -> Option<&'static ConstraintCompiler> {
     static COMPILER: OnceLock<Option<ConstraintCompiler>> = OnceLock::new();
     COMPILER
-        .get_or_init(|| {
-            ConstraintCompiler::new(&toktrie::ApproximateTokEnv::single_byte_env()).ok()
-        })
+        .get_or_init(|| ConstraintCompiler::for_bytes().ok())
         .as_ref()
 }
 
