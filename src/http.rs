@@ -111,17 +111,12 @@ pub(crate) fn agent_builder_for(url: &str) -> ureq::AgentBuilder {
     ureq::AgentBuilder::new().https_only(url.trim_start().starts_with("https://"))
 }
 
-/// `url` with any `user:password@` part replaced by `<redacted>@`, for logs
-/// and displays.
+/// `url` with any `user:password@` part replaced by `<redacted>@` and the
+/// values of secret query parameters (`?key=`, `token=`, …) by
+/// `<redacted>`, for logs and displays.
 pub(crate) fn redact_url(url: &str) -> Cow<'_, str> {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.into();
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
-        Some(at) => format!("{scheme}://{REDACTED}@{}", &rest[at + 1..]).into(),
-        None => url.into(),
-    }
+    let out = redact_params(&redact_userinfo(url));
+    if out == url { url.into() } else { out.into() }
 }
 
 /// Text from outside the crate (an HTTP client's error, a server's body, a

@@ -192,14 +192,16 @@ pub struct LlmSettings {
     pub context_per_sequence: u32,
     /// Sequences decoded together in one batch (also the number of per-NPC prefix-cache slots).
     pub max_parallel_sequences: u32,
-    /// Most tokens in one decode call.
+    /// Most tokens in one decode call (8 to 65,536).
     pub batch_size: u32,
     /// Most prompt tokens one sequence adds to a decode step while other
-    /// sequences are generating, so a long prompt never stalls them for long.
+    /// sequences are generating, so a long prompt never stalls them for long
+    /// (1 to 65,536).
     pub prompt_chunk: u32,
     /// Layers to offload to a GPU.
     pub gpu_layers: GpuLayers,
-    /// Requests that may wait beyond the running ones before new ones are rejected.
+    /// Requests that may wait beyond the running ones before new ones are
+    /// rejected (at most 1,000,000).
     pub queue_capacity: u32,
     /// Reuse each cache key's (NPC's) prompt prefix across requests.
     pub prefix_cache: bool,
@@ -470,7 +472,8 @@ pub struct RemoteSettings {
     /// Extra attempts after a connection error (never after the server
     /// answered: a request is not sent twice).
     pub max_retries: u32,
-    /// Wait before the first retry, doubled for each next one, in milliseconds.
+    /// Wait before the first retry, doubled for each next one (at most a
+    /// minute), in milliseconds; at most 60,000.
     pub retry_backoff_ms: u64,
     /// Send the API key over plain `http://` to a host other than this
     /// machine. Off: such settings are refused (the key would cross the
@@ -535,6 +538,12 @@ impl RemoteSettings {
         }
         if self.max_retries > 10 {
             return bad("remote.max_retries", "must be at most 10".into());
+        }
+        if self.retry_backoff_ms > 60_000 {
+            return bad(
+                "remote.retry_backoff_ms",
+                "must be at most 60,000 ms".into(),
+            );
         }
         if parsed.scheme() == "http"
             && !crate::http::is_loopback(&parsed)
@@ -663,8 +672,11 @@ impl LlmSettings {
                 "must be between 1 and 255 (llama.cpp holds 256 sequences; one is kept for the player's requests)",
             );
         }
-        if self.batch_size < 8 {
-            return bad("batch_size", "must be at least 8 tokens");
+        if self.batch_size < 8 || self.batch_size > 65_536 {
+            return bad("batch_size", "must be between 8 and 65,536 tokens");
+        }
+        if self.queue_capacity > 1_000_000 {
+            return bad("queue_capacity", "must be at most 1,000,000 requests");
         }
         // Every sequence (and the player's slot) may output a token in one
         // step; a smaller batch makes llama.cpp abort the process.
@@ -678,8 +690,8 @@ impl LlmSettings {
                 ),
             });
         }
-        if self.prompt_chunk == 0 {
-            return bad("prompt_chunk", "must be at least 1 token");
+        if self.prompt_chunk == 0 || self.prompt_chunk > 65_536 {
+            return bad("prompt_chunk", "must be between 1 and 65,536 tokens");
         }
         if self.gpu.sampling_threads > 64 {
             return bad(
@@ -733,8 +745,9 @@ impl LlmSettings {
     }
 }
 
-/// `url` with any `user:password@` part replaced by `<redacted>@`, for logs
-/// and displays.
+/// `url` with any `user:password@` part replaced by `<redacted>@` and the
+/// values of secret query parameters (`?key=`, `token=`, …) by
+/// `<redacted>`, for logs and displays.
 #[must_use]
 pub fn redact_url(url: &str) -> std::borrow::Cow<'_, str> {
     crate::http::redact_url(url)

@@ -437,6 +437,31 @@ fn settings_defaults_file_and_validation() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Numbers in a settings file have upper bounds too: values near their
+/// type's limit (a batch of `u32::MAX` tokens would be allocated at load) are
+/// typed errors naming the field.
+#[test]
+fn settings_numbers_near_their_type_limits_are_refused() {
+    for (text, field) in [
+        ("(batch_size: 4294967295)", "batch_size"),
+        ("(prompt_chunk: 4294967295)", "prompt_chunk"),
+        ("(queue_capacity: 4294967295)", "queue_capacity"),
+        (
+            "(backend: Remote, remote: (retry_backoff_ms: 18446744073709551615))",
+            "remote.retry_backoff_ms",
+        ),
+        (
+            "(backend: Remote, remote: (request_timeout_ms: 0))",
+            "remote.token_timeout_ms",
+        ),
+    ] {
+        match LlmSettings::from_ron_str(text, "s.ron") {
+            Err(SettingsError::Invalid { field: f, .. }) => assert_eq!(f, field, "{text}"),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn bad_registry_and_settings_files_keep_the_app_running_with_diagnostics() {
     let dir = tmp_dir("bad-files");

@@ -301,8 +301,12 @@ fn validate_entry(entry: &mut ModelEntry) -> Result<(), RegistryError> {
         );
     }
     for url in entry.download_urls() {
-        if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() < 10 {
-            return bad("download", format!("`{url}` is not an http(s) URL"));
+        // Read as the HTTP client will read it (see `crate::http`).
+        if let Err(e) = crate::http::parse_http_url(&url) {
+            return bad(
+                "download",
+                format!("not an http(s) URL the crate can use: {}", e.0),
+            );
         }
     }
     let defaults = crate::settings::SamplingParams::default();

@@ -215,7 +215,10 @@ pub(super) fn send_with_retries(
                         message: t.to_string(),
                     });
                 }
-                let wait = cfg.retry_backoff * 2u32.saturating_pow(attempt - 1);
+                let wait = cfg
+                    .retry_backoff
+                    .saturating_mul(2u32.saturating_pow(attempt - 1))
+                    .min(Duration::from_secs(60));
                 let until = Instant::now() + wait;
                 while Instant::now() < until {
                     if control.is_some_and(StreamControl::is_ended) {
