@@ -46,7 +46,8 @@ pub use prompt::{
     relevant_memories, sanitize_memory_text, sanitize_player_text, summary_prompt,
 };
 pub use save::{
-    ConversationSnapshot, DialogueSnapshot, MAX_SAVED_LINES, MAX_SAVED_TEXT_CHARS, NpcSnapshot,
+    ConversationSnapshot, DialogueSnapshot, MAX_SAVED_COUNT, MAX_SAVED_ITEMS,
+    MAX_SAVED_LINE_TOKENS, MAX_SAVED_LINES, MAX_SAVED_TEXT_CHARS, MAX_SAVED_TIME, NpcSnapshot,
     load_dialogue, parse_dialogue, save_dialogue, snapshot, validate_snapshot,
 };
 pub use systems::{DialogueCooldowns, InConversation};

@@ -410,6 +410,29 @@ mod tests {
         world
     }
 
+    /// A save nested absurdly deep is a parse error (ron's recursion limit),
+    /// never a stack overflow, on a small stack.
+    #[test]
+    fn deeply_nested_saves_are_parse_errors() {
+        std::thread::Builder::new()
+            .stack_size(512 << 10)
+            .spawn(|| {
+                for deep in [
+                    "(".repeat(200_000),
+                    format!("(npcs: {})", "[".repeat(200_000)),
+                    format!("(npcs: [], conversations: [{}", "(".repeat(200_000)),
+                ] {
+                    assert!(matches!(
+                        parse_dialogue(&deep),
+                        Err(DialogueError::Parse { .. })
+                    ));
+                }
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
     /// Every number a save carries has an upper bound: values a game could
     /// never have written (near `u32::MAX`, `usize::MAX`, huge times) are
     /// typed errors before anything is loaded, and the largest accepted ones
