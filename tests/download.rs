@@ -426,6 +426,19 @@ fn the_real_model_downloads_then_loads_and_answers() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Register `id`: SmolLM2's entry with its file in `dir`, downloadable from
+/// the file server's `mode` path.
+fn served_smol(app: &mut App, dir: &Path, server: &Server, id: &str, mode: &str) {
+    let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
+    let mut e = reg.get(SMOL).unwrap().clone();
+    e.id = id.into();
+    e.file = dir.join(format!("{id}.gguf"));
+    e.download = Some(DownloadSource {
+        urls: vec![format!("{}/{mode}/{id}.gguf", server.url)],
+    });
+    reg.add(e).unwrap();
+}
+
 /// A request for a model whose file is missing downloads it first (the
 /// model state says so), then loads it and answers; when the download fails,
 /// the waiting request fails typed instead of hanging. A cancelled download
@@ -436,16 +449,7 @@ fn a_request_for_a_missing_model_downloads_it_first() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let server = file_server(&smol_file(), &dir.join("requests.log"));
-    let entry = |app: &mut App, id: &str, mode: &str| {
-        let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
-        let mut e = reg.get(SMOL).unwrap().clone();
-        e.id = id.into();
-        e.file = dir.join(format!("{id}.gguf"));
-        e.download = Some(DownloadSource {
-            urls: vec![format!("{}/{mode}/{id}.gguf", server.url)],
-        });
-        reg.add(e).unwrap();
-    };
+    let entry = |app: &mut App, id: &str, mode: &str| served_smol(app, &dir, &server, id, mode);
     let mut s = settings();
     s.downloads.allow_http = true;
     s.model = "lazy".into();
@@ -537,14 +541,7 @@ fn a_load_waiting_for_a_download_yields_to_a_newer_load_or_unload() {
     app.init_resource::<Outcomes>().add_systems(Update, record);
     app.update();
     for (id, mode) in [("slow-b", "slow/400000"), ("gone-b", "missing")] {
-        let mut reg = app.world_mut().resource_mut::<ModelRegistry>();
-        let mut e = reg.get(SMOL).unwrap().clone();
-        e.id = id.into();
-        e.file = dir.join(format!("{id}.gguf"));
-        e.download = Some(DownloadSource {
-            urls: vec![format!("{}/{mode}/{id}.gguf", server.url)],
-        });
-        reg.add(e).unwrap();
+        served_smol(&mut app, &dir, &server, id, mode);
     }
     load_ready(&mut app, Some(SMOL));
     let ready_on = |app: &App, id: &str| matches!(app.world().resource::<LlmModelState>(), LlmModelState::Ready(i) if i.model == id);
