@@ -4,9 +4,11 @@
 //! schema, and building the vocabulary's token trie for the first one takes
 //! a fraction of a second: on the worker thread that stalled every other
 //! NPC's decode step for as long. Here a thread of its own compiles each
-//! constrained job as it leaves the queue; the job waits (holding no slot)
-//! until its matcher is ready, then is admitted like any other, while the
-//! other NPCs' steps go on.
+//! constrained job as it leaves the queue; the worker waits a few
+//! milliseconds for it at that step boundary (a line schema is ready by
+//! then and joins the step as before), else the job waits (holding no slot)
+//! until its matcher is ready and is admitted at a later boundary, while
+//! the other NPCs' steps go on.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -76,6 +78,18 @@ impl ConstraintJobs {
         if let Some(i) = self.compiling.iter().position(|j| j.id == id) {
             let job = self.compiling.remove(i);
             self.ready.push_back((job, compiled));
+        }
+    }
+
+    /// Wait up to `patience` for the constraints being compiled (returns as
+    /// soon as none is left compiling).
+    pub(crate) fn settle(&mut self, patience: std::time::Duration) {
+        let deadline = std::time::Instant::now() + patience;
+        while !self.compiling.is_empty() {
+            match self.results.recv_deadline(deadline) {
+                Ok(r) => self.accept(r),
+                Err(_) => break,
+            }
         }
     }
 

@@ -586,20 +586,33 @@ impl Worker {
             }
             // Admit waiting jobs into free slots, then run one decode step.
             // A constrained job first has its constraint compiled off this
-            // thread ([`ConstraintJobs`]); it is admitted once that is done.
-            while fits(&server, constraints.peek_ready_priority()) {
-                let Some((job, compiled)) = constraints.pop_ready() else {
-                    break;
-                };
-                server.admit(job, Some(compiled));
-            }
-            while fits(&server, self.queue.peek_priority()) {
-                let Some(job) = self.queue.pop() else { break };
-                if job.constraint.is_some() {
-                    constraints.start(job);
-                } else {
-                    server.admit(job, None);
+            // thread ([`ConstraintJobs`]); one that compiles within
+            // `QUICK_COMPILE` (an NPC's line schema: a few ms) still joins
+            // this step, a larger one a later step, while the others go on.
+            let mut compiling = false;
+            for pass in 0..2 {
+                while fits(&server, constraints.peek_ready_priority()) {
+                    let Some((job, compiled)) = constraints.pop_ready() else {
+                        break;
+                    };
+                    server.admit(job, Some(compiled));
                 }
+                if pass == 1 {
+                    break;
+                }
+                while fits(&server, self.queue.peek_priority()) {
+                    let Some(job) = self.queue.pop() else { break };
+                    if job.constraint.is_some() {
+                        constraints.start(job);
+                        compiling = true;
+                    } else {
+                        server.admit(job, None);
+                    }
+                }
+                if !compiling {
+                    break;
+                }
+                constraints.settle(QUICK_COMPILE);
             }
             server.step();
             server.send_counters(self.queue.len() + constraints.len());
@@ -647,6 +660,13 @@ impl Worker {
         Some(next)
     }
 }
+
+/// How long a step waits for constraints that started compiling at its
+/// boundary: an NPC's line schema compiles in a few milliseconds and so
+/// starts in this step, as it did when it compiled on the worker; a large
+/// schema, or the first one of a model (its vocabulary's token trie), goes
+/// on compiling while this step runs.
+const QUICK_COMPILE: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// Sequences of the context: the plan's plus one kept for high-priority
 /// requests, within llama.cpp's limit.
