@@ -549,7 +549,10 @@ pub fn constraint_compile(which: u8, text: &str) {
     // The crate's own walks over the input, every time: the nesting bound,
     // then the GBNF → Lark translation or the JSON schema's defaults.
     let ours = match &c {
-        OutputConstraint::JsonSchema(s) => crate::constraint::schema_with_defaults(s).map(drop),
+        OutputConstraint::JsonSchema(s) => {
+            crate::constraint::schema_with_defaults(s, crate::constraint::JsonLayout::Compact)
+                .map(drop)
+        }
         OutputConstraint::Gbnf(g) => crate::constraint::gbnf::to_lark(g)
             .map(drop)
             .map_err(|e| e.0),

@@ -6,15 +6,18 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use toktrie::TokEnv;
 
-use super::{OutputConstraint, gbnf, schema_with_defaults};
+use super::{JsonLayout, OutputConstraint, gbnf, schema_with_defaults};
 
 /// The llguidance grammar of a constraint (its nesting checked first:
 /// nothing recursive runs on a constraint nested too deeply).
-pub(crate) fn grammar(constraint: &OutputConstraint) -> Result<TopLevelGrammar, String> {
+pub(crate) fn grammar(
+    constraint: &OutputConstraint,
+    layout: JsonLayout,
+) -> Result<TopLevelGrammar, String> {
     super::nesting::check(constraint)?;
     Ok(match constraint {
         OutputConstraint::JsonSchema(schema) => {
-            TopLevelGrammar::from_json_schema(schema_with_defaults(schema)?)
+            TopLevelGrammar::from_json_schema(schema_with_defaults(schema, layout)?)
         }
         OutputConstraint::Gbnf(g) => TopLevelGrammar::from_lark(
             gbnf::to_lark(g).map_err(|e| format!("the GBNF grammar is invalid: {}", e.0))?,
@@ -52,9 +55,18 @@ impl ConstraintCompiler {
 
     /// A fresh matcher for one request, or why the constraint is unusable.
     pub(crate) fn matcher(&self, constraint: &OutputConstraint) -> Result<Matcher, String> {
+        self.matcher_with(constraint, JsonLayout::Compact)
+    }
+
+    /// A fresh matcher with JSON laid out as `layout`.
+    pub(crate) fn matcher_with(
+        &self,
+        constraint: &OutputConstraint,
+        layout: JsonLayout,
+    ) -> Result<Matcher, String> {
         let parser = self
             .factory
-            .create_parser(grammar(constraint)?)
+            .create_parser(grammar(constraint, layout)?)
             .map_err(|e| format!("the {} cannot be used: {e}", constraint.kind()))?;
         let m = Matcher::new(Ok(parser));
         match m.get_error() {
@@ -161,7 +173,7 @@ pub(crate) mod tests {
         assert!(accepts(&c, r#"{"k": 1, "story": 2}"#));
         // A schema that is data inside `enum`/`const` is left alone.
         let data = r#"{"enum":[{"properties":{"x":1}}]}"#;
-        let v = schema_with_defaults(data).unwrap();
+        let v = schema_with_defaults(data, JsonLayout::Compact).unwrap();
         assert!(v["enum"][0].get("additionalProperties").is_none());
     }
 

@@ -146,25 +146,42 @@ pub(crate) fn value_as<T: DeserializeOwned>(value: &serde_json::Value) -> Result
     })
 }
 
-/// The JSON schema with the engine's default JSON layout (see
-/// [`OutputConstraint::JsonSchema`]) unless it sets `x-guidance` itself.
-pub(crate) fn schema_with_defaults(schema: &str) -> Result<serde_json::Value, String> {
+/// How JSON is laid out under a schema: `Compact` as the engine generates
+/// it (see [`OutputConstraint::JsonSchema`]), `Free` for checking text a
+/// server laid out its own way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JsonLayout {
+    Compact,
+    Free,
+}
+
+/// The JSON schema with closed objects and the given JSON layout, unless
+/// it sets `x-guidance` itself.
+pub(crate) fn schema_with_defaults(
+    schema: &str,
+    layout: JsonLayout,
+) -> Result<serde_json::Value, String> {
     let mut v: serde_json::Value =
         serde_json::from_str(schema).map_err(|e| format!("the JSON schema is not JSON: {e}"))?;
     close_objects(&mut v);
     if let Some(obj) = v.as_object_mut()
         && !obj.contains_key("x-guidance")
     {
-        obj.insert(
-            "x-guidance".into(),
-            serde_json::json!({
+        let guidance = match layout {
+            JsonLayout::Compact => serde_json::json!({
                 "whitespace_flexible": false,
                 "item_separator": ", ",
                 "key_separator": ": ",
                 "coerce_one_of": true,
                 "lenient": true,
             }),
-        );
+            JsonLayout::Free => serde_json::json!({
+                "whitespace_flexible": true,
+                "coerce_one_of": true,
+                "lenient": true,
+            }),
+        };
+        obj.insert("x-guidance".into(), guidance);
     }
     Ok(v)
 }

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 use super::matcher::ConstraintCompiler;
-use super::{OutputConstraint, OutputError, parse_output};
+use super::{JsonLayout, OutputConstraint, OutputError, parse_output};
 use crate::request::FinishReason;
 
 /// The compiler for a byte-level vocabulary (built once: cheap, 256 tokens).
@@ -21,38 +21,13 @@ fn byte_compiler() -> Option<&'static ConstraintCompiler> {
         .as_ref()
 }
 
-/// The constraint as a validator reads it: a JSON schema with free
-/// whitespace unless it sets its own `x-guidance`.
-fn relaxed(constraint: &OutputConstraint) -> OutputConstraint {
-    match constraint {
-        OutputConstraint::JsonSchema(schema) => {
-            let Ok(mut v) = serde_json::from_str::<Value>(schema) else {
-                return constraint.clone();
-            };
-            if let Some(obj) = v.as_object_mut()
-                && !obj.contains_key("x-guidance")
-            {
-                obj.insert(
-                    "x-guidance".into(),
-                    serde_json::json!({
-                        "whitespace_flexible": true,
-                        "coerce_one_of": true,
-                        "lenient": true,
-                    }),
-                );
-            }
-            OutputConstraint::JsonSchema(v.to_string())
-        }
-        other => other.clone(),
-    }
-}
-
 /// Whether `text` satisfies `constraint` whole.
 pub(crate) fn satisfies(constraint: &OutputConstraint, text: &str) -> bool {
     let Some(compiler) = byte_compiler() else {
         return false;
     };
-    let Ok(mut m) = compiler.matcher(&relaxed(constraint)) else {
+    // JSON whitespace is free: a server lays JSON out its own way.
+    let Ok(mut m) = compiler.matcher_with(constraint, JsonLayout::Free) else {
         return false;
     };
     let bytes: Vec<u32> = text.bytes().map(u32::from).collect();

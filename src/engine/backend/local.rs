@@ -589,30 +589,20 @@ impl Worker {
             // thread ([`ConstraintJobs`]); one that compiles within
             // `QUICK_COMPILE` (an NPC's line schema: a few ms) still joins
             // this step, a larger one a later step, while the others go on.
+            admit_compiled(&mut server, &mut constraints);
             let mut compiling = false;
-            for pass in 0..2 {
-                while fits(&server, constraints.peek_ready_priority()) {
-                    let Some((job, compiled)) = constraints.pop_ready() else {
-                        break;
-                    };
-                    server.admit(job, Some(compiled));
+            while fits(&server, self.queue.peek_priority()) {
+                let Some(job) = self.queue.pop() else { break };
+                if job.constraint.is_some() {
+                    constraints.start(job);
+                    compiling = true;
+                } else {
+                    server.admit(job, None);
                 }
-                if pass == 1 {
-                    break;
-                }
-                while fits(&server, self.queue.peek_priority()) {
-                    let Some(job) = self.queue.pop() else { break };
-                    if job.constraint.is_some() {
-                        constraints.start(job);
-                        compiling = true;
-                    } else {
-                        server.admit(job, None);
-                    }
-                }
-                if !compiling {
-                    break;
-                }
+            }
+            if compiling {
                 constraints.settle(QUICK_COMPILE);
+                admit_compiled(&mut server, &mut constraints);
             }
             server.step();
             server.send_counters(self.queue.len() + constraints.len());
@@ -658,6 +648,19 @@ impl Worker {
             self.queue.push_front(job.priority, job);
         }
         Some(next)
+    }
+}
+
+/// Admit the jobs whose constraints are compiled while slots are free for them.
+fn admit_compiled(server: &mut Server<'_>, constraints: &mut ConstraintJobs) {
+    while constraints
+        .peek_ready_priority()
+        .is_some_and(|p| server.has_free_slot_for(p))
+    {
+        let Some((job, compiled)) = constraints.pop_ready() else {
+            break;
+        };
+        server.admit(job, Some(compiled));
     }
 }
 
