@@ -98,9 +98,9 @@ fn main() {
             plan.model,
             plan.device.as_deref().unwrap_or(&plan.backend),
             backend.layers_offloaded.unwrap_or(0),
-            plan.threads,
-            plan.sequences,
-            plan.context_per_sequence,
+            plan.engine.threads,
+            plan.engine.sequences,
+            plan.engine.context_per_sequence,
             plan.kv_bytes as f64 / 1e6,
             plan.reason
         );

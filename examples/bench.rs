@@ -353,7 +353,7 @@ fn binding(args: &Args, f: &mut Figures) {
     let model = LlamaModel::load_from_file(
         backend,
         &path,
-        &LlamaModelParams::default().with_n_gpu_layers(plan.gpu_layers),
+        &LlamaModelParams::default().with_n_gpu_layers(plan.engine.gpu_layers),
     )
     .unwrap();
     let mut ctx = model
@@ -362,8 +362,8 @@ fn binding(args: &Args, f: &mut Figures) {
             LlamaContextParams::default()
                 .with_n_ctx(std::num::NonZeroU32::new(1024))
                 .with_n_batch(512)
-                .with_n_threads(plan.threads as i32)
-                .with_n_threads_batch(plan.threads as i32),
+                .with_n_threads(plan.engine.threads as i32)
+                .with_n_threads_batch(plan.engine.threads as i32),
         )
         .unwrap();
     let vocab = model.vocab();
@@ -520,10 +520,10 @@ fn npcs(args: &Args, f: &mut Figures) {
             .plan
             .clone()
             .unwrap();
-        if plan.sequences < n as u32 {
+        if plan.engine.sequences < n as u32 {
             println!(
                 "  note: memory allowed only {} parallel sequences",
-                plan.sequences
+                plan.engine.sequences
             );
         }
         let reqs = || (0..n).map(npc_request).collect::<Vec<_>>();
@@ -1465,7 +1465,7 @@ fn memory(args: &Args, f: &mut Figures) {
         let reg = one.world().resource::<ModelRegistry>();
         (
             reg.get(&p.model).unwrap().kv_bytes_per_token,
-            p.context_per_sequence,
+            p.engine.context_per_sequence,
         )
     };
     drop(one);
@@ -1601,31 +1601,32 @@ fn main() {
             "plan: model {} on {} ({} GPU layers, {} threads, device top-k {}, sampling threads {}, unified KV {}, gap fillers {}, even prompt steps {}, rounded prompt steps {}, flash attention {}, lanes {})",
             plan.model,
             plan.device.as_deref().unwrap_or(&plan.backend),
-            plan.gpu_layers,
-            plan.threads,
-            plan.device_sampling,
-            plan.sampling_threads,
-            plan.kv_unified,
-            plan.fill_gaps,
-            plan.even_prompt_steps,
-            plan.round_prompt_steps,
-            plan.flash_attention
+            plan.engine.gpu_layers,
+            plan.engine.threads,
+            plan.engine.device_sampling,
+            plan.engine.sampling_threads,
+            plan.engine.kv_unified,
+            plan.engine.shaping.fill_gaps,
+            plan.engine.shaping.even_prompt_steps,
+            plan.engine.shaping.round_prompt_steps,
+            plan.engine
+                .flash_attention
                 .map_or("llama.cpp's choice", |on| if on { "on" } else { "off" }),
-            plan.lanes,
+            plan.engine.lanes,
         );
         plan_json = serde_json::json!({
             "backend": plan.backend,
             "device": plan.device,
-            "gpu_layers": plan.gpu_layers,
-            "threads": plan.threads,
-            "device_sampling": plan.device_sampling,
-            "sampling_threads": plan.sampling_threads,
-            "kv_unified": plan.kv_unified,
-            "fill_gaps": plan.fill_gaps,
-            "even_prompt_steps": plan.even_prompt_steps,
-            "round_prompt_steps": plan.round_prompt_steps,
-            "flash_attention": plan.flash_attention,
-            "lanes": plan.lanes,
+            "gpu_layers": plan.engine.gpu_layers,
+            "threads": plan.engine.threads,
+            "device_sampling": plan.engine.device_sampling,
+            "sampling_threads": plan.engine.sampling_threads,
+            "kv_unified": plan.engine.kv_unified,
+            "fill_gaps": plan.engine.shaping.fill_gaps,
+            "even_prompt_steps": plan.engine.shaping.even_prompt_steps,
+            "round_prompt_steps": plan.engine.shaping.round_prompt_steps,
+            "flash_attention": plan.engine.flash_attention,
+            "lanes": plan.engine.lanes,
             "model": plan.model,
             "machine": format!("{} ({} physical cores)", p.cpu_brand, p.physical_cores),
         });

@@ -699,12 +699,12 @@ impl LlmSettings {
                 "must be at most 64 (0 = the plan's choice)",
             );
         }
-        if self.gpu.lanes > crate::hardware::MAX_LANES {
+        if self.gpu.lanes > crate::engine::layout::MAX_LANES {
             return bad(
                 "gpu.lanes",
                 &format!(
                     "must be at most {} (0 = the plan's choice)",
-                    crate::hardware::MAX_LANES
+                    crate::engine::layout::MAX_LANES
                 ),
             );
         }

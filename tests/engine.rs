@@ -215,6 +215,19 @@ fn lanes_match_one_and_serve_cancel_and_despawn_mid_answer(lanes: u32) {
         want,
         "greedy on {lanes} lanes"
     );
+    // What the worker made is what it reports: the lanes asked for (their
+    // contexts fit), nine sequences, and the KV of every lane's context.
+    let LlmModelState::Ready(info) = app.world().resource::<LlmModelState>().clone() else {
+        panic!("no model ready");
+    };
+    assert_eq!((info.lanes, info.sequences), (lanes, 9), "{info:?}");
+    // Ten slots (the player's too) in lanes of ⌈10 / lanes⌉ sequences.
+    let cells = u64::from(lanes * 10u32.div_ceil(lanes) * info.context_per_sequence);
+    assert!(
+        info.kv_bytes > 0 && info.kv_bytes % cells == 0,
+        "{} KV bytes for {cells} cells",
+        info.kv_bytes
+    );
     let es: Vec<Entity> = (0..9)
         .map(|i| {
             request(

@@ -5,7 +5,9 @@ mod common;
 
 use bevy::prelude::*;
 use bevy_npc_llm::errors::{ModelLoadError, SelectionError};
-use bevy_npc_llm::hardware::{BackendStatus, GpuDevice, GpuKind, HardwareProfile, plan};
+use bevy_npc_llm::hardware::{
+    BackendStatus, BatchShaping, CUDA_GRAPH_PATCH_WIDTH, GpuDevice, GpuKind, HardwareProfile, plan,
+};
 use bevy_npc_llm::prelude::*;
 use bevy_npc_llm::registry::ModelRegistry;
 use bevy_npc_llm::settings::GpuLayers;
@@ -87,6 +89,7 @@ fn machine(cores: usize, ram_gb: u64, simd: &[&str], gpu: Option<(&str, u64)>) -
                     kind: GpuKind::Discrete,
                     memory_total_bytes: free + GB / 2,
                     memory_free_bytes: free,
+                    graph_patch: Some(CUDA_GRAPH_PATCH_WIDTH),
                 }]
             })
             .unwrap_or_default(),
@@ -204,8 +207,8 @@ fn selection_over_synthetic_machines() {
         assert_eq!(
             (
                 p.backend.as_str(),
-                p.gpu_layers,
-                p.threads,
+                p.engine.gpu_layers,
+                p.engine.threads,
                 p.model.as_str()
             ),
             (
@@ -218,13 +221,13 @@ fn selection_over_synthetic_machines() {
             c.name
         );
         assert!(p.reason.contains(c.reason_has), "{}: {}", c.name, p.reason);
-        assert!(p.sequences >= 1 && p.sequences <= settings.max_parallel_sequences);
+        assert!(p.engine.sequences >= 1 && p.engine.sequences <= settings.max_parallel_sequences);
         assert_eq!(
             p.kv_bytes,
             // The context holds one sequence more: the player's slot; each
             // lane's context a whole share.
-            u64::from(p.lanes * (p.sequences + 1).div_ceil(p.lanes))
-                * u64::from(p.context_per_sequence)
+            u64::from(p.engine.lanes * (p.engine.sequences + 1).div_ceil(p.engine.lanes))
+                * u64::from(p.engine.context_per_sequence)
                 * kv(&reg, c.expect_model)
         );
     }
@@ -312,7 +315,7 @@ fn parallel_sequences_are_limited_by_memory() {
     .unwrap();
     // (8 GB × 3/4 / 2 − 1 GB) / (8192 × 114688 B) = 2 GB / 896 MiB = 2
     // sequences of KV, one of them the player's slot: 1 for NPCs.
-    assert_eq!(p.sequences, 1, "{p:?}");
+    assert_eq!(p.engine.sequences, 1, "{p:?}");
     assert!(
         p.reason.contains("1 parallel sequences fit"),
         "{}",
@@ -342,17 +345,17 @@ fn real_detection_on_this_machine_runs_on_the_cpu() {
     load_ready(&mut app, None);
     let status = app.world().resource::<BackendStatus>();
     let p = status.plan.clone().unwrap();
-    assert_eq!((p.backend.as_str(), p.gpu_layers), ("CPU", 0));
+    assert_eq!((p.backend.as_str(), p.engine.gpu_layers), ("CPU", 0));
     let expected = (profile.physical_cores as u32)
         .saturating_sub(1)
         .clamp(1, 8);
-    assert_eq!(p.threads, expected);
+    assert_eq!(p.engine.threads, expected);
     if std::thread::available_parallelism().unwrap().get() == 2 {
-        assert_eq!(p.threads, 1);
+        assert_eq!(p.engine.threads, 1);
     }
     assert_eq!(status.layers_offloaded, Some(0));
     match app.world().resource::<LlmModelState>() {
-        LlmModelState::Ready(info) => assert_eq!(info.threads, p.threads),
+        LlmModelState::Ready(info) => assert_eq!(info.threads, p.engine.threads),
         other => panic!("{other:?}"),
     }
 }
@@ -412,9 +415,9 @@ fn real_model_tiers_on_simulated_machines() {
             "{name:<28} -> {:<30} on {} ({} layers, {} threads, {} sequences): {}",
             p.model,
             p.device.as_deref().unwrap_or(&p.backend),
-            p.gpu_layers,
-            p.threads,
-            p.sequences,
+            p.engine.gpu_layers,
+            p.engine.threads,
+            p.engine.sequences,
             p.reason
         );
         assert!(entry.has_tag("instruct"));
@@ -423,12 +426,15 @@ fn real_model_tiers_on_simulated_machines() {
             assert!(entry.size_bytes >= 2_000_000_000, "{p:?}");
             // llama.cpp counts the output layer too: n_layers + 1 is all of them.
             assert_eq!(
-                p.gpu_layers,
+                p.engine.gpu_layers,
                 entry.n_layers + 1,
                 "all layers on the GPU: {p:?}"
             );
-            assert!(!p.device_sampling && p.sampling_threads > 1, "{p:?}");
-            assert_eq!(p.lanes, 2, "two lanes on a GPU: {p:?}");
+            assert!(
+                !p.engine.device_sampling && p.engine.sampling_threads > 1,
+                "{p:?}"
+            );
+            assert_eq!(p.engine.lanes, 2, "two lanes on a GPU: {p:?}");
             // Lanes of at most 8 sequences up to eight lanes (llama.cpp's
             // matrix-vector kernels), at least two; four beyond 64 sequences.
             for (n, lanes) in [
@@ -451,8 +457,8 @@ fn real_model_tiers_on_simulated_machines() {
                 };
                 s.sampling.max_tokens = 128;
                 let q = plan(profile, &reg, &s).unwrap();
-                assert_eq!(q.sequences, n, "{q:?}");
-                assert_eq!(q.lanes, lanes, "{n} sequences: {q:?}");
+                assert_eq!(q.engine.sequences, n, "{q:?}");
+                assert_eq!(q.engine.lanes, lanes, "{n} sequences: {q:?}");
             }
             // A number in the settings is kept.
             let mut s = LlmSettings {
@@ -460,28 +466,75 @@ fn real_model_tiers_on_simulated_machines() {
                 ..Default::default()
             };
             s.gpu.lanes = 1;
-            assert_eq!(plan(profile, &reg, &s).unwrap().lanes, 1);
-            assert!(p.fill_gaps && !p.kv_unified, "gap fillers on a GPU: {p:?}");
-            assert!(p.even_prompt_steps, "even prompt steps on a GPU: {p:?}");
-            assert!(p.round_prompt_steps, "rounded prompt steps on a GPU: {p:?}");
+            assert_eq!(plan(profile, &reg, &s).unwrap().engine.lanes, 1);
+            assert!(
+                p.engine.shaping.fill_gaps && !p.engine.kv_unified,
+                "gap fillers on a GPU: {p:?}"
+            );
+            assert!(
+                p.engine.shaping.even_prompt_steps,
+                "even prompt steps on a GPU: {p:?}"
+            );
+            assert!(
+                p.engine.shaping.round_prompt_steps,
+                "rounded prompt steps on a GPU: {p:?}"
+            );
             let mut s = LlmSettings::default();
             s.gpu.round_prompt_steps = Some(false);
-            assert!(!plan(profile, &reg, &s).unwrap().round_prompt_steps);
+            assert!(
+                !plan(profile, &reg, &s)
+                    .unwrap()
+                    .engine
+                    .shaping
+                    .round_prompt_steps
+            );
             // Unified KV asked for: nothing to fill.
             let mut s = LlmSettings::default();
             s.gpu.kv_unified = Some(true);
             let u = plan(profile, &reg, &s).unwrap();
             assert!(
-                u.kv_unified && !u.fill_gaps && !u.even_prompt_steps,
+                u.engine.kv_unified
+                    && !u.engine.shaping.fill_gaps
+                    && !u.engine.shaping.even_prompt_steps,
                 "{u:?}"
+            );
+            // llama.cpp's CUDA module as shipped (or patched for another
+            // width): no rounded prompt steps by default; another GPU
+            // backend, where nothing was measured: no shaping by default.
+            for width in [None, Some(CUDA_GRAPH_PATCH_WIDTH / 2)] {
+                let mut unpatched = profile.clone();
+                unpatched.gpus[0].graph_patch = width;
+                let q = plan(&unpatched, &reg, &LlmSettings::default()).unwrap();
+                let shaping = q.engine.shaping;
+                assert!(
+                    shaping.fill_gaps && shaping.even_prompt_steps && !shaping.round_prompt_steps,
+                    "{q:?}"
+                );
+            }
+            let mut vulkan = profile.clone();
+            vulkan.gpus[0].backend = "Vulkan".into();
+            vulkan.gpus[0].graph_patch = None;
+            let q = plan(&vulkan, &reg, &LlmSettings::default()).unwrap();
+            assert_eq!(q.engine.shaping, BatchShaping::default(), "{q:?}");
+            let mut s = LlmSettings::default();
+            s.gpu.round_prompt_steps = Some(true);
+            assert!(
+                plan(&vulkan, &reg, &s)
+                    .unwrap()
+                    .engine
+                    .shaping
+                    .round_prompt_steps
             );
         }
         if name.starts_with("2 cores") {
             assert!(entry.size_bytes <= 1_200_000_000, "{p:?}");
-            assert_eq!(p.lanes, 1, "one lane on the CPU: {p:?}");
-            assert!(!p.fill_gaps, "no gap fillers on the CPU by default: {p:?}");
+            assert_eq!(p.engine.lanes, 1, "one lane on the CPU: {p:?}");
             assert!(
-                !p.even_prompt_steps && !p.round_prompt_steps,
+                !p.engine.shaping.fill_gaps,
+                "no gap fillers on the CPU by default: {p:?}"
+            );
+            assert!(
+                !p.engine.shaping.even_prompt_steps && !p.engine.shaping.round_prompt_steps,
                 "no padding on the CPU by default: {p:?}"
             );
             let mut s = LlmSettings::default();
@@ -490,7 +543,9 @@ fn real_model_tiers_on_simulated_machines() {
             s.gpu.round_prompt_steps = Some(true);
             let asked = plan(profile, &reg, &s).unwrap();
             assert!(
-                asked.fill_gaps && asked.even_prompt_steps && asked.round_prompt_steps,
+                asked.engine.shaping.fill_gaps
+                    && asked.engine.shaping.even_prompt_steps
+                    && asked.engine.shaping.round_prompt_steps,
                 "asked for on the CPU"
             );
         }

@@ -27,6 +27,14 @@ at the second call of a key with identical properties, replayed from the
 third). Nothing computed changes: a graph is still replayed only when every
 node's properties match (ggml also still evicts graphs unused for 10 s).
 
+The contract with the engine: NPC_LLM_ROUNDED_MAX below is the largest
+width the engine rounds a lone prompt step to (`ROUND_WIDTHS` in
+src/engine/shaper.rs; a test there reads this file and fails when the two
+differ). The patched module answers the backend registry's proc-address
+query "ggml_backend_cuda_npc_llm_graph_patch" with that width, so the engine
+knows at start whether the CUDA module it runs is patched, and for which
+width (the plan rounds prompt steps on CUDA only then).
+
 Prepared, not measured yet: GGML_CUDA_GRAPH_KEEP_S=N (read once; default 10,
 llama.cpp's) keeps a recorded graph N seconds unused instead of 10 -- a
 player who reads an answer for longer than 10 s before the next line finds
@@ -40,6 +48,8 @@ import source_patch
 
 root = sys.argv[1]
 MARK = "bevy_npc_llm patch"
+# The largest width the engine rounds a lone prompt step to (see above).
+NPC_LLM_ROUNDED_MAX = 64
 
 
 def patch(path, edits):
@@ -59,7 +69,7 @@ patch(
             "    const ggml_tensor * first = cgraph->nodes[0];\n"
             "    const ggml_tensor * last  = cgraph->nodes[cgraph->n_nodes - 1];\n"
             "    if (first->ne[1] != last->ne[1]) {\n"
-            "        if (first->ne[1] > 64 || last->ne[1] != 1) {\n"
+            f"        if (first->ne[1] > {NPC_LLM_ROUNDED_MAX} || last->ne[1] != 1) {{\n"
             "            return first;\n"
             "        }\n"
             "        // a short prompt step ending one sequence's prompt (the engine rounds these to\n"
@@ -74,6 +84,16 @@ patch(
             "    uint64_t h = (uint64_t) cgraph->n_nodes * 0x9E3779B97F4A7C15ull ^ (uint64_t) first->ne[1];\n"
             "    return (const void *) ((uintptr_t) first ^ (uintptr_t) ((h + 1) * 0x9E3779B97F4A7C15ull));\n"
             "}\n",
+        ),
+        (
+            "static void * ggml_backend_cuda_reg_get_proc_address(ggml_backend_reg_t reg, const char * name) {\n"
+            "    GGML_UNUSED(reg);\n",
+            "static void * ggml_backend_cuda_reg_get_proc_address(ggml_backend_reg_t reg, const char * name) {\n"
+            "    GGML_UNUSED(reg);\n"
+            f"    // {MARK}: the engine asks whether this module is patched, and for which width\n"
+            "    if (strcmp(name, \"ggml_backend_cuda_npc_llm_graph_patch\") == 0) {\n"
+            f"        return (void *) (uintptr_t) {NPC_LLM_ROUNDED_MAX};\n"
+            "    }\n",
         ),
     ],
 )

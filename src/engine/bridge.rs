@@ -208,22 +208,9 @@ pub(crate) fn load_spec(
         prompt_format: entry.prompt_format.clone(),
         architecture: entry.architecture.clone(),
         model_sampling: entry.sampling.clone(),
-        context_per_sequence: plan.context_per_sequence,
-        sequences: plan.sequences,
-        batch_size: settings.batch_size,
-        swa_full: settings.swa_full,
-        threads: plan.threads,
-        gpu_layers: plan.gpu_layers,
-        device_sampling: plan.device_sampling,
-        sampling_threads: plan.sampling_threads,
-        kv_unified: plan.kv_unified,
-        fill_gaps: plan.fill_gaps,
-        even_prompt_steps: plan.even_prompt_steps,
-        round_prompt_steps: plan.round_prompt_steps,
-        flash_attention: plan.flash_attention,
-        lanes: plan.lanes,
+        engine: plan.engine.clone(),
     };
-    debug_assert!(spec.threads >= 1);
+    debug_assert!(spec.engine.threads >= 1);
     Ok((spec, plan))
 }
 
@@ -281,12 +268,13 @@ impl Loader<'_> {
             Ok((spec, plan)) => {
                 let id = spec.model_id.clone();
                 info!(
-                    "bevy_npc_llm: loading `{id}` on {} ({} GPU layers, {} threads, {} × {} tokens): {}",
+                    "bevy_npc_llm: loading `{id}` on {} ({} GPU layers, {} threads, {} × {} tokens in {} lanes): {}",
                     plan.device.as_deref().unwrap_or(&plan.backend),
-                    plan.gpu_layers,
-                    plan.threads,
-                    plan.sequences,
-                    plan.context_per_sequence,
+                    plan.engine.gpu_layers,
+                    plan.engine.threads,
+                    plan.engine.sequences,
+                    plan.engine.context_per_sequence,
+                    plan.engine.lanes,
                     plan.reason
                 );
                 self.status.plan = Some(plan);

@@ -4,8 +4,10 @@
 
 pub(crate) mod backend;
 pub(crate) mod bridge;
+pub(crate) mod config;
 pub(crate) mod constraint_jobs;
 pub(crate) mod device_sampling;
+pub(crate) mod layout;
 pub(crate) mod load_intent;
 pub(crate) mod prompt;
 pub(crate) mod protocol;
@@ -13,6 +15,7 @@ pub(crate) mod row_pool;
 pub(crate) mod sampler;
 pub(crate) mod scheduler;
 pub(crate) mod serve;
+pub(crate) mod shaper;
 pub(crate) mod slots;
 pub(crate) mod text_stream;
 

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use super::config::EngineConfig;
 use crate::constraint::{OutputConstraint, OutputError};
 use crate::errors::{LlmError, ModelLoadError};
 use crate::events::LoadPhase;
@@ -41,33 +42,8 @@ pub(crate) struct LoadSpec {
     pub prompt_format: PromptFormat,
     pub architecture: Option<String>,
     pub model_sampling: SamplingOverrides,
-    pub context_per_sequence: u32,
-    pub sequences: u32,
-    pub batch_size: u32,
-    /// Keep the whole sliding-window cache (see `LlmSettings::swa_full`).
-    pub swa_full: bool,
-    pub threads: u32,
-    pub gpu_layers: u32,
-    /// Top-k of eligible sequences on the device (GPU plans only).
-    pub device_sampling: bool,
-    /// Host threads choosing tokens in parallel (1: on the worker thread).
-    pub sampling_threads: u32,
-    /// One KV buffer across sequences instead of one stream each.
-    pub kv_unified: bool,
-    /// Fill the gaps of generation steps (streams only; see the scheduler's
-    /// `Filler`).
-    pub fill_gaps: bool,
-    /// Even prompt steps (streams only; see the scheduler's
-    /// `even_prompt_step`).
-    pub even_prompt_steps: bool,
-    /// Round a lone step that ends a prompt up to a fixed width (see the
-    /// scheduler's `round_lone_prompt`).
-    pub round_prompt_steps: bool,
-    /// Flash attention on/off; `None`: llama.cpp decides.
-    pub flash_attention: Option<bool>,
-    /// llama.cpp contexts the slots are split across, decoded in turns
-    /// (1: one context).
-    pub lanes: u32,
+    /// How to run it, as the hardware plan resolved it.
+    pub engine: EngineConfig,
 }
 
 /// Runtime knobs that can change without reloading.
@@ -110,8 +86,15 @@ pub struct LoadedModelInfo {
     pub size_bytes: u64,
     /// Context per sequence actually in use.
     pub context_per_sequence: u32,
-    /// Parallel sequences (slots).
+    /// Parallel sequences (slots), the one kept for the player's requests
+    /// not counted.
     pub sequences: u32,
+    /// llama.cpp contexts the sequences are split across: the plan's lanes,
+    /// or fewer when their contexts did not all fit (1 for a remote server).
+    pub lanes: u32,
+    /// KV cache bytes of all the contexts as llama.cpp made them (0 for a
+    /// remote server).
+    pub kv_bytes: u64,
     /// Inference threads.
     pub threads: u32,
     /// Layers offloaded to a GPU.

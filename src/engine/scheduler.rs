@@ -23,24 +23,18 @@
 //! prompt chunk cap, the batch halving on "no KV slot" and its regrowth,
 //! and the sliding-window reuse check ([`reusable_prefix`]).
 
+use super::config::BatchShaping;
+use super::layout::{LANE_SEQUENCES, Layout};
 use super::protocol::RequestId;
+#[cfg(test)]
+pub(crate) use super::shaper::ROUND_WIDTHS;
+use super::shaper::{self, Shaper, StepKind, StepSeq};
+pub(crate) use super::shaper::{BatchToken, Filler};
 use super::slots::SlotTable;
 use crate::errors::LlmError;
-use crate::hardware::LANE_SEQUENCES;
-
-/// llama.cpp's most sequences in one context (`LLAMA_MAX_SEQ`).
-pub(crate) const LLAMA_MAX_SEQ: u32 = 256;
 
 /// Priorities above this are High (the player's requests).
 const NORMAL: i32 = 0;
-
-/// Gap fillers a step may always have; beyond this, at most one per
-/// sequence in the step (see [`Filler`]).
-const MAX_FILLERS_ALWAYS: usize = 8;
-
-/// The widths a lone prompt step is rounded up to (see
-/// [`Scheduler::round_lone_prompt`]); a longer step is not rounded.
-pub(crate) const ROUND_WIDTHS: [usize; 3] = [16, 32, 64];
 
 /// The sizes a step must respect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,64 +46,24 @@ pub(crate) struct Limits {
     pub prompt_chunk: usize,
     /// KV cells each sequence may hold (prompt and answer together).
     pub cells_per_seq: usize,
-    /// Slots (llama.cpp sequence ids); the last one is kept for High
-    /// priority whenever there are two or more.
-    pub slots: usize,
+    /// Where each slot lives (lanes, sequence ids); the last slot is kept
+    /// for High priority whenever there are two or more. Each lane is a
+    /// llama.cpp context of its own, planned, decoded and applied on its
+    /// own (see [`Scheduler::plan_lane`]).
+    pub layout: Layout,
     /// Sliding-window size of the model when its KV keeps only the window
     /// (`swa_full` off); 0 for full attention or a full SWA cache.
     pub swa_window: usize,
     /// Steps a Normal sequence may sit out while a High prompt is read
     /// before it is scheduled regardless (no starvation).
     pub max_sit_out: u32,
-    /// Lanes the slots are split across (≥ 1): slot `s` decodes in lane
-    /// `s % lanes`, each lane a llama.cpp context of its own, planned,
-    /// decoded and applied on its own (see [`Scheduler::plan_lane`]).
-    pub lanes: usize,
-    /// Fill the gaps of a generation step (a KV stream per sequence, full
-    /// attention only): see [`Filler`].
-    pub fill_gaps: bool,
-    /// Give the sequences of a step that reads Normal prompts even shares,
-    /// padded to one width (a KV stream per sequence, full attention
-    /// only): see [`Scheduler::even_prompt_step`].
-    pub even_prompt_steps: bool,
-    /// Round a step that reads one sequence's prompt alone and ends it up
-    /// to one of [`ROUND_WIDTHS`] (full attention only): see
-    /// [`Scheduler::round_lone_prompt`].
-    pub round_prompt_steps: bool,
+    /// How the step's batch is shaped (see [`super::shaper`]).
+    pub shaping: BatchShaping,
     /// At most one output (logits request) per sequence in a step:
     /// llama.cpp's backend sampling (device top-k) refuses a batch with
     /// more, so where a sequence's token is sampled in a step, no other of
     /// its tokens asks for throw-away logits.
     pub single_output: bool,
-}
-
-/// Where slot `slot` decodes when the slots are split across `lanes`
-/// llama.cpp contexts: its lane, and its sequence id in that lane's context.
-pub(crate) fn lane_seq(slot: usize, lanes: usize) -> (usize, usize) {
-    let lanes = lanes.max(1);
-    (slot % lanes, slot / lanes)
-}
-
-/// Sequences each lane's context holds when `slots` slots are split across
-/// `lanes` contexts as [`lane_seq`] places them: the largest lane's share.
-pub(crate) fn lane_size(slots: u32, lanes: u32) -> u32 {
-    slots.div_ceil(lanes.max(1))
-}
-
-impl Limits {
-    /// The lane slot `slot` decodes in.
-    pub(crate) fn lane_of(&self, slot: usize) -> usize {
-        lane_seq(slot, self.lanes).0
-    }
-
-    /// Slots Normal-priority jobs may use.
-    pub(crate) fn normal_slots(&self) -> usize {
-        if self.slots > 1 {
-            self.slots - 1
-        } else {
-            self.slots
-        }
-    }
 }
 
 /// How many leading tokens of a cached prefix of `lcp` tokens may be kept,
@@ -138,71 +92,6 @@ pub(crate) struct Admitted {
     /// Leading prompt tokens kept from the slot's cache: the caller drops
     /// the slot's KV from this position on.
     pub reuse: usize,
-}
-
-/// One token of a planned batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct BatchToken<T> {
-    pub token: T,
-    pub pos: i32,
-    pub seq: i32,
-    pub logits: bool,
-}
-
-/// A throw-away token for a sequence that has nothing to decode in a
-/// generation step, so that the step covers the lane's sequence ids from
-/// its lowest to its highest without a gap.
-///
-/// Why: with a KV stream per sequence, llama.cpp splits a batch into
-/// micro-batches of *consecutive* sequence ids with as many tokens each
-/// (`split_equal(…, sequential)`). A talking NPC that sits between two idle
-/// slots, or a line that just ended, cuts the step in two or more
-/// micro-batches of new shapes, each built and launched kernel by kernel
-/// on a GPU instead of replaying the recorded CUDA graph of the step; when
-/// NPCs start and end lines at different times (a game) that is most
-/// steps. With fillers a generation step of a lane is one micro-batch
-/// (plus one per prompt chunk's remaining tokens) whose shape stays the
-/// same as long as its lowest and highest sequences do: replayed.
-///
-/// A filler goes at the end of its sequence (`pos` = the tokens its KV
-/// holds: a running sequence's record, an idle slot's cache), asks for
-/// logits (so the step's shape is a generation step's: one output per
-/// token) and is never recorded: the caller removes it from the KV
-/// (`seq_rm(slot, pos, -1)`) after the decode, whatever its outcome, and
-/// ignores its logits. A step holds fillers only when it generates, no
-/// High-priority prompt is read in it (the player's step stays small), the
-/// model has no sliding window (a filler would slide it), each filled slot's
-/// KV is known and has room, the batch limit has room for all of them, and
-/// they are at most [`MAX_FILLERS_ALWAYS`] or as many as the step's
-/// sequences. Nothing below the step's lowest sequence is filled: one NPC
-/// alone, or a run without gaps, decodes as it is.
-///
-/// An even prompt step ([`Scheduler::even_prompt_step`]) pads with fillers
-/// too: `count` of them after a sequence's own tokens of the step (or in an
-/// idle slot), none asking for logits; so does a rounded lone prompt step
-/// ([`Scheduler::round_lone_prompt`]), after its one sequence's tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Filler {
-    /// The slot (its lane's sequence id: see [`lane_seq`]).
-    pub slot: usize,
-    /// Its first position: the tokens the slot's KV holds, plus the
-    /// sequence's own tokens in the step.
-    pub pos: i32,
-    /// Throw-away tokens at `pos`, `pos + 1`, …
-    pub count: usize,
-}
-
-impl Filler {
-    /// Its tokens for the batch: `token` at `pos`, `pos + 1`, … in its
-    /// slot's sequence, each asking for `logits` or not.
-    fn batch_tokens<T: Copy>(self, token: T, logits: bool) -> impl Iterator<Item = BatchToken<T>> {
-        (0..self.count as i32).map(move |j| BatchToken {
-            token,
-            pos: self.pos + j,
-            seq: self.slot as i32,
-            logits,
-        })
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -405,8 +294,8 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         Self {
             // Fresh slots fill lanes as the plan sizes them: a lane of at
             // most LANE_SEQUENCES busy sequences before one more is opened.
-            slots: SlotTable::new(limits.slots, prefix_cache)
-                .with_lanes(limits.lanes, LANE_SEQUENCES as usize),
+            slots: SlotTable::new(limits.layout, prefix_cache)
+                .with_lane_fill(LANE_SEQUENCES as usize),
             batch_limit: limits.batch_tokens.max(1),
             limits,
             seqs: Vec::new(),
@@ -465,7 +354,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     /// jobs may use the slot kept for them.
     pub(crate) fn can_admit(&self, priority: i32) -> bool {
         self.slots.has_free()
-            && (priority > NORMAL || self.slots.busy() < self.limits.normal_slots())
+            && (priority > NORMAL || self.slots.busy() < self.limits.layout.normal_slots())
     }
 
     /// Start a job whose prompt is `prompt`. `first_pos(slot)` is the
@@ -562,7 +451,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     /// empty plan is applied too, and counts as a turn sat out.
     pub(crate) fn plan_lane(&mut self, lane: usize) -> Plan<T> {
         let limits = self.limits;
-        let in_lane = |s: &Running<T>| limits.lane_of(s.slot) == lane;
+        let in_lane = |s: &Running<T>| limits.layout.lane_of(s.slot) == lane;
         let urgent = self.urgent().map(|s| s.priority);
         let max_sit_out = self.limits.max_sit_out;
         // A sequence left out `max_sit_out` steps in a row goes first.
@@ -591,7 +480,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             .iter()
             .filter(|&&i| self.seqs[i].pending.is_some())
             .count();
-        if let Some(plan) = self.even_prompt_step(lane, &order, generating) {
+        if let Some(plan) = self.even_prompt_step(lane, &order) {
             return plan;
         }
         let mut tokens = Vec::new();
@@ -645,105 +534,47 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         }
     }
 
-    /// An even prompt step: every sequence of the lane's step (`order`, in
-    /// plan order; `generating` of them have a sampled token) gets the same
-    /// number of tokens, `width`, so that with a KV stream per sequence
-    /// llama.cpp decodes the step as **one** micro-batch.
-    ///
-    /// Why: llama.cpp splits such a batch into micro-batches of consecutive
-    /// sequence ids with as many tokens each (see [`Filler`]). NPCs whose
-    /// prompts are read together have prompts of different lengths, so a
-    /// step of them — greedy prompt chunks, or generated tokens beside
-    /// chunks — falls apart into up to one micro-batch per length, each a
-    /// new shape that a GPU launches kernel by kernel (32 NPCs starting
-    /// together on two lanes: 35 micro-batches in their prompt phase,
-    /// 44–103 ms before their first token on an H100; 4 and 22 ms with
-    /// even steps, docs/BENCHMARKS.md session 13). Here a prompt takes
-    /// `min(left, width)` tokens, a generating sequence its one token, and
-    /// each is padded to `width` with [`Filler`]s (no logits), as is an idle
-    /// slot between them. `width` is the longest prompt share (at most
-    /// [`Limits::prompt_chunk`] while some sequence generates), cut so that
-    /// the step fits the batch limit: a crowd of prompts is read in even
-    /// slices, one micro-batch per step.
-    ///
-    /// `None` (the greedy plan then) unless: [`Limits::even_prompt_steps`],
-    /// no sliding window, two or more sequences in the step (one alone is
-    /// one micro-batch already), a Normal prompt is read in the step and no High
-    /// sequence is in it (the player's steps stay small), every slot of the
-    /// step's span has a known KV with room for `width` more tokens, and
-    /// the padding is at most the step's own tokens (the step at most
-    /// doubles: a prompt beside many generating NPCs stays a chunk of its
-    /// own, one extra micro-batch).
-    fn even_prompt_step(&self, lane: usize, order: &[usize], generating: usize) -> Option<Plan<T>> {
+    /// The shaper of a step now: the limits, the batch limit, and what
+    /// each slot's KV holds.
+    fn shaper(&self) -> Shaper<impl Fn(usize) -> Option<usize> + '_> {
         let l = &self.limits;
-        if !l.even_prompt_steps || l.swa_window > 0 {
-            return None;
+        Shaper {
+            layout: l.layout,
+            shaping: l.shaping,
+            sliding_window: l.swa_window > 0,
+            cells_per_seq: l.cells_per_seq,
+            prompt_chunk: l.prompt_chunk,
+            single_output: l.single_output,
+            batch_limit: self.batch_limit,
+            held: |slot| self.held_by(slot),
         }
+    }
+
+    /// The lane's step in even prompt slices ([`Shaper::even_step`]), if
+    /// the shaper makes one of the sequences `order` (in plan order).
+    fn even_prompt_step(&self, lane: usize, order: &[usize]) -> Option<Plan<T>> {
         let seqs: Vec<&Running<T>> = order.iter().map(|&i| &self.seqs[i]).collect();
-        if seqs.iter().any(|s| s.priority > NORMAL) || seqs.iter().all(|s| s.pending.is_some()) {
-            return None;
-        }
-        // One sequence alone is one micro-batch as it is (its greedy step
-        // may be rounded instead: see `round_lone_prompt`).
-        if seqs.len() == 1 {
-            return None;
-        }
-        let lanes = l.lanes.max(1);
-        let id_of = |slot: usize| lane_seq(slot, lanes).1;
-        let low = seqs.iter().map(|s| id_of(s.slot)).min()?;
-        let top = seqs.iter().map(|s| id_of(s.slot)).max()?;
-        let span = top - low + 1;
-        let cap = if generating > 0 {
-            l.prompt_chunk.max(1)
-        } else {
-            usize::MAX
-        };
-        let share = |s: &Running<T>, width: usize| match s.pending {
-            Some(_) => 1,
-            None => (s.prompt.len() - s.fed).min(cap).min(width),
-        };
-        let longest = seqs.iter().map(|s| share(s, usize::MAX)).max()?;
-        let width = longest.min(self.batch_limit / span);
-        if width == 0 {
-            return None;
-        }
-        // What each slot of the span holds: its own tokens are planned at
-        // the end of its KV, its fillers after them.
-        let held: Vec<usize> = (low..=top)
-            .map(|q| self.held_by(q * lanes + lane))
-            .collect::<Option<_>>()?;
-        if held.iter().any(|&h| h + width > l.cells_per_seq) {
-            return None;
-        }
-        let own: usize = seqs.iter().map(|s| share(s, width)).sum();
-        if span * width > 2 * own {
-            return None;
-        }
-        let mut tokens = Vec::with_capacity(span * width);
+        let view: Vec<StepSeq> = seqs
+            .iter()
+            .map(|s| StepSeq {
+                slot: s.slot,
+                high: s.priority > NORMAL,
+                generating: s.pending.is_some(),
+                prompt_left: s.prompt.len() - s.fed,
+            })
+            .collect();
+        let even = self.shaper().even_step(lane, &view)?;
+        let width = even.takes.iter().copied().max().unwrap_or(0);
+        let mut tokens = Vec::with_capacity(width * (even.takes.len() + even.fillers.len()));
         let mut entries = Vec::with_capacity(seqs.len());
-        let mut count = vec![0usize; span];
-        for s in &seqs {
-            let take = share(s, width);
-            count[id_of(s.slot) - low] = take;
+        for (s, &take) in seqs.iter().zip(&even.takes) {
             s.push_own(take, &mut tokens, &mut entries);
         }
         let token = tokens.first()?.token;
-        let mut fillers = Vec::new();
-        for (q, (&n, h)) in count.iter().zip(&held).enumerate() {
-            if n == width {
-                continue;
-            }
-            let filler = Filler {
-                slot: (low + q) * lanes + lane,
-                pos: (h + n) as i32,
-                count: width - n,
-            };
-            fillers.push(filler);
-            tokens.extend(filler.batch_tokens(token, false));
-        }
+        shaper::append(&mut tokens, &even.fillers, token, false);
         Some(Plan {
             tokens,
-            fillers,
+            fillers: even.fillers,
             even: true,
             rounded: false,
             entries,
@@ -751,33 +582,14 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         })
     }
 
-    /// Rounds a step that reads one sequence's prompt alone and ends it up
-    /// to the smallest of [`ROUND_WIDTHS`] that holds it: one [`Filler`]
-    /// of the missing tokens right after the prompt's own, in the same
-    /// sequence, none asking for logits (the prompt's last token keeps the
-    /// step's one output; a filler after it is invisible to it under the
-    /// causal mask) — appended to `tokens`, and returned.
-    ///
-    /// Why: the player's next line, or an NPC resuming a cached
-    /// conversation, is such a step, and its length is new almost every
-    /// time; a GPU launches a new shape kernel by kernel (on an H100 about
-    /// 5 ms of host time for SmolLM2-135M: most of a cached turn's time to
-    /// first token). Rounded, the same sequence's next short turns have one
-    /// shape, whose recorded CUDA graph can be replayed.
-    ///
-    /// `None` unless: [`Limits::round_prompt_steps`], no sliding window
-    /// (a filler would slide it), the step holds exactly one sequence and
-    /// it reads the end of its prompt in at most 64 tokens, and the width
-    /// fits both the batch limit and the sequence's KV cells.
+    /// A step that reads one sequence's prompt alone and ends it, rounded
+    /// up ([`Shaper::round_lone_prompt`]): its filler, its tokens appended
+    /// to `tokens`.
     fn round_lone_prompt(
         &self,
         tokens: &mut Vec<BatchToken<T>>,
         entries: &[Entry],
     ) -> Option<Filler> {
-        let l = &self.limits;
-        if !l.round_prompt_steps || l.swa_window > 0 {
-            return None;
-        }
         let [
             Entry {
                 id,
@@ -789,21 +601,11 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             return None;
         };
         let s = self.seqs.iter().find(|s| s.id == id)?;
-        if to != s.prompt.len() {
-            return None;
-        }
-        let own = to - from;
-        let width = ROUND_WIDTHS.into_iter().find(|&w| w >= own)?;
-        if width == own || width > self.batch_limit || to + width - own > l.cells_per_seq {
-            return None;
-        }
+        let filler = self
+            .shaper()
+            .round_lone_prompt(s.slot, from, to, to == s.prompt.len())?;
         let token = tokens.first()?.token;
-        let filler = Filler {
-            slot: s.slot,
-            pos: to as i32,
-            count: width - own,
-        };
-        tokens.extend(filler.batch_tokens(token, false));
+        shaper::append(tokens, &[filler], token, false);
         Some(filler)
     }
 
@@ -818,14 +620,8 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         }
     }
 
-    /// The gap fillers of a lane's step (see [`Filler`]), appended to
-    /// `tokens`; with fillers, or with a prompt chunk read beside generating
-    /// sequences and no gap, the first token of every sequence in the step
-    /// asks for logits too: llama.cpp's first micro-batch of the step (one
-    /// token of each sequence) then has a generation step's shape, one
-    /// output per token, and replays its recorded CUDA graph instead of being
-    /// launched kernel by kernel (a prompt chunk's first token without logits
-    /// made it a prompt graph). None when the step may not have them.
+    /// The gap fillers of a lane's step ([`Shaper::fill_gaps`]), appended
+    /// to `tokens`.
     fn fill_gaps(
         &self,
         lane: usize,
@@ -833,85 +629,21 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         entries: &[Entry],
         budget: usize,
     ) -> Vec<Filler> {
-        let l = &self.limits;
-        if !l.fill_gaps || l.swa_window > 0 || !entries.iter().any(|e| e.part == Part::Next) {
-            return Vec::new();
-        }
-        let high_prompt = entries.iter().any(|e| {
-            matches!(e.part, Part::Prompt { .. })
-                && self
-                    .seqs
-                    .iter()
-                    .any(|s| s.id == e.id && s.priority > NORMAL)
-        });
-        if high_prompt {
-            return Vec::new();
-        }
-        let lanes = l.lanes.max(1);
-        let seq_of = |t: &BatchToken<T>| lane_seq(t.seq as usize, lanes).1;
-        let (Some(low), Some(top)) = (
-            tokens.iter().map(seq_of).min(),
-            tokens.iter().map(seq_of).max(),
-        ) else {
-            return Vec::new();
+        let kind = StepKind {
+            generates: entries.iter().any(|e| e.part == Part::Next),
+            reads_prompt: entries
+                .iter()
+                .any(|e| matches!(e.part, Part::Prompt { .. })),
+            high_prompt: entries.iter().any(|e| {
+                matches!(e.part, Part::Prompt { .. })
+                    && self
+                        .seqs
+                        .iter()
+                        .any(|s| s.id == e.id && s.priority > NORMAL)
+            }),
+            sequences: entries.len(),
         };
-        // The step's sequences, by lane sequence id from `low`.
-        let mut marked = vec![false; top - low + 1];
-        for t in tokens.iter() {
-            marked[seq_of(t) - low] = true;
-        }
-        // Many fillers for few sequences (two NPCs far apart) would cost
-        // more compute than the split they save.
-        let most = budget.min(entries.len().max(MAX_FILLERS_ALWAYS));
-        let mut fillers = Vec::new();
-        for q in low + 1..top {
-            if marked[q - low] {
-                continue;
-            }
-            if fillers.len() == most {
-                return Vec::new();
-            }
-            let slot = q * lanes + lane;
-            let Some(held) = self.held_by(slot) else {
-                return Vec::new();
-            };
-            if held + 1 > l.cells_per_seq {
-                return Vec::new();
-            }
-            fillers.push(Filler {
-                slot,
-                pos: held as i32,
-                count: 1,
-            });
-        }
-        // Without a gap the step is one run of sequences already; its first
-        // micro-batch (one token of each) is a generation step's shape unless
-        // a prompt chunk's first token in it asks for no logits.
-        let reads_prompt = entries
-            .iter()
-            .any(|e| matches!(e.part, Part::Prompt { .. }));
-        if fillers.is_empty() && !reads_prompt {
-            return fillers;
-        }
-        // The first token of each sequence asks for logits, unless the
-        // sequence has one sampled in the step and only one output is allowed
-        // (that step's first micro-batch then keeps a prompt graph's shape).
-        marked.fill(false);
-        if l.single_output {
-            for t in tokens.iter().filter(|t| t.logits) {
-                marked[seq_of(t) - low] = true;
-            }
-        }
-        for t in tokens.iter_mut() {
-            let k = seq_of(&*t) - low;
-            if !marked[k] {
-                marked[k] = true;
-                t.logits = true;
-            }
-        }
-        let token = tokens[0].token;
-        tokens.extend(fillers.iter().flat_map(|f| f.batch_tokens(token, true)));
-        fillers
+        self.shaper().fill_gaps(lane, tokens, kind, budget)
     }
 
     /// Apply a plan's decode outcome: the only place KV records grow.
@@ -978,7 +710,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             // plan's lane (the other lanes decode their own batches).
             let limits = self.limits;
             for s in &mut self.seqs {
-                if limits.lane_of(s.slot) != plan.lane {
+                if limits.layout.lane_of(s.slot) != plan.lane {
                     continue;
                 }
                 if plan.entries.iter().any(|e| e.id == s.id) {

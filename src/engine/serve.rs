@@ -14,13 +14,13 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
-use super::backend::local::{context_sequences, lane_sequences};
 use super::constraint_jobs::Compiled;
 use super::device_sampling::{DEVICE_TOP_K, DeviceSampling, StepRows};
+use super::layout::Layout;
 use super::prompt::PromptRenderer;
 use super::protocol::{EngineCounters, Event, Job, Knobs, LoadSpec, RequestId};
 use super::sampler::Sampler;
-use super::scheduler::{Limits, Outcome, Released, Scheduler, lane_seq};
+use super::scheduler::{Limits, Outcome, Released, Scheduler};
 use super::text_stream::{StopMatcher, Utf8Stream};
 use crate::errors::LlmError;
 use crate::request::{FinishReason, RequestStats};
@@ -127,6 +127,8 @@ struct Lane<'m> {
 
 pub(crate) struct Server<'m> {
     model: &'m LlamaModel,
+    /// Where each slot lives.
+    layout: Layout,
     lanes: Vec<Lane<'m>>,
     /// The lane [`Self::step`] advances next.
     next_lane: usize,
@@ -172,8 +174,8 @@ pub(crate) fn sliding_window(model: &LlamaModel) -> usize {
 }
 
 impl<'m> Server<'m> {
-    /// A server over `contexts`, one per lane (the plan's `lanes`), each
-    /// made by `context_params` for [`lane_sequences`] sequences.
+    /// A server over `contexts`, one per lane of the spec's layout, each
+    /// made by `context_params` for its share of the slots.
     pub(crate) fn new(
         model: &'m LlamaModel,
         contexts: Vec<LlamaContext<'m>>,
@@ -185,16 +187,23 @@ impl<'m> Server<'m> {
             return Err("internal: no llama.cpp context".into());
         }
         let renderer = PromptRenderer::new(model, &spec.prompt_format)?;
-        let sequences = context_sequences(spec) as usize;
-        let lanes = contexts.len();
-        let in_lane = lane_sequences(spec, lanes as u32) as usize;
+        let engine = &spec.engine;
+        let layout = engine.layout();
+        if contexts.len() != layout.lanes() {
+            return Err(format!(
+                "internal: {} contexts for {} lanes",
+                contexts.len(),
+                layout.lanes()
+            ));
+        }
+        let in_lane = layout.per_lane() as usize;
         // llama.cpp may round the context; trust what it made.
         let per_seq = contexts
             .iter()
             .map(|c| c.n_ctx() as usize / in_lane)
             .min()
             .unwrap_or(0)
-            .min(spec.context_per_sequence as usize);
+            .min(engine.context_per_sequence as usize);
         let batch_size = contexts
             .iter()
             .map(|c| c.n_batch() as usize)
@@ -204,23 +213,20 @@ impl<'m> Server<'m> {
             batch_tokens: batch_size,
             prompt_chunk: knobs.prompt_chunk as usize,
             cells_per_seq: per_seq,
-            slots: sequences,
+            layout,
             // A full SWA cache keeps every position: no window to respect.
-            swa_window: if spec.swa_full {
+            swa_window: if engine.swa_full {
                 0
             } else {
                 sliding_window(model)
             },
             max_sit_out: MAX_SIT_OUT,
-            lanes,
-            fill_gaps: spec.fill_gaps,
-            even_prompt_steps: spec.even_prompt_steps,
-            round_prompt_steps: spec.round_prompt_steps,
-            single_output: spec.device_sampling,
+            shaping: engine.shaping,
+            single_output: engine.device_sampling,
         };
         let counters = EngineCounters {
-            slots: sequences,
-            kv_cells_total: per_seq * sequences,
+            slots: layout.slots(),
+            kv_cells_total: per_seq * layout.slots(),
             ..Default::default()
         };
         let lanes = contexts
@@ -232,7 +238,7 @@ impl<'m> Server<'m> {
                 batch_pos: Vec::with_capacity(batch_size),
                 batch_order: Vec::with_capacity(batch_size),
                 device_rows: Vec::with_capacity(in_lane),
-                device: spec
+                device: engine
                     .device_sampling
                     .then(|| DeviceSampling::new(in_lane, DEVICE_TOP_K)),
                 in_flight: None,
@@ -240,6 +246,7 @@ impl<'m> Server<'m> {
             .collect();
         Ok(Self {
             model,
+            layout,
             lanes,
             next_lane: 0,
             urgent_turns: 0,
@@ -252,10 +259,10 @@ impl<'m> Server<'m> {
             events,
             counters,
             last_counters: Instant::now(),
-            pool: (spec.sampling_threads > 1)
+            pool: (engine.sampling_threads > 1)
                 .then(|| {
                     rayon::ThreadPoolBuilder::new()
-                        .num_threads(spec.sampling_threads as usize)
+                        .num_threads(engine.sampling_threads as usize)
                         .thread_name(|i| format!("npc-llm-sample-{i}"))
                         .build()
                         .ok()
@@ -267,7 +274,7 @@ impl<'m> Server<'m> {
 
     /// A slot's lane and its sequence id in that lane's context.
     fn locate(&self, slot: usize) -> (usize, usize) {
-        lane_seq(slot, self.lanes.len())
+        self.layout.locate(slot)
     }
 
     /// Drop a slot's KV from position `from` on (all of it: `None`); the
@@ -357,11 +364,11 @@ impl<'m> Server<'m> {
             }
         };
         let prompt_len = prompt.len();
-        let lanes = &self.lanes;
+        let (lanes, layout) = (&self.lanes, self.layout);
         let admitted = match self
             .sched
             .admit(job.id, job.priority, job.cache_key, prompt, |slot| {
-                let (lane, seq) = lane_seq(slot, lanes.len());
+                let (lane, seq) = layout.locate(slot);
                 lanes[lane].ctx.kv_cache_seq_pos_min(seq as i32)
             }) {
             Ok(a) => a,
@@ -471,7 +478,7 @@ impl<'m> Server<'m> {
         let lane = match self.sched.urgent_slot() {
             Some(slot) if n > 1 && self.urgent_turns < MAX_SIT_OUT => {
                 self.urgent_turns += 1;
-                lane_seq(slot, n).0
+                self.layout.lane_of(slot)
             }
             _ => {
                 self.urgent_turns = 0;
@@ -499,7 +506,7 @@ impl<'m> Server<'m> {
             let _ = self.sched.apply(plan, Outcome::Decoded);
             return;
         }
-        let n_lanes = self.lanes.len();
+        let layout = self.layout;
         let t_batch = Instant::now();
         let l = &mut self.lanes[lane];
         l.batch.clear();
@@ -528,7 +535,7 @@ impl<'m> Server<'m> {
                 outputs += 1;
             }
             // The slot's sequence id in this lane's context.
-            let seq = lane_seq(t.seq as usize, n_lanes).1 as i32;
+            let seq = layout.locate(t.seq as usize).1 as i32;
             if let Err(e) = l.batch.add(t.token, t.pos, &[seq], t.logits) {
                 built = Err(format!(
                     "cannot add token {} of {} to the batch: {e}",
@@ -577,7 +584,7 @@ impl<'m> Server<'m> {
         // bookkeeping only: no need to wait for the device).
         let fillers = std::mem::take(&mut plan.fillers);
         for f in &fillers {
-            let seq = lane_seq(f.slot, n_lanes).1 as u32;
+            let seq = layout.locate(f.slot).1 as u32;
             let removed =
                 self.lanes[lane]
                     .ctx
@@ -646,7 +653,7 @@ impl<'m> Server<'m> {
                 seq.pending = Some(at as i32);
             }
         }
-        let n_lanes = self.lanes.len();
+        let layout = self.layout;
         {
             let Self {
                 lanes,
@@ -672,7 +679,7 @@ impl<'m> Server<'m> {
             let attached = |slot: usize| {
                 device
                     .as_ref()
-                    .is_some_and(|d| d.is_attached(lane_seq(slot, n_lanes).1))
+                    .is_some_and(|d| d.is_attached(layout.locate(slot).1))
             };
             device_rows.clear();
             if device.is_some() {

@@ -2,7 +2,7 @@
 //! FIFO, bounded) and the sequence slots with their per-key prefix cache
 //! (longest common prefix reuse, least-recently-used eviction).
 
-use super::scheduler::lane_seq;
+use super::layout::Layout;
 
 /// One sequence slot of the llama.cpp context (one sequence id).
 #[derive(Debug, Clone)]
@@ -34,10 +34,10 @@ pub(crate) struct SlotTable<T> {
     slots: Vec<Slot<T>>,
     clock: u64,
     cache_enabled: bool,
-    /// Lanes the slots are split across (slot `s` in lane `s % lanes`) and
-    /// how many busy slots a lane should hold before a new request goes to
-    /// one more lane: see [`SlotTable::with_lanes`].
-    lanes: usize,
+    /// Where each slot lives (its lane), and how many busy slots a lane
+    /// should hold before a new request goes to one more lane: see
+    /// [`SlotTable::with_lane_fill`].
+    layout: Layout,
     lane_fill: usize,
     /// Cached prefixes dropped to make room, since creation.
     pub evictions: u64,
@@ -48,9 +48,10 @@ fn common_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
 }
 
 impl<T: PartialEq + Clone> SlotTable<T> {
-    pub(crate) fn new(n: usize, cache_enabled: bool) -> Self {
+    /// The slots of `layout`, each a prefix cache when `cache_enabled`.
+    pub(crate) fn new(layout: Layout, cache_enabled: bool) -> Self {
         Self {
-            slots: (0..n)
+            slots: (0..layout.slots())
                 .map(|_| Slot {
                     key: None,
                     tokens: Vec::new(),
@@ -60,21 +61,19 @@ impl<T: PartialEq + Clone> SlotTable<T> {
                 .collect(),
             clock: 0,
             cache_enabled,
-            lanes: 1,
+            layout,
             lane_fill: usize::MAX,
             evictions: 0,
         }
     }
 
-    /// Slots split across `lanes` (slot `s` in lane `s % lanes`): a request
-    /// that takes a fresh slot goes to the least busy of the first
-    /// `max(2, ⌈(busy + 1) / lane_fill⌉)` lanes (all of them at most), so
-    /// few talking NPCs share two lanes and each further `lane_fill` opens
-    /// one more, rather than each NPC decoding alone in a lane of its own.
-    /// A request that finds its own cached prefix keeps that slot, wherever
-    /// it is.
-    pub(crate) fn with_lanes(mut self, lanes: usize, lane_fill: usize) -> Self {
-        self.lanes = lanes.max(1);
+    /// With several lanes, a request that takes a fresh slot goes to the
+    /// least busy of the first `max(2, ⌈(busy + 1) / lane_fill⌉)` lanes (all
+    /// of them at most), so few talking NPCs share two lanes and each
+    /// further `lane_fill` opens one more, rather than each NPC decoding
+    /// alone in a lane of its own. A request that finds its own cached
+    /// prefix keeps that slot, wherever it is.
+    pub(crate) fn with_lane_fill(mut self, lane_fill: usize) -> Self {
         self.lane_fill = lane_fill.max(1);
         self
     }
@@ -83,17 +82,18 @@ impl<T: PartialEq + Clone> SlotTable<T> {
     /// the busy slots of now: a lane among those in use first, then the
     /// least busy lane. The lanes' loads are counted once, here.
     fn lane_preference(&self) -> impl Fn(usize) -> (bool, std::cmp::Reverse<usize>) + use<T> {
-        let lanes = self.lanes;
+        let layout = self.layout;
+        let lanes = layout.lanes();
         let mut busy_in = vec![0usize; lanes];
         for (j, s) in self.slots.iter().enumerate() {
             if s.busy {
-                busy_in[lane_seq(j, lanes).0] += 1;
+                busy_in[layout.lane_of(j)] += 1;
             }
         }
         let busy: usize = busy_in.iter().sum();
         let open = (busy + 1).div_ceil(self.lane_fill).max(2).min(lanes);
         move |i| {
-            let lane = lane_seq(i, lanes).0;
+            let lane = layout.lane_of(i);
             (lane < open, std::cmp::Reverse(busy_in[lane]))
         }
     }
@@ -357,7 +357,7 @@ mod tests {
 
     #[test]
     fn same_key_reuses_longest_common_prefix() {
-        let mut t = SlotTable::<u32>::new(2, true);
+        let mut t = SlotTable::<u32>::new(Layout::with_slots(2, 1), true);
         let a = t.acquire(Some(7), &[1, 2, 3], |_, l| l).unwrap();
         assert_eq!(a.reuse, 0);
         t.release(a.slot, vec![1, 2, 3, 9]);
@@ -371,7 +371,7 @@ mod tests {
 
     #[test]
     fn whole_prompt_cached_still_decodes_last_token() {
-        let mut t = SlotTable::<u32>::new(1, true);
+        let mut t = SlotTable::<u32>::new(Layout::with_slots(1, 1), true);
         let a = t.acquire(Some(1), &[1, 2, 3], |_, l| l).unwrap();
         t.release(a.slot, vec![1, 2, 3]);
         assert_eq!(t.acquire(Some(1), &[1, 2, 3], |_, l| l).unwrap().reuse, 2);
@@ -379,7 +379,7 @@ mod tests {
 
     #[test]
     fn lru_keyed_slot_is_evicted_when_full() {
-        let mut t = SlotTable::<u32>::new(2, true);
+        let mut t = SlotTable::<u32>::new(Layout::with_slots(2, 1), true);
         let a = t.acquire(Some(1), &[1], |_, l| l).unwrap();
         let b = t.acquire(Some(2), &[2], |_, l| l).unwrap();
         t.release(a.slot, vec![1]);
@@ -400,7 +400,7 @@ mod tests {
 
     #[test]
     fn cache_disabled_never_reuses() {
-        let mut t = SlotTable::<u32>::new(1, false);
+        let mut t = SlotTable::<u32>::new(Layout::with_slots(1, 1), false);
         let a = t.acquire(Some(1), &[1, 2, 3], |_, l| l).unwrap();
         t.release(a.slot, vec![1, 2, 3]);
         assert_eq!(
@@ -424,7 +424,7 @@ mod tests {
     #[test]
     fn fresh_slots_fill_two_lanes_then_one_more_per_eight() {
         for cache in [true, false] {
-            let mut t = SlotTable::<u32>::new(65, cache).with_lanes(8, 8);
+            let mut t = SlotTable::<u32>::new(Layout::with_slots(65, 8), cache).with_lane_fill(8);
             for k in 1..=64usize {
                 let key = k as u64;
                 let a = t.acquire(Some(key), &[key as u32, 1, 2], |_, l| l).unwrap();
@@ -446,7 +446,7 @@ mod tests {
     /// slot wherever it is.
     #[test]
     fn a_new_npc_joins_the_emptier_lane_in_use() {
-        let mut t = SlotTable::<u32>::new(17, true).with_lanes(4, 8);
+        let mut t = SlotTable::<u32>::new(Layout::with_slots(17, 4), true).with_lane_fill(8);
         let got: Vec<usize> = (0..6u64)
             .map(|k| t.acquire(Some(k), &[k as u32, 9], |_, l| l).unwrap().slot)
             .collect();
@@ -471,7 +471,7 @@ mod tests {
     /// as before lanes.
     #[test]
     fn one_lane_takes_the_lowest_free_slot() {
-        let mut t = SlotTable::<u32>::new(4, false);
+        let mut t = SlotTable::<u32>::new(Layout::with_slots(4, 1), false);
         let a = t.acquire(None, &[1], |_, l| l).unwrap();
         let b = t.acquire(None, &[1], |_, l| l).unwrap();
         assert_eq!((a.slot, b.slot), (0, 1));
@@ -490,7 +490,7 @@ mod tests {
             cache in proptest::bool::ANY,
             ops in proptest::collection::vec((proptest::bool::ANY, 0u64..6, 0usize..20), 0..200),
         ) {
-            let mut t = SlotTable::<u32>::new(slots, cache).with_lanes(lanes, 3);
+            let mut t = SlotTable::<u32>::new(Layout::with_slots(slots as u32, lanes as u32), cache).with_lane_fill(3);
             for (arrive, key, pick) in ops {
                 if arrive {
                     let free_before = t.has_free();

@@ -17,7 +17,7 @@
 //! };
 //! let registry = ModelRegistry::load("assets/models/models.ron").unwrap();
 //! let chosen = plan(&laptop, &registry, &LlmSettings::default()).unwrap();
-//! assert_eq!((chosen.backend.as_str(), chosen.gpu_layers, chosen.threads), ("CPU", 0, 3));
+//! assert_eq!((chosen.backend.as_str(), chosen.engine.gpu_layers, chosen.engine.threads), ("CPU", 0, 3));
 //! println!("{}: {}", chosen.model, chosen.reason);
 //! ```
 
@@ -26,8 +26,9 @@ mod profile;
 
 use bevy::prelude::Resource;
 
-pub use plan::{BackendPlan, plan};
-pub(crate) use plan::{LANE_SEQUENCES, MAX_LANES, gib};
+pub use crate::engine::config::{BatchShaping, EngineConfig};
+pub(crate) use plan::gib;
+pub use plan::{BackendPlan, CUDA_GRAPH_PATCH_WIDTH, plan};
 pub use profile::{GpuDevice, GpuKind, HardwareProfile};
 
 /// What the plugin chose for this machine, for status displays.

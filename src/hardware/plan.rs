@@ -1,7 +1,9 @@
 //! Choosing backend, GPU layers, threads, parallel sequences and model for a
 //! machine: a pure function of (profile, registry, settings).
 
-use crate::engine::scheduler::lane_size;
+use crate::engine::config::{BatchShaping, EngineConfig};
+use crate::engine::layout::{Layout, MAX_LANES};
+use crate::engine::shaper::ROUND_WIDTHS;
 use crate::errors::SelectionError;
 use crate::registry::{ModelEntry, ModelRegistry};
 use crate::settings::{GpuLayers, LlmSettings};
@@ -9,6 +11,13 @@ use crate::settings::{GpuLayers, LlmSettings};
 use super::profile::{GpuDevice, HardwareProfile};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// The contract between the engine and its patched CUDA module
+/// (`scripts/gpu/patch-cuda-graphs.py`): the widest lone prompt step the
+/// engine rounds to, for which the module keeps a recorded graph per KV
+/// stream. The module reports it ([`GpuDevice::graph_patch`]); the plan
+/// rounds prompt steps on CUDA by default only when the two agree.
+pub const CUDA_GRAPH_PATCH_WIDTH: u32 = ROUND_WIDTHS[ROUND_WIDTHS.len() - 1] as u32;
 /// Free GPU memory at least this large makes a "strong" GPU.
 const STRONG_GPU_BYTES: u64 = 16 << 30;
 /// Below this much free memory a GPU is not worth offloading to.
@@ -27,55 +36,13 @@ pub struct BackendPlan {
     pub backend: String,
     /// The GPU used, if any (description, e.g. `NVIDIA H100 80GB HBM3`).
     pub device: Option<String>,
-    /// Layers to offload (0 on CPU). llama.cpp counts the output layer as
-    /// one more: the model's layer count + 1 puts every layer on the GPU
-    /// (the layer count alone leaves the first on the CPU, and every step
-    /// then crosses between the devices).
-    pub gpu_layers: u32,
-    /// Inference threads.
-    pub threads: u32,
-    /// Parallel sequences that fit in memory (≤ the settings' maximum).
-    pub sequences: u32,
-    /// Tokens per sequence.
-    pub context_per_sequence: u32,
+    /// How the engine runs the model here: threads, GPU layers, sequences,
+    /// lanes, batch shaping — carried unchanged to the worker.
+    pub engine: EngineConfig,
     /// Estimated KV cache size in bytes for all sequences, the slot kept
-    /// for the player's requests included (the contexts hold
-    /// `sequences + 1`, rounded up to a whole number per lane: each of the
-    /// `lanes` contexts holds ⌈(sequences + 1) / lanes⌉).
+    /// for the player's requests included (each of the lanes' contexts
+    /// holds the largest lane's share of the slots).
     pub kv_bytes: u64,
-    /// Top-k inside llama.cpp's graph for requests that allow it (only when
-    /// [`GpuTuning::device_sampling`](crate::settings::GpuTuning::device_sampling)
-    /// asks for it).
-    pub device_sampling: bool,
-    /// Host threads choosing tokens in parallel (1 on the CPU, where the
-    /// cores decode).
-    pub sampling_threads: u32,
-    /// One KV buffer across sequences instead of one stream each.
-    pub kv_unified: bool,
-    /// Fill the gaps between the sequences of a generation step
-    /// ([`GpuTuning::fill_gaps`](crate::settings::GpuTuning::fill_gaps)):
-    /// on a GPU with a KV stream per sequence, unless the settings say
-    /// otherwise.
-    pub fill_gaps: bool,
-    /// Read the prompts of NPCs that start together in even shares, one
-    /// micro-batch per step
-    /// ([`GpuTuning::even_prompt_steps`](crate::settings::GpuTuning::even_prompt_steps)):
-    /// on a GPU with a KV stream per sequence, unless the settings say
-    /// otherwise.
-    pub even_prompt_steps: bool,
-    /// Round a lone step that ends one sequence's prompt up to a fixed
-    /// width
-    /// ([`GpuTuning::round_prompt_steps`](crate::settings::GpuTuning::round_prompt_steps)):
-    /// on a GPU unless the settings say otherwise.
-    pub round_prompt_steps: bool,
-    /// Flash attention on/off; `None`: llama.cpp's choice.
-    pub flash_attention: Option<bool>,
-    /// llama.cpp contexts the sequences are split across and decoded in
-    /// turns ([`GpuTuning::lanes`](crate::settings::GpuTuning::lanes)): on
-    /// a GPU at most 8 sequences a lane up to 64 sequences (2 to 8 lanes), 4
-    /// beyond; 1 on the CPU; unless the settings ask for a number; never more
-    /// than the context's sequences.
-    pub lanes: u32,
     /// The model to load.
     pub model: String,
     /// Why this model and placement, in words.
@@ -244,61 +211,45 @@ pub fn plan(
         (true, n) => n,
     };
     let kv_unified = on_gpu && tuning.kv_unified.unwrap_or(false);
+    // Batch shaping is on by default only where it was measured to help:
+    // CUDA (recorded graphs); rounded prompt steps only with the patched
+    // module, which keeps their graphs per KV stream.
+    let cuda = on_gpu && backend == "CUDA";
+    let patched = cuda && gpu.is_some_and(|g| g.graph_patch == Some(CUDA_GRAPH_PATCH_WIDTH));
     let lanes = match (on_gpu, tuning.lanes) {
-        (_, n) if n > 0 => n,
-        (true, _) => gpu_lanes(sequences),
+        (_, n) if n > 0 => n.min(MAX_LANES),
+        (true, _) => Layout::gpu_lanes(sequences),
         (false, _) => 1,
-    }
-    .clamp(1, MAX_LANES)
-    .min(sequences + 1);
-    Ok(BackendPlan {
-        backend,
-        device,
-        gpu_layers,
+    };
+    let engine = EngineConfig {
         threads,
+        gpu_layers,
+        sequences,
+        // Never more lanes than the contexts' slots.
+        lanes: Layout::for_sequences(sequences, lanes).lanes() as u32,
+        context_per_sequence: ctx,
+        batch_size: settings.batch_size,
+        swa_full: settings.swa_full,
+        kv_unified,
+        flash_attention: if on_gpu { tuning.flash_attention } else { None },
         // Off unless asked for: slower on the GPU measured (see `GpuTuning`).
         device_sampling: tuning.device_sampling.unwrap_or(false),
         sampling_threads,
-        kv_unified,
-        fill_gaps: tuning.fill_gaps.unwrap_or(on_gpu) && !kv_unified,
-        even_prompt_steps: tuning.even_prompt_steps.unwrap_or(on_gpu) && !kv_unified,
-        round_prompt_steps: tuning.round_prompt_steps.unwrap_or(on_gpu),
-        flash_attention: if on_gpu { tuning.flash_attention } else { None },
-        lanes,
-        sequences,
-        context_per_sequence: ctx,
-        kv_bytes: per_seq_kv * u64::from(lanes * lane_size(sequences + 1, lanes)),
+        shaping: BatchShaping {
+            fill_gaps: tuning.fill_gaps.unwrap_or(cuda) && !kv_unified,
+            even_prompt_steps: tuning.even_prompt_steps.unwrap_or(cuda) && !kv_unified,
+            round_prompt_steps: tuning.round_prompt_steps.unwrap_or(patched),
+        },
+    };
+    Ok(BackendPlan {
+        backend,
+        device,
+        kv_bytes: engine.layout().kv_cells(ctx) * kv_bytes_per_token(entry),
+        engine,
         model: entry.id.clone(),
         reason,
     })
 }
-
-/// The lanes a GPU plan decodes `sequences` parallel sequences in: at most
-/// [`LANE_SEQUENCES`] a lane up to eight lanes, never fewer than two (the
-/// device computes one lane's step while the host chooses the other's
-/// tokens); beyond 64 sequences four. llama.cpp decodes a step of up to 8
-/// tokens with its matrix-vector kernels, larger ones with its batched
-/// kernels, which cost about as much at 16 tokens as at 32; each lane is a
-/// context with its own CUDA stream, so lanes' steps also overlap on the
-/// device. Measured on an H100 (docs/BENCHMARKS.md, session 15): at 32 NPCs
-/// four lanes of 8 generate 12.2–12.3k tok/s against 7.0–7.3k for two lanes
-/// of 16; at 64 eight lanes of 8 16.9k / 19.6k against 13.0k / 13.1k for
-/// four of 16; at 128 and 255 four, six and eight lanes are alike (10–15 %
-/// and 37–52 % above two); at 8 NPCs four lanes cost 11–16 %.
-pub(crate) fn gpu_lanes(sequences: u32) -> u32 {
-    if sequences > MAX_LANES * LANE_SEQUENCES {
-        4
-    } else {
-        sequences.div_ceil(LANE_SEQUENCES).clamp(2, MAX_LANES)
-    }
-}
-
-/// The most sequences a GPU lane holds where the plan can keep to it
-/// ([`gpu_lanes`]): llama.cpp's matrix-vector kernels take up to 8 tokens.
-pub(crate) const LANE_SEQUENCES: u32 = 8;
-
-/// The most lanes (llama.cpp contexts) a plan or `gpu.lanes` may ask for.
-pub(crate) const MAX_LANES: u32 = 8;
 
 fn headroom(g: &GpuDevice) -> u64 {
     (g.memory_free_bytes / 10).max(512 << 20)

@@ -31,6 +31,13 @@ pub struct GpuDevice {
     pub memory_total_bytes: u64,
     /// Free memory in bytes.
     pub memory_free_bytes: u64,
+    /// The widest prompt step whose recorded CUDA graph the device's module
+    /// keeps per KV stream, when it is built with bevy_npc_llm's graph patch
+    /// (`scripts/gpu/build-cuda-backend.sh`; docs/ARCHITECTURE.md); `None`:
+    /// llama.cpp's module as shipped, or not CUDA. The plan rounds lone
+    /// prompt steps by default only when this is
+    /// [`CUDA_GRAPH_PATCH_WIDTH`](crate::hardware::CUDA_GRAPH_PATCH_WIDTH).
+    pub graph_patch: Option<u32>,
 }
 
 /// The machine, detected once at startup on the worker thread.
@@ -91,7 +98,13 @@ impl HardwareProfile {
                 if kind == GpuKind::Accelerator && d.memory_total == 0 {
                     return None;
                 }
+                let graph_patch = if d.backend == "CUDA" {
+                    cuda_graph_patch()
+                } else {
+                    None
+                };
                 Some(GpuDevice {
+                    graph_patch,
                     index: d.index,
                     name: d.name,
                     description: d.description,
@@ -189,4 +202,24 @@ fn simd_features() -> Vec<String> {
         }
     }
     out.into_iter().map(String::from).collect()
+}
+
+/// The width the loaded CUDA module's bevy_npc_llm graph patch answers to
+/// the backend registry's proc-address query (`None`: no CUDA backend, or
+/// one without the patch).
+fn cuda_graph_patch() -> Option<u32> {
+    // SAFETY: both calls only look names up in ggml's backend registry
+    // (initialised with the llama.cpp backend before detection); the
+    // patched module returns its width as the "address", never called.
+    let width = unsafe {
+        let reg = llama_cpp_sys_2::ggml_backend_reg_by_name(c"CUDA".as_ptr());
+        if reg.is_null() {
+            return None;
+        }
+        llama_cpp_sys_2::ggml_backend_reg_get_proc_address(
+            reg,
+            c"ggml_backend_cuda_npc_llm_graph_patch".as_ptr(),
+        )
+    };
+    (!width.is_null()).then_some(width as usize as u32)
 }

@@ -97,8 +97,11 @@ pub struct OverlayData {
     pub gpu_layers: u32,
     /// Inference threads.
     pub threads: u32,
-    /// KV cache size in MB.
+    /// KV cache size in MB (the loaded model's contexts; before a load,
+    /// the plan's estimate).
     pub kv_mb: f64,
+    /// llama.cpp contexts (lanes) the slots are split across.
+    pub lanes: u32,
     /// Why this model and placement.
     pub reason: String,
     /// Generated tokens per second, recent.
@@ -282,7 +285,14 @@ fn status_section(ui: &mut egui::Ui, d: &OverlayData) {
             ui.label(d.ttft_ms.map_or("–".into(), |t| format!("{t:.0} ms")));
             ui.end_row();
             ui.label("Queue / active / slots");
-            ui.label(format!("{} / {} / {}", d.queued, d.active, d.slots));
+            ui.label(format!(
+                "{} / {} / {} in {} lane{}",
+                d.queued,
+                d.active,
+                d.slots,
+                d.lanes,
+                if d.lanes == 1 { "" } else { "s" }
+            ));
             ui.end_row();
             ui.label("KV cache");
             ui.label(format!(
@@ -486,6 +496,7 @@ mod tests {
             queued: 2,
             active: 3,
             slots: 8,
+            lanes: 1,
             kv_cells: (600, 8192),
             models: vec![ModelChoice {
                 id: "smollm2".into(),

@@ -132,8 +132,16 @@ fn draw(
         backend: backend_name,
         device,
         gpu_layers: backend.layers_offloaded.unwrap_or(0),
-        threads: plan_ref.map_or(0, |p| p.threads),
-        kv_mb: plan_ref.map_or(0.0, |p| p.kv_bytes as f64 / 1e6),
+        threads: plan_ref.map_or(0, |p| p.engine.threads),
+        // What the worker made, once loaded; the plan's estimate before.
+        kv_mb: match &*model {
+            LlmModelState::Ready(info) if info.remote.is_none() => info.kv_bytes as f64 / 1e6,
+            _ => plan_ref.map_or(0.0, |p| p.kv_bytes as f64 / 1e6),
+        },
+        lanes: match &*model {
+            LlmModelState::Ready(info) => info.lanes,
+            _ => plan_ref.map_or(1, |p| p.engine.lanes),
+        },
         reason: plan_ref.map(|p| p.reason.clone()).unwrap_or_default(),
         tokens_per_second: stats.tokens_per_second,
         ttft_ms: stats

@@ -14,9 +14,10 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
 use super::{BackendKind, InferenceBackend, LoadAbort, LoadTicket, WorkerHandle};
+use crate::engine::config::EngineConfig;
 use crate::engine::constraint_jobs::ConstraintJobs;
+use crate::engine::layout::Layout;
 use crate::engine::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadedModelInfo};
-use crate::engine::scheduler::lane_size;
 use crate::engine::serve::Server;
 use crate::engine::slots::JobQueue;
 use crate::errors::{LlmError, ModelLoadError};
@@ -259,12 +260,8 @@ impl Worker {
                         Err(reason) => {
                             // The context could not be created again: drop the model.
                             let model = loaded.spec.model_id.clone();
-                            let error = ModelLoadError::Context {
-                                n_ctx: loaded.spec.context_per_sequence
-                                    * context_sequences(&loaded.spec),
-                                n_seq: context_sequences(&loaded.spec),
-                                message: reason,
-                            };
+                            let engine = &loaded.spec.engine;
+                            let error = context_error(engine, engine.layout(), &reason);
                             self.send(Event::LoadFailed {
                                 model: model.clone(),
                                 error: error.clone(),
@@ -442,7 +439,7 @@ impl Worker {
         let abort = self.abort.clone();
         let id2 = id.clone();
         let params = LlamaModelParams::default()
-            .with_n_gpu_layers(spec.gpu_layers)
+            .with_n_gpu_layers(spec.engine.gpu_layers)
             .with_progress_callback(move |p| {
                 let _ = events.send(Event::Loading {
                     model: id2.clone(),
@@ -474,24 +471,10 @@ impl Worker {
             }
         }
         let n_train = model.n_ctx_train().max(64);
-        let per_seq = spec.context_per_sequence.min(n_train);
-        let has_chat_template = model.chat_template(None).is_ok();
-        let info = LoadedModelInfo {
-            model: id.clone(),
-            path: spec.path.clone(),
-            n_params: model.n_params(),
-            size_bytes: model.size(),
-            context_per_sequence: per_seq,
-            sequences: spec.sequences,
-            threads: spec.threads,
-            gpu_layers: spec.gpu_layers.min(model.n_layer() + 1),
-            has_chat_template,
-            remote: None,
-            hashed,
-            load_time: started.elapsed(),
-        };
         let mut spec = spec.clone();
-        spec.context_per_sequence = per_seq;
+        spec.engine.context_per_sequence = spec.engine.context_per_sequence.min(n_train);
+        let per_seq = spec.engine.context_per_sequence;
+        let has_chat_template = model.chat_template(None).is_ok();
         // Check once that the prompt format works and the context fits.
         crate::engine::prompt::PromptRenderer::new(&model, &spec.prompt_format).map_err(
             |message| ModelLoadError::Llama {
@@ -500,35 +483,47 @@ impl Worker {
             },
         )?;
         // Every lane's context at once, as serving holds them. Each lane has
-        // compute buffers of its own: when they do not all fit, half as
-        // many lanes are tried, down to one (one context, as before lanes),
-        // before failing the load.
-        let mut lanes = spec.lanes.max(1);
+        // compute buffers of its own: when they do not all fit, the same
+        // slots in half as many lanes are tried, down to one, before failing
+        // the load; the layout made is the one reported and served.
+        let mut layout = spec.engine.layout();
         loop {
-            let n_seq = lane_sequences(&spec, lanes);
-            let made = lane_contexts(&model, self.backend, &spec, lanes).map_err(|e| {
-                ModelLoadError::Context {
-                    n_ctx: per_seq * n_seq,
-                    n_seq,
-                    message: e.to_string(),
-                }
-            });
-            match made {
+            match lane_contexts(&model, self.backend, &spec.engine, layout) {
                 Ok(contexts) => {
                     drop(contexts);
                     break;
                 }
-                Err(e) if lanes > 1 => {
+                Err(e) => {
+                    let e = context_error(&spec.engine, layout, &e.to_string());
+                    let Some(fewer) = layout.halved() else {
+                        return Err(e);
+                    };
                     bevy::log::warn!(
-                        "bevy_npc_llm: {lanes} lanes (llama.cpp contexts) do not fit ({e}); trying {}",
-                        lanes / 2
+                        "bevy_npc_llm: {} lanes (llama.cpp contexts) do not fit ({e}); trying {}",
+                        layout.lanes(),
+                        fewer.lanes()
                     );
-                    lanes /= 2;
+                    layout = fewer;
                 }
-                Err(e) => return Err(e),
             }
         }
-        spec.lanes = lanes;
+        spec.engine.lanes = layout.lanes() as u32;
+        let info = LoadedModelInfo {
+            model: id.clone(),
+            path: spec.path.clone(),
+            n_params: model.n_params(),
+            size_bytes: model.size(),
+            context_per_sequence: per_seq,
+            sequences: spec.engine.sequences,
+            lanes: spec.engine.lanes,
+            kv_bytes: layout.kv_cells(per_seq) * kv_bytes_per_cell(&model),
+            threads: spec.engine.threads,
+            gpu_layers: spec.engine.gpu_layers.min(model.n_layer() + 1),
+            has_chat_template,
+            remote: None,
+            hashed,
+            load_time: started.elapsed(),
+        };
         Ok(Loaded {
             model: Arc::new(model),
             spec,
@@ -540,7 +535,8 @@ impl Worker {
     /// changed. Running requests then fail; waiting ones stay queued.
     fn serve(&mut self, loaded: &Loaded) -> Result<Next, String> {
         let model = loaded.model.clone();
-        let contexts = lane_contexts(&model, self.backend, &loaded.spec, loaded.spec.lanes)
+        let engine = &loaded.spec.engine;
+        let contexts = lane_contexts(&model, self.backend, engine, engine.layout())
             .map_err(|e| e.to_string())?;
         let mut server = Server::new(
             &model,
@@ -671,39 +667,55 @@ fn admit_compiled(server: &mut Server<'_>, constraints: &mut ConstraintJobs) {
 /// on compiling while this step runs.
 const QUICK_COMPILE: std::time::Duration = std::time::Duration::from_millis(3);
 
-/// Sequences of the context: the plan's plus one kept for high-priority
-/// requests, within llama.cpp's limit.
-pub(crate) fn context_sequences(spec: &LoadSpec) -> u32 {
-    (spec.sequences + 1).min(crate::engine::scheduler::LLAMA_MAX_SEQ)
+/// The load error for contexts of `layout` that llama.cpp could not make.
+fn context_error(engine: &EngineConfig, layout: Layout, message: &str) -> ModelLoadError {
+    let n_seq = layout.per_lane();
+    ModelLoadError::Context {
+        n_ctx: engine.context_per_sequence * n_seq,
+        n_seq,
+        message: message.to_string(),
+    }
 }
 
-/// One context per lane (`lanes`, at least one), each for its share of the
-/// slots.
+/// KV bytes of one cell (one token of one sequence) of `model` with
+/// llama.cpp's default f16 K and V: every layer's keys and values of its
+/// KV heads (head sizes from the GGUF where it says them).
+fn kv_bytes_per_cell(model: &LlamaModel) -> u64 {
+    let arch = model
+        .meta_val_str("general.architecture")
+        .unwrap_or_default();
+    let head = u64::from(model.n_embd().max(0) as u32) / u64::from(model.n_head().max(1));
+    let length = |what: &str| {
+        model
+            .meta_val_str(&format!("{arch}.attention.{what}_length"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(head)
+    };
+    2 * u64::from(model.n_layer())
+        * u64::from(model.n_head_kv())
+        * (length("key") + length("value"))
+}
+
+/// One context per lane of `layout`, each for its share of the slots.
 fn lane_contexts<'m>(
     model: &'m LlamaModel,
     backend: &LlamaBackend,
-    spec: &LoadSpec,
-    lanes: u32,
+    engine: &EngineConfig,
+    layout: Layout,
 ) -> Result<Vec<llama_cpp_2::context::LlamaContext<'m>>, llama_cpp_2::LlamaContextLoadError> {
-    let lanes = lanes.max(1);
-    (0..lanes)
-        .map(|_| model.new_context(backend, context_params(spec, lanes)))
+    (0..layout.lanes())
+        .map(|_| model.new_context(backend, context_params(engine, layout)))
         .collect()
 }
 
-/// Sequences of each lane's context when the slots are split across
-/// `lanes` contexts (slot `s` in lane `s % lanes`): the largest lane's share.
-pub(crate) fn lane_sequences(spec: &LoadSpec, lanes: u32) -> u32 {
-    lane_size(context_sequences(spec), lanes)
-}
-
-/// One lane's context: its share of the `sequences` slots plus the one
-/// kept for high-priority requests (all of them with one lane). A step may
-/// hold one output per sequence, so the batch holds at least one token more
-/// than there are sequences (llama.cpp aborts the process otherwise;
-/// settings validation refuses such values first).
-pub(crate) fn context_params(spec: &LoadSpec, lanes: u32) -> LlamaContextParams {
-    let n_seq = lane_sequences(spec, lanes);
+/// One lane's context: its share of the slots (all of them with one lane).
+/// A step may hold one output per sequence, so the batch holds at least one
+/// token more than there are sequences (llama.cpp aborts the process
+/// otherwise; settings validation refuses such values first).
+pub(crate) fn context_params(engine: &EngineConfig, layout: Layout) -> LlamaContextParams {
+    let spec = engine;
+    let n_seq = layout.per_lane();
     let n_ctx = spec.context_per_sequence * n_seq;
     let n_batch = spec.batch_size.max(n_seq + 1);
     LlamaContextParams::default()

@@ -16,14 +16,23 @@ fn limits(slots: usize, batch: usize) -> Limits {
         batch_tokens: batch,
         prompt_chunk: 4,
         cells_per_seq: 64,
-        slots,
+        layout: Layout::with_slots(slots as u32, 1),
         swa_window: 0,
         max_sit_out: 3,
-        lanes: 1,
-        fill_gaps: false,
-        even_prompt_steps: false,
-        round_prompt_steps: false,
+        shaping: BatchShaping::default(),
         single_output: false,
+    }
+}
+
+/// `l` with the batch shaping switched as given.
+fn shaped(l: Limits, fill_gaps: bool, even_prompt_steps: bool, round_prompt_steps: bool) -> Limits {
+    Limits {
+        shaping: BatchShaping {
+            fill_gaps,
+            even_prompt_steps,
+            round_prompt_steps,
+        },
+        ..l
     }
 }
 
@@ -94,7 +103,7 @@ fn with_two_lanes_the_player_step_computes_alone_until_its_first_token() {
     // Slots 0..4: lane 0 holds slots 0 and 2, lane 1 slots 1 and 3 (the
     // player's kept slot, 3, is in lane 1).
     let mut l = limits(4, 64);
-    l.lanes = 2;
+    l.layout = Layout::with_slots(4, 2);
     let mut s = Scheduler::new(l, true);
     for n in 0..3 {
         s.admit(id(n), 0, None, vec![1, 2, 3], |_| -1).unwrap();
@@ -361,10 +370,7 @@ fn talking_then_arriving(l: Limits, prompt: Vec<u32>) -> Scheduler<u32> {
 
 #[test]
 fn gap_fillers_table() {
-    let on = Limits {
-        fill_gaps: true,
-        ..limits(4, 16)
-    };
+    let on = shaped(limits(4, 16), true, false, false);
     // Filled: slot 1's cache holds 3 tokens, so its filler goes at 3.
     let one_at_3 = vec![Filler {
         slot: 1,
@@ -440,12 +446,25 @@ fn gap_fillers_table() {
     // A Normal prompt chunk beside generation: filled, and the chunk's
     // first token asks for logits (the first micro-batch has one output
     // per token) while only its last is sampled.
-    let mut s = gap_in_the_middle(Limits { slots: 5, ..on }, true, 1);
+    let mut s = gap_in_the_middle(
+        Limits {
+            layout: Layout::with_slots(5, 1),
+            ..on
+        },
+        true,
+        1,
+    );
     s.admit(id(7), 0, Some(7), vec![4, 5, 6, 7, 8, 9], |_| -1)
         .unwrap();
     let plan = s.plan();
     assert_eq!(plan.fillers, one_at_3);
-    check_fillers(&plan, &Limits { slots: 5, ..on });
+    check_fillers(
+        &plan,
+        &Limits {
+            layout: Layout::with_slots(5, 1),
+            ..on
+        },
+    );
     let chunk: Vec<_> = plan.tokens.iter().filter(|t| t.seq == 3).collect();
     assert_eq!(chunk.len(), 4, "the chunk cap");
     assert!(chunk[0].logits && !chunk[1].logits);
@@ -453,7 +472,10 @@ fn gap_fillers_table() {
 
     // The same chunk beside generation without a gap (slot 1 still talks):
     // nothing to fill, and the chunk's first token still asks for logits.
-    let l5 = Limits { slots: 5, ..on };
+    let l5 = Limits {
+        layout: Layout::with_slots(5, 1),
+        ..on
+    };
     let mut s = talking_then_arriving(l5, vec![4, 5, 6, 7, 8, 9]);
     let plan = s.plan();
     assert!(plan.fillers.is_empty());
@@ -518,7 +540,10 @@ fn gap_fillers_table() {
 
     // Two sequences with 12 idle slots between them: more fillers than the
     // cap (8, or one per sequence), so the step is left split.
-    let l = Limits { slots: 16, ..on };
+    let l = Limits {
+        layout: Layout::with_slots(16, 1),
+        ..on
+    };
     let mut s = Scheduler::new(l, true);
     for n in 0..14 {
         s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
@@ -546,10 +571,7 @@ fn crowd(l: Limits, lens: &[usize]) -> Scheduler<u32> {
 
 #[test]
 fn even_prompt_steps_table() {
-    let even = Limits {
-        even_prompt_steps: true,
-        ..limits(4, 64)
-    };
+    let even = shaped(limits(4, 64), false, true, false);
     // Three prompts of 5, 7 and 9 tokens, nothing generating: one slice of
     // 9 each (the longest), the shorter two padded; all three finish.
     let mut s = crowd(even, &[5, 7, 9]);
@@ -636,13 +658,26 @@ fn even_prompt_steps_table() {
     let mut s = crowd(even, &[5, 7]);
     s.admit(id(9), HIGH, None, vec![4, 5, 6], |_| -1).unwrap();
     greedy("High", even, &mut s);
-    let mut s = crowd(Limits { slots: 5, ..even }, &[2, 2, 2]);
+    let mut s = crowd(
+        Limits {
+            layout: Layout::with_slots(5, 1),
+            ..even
+        },
+        &[2, 2, 2],
+    );
     run_step(&mut s);
     s.admit(id(5), 0, Some(5), (1..=12).collect(), |_| -1)
         .unwrap();
     // Three generate (1 token each), one prompt slice of 4 (the chunk
     // cap): 4 × 4 = 16 tokens for 7 of their own.
-    greedy("padding", Limits { slots: 5, ..even }, &mut s);
+    greedy(
+        "padding",
+        Limits {
+            layout: Layout::with_slots(5, 1),
+            ..even
+        },
+        &mut s,
+    );
     // Slot 0 holds 6 of 8 cells and generates; a 3-token prompt beside it
     // would pad it to 9.
     let tight = Limits {
@@ -673,7 +708,10 @@ fn even_prompt_steps_table() {
     greedy("cache off", off, &mut s);
 
     // An idle cached slot between them is padded like a sequence.
-    let l = Limits { slots: 5, ..even };
+    let l = Limits {
+        layout: Layout::with_slots(5, 1),
+        ..even
+    };
     let mut s = Scheduler::new(l, true);
     for n in 0..3 {
         s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
@@ -718,11 +756,8 @@ fn even_steps_read_a_crowd_in_fewer_micro_batches() {
             batch_tokens: 512,
             prompt_chunk: 128,
             cells_per_seq: 512,
-            slots: 33,
-            lanes: 2,
-            fill_gaps: true,
-            even_prompt_steps,
-            ..limits(33, 512)
+            layout: Layout::with_slots(33, 2),
+            ..shaped(limits(33, 512), true, even_prompt_steps, false)
         };
         let mut s = crowd(l, &lens);
         let mut micro = 0;
@@ -761,11 +796,11 @@ fn even_steps_read_a_crowd_in_fewer_micro_batches() {
 /// output, one filler after it (no logits) up to a width of
 /// [`ROUND_WIDTHS`].
 fn check_fillers(plan: &Plan<u32>, l: &Limits) {
-    let lanes = l.lanes.max(1);
+    let lanes = l.layout.lanes();
     assert!(!(plan.even && plan.rounded), "a step both even and rounded");
     if plan.rounded {
         assert!(
-            l.round_prompt_steps && l.swa_window == 0,
+            l.shaping.round_prompt_steps && l.swa_window == 0,
             "a rounded step where not allowed"
         );
         assert_eq!(plan.fillers.len(), 1, "a rounded step's fillers");
@@ -796,7 +831,7 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
     }
     if plan.even {
         assert!(
-            l.even_prompt_steps && l.swa_window == 0,
+            l.shaping.even_prompt_steps && l.swa_window == 0,
             "an even step where not allowed"
         );
         assert!(
@@ -814,7 +849,7 @@ fn check_fillers(plan: &Plan<u32>, l: &Limits) {
         return;
     }
     assert!(
-        (l.fill_gaps || plan.even || plan.rounded) && l.swa_window == 0,
+        (l.shaping.fill_gaps || plan.even || plan.rounded) && l.swa_window == 0,
         "fillers where not allowed"
     );
     assert!(
@@ -904,13 +939,13 @@ fn first_tokens_ask_logits(plan: &Plan<u32>, l: &Limits, what: &str) {
 /// generation step's shape.
 fn check_first_micro_batch(s: &Scheduler<u32>, plan: &Plan<u32>) {
     let l = s.limits();
-    let lanes = l.lanes.max(1);
+    let lanes = l.layout.lanes();
     let generates = plan.entries.iter().any(|e| e.part == Part::Next);
     let high_prompt = plan.entries.iter().any(|e| {
         matches!(e.part, Part::Prompt { .. })
             && s.seqs.iter().any(|q| q.id == e.id && q.priority > NORMAL)
     });
-    if !l.fill_gaps || l.swa_window > 0 || plan.even || !generates || high_prompt {
+    if !l.shaping.fill_gaps || l.swa_window > 0 || plan.even || !generates || high_prompt {
         return;
     }
     let ids = step_ids(plan, lanes);
@@ -1152,8 +1187,8 @@ impl Harness {
         Self {
             s: Scheduler::new(l, true),
             kv: FakeKv {
-                seqs: vec![Vec::new(); l.slots],
-                first: vec![0; l.slots],
+                seqs: vec![Vec::new(); l.layout.slots()],
+                first: vec![0; l.layout.slots()],
                 window: l.swa_window,
                 pool,
             },
@@ -1304,7 +1339,7 @@ impl Harness {
                 let starve = self.starve.entry(r).or_default();
                 *starve = if out && full { *starve + 1 } else { 0 };
             }
-            let bound = self.s.limits().max_sit_out + self.s.limits().slots as u32;
+            let bound = self.s.limits().max_sit_out + self.s.limits().layout.slots() as u32;
             for (&r, &n) in &self.starve {
                 assert!(n <= bound, "{r:?} sat out {n} steps in a row");
             }
@@ -1366,13 +1401,13 @@ impl Harness {
         self.eot.clear();
         // An idle slot's KV is exactly its cache record (gap fillers left
         // nothing behind).
-        for slot in 0..self.s.limits().slots {
+        for slot in 0..self.s.limits().layout.slots() {
             if !self.s.slot_table().is_busy(slot) {
                 self.kv_matches_cache(slot);
             }
         }
         // No slot leaks: busy slots are exactly the running sequences'.
-        for slot in 0..self.s.limits().slots {
+        for slot in 0..self.s.limits().layout.slots() {
             assert_eq!(
                 self.s.slot_table().is_busy(slot),
                 self.slot_of.values().any(|&s| s == slot),
@@ -1429,7 +1464,7 @@ impl Harness {
     }
 
     fn kv_is_cache_only(&self) -> bool {
-        (0..self.s.limits().slots).all(|slot| !self.s.slot_table().is_busy(slot))
+        (0..self.s.limits().layout.slots()).all(|slot| !self.s.slot_table().is_busy(slot))
     }
 }
 
@@ -1461,13 +1496,14 @@ fn limits_strategy() -> impl Strategy<Value = (Limits, usize)> {
                     batch_tokens: slots + 1 + extra,
                     prompt_chunk: chunk,
                     cells_per_seq: 48,
-                    slots,
+                    layout: Layout::with_slots(slots as u32, 1),
                     swa_window: window,
                     max_sit_out: sit,
-                    lanes: 1,
-                    fill_gaps,
-                    even_prompt_steps,
-                    round_prompt_steps,
+                    shaping: BatchShaping {
+                        fill_gaps,
+                        even_prompt_steps,
+                        round_prompt_steps,
+                    },
                     single_output,
                 };
                 // A pool sometimes smaller than every slot's share: "no KV slot".
@@ -1549,13 +1585,14 @@ proptest! {
             batch_tokens: slots + 9,
             prompt_chunk: 4,
             cells_per_seq: 64,
-            slots,
+            layout: Layout::with_slots(slots as u32, lanes as u32),
             swa_window: 0,
             max_sit_out: 3,
-            lanes,
-            fill_gaps,
-            even_prompt_steps,
-            round_prompt_steps,
+            shaping: BatchShaping {
+                fill_gaps,
+                even_prompt_steps,
+                round_prompt_steps,
+            },
             single_output,
         };
         let mut s: Scheduler<u32> = Scheduler::new(l, true);
@@ -1635,9 +1672,8 @@ proptest! {
 /// Three slots, a batch of 128, 256 cells a sequence, rounding on.
 fn rounding() -> Limits {
     Limits {
-        round_prompt_steps: true,
         cells_per_seq: 256,
-        ..limits(3, 128)
+        ..shaped(limits(3, 128), false, false, true)
     }
 }
 
@@ -1675,15 +1711,7 @@ fn rounded_lone_prompt_steps_table() {
             22,
             false,
         ), // nor the batch
-        (
-            22,
-            Limits {
-                round_prompt_steps: false,
-                ..on
-            },
-            22,
-            false,
-        ),
+        (22, shaped(on, false, false, false), 22, false),
     ];
     for (len, l, width, rounded) in cases {
         let mut s = crowd(l, &[len]);
@@ -1710,11 +1738,7 @@ fn rounded_lone_prompt_steps_table() {
     }
     // With even prompt steps on (a GPU's default), a lone Normal prompt is
     // still rounded: one sequence is no crowd.
-    let both = Limits {
-        even_prompt_steps: true,
-        fill_gaps: true,
-        ..on
-    };
+    let both = shaped(on, true, true, true);
     let mut s = crowd(both, &[22]);
     let plan = s.plan();
     check_fillers(&plan, &both);
@@ -1756,7 +1780,10 @@ fn rounded_lone_prompt_steps_table() {
 
     // Two prompts in one step, or a prompt beside a generating sequence:
     // not lone, not rounded.
-    let four = Limits { slots: 4, ..on };
+    let four = Limits {
+        layout: Layout::with_slots(4, 1),
+        ..on
+    };
     let mut s = crowd(four, &[5, 7]);
     let plan = s.plan();
     assert!(!plan.rounded && plan.fillers.is_empty());
