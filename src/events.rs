@@ -127,19 +127,7 @@ pub struct CancelLlmRequest {
     pub entity: Entity,
 }
 
-/// What a model load is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoadPhase {
-    /// Checking size and sha256.
-    Verifying,
-    /// llama.cpp is reading the weights.
-    Loading,
-    /// Checking that the remote server answers.
-    Connecting,
-    /// The model file is missing and is being downloaded from the
-    /// registry's mirrors (see [`ModelDownloads`](crate::download::ModelDownloads)).
-    Downloading,
-}
+pub use crate::engine::protocol::LoadPhase;
 
 /// Progress of a model load, `progress` in `0.0..=1.0` per phase.
 #[derive(Message, Debug, Clone, PartialEq)]

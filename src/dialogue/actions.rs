@@ -211,10 +211,15 @@ impl<A: DeserializeOwned + Clone + Send + Sync + 'static> Plugin for NpcActionPl
             Update,
             emit_actions::<A>
                 .in_set(NpcLlmSystems::Dialogue)
-                .after(super::systems::step),
+                .in_set(LineActions),
         );
     }
 }
+
+/// The systems that turn finished lines into typed actions: after the
+/// dialogue's own step (which finishes the lines).
+#[derive(SystemSet, Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct LineActions;
 
 /// Actions of NPCs whose [`NpcActions`] is of type `A`: a line's action is
 /// offered to every registered type and delivered by the one it parses as.

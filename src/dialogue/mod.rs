@@ -149,7 +149,7 @@ impl Plugin for NpcDialoguePlugin {
                     systems::despawn_ended,
                     systems::route_inputs,
                     systems::route_engine,
-                    systems::step,
+                    systems::step.before(actions::LineActions),
                 )
                     .chain()
                     .in_set(NpcLlmSystems::Dialogue),

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use super::config::EngineConfig;
 use crate::constraint::{OutputConstraint, OutputError};
 use crate::errors::{LlmError, ModelLoadError};
-use crate::events::LoadPhase;
 use crate::registry::{PromptFormat, VerificationCache};
 use crate::request::{FinishReason, LlmPrompt, RequestStats};
 use crate::settings::{SamplingOverrides, SamplingParams};
@@ -46,6 +45,25 @@ pub(crate) struct LoadSpec {
     pub engine: EngineConfig,
 }
 
+/// Which load request a [`Command::Load`] is: a load stops once a newer
+/// ticket was handed out, or at shutdown (`LoadAbort`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LoadTicket(pub(crate) u64);
+
+/// What a model load is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadPhase {
+    /// Checking size and sha256.
+    Verifying,
+    /// llama.cpp is reading the weights.
+    Loading,
+    /// Checking that the remote server answers.
+    Connecting,
+    /// The model file is missing and is being downloaded from the
+    /// registry's mirrors (see [`ModelDownloads`](crate::download::ModelDownloads)).
+    Downloading,
+}
+
 /// Runtime knobs that can change without reloading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Knobs {
@@ -64,7 +82,7 @@ pub(crate) enum Command {
     Submit(Vec<Job>),
     Cancel(RequestId),
     /// Load a model; the ticket tells the worker when to stop early.
-    Load(Box<LoadSpec>, super::backend::LoadTicket),
+    Load(Box<LoadSpec>, LoadTicket),
     Unload,
     Configure(Knobs),
     Shutdown,

@@ -93,7 +93,7 @@ fn id_from(stem: &str) -> String {
 /// [`ModelLoadError`] when the file is missing, unreadable or not a GGUF
 /// llama.cpp can read.
 pub fn entry_from_gguf(path: &Path) -> Result<(ModelEntry, GgufFacts), ModelLoadError> {
-    let backend = crate::llama_backend()?;
+    let backend = &crate::engine::backend::local::backend_info(false)?.backend;
     let llama_err = |message: String| ModelLoadError::Llama {
         path: path.to_path_buf(),
         message,

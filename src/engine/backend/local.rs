@@ -13,11 +13,11 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
-use super::{BackendKind, InferenceBackend, LoadAbort, LoadTicket, WorkerHandle};
+use super::{BackendKind, InferenceBackend, LoadAbort, WorkerHandle};
 use crate::engine::config::EngineConfig;
 use crate::engine::constraint_jobs::ConstraintJobs;
 use crate::engine::layout::Layout;
-use crate::engine::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadedModelInfo};
+use crate::engine::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadTicket, LoadedModelInfo};
 use crate::engine::serve::Server;
 use crate::engine::slots::JobQueue;
 use crate::errors::{LlmError, ModelLoadError};

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::protocol::{Command, Event, Job, Knobs, LoadSpec, RequestId};
+use super::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadTicket, RequestId};
 
 /// Which kind of backend serves requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,10 +99,6 @@ pub(crate) struct LoadAbort {
     newest: AtomicU64,
     shutdown: AtomicBool,
 }
-
-/// Which load request a [`Command::Load`] is (see [`LoadAbort`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct LoadTicket(u64);
 
 impl LoadAbort {
     /// The ticket of a new load request; every older load now stops.

@@ -5,7 +5,6 @@
 //! Cancel: the request's terminal `Cancelled` is sent at once and its
 //! stream thread drops the connection at the next thing the server sends.
 
-pub(crate) mod control_text;
 mod sse;
 mod stream;
 

@@ -10,13 +10,13 @@ use crossbeam_channel::Sender;
 use serde_json::{Value, json};
 
 use super::RemoteConfig;
-use super::control_text::defuse_control_text;
 use super::sse::{Chunk, SseParser};
 use crate::constraint::OutputConstraint;
 use crate::engine::prompt::{completion_stops, completion_text};
 use crate::engine::protocol::{Event, Job};
 use crate::engine::text_stream::StopMatcher;
 use crate::errors::{LlmError, RemoteError};
+use crate::request::defuse_control_text;
 use crate::request::{ChatMessage, FinishReason, LlmPrompt, RequestStats};
 use crate::settings::RemotePromptFormat;
 
