@@ -80,11 +80,6 @@ impl DeviceSampling {
         }
     }
 
-    /// Candidates per output.
-    pub(crate) fn k(&self) -> usize {
-        self.k
-    }
-
     /// Whether `slot` samples on the device.
     pub(crate) fn is_attached(&self, slot: usize) -> bool {
         self.attached.get(slot).is_some_and(Option::is_some)

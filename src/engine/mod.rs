@@ -6,6 +6,7 @@ pub(crate) mod backend;
 pub(crate) mod bridge;
 pub(crate) mod config;
 pub(crate) mod constraint_jobs;
+pub(crate) mod delivery;
 pub(crate) mod device_sampling;
 pub(crate) mod layout;
 pub(crate) mod load_intent;
@@ -18,6 +19,7 @@ pub(crate) mod serve;
 pub(crate) mod shaper;
 pub(crate) mod slots;
 pub(crate) mod text_stream;
+pub(crate) mod token_choice;
 
 use std::time::Duration;
 

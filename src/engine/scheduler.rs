@@ -33,6 +33,10 @@ pub(crate) use super::shaper::{BatchToken, Filler};
 use super::slots::SlotTable;
 use crate::errors::LlmError;
 
+mod records;
+pub(crate) use records::{Applied, Dropped, Outcome, Plan, Released};
+use records::{Entry, Part, Running};
+
 /// Priorities above this are High (the player's requests).
 const NORMAL: i32 = 0;
 
@@ -94,202 +98,20 @@ pub(crate) struct Admitted {
     pub reuse: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Part {
-    /// The sequence's sampled token.
-    Next,
-    /// Prompt tokens `from..to`.
-    Prompt { from: usize, to: usize },
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    id: RequestId,
-    part: Part,
-    /// Index in the batch whose logits are sampled afterwards.
-    logits_at: Option<usize>,
-}
-
-/// The batch of one step. Hand it back to [`Scheduler::apply`] with the
-/// decode's outcome.
-#[derive(Debug)]
-#[must_use = "a plan must be decoded and applied"]
-pub(crate) struct Plan<T> {
-    /// The tokens to add to the batch, in order.
-    pub tokens: Vec<BatchToken<T>>,
-    /// The gap fillers among `tokens` (see [`Filler`]): the caller drops
-    /// each from its sequence's KV after the decode.
-    pub fillers: Vec<Filler>,
-    /// An even prompt step ([`Scheduler::even_prompt_step`]): its fillers
-    /// pad, they fill no gap.
-    pub even: bool,
-    /// A lone prompt step rounded up to a fixed width
-    /// ([`Scheduler::round_lone_prompt`]): its one filler pads.
-    pub rounded: bool,
-    entries: Vec<Entry>,
-    /// The lane it was planned for.
-    lane: usize,
-}
-
-impl<T> Plan<T> {
-    /// The lane it was planned for.
-    #[cfg(test)]
-    pub(crate) fn lane(&self) -> usize {
-        self.lane
-    }
-
-    /// Sequences in this batch.
-    pub(crate) fn sequences(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Prompt tokens in this batch.
-    pub(crate) fn prompt_tokens(&self) -> usize {
-        self.entries
-            .iter()
-            .map(|e| match e.part {
-                Part::Prompt { from, to } => to - from,
-                Part::Next => 0,
-            })
-            .sum()
-    }
-
-    /// Whether the request has tokens in this batch.
-    #[cfg(test)]
-    pub(crate) fn holds(&self, id: RequestId) -> bool {
-        self.entries.iter().any(|e| e.id == id)
-    }
-}
-
-/// What `llama_decode` did with a plan.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// Decoded: logits are ready.
-    Decoded,
-    /// Return code 1: no KV slot for the batch. Nothing was decoded.
-    NoKvSlot,
-    /// Any other failure (or the batch could not be built).
-    Failed(String),
-}
-
-/// A sequence that ended inside [`Scheduler::apply`].
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Dropped {
-    pub id: RequestId,
-    /// Its slot; the caller clears that sequence's KV (it is unknown).
-    pub slot: usize,
-    pub error: LlmError,
-}
-
-/// The result of applying an outcome.
-#[derive(Debug, Default)]
-pub(crate) struct Applied {
-    /// Sequences to sample now: request and batch index of its logits.
-    pub sample: Vec<(RequestId, usize)>,
-    /// Sequences failed by this outcome.
-    pub failed: Vec<Dropped>,
-    /// The plan did not decode and will be retried smaller.
-    pub retry: bool,
-    /// Idle cached slots dropped to make room: the caller clears their KV.
-    pub evicted: Vec<usize>,
-}
-
-/// A sequence that left the scheduler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Released {
-    pub slot: usize,
-    pub prompt_tokens: usize,
-    pub reused: usize,
-}
-
-#[derive(Debug)]
-struct Running<T> {
-    id: RequestId,
-    priority: i32,
-    slot: usize,
-    prompt: Vec<T>,
-    /// Tokens of this sequence held in KV: only [`Scheduler::apply`] of a
-    /// decoded plan adds to it.
-    kv: Vec<T>,
-    /// Prompt tokens in KV.
-    fed: usize,
-    reused: usize,
-    /// Sampled, waiting to be decoded.
-    pending: Option<T>,
-    /// Consecutive steps this sequence had work and was left out.
-    sat_out: u32,
-    /// Admission order (ties).
-    order: u64,
-}
-
-impl<T: Copy> Running<T> {
-    /// Add this sequence's own tokens to a step: its sampled token (`take`
-    /// is then 1), or its next `take` prompt tokens, the last of the prompt
-    /// asking for logits.
-    fn push_own(&self, take: usize, tokens: &mut Vec<BatchToken<T>>, entries: &mut Vec<Entry>) {
-        if let Some(tok) = self.pending {
-            entries.push(Entry {
-                id: self.id,
-                part: Part::Next,
-                logits_at: Some(tokens.len()),
-            });
-            tokens.push(BatchToken {
-                token: tok,
-                pos: self.kv.len() as i32,
-                seq: self.slot as i32,
-                logits: true,
-            });
-            return;
-        }
-        let (from, to) = (self.fed, self.fed + take);
-        let last = to == self.prompt.len();
-        tokens.extend(
-            self.prompt[from..to]
-                .iter()
-                .enumerate()
-                .map(|(k, &tok)| BatchToken {
-                    token: tok,
-                    pos: (from + k) as i32,
-                    seq: self.slot as i32,
-                    logits: last && from + k + 1 == to,
-                }),
-        );
-        entries.push(Entry {
-            id: self.id,
-            part: Part::Prompt { from, to },
-            logits_at: last.then(|| tokens.len() - 1),
-        });
-    }
-}
-
-impl<T> Running<T> {
-    fn has_work(&self) -> bool {
-        self.pending.is_some() || self.fed < self.prompt.len()
-    }
-
-    /// Its whole prompt is decoded and no token was sampled yet: its
-    /// first token is being chosen (with lanes, while other lanes take turns).
-    fn awaits_first_token(&self) -> bool {
-        self.pending.is_none()
-            && self.fed == self.prompt.len()
-            && self.kv.len() == self.prompt.len()
-    }
-}
-
 /// The scheduler: running sequences, the slot table, and the current batch
 /// limit.
 #[derive(Debug)]
-pub(crate) struct Scheduler<T> {
+pub(crate) struct Scheduler<T, P = ()> {
     limits: Limits,
     slots: SlotTable<T>,
-    seqs: Vec<Running<T>>,
+    seqs: Vec<Running<T, P>>,
     /// Tokens the next plan may hold: halved after "no KV slot", doubled
     /// back after each decoded step.
     batch_limit: usize,
     admitted: u64,
 }
 
-impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
+impl<T: Copy + PartialEq + std::fmt::Debug, P> Scheduler<T, P> {
     pub(crate) fn new(limits: Limits, prefix_cache: bool) -> Self {
         Self {
             // Fresh slots fill lanes as the plan sizes them: a lane of at
@@ -371,6 +193,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         key: Option<u64>,
         prompt: Vec<T>,
         first_pos: impl Fn(usize) -> i32,
+        data: P,
     ) -> Result<Admitted, LlmError> {
         if prompt.is_empty() {
             return Err(LlmError::EmptyPrompt);
@@ -403,6 +226,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             pending: None,
             sat_out: 0,
             order: self.admitted,
+            data,
         });
         Ok(Admitted {
             slot: acq.slot,
@@ -422,7 +246,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     /// The High sequence the others sit out for: its prompt is being read,
     /// or read and its first token not chosen yet (its step may still be
     /// computing in another lane's turn). Highest priority, then earliest.
-    fn urgent(&self) -> Option<&Running<T>> {
+    fn urgent(&self) -> Option<&Running<T, P>> {
         self.seqs
             .iter()
             .filter(|s| s.priority > NORMAL && (s.fed < s.prompt.len() || s.awaits_first_token()))
@@ -451,12 +275,12 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     /// empty plan is applied too, and counts as a turn sat out.
     pub(crate) fn plan_lane(&mut self, lane: usize) -> Plan<T> {
         let limits = self.limits;
-        let in_lane = |s: &Running<T>| limits.layout.lane_of(s.slot) == lane;
+        let in_lane = |s: &Running<T, P>| limits.layout.lane_of(s.slot) == lane;
         let urgent = self.urgent().map(|s| s.priority);
         let max_sit_out = self.limits.max_sit_out;
         // A sequence left out `max_sit_out` steps in a row goes first.
-        let forced = |s: &Running<T>| s.sat_out >= max_sit_out;
-        let excused = |s: &Running<T>| forced(s) || urgent.is_none_or(|p| s.priority >= p);
+        let forced = |s: &Running<T, P>| s.sat_out >= max_sit_out;
+        let excused = |s: &Running<T, P>| forced(s) || urgent.is_none_or(|p| s.priority >= p);
         let mut order: Vec<usize> = (0..self.seqs.len())
             .filter(|&i| {
                 let s = &self.seqs[i];
@@ -490,7 +314,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         // sequence, then prompt chunks.
         // Pass 0: forced sequences; 1: the next token of every generating
         // sequence; 2: prompt chunks.
-        let pass_of = |s: &Running<T>| match (forced(s), s.pending.is_some()) {
+        let pass_of = |s: &Running<T, P>| match (forced(s), s.pending.is_some()) {
             (true, _) => 0,
             (false, true) => 1,
             (false, false) => 2,
@@ -553,7 +377,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     /// The lane's step in even prompt slices ([`Shaper::even_step`]), if
     /// the shaper makes one of the sequences `order` (in plan order).
     fn even_prompt_step(&self, lane: usize, order: &[usize]) -> Option<Plan<T>> {
-        let seqs: Vec<&Running<T>> = order.iter().map(|&i| &self.seqs[i]).collect();
+        let seqs: Vec<&Running<T, P>> = order.iter().map(|&i| &self.seqs[i]).collect();
         let view: Vec<StepSeq> = seqs
             .iter()
             .map(|s| StepSeq {
@@ -647,7 +471,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
     }
 
     /// Apply a plan's decode outcome: the only place KV records grow.
-    pub(crate) fn apply(&mut self, plan: Plan<T>, outcome: Outcome) -> Applied {
+    pub(crate) fn apply(&mut self, plan: Plan<T>, outcome: Outcome) -> Applied<P> {
         let mut applied = Applied::default();
         match outcome {
             Outcome::Decoded => {
@@ -727,7 +551,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
         &mut self,
         id: RequestId,
         error: impl Fn(usize, usize) -> LlmError,
-    ) -> Option<Dropped> {
+    ) -> Option<Dropped<P>> {
         let i = self.seqs.iter().position(|s| s.id == id)?;
         let s = self.seqs.swap_remove(i);
         self.slots.invalidate(s.slot);
@@ -735,22 +559,43 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
             id,
             slot: s.slot,
             error: error(s.kv.len(), self.limits.cells_per_seq),
+            data: s.data,
         })
     }
 
     /// A token was sampled for `id` and the sequence goes on: it is decoded
     /// in a later step. `false` when the sequence's KV is full (the caller
     /// finishes it with `ContextFull`) or it is not running.
+    #[cfg(test)]
     pub(crate) fn sampled(&mut self, id: RequestId, token: T) -> bool {
+        self.position(id).is_some_and(|i| self.sampled_at(i, token))
+    }
+
+    /// [`Self::sampled`] for the sequence at `i` ([`Self::position`]).
+    pub(crate) fn sampled_at(&mut self, i: usize, token: T) -> bool {
         let cells = self.limits.cells_per_seq;
-        let Some(s) = self.seqs.iter_mut().find(|s| s.id == id) else {
-            return false;
-        };
+        let s = &mut self.seqs[i];
         if s.kv.len() >= cells || s.fed < s.prompt.len() {
             return false;
         }
         s.pending = Some(token);
         true
+    }
+
+    /// Where the running sequence `id` is among the running ones (valid
+    /// until one of them ends).
+    pub(crate) fn position(&self, id: RequestId) -> Option<usize> {
+        self.seqs.iter().position(|s| s.id == id)
+    }
+
+    /// The caller's record of the sequence at `i` ([`Self::position`]).
+    pub(crate) fn data_at(&mut self, i: usize) -> &mut P {
+        &mut self.seqs[i].data
+    }
+
+    /// Every running sequence's slot and the caller's record of it.
+    pub(crate) fn records_mut(&mut self) -> impl Iterator<Item = (usize, &mut P)> {
+        self.seqs.iter_mut().map(|s| (s.slot, &mut s.data))
     }
 
     /// The slot's KV could not be cut back to the kept prefix (the caller
@@ -765,26 +610,26 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Scheduler<T> {
 
     /// End a running sequence (completed or cancelled): its decoded KV stays
     /// as the slot's cache. `None` when it is not running.
-    pub(crate) fn finish(&mut self, id: RequestId) -> Option<Released> {
-        let i = self.seqs.iter().position(|s| s.id == id)?;
+    pub(crate) fn finish(&mut self, id: RequestId) -> Option<Released<P>> {
+        let i = self.position(id)?;
         let s = self.seqs.swap_remove(i);
-        let released = Released {
+        self.slots.release(s.slot, s.kv);
+        Some(Released {
             slot: s.slot,
             prompt_tokens: s.prompt.len(),
             reused: s.reused,
-        };
-        self.slots.release(s.slot, s.kv);
-        Some(released)
+            data: s.data,
+        })
     }
 
     /// End every running sequence with unknown KV (model going away);
-    /// returns their ids and slots.
-    pub(crate) fn drop_all(&mut self) -> Vec<(RequestId, usize)> {
-        let seqs: Vec<Running<T>> = self.seqs.drain(..).collect();
+    /// returns their ids, slots and records.
+    pub(crate) fn drop_all(&mut self) -> Vec<(RequestId, usize, P)> {
+        let seqs: Vec<Running<T, P>> = self.seqs.drain(..).collect();
         seqs.into_iter()
             .map(|s| {
                 self.slots.invalidate(s.slot);
-                (s.id, s.slot)
+                (s.id, s.slot, s.data)
             })
             .collect()
     }

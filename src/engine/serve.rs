@@ -4,7 +4,6 @@
 //! outcome back and samples the sequences it names. One llama.cpp sequence
 //! id per slot; requests join and leave between steps.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -15,91 +14,20 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
 use super::constraint_jobs::Compiled;
+use super::delivery::{self, Active};
 use super::device_sampling::{DEVICE_TOP_K, DeviceSampling, StepRows};
 use super::layout::Layout;
 use super::prompt::PromptRenderer;
 use super::protocol::{EngineCounters, Event, Job, Knobs, LoadSpec, RequestId};
 use super::sampler::Sampler;
-use super::scheduler::{Limits, Outcome, Released, Scheduler};
-use super::text_stream::{StopMatcher, Utf8Stream};
+use super::scheduler::{Limits, Outcome, Plan, Scheduler};
+use super::token_choice::{self, Row};
 use crate::errors::LlmError;
-use crate::request::{FinishReason, RequestStats};
+use crate::request::FinishReason;
 use crate::settings::SamplingOverrides;
-
-/// What the worker keeps of a running request beyond its scheduling state
-/// (which lives in the [`Scheduler`]).
-struct Seq {
-    job: Job,
-    sampler: Sampler,
-    /// The output constraint's state (which tokens may come next).
-    matcher: Option<llguidance::Matcher>,
-    utf8: Utf8Stream,
-    stops: StopMatcher,
-    text: String,
-    generated: usize,
-    max_tokens: usize,
-    ignore_eos: bool,
-    started: Instant,
-    first_token: Option<Instant>,
-    last_token: Instant,
-    /// The llama.cpp sequence (slot) it runs on.
-    slot: usize,
-    /// This step: the plan's index of its logits token, then the token chosen.
-    pending: Option<i32>,
-    picked: Option<Result<LlamaToken, String>>,
-}
-
-/// One sequence's scores for this step, as the device left them.
-#[derive(Clone, Copy)]
-enum Row<'c> {
-    /// The whole vocabulary's logits.
-    Full(&'c [f32]),
-    /// The device's top-k: token ids and their logits.
-    Top(&'c [i32], &'c [f32]),
-}
-
-/// Whole rows (host sampling) in one step from which choosing them in
-/// parallel pays for the hand-off to the pool.
-const PARALLEL_ROWS: usize = 4;
-
-/// Whole rows in one step from which the worker thread takes a share of
-/// them itself while the pool takes the rest ([`super::row_pool`]); below
-/// it the pool takes them all (`install` + `par_iter`). Measured on the
-/// H100 machine, alternating in one sitting (session 10): 16 rows a lane
-/// step (32 NPCs, two lanes) 0.20 vs 0.38 ms of token choice, +6–9 %
-/// generation rate; 4 rows (8 NPCs) 0.21–0.25 vs 0.15 ms, −10 %.
-const SHARED_ROWS: usize = 16;
-
-/// Choose a sequence's next token from its row.
-fn pick(seq: &mut Seq, row: Row<'_>) -> Result<LlamaToken, String> {
-    match (seq.matcher.as_mut(), row) {
-        (None, Row::Full(logits)) => Ok(LlamaToken(seq.sampler.sample(logits))),
-        (None, Row::Top(ids, logits)) => Ok(LlamaToken(seq.sampler.sample_candidates(ids, logits))),
-        (Some(m), Row::Full(logits)) => constrained_sample(m, &mut seq.sampler, logits),
-        (Some(_), Row::Top(..)) => {
-            Err("internal: a constrained sequence got device candidates".to_string())
-        }
-    }
-}
 
 /// Steps a Normal sequence may sit out while the player's prompt is read.
 const MAX_SIT_OUT: u32 = 4;
-
-/// Sample one token among those the constraint allows, and advance it.
-fn constrained_sample(
-    m: &mut llguidance::Matcher,
-    sampler: &mut Sampler,
-    logits: &[f32],
-) -> Result<LlamaToken, String> {
-    let mask = m.compute_mask_or_eos().map_err(|e| e.to_string())?;
-    let tok = sampler
-        .sample_allowed(logits, |t| mask.is_allowed(t))
-        .ok_or_else(|| "the constraint allows no token here".to_string())?;
-    if !m.is_stopped() {
-        m.consume_token(tok as u32).map_err(|e| e.to_string())?;
-    }
-    Ok(LlamaToken(tok))
-}
 
 /// One llama.cpp context and the slots that decode in it (slot `s` is lane
 /// `s % lanes`, sequence `s / lanes` there). With two or more lanes, one
@@ -136,8 +64,9 @@ pub(crate) struct Server<'m> {
     urgent_turns: u32,
     renderer: PromptRenderer,
     model_sampling: SamplingOverrides,
-    sched: Scheduler<LlamaToken>,
-    seqs: HashMap<RequestId, Seq>,
+    /// Every running sequence: its scheduling state and its record
+    /// ([`Active`]), one entry each.
+    sched: Scheduler<LlamaToken, Active>,
     per_seq: usize,
     knobs: Knobs,
     events: Sender<Event>,
@@ -253,7 +182,6 @@ impl<'m> Server<'m> {
             renderer,
             model_sampling: spec.model_sampling.clone(),
             sched: Scheduler::new(limits, knobs.prefix_cache),
-            seqs: HashMap::new(),
             per_seq,
             knobs,
             events,
@@ -363,27 +291,6 @@ impl<'m> Server<'m> {
                 return;
             }
         };
-        let prompt_len = prompt.len();
-        let (lanes, layout) = (&self.lanes, self.layout);
-        let admitted = match self
-            .sched
-            .admit(job.id, job.priority, job.cache_key, prompt, |slot| {
-                let (lane, seq) = layout.locate(slot);
-                lanes[lane].ctx.kv_cache_seq_pos_min(seq as i32)
-            }) {
-            Ok(a) => a,
-            Err(e) => {
-                self.fail(job.id, e);
-                return;
-            }
-        };
-        // Drop the slot's KV past the kept prefix.
-        let mut reuse = admitted.reuse;
-        if !self.clear_slot(admitted.slot, Some(reuse as u32)) {
-            self.clear_slot(admitted.slot, None);
-            self.sched.restart_prompt(job.id);
-            reuse = 0;
-        }
         let mut stops = sampling.stop.clone();
         for s in self.renderer.implied_stops(&job.prompt) {
             if !stops.contains(&s) {
@@ -393,12 +300,49 @@ impl<'m> Server<'m> {
         let seed = sampling.seed.unwrap_or_else(fresh_seed);
         let sampler = Sampler::new(&sampling, seed);
         // Top-k on the device when the draw over its candidates is exact
-        // and no constraint needs the whole row; the slot's chain follows.
+        // and no constraint needs the whole row.
+        let device_top_k = matcher.is_none() && sampler.fits_top_k(DEVICE_TOP_K);
+        let (id, priority, key) = (job.id, job.priority, job.cache_key);
+        let active = Active::new(
+            job,
+            sampler,
+            matcher,
+            stops,
+            max_tokens,
+            sampling.ignore_eos,
+        );
+        let prompt_len = prompt.len();
+        let (lanes, layout) = (&self.lanes, self.layout);
+        let admitted = self.sched.admit(
+            id,
+            priority,
+            key,
+            prompt,
+            |slot| {
+                let (lane, seq) = layout.locate(slot);
+                lanes[lane].ctx.kv_cache_seq_pos_min(seq as i32)
+            },
+            active,
+        );
+        let admitted = match admitted {
+            Ok(a) => a,
+            Err(e) => {
+                self.fail(id, e);
+                return;
+            }
+        };
+        // Drop the slot's KV past the kept prefix.
+        let mut reuse = admitted.reuse;
+        if !self.clear_slot(admitted.slot, Some(reuse as u32)) {
+            self.clear_slot(admitted.slot, None);
+            self.sched.restart_prompt(id);
+            reuse = 0;
+        }
+        // The slot's device top-k chain follows the request.
         let (lane, seq) = self.locate(admitted.slot);
         let Lane { ctx, device, .. } = &mut self.lanes[lane];
         if let Some(device) = device.as_mut() {
-            let want = matcher.is_none() && sampler.fits_top_k(device.k());
-            device.set(ctx, seq, want);
+            device.set(ctx, seq, device_top_k);
         }
         self.counters.device_sampler_switches = self
             .lanes
@@ -409,31 +353,10 @@ impl<'m> Server<'m> {
         self.counters.reused_prefix_tokens += reuse as u64;
         self.counters.admitted += 1;
         self.send(Event::Started {
-            id: job.id,
+            id,
             prompt_tokens: prompt_len,
             reused: reuse,
         });
-        let now = Instant::now();
-        self.seqs.insert(
-            job.id,
-            Seq {
-                sampler,
-                matcher,
-                utf8: Utf8Stream::default(),
-                stops: StopMatcher::new(stops),
-                text: String::new(),
-                generated: 0,
-                max_tokens,
-                ignore_eos: sampling.ignore_eos,
-                started: now,
-                first_token: None,
-                last_token: now,
-                slot: admitted.slot,
-                pending: None,
-                picked: None,
-                job,
-            },
-        );
     }
 
     /// Cancel a running job; `false` when it is not running here.
@@ -442,7 +365,6 @@ impl<'m> Server<'m> {
         if self.sched.finish(id).is_none() {
             return false;
         }
-        self.seqs.remove(&id);
         self.counters.cancelled += 1;
         self.send(Event::Cancelled { id });
         true
@@ -454,9 +376,8 @@ impl<'m> Server<'m> {
             lane.ctx.synchronize();
             lane.in_flight = None;
         }
-        for (id, slot) in self.sched.drop_all() {
+        for (id, slot, _) in self.sched.drop_all() {
             self.clear_slot(slot, None);
-            self.seqs.remove(&id);
             self.fail(id, error.clone());
         }
     }
@@ -506,16 +427,62 @@ impl<'m> Server<'m> {
             let _ = self.sched.apply(plan, Outcome::Decoded);
             return;
         }
-        let layout = self.layout;
         let t_batch = Instant::now();
+        let outcome = match self.build_batch(lane, &plan) {
+            Err(message) => {
+                bevy::log::error!("bevy_npc_llm: {message}");
+                Outcome::Failed(message)
+            }
+            Ok(()) => {
+                let t0 = Instant::now();
+                self.counters.batch_time += t0 - t_batch;
+                let outcome = self.decode(lane, &plan);
+                self.counters.decode_time += t0.elapsed();
+                self.counters.decode_calls += 1;
+                outcome
+            }
+        };
+        let decoded = outcome == Outcome::Decoded;
+        self.remove_fillers(lane, &mut plan, decoded);
+        let (n_tokens, sequences, prompt_tokens) =
+            (plan.tokens.len(), plan.sequences(), plan.prompt_tokens());
+        let applied = self.sched.apply(plan, outcome);
+        for slot in applied.evicted {
+            self.clear_slot(slot, None);
+        }
+        for d in applied.failed {
+            self.clear_slot(d.slot, None);
+            self.fail(d.id, d.error);
+        }
+        if !decoded {
+            return;
+        }
+        let c = &mut self.counters;
+        if sequences > 1 {
+            c.multi_sequence_batches += 1;
+        }
+        c.max_batch_sequences = c.max_batch_sequences.max(sequences);
+        c.max_batch_tokens = c.max_batch_tokens.max(n_tokens);
+        c.prompt_tokens_decoded += prompt_tokens as u64;
+        let l = &mut self.lanes[lane];
+        if let Some(device) = l.device.as_mut() {
+            device.decoded();
+        }
+        l.in_flight = Some(applied.sample);
+    }
+
+    /// Fill the lane's `LlamaBatch` with the plan's tokens, sorted by
+    /// sequence (a stable order within each): with one KV stream per
+    /// sequence, llama.cpp splits a batch into micro-batches of consecutive
+    /// sequence ids in the order it meets them, and reorders outputs that
+    /// come back out of batch order (a copy of whole logits rows). Sorted, a
+    /// step of N generating sequences is one micro-batch and needs no
+    /// reordering. Records each plan token's batch position and output
+    /// ordinal for token choice.
+    fn build_batch(&mut self, lane: usize, plan: &Plan<LlamaToken>) -> Result<(), String> {
+        let layout = self.layout;
         let l = &mut self.lanes[lane];
         l.batch.clear();
-        // The batch goes to llama.cpp sorted by sequence (a stable order
-        // within each): with one KV stream per sequence, llama.cpp splits a
-        // batch into micro-batches of consecutive sequence ids in the order
-        // it meets them, and reorders outputs that come back out of batch
-        // order (a copy of whole logits rows). Sorted, a step of N
-        // generating sequences is one micro-batch and needs no reordering.
         let n = plan.tokens.len();
         l.batch_order.clear();
         l.batch_order.extend(0..n);
@@ -526,7 +493,6 @@ impl<'m> Server<'m> {
         l.batch_pos.clear();
         l.batch_pos.resize(n, -1);
         let mut outputs = 0;
-        let mut built = Ok(());
         for (b, &i) in l.batch_order.iter().enumerate() {
             let t = &plan.tokens[i];
             l.batch_pos[i] = b as i32;
@@ -537,54 +503,47 @@ impl<'m> Server<'m> {
             // The slot's sequence id in this lane's context.
             let seq = layout.locate(t.seq as usize).1 as i32;
             if let Err(e) = l.batch.add(t.token, t.pos, &[seq], t.logits) {
-                built = Err(format!(
-                    "cannot add token {} of {} to the batch: {e}",
-                    l.batch.n_tokens() + 1,
-                    plan.tokens.len()
+                return Err(format!(
+                    "cannot add token {} of {n} to the batch: {e}",
+                    l.batch.n_tokens() + 1
                 ));
-                break;
             }
         }
-        let n_tokens = plan.tokens.len();
-        let sequences_in_batch = plan.sequences();
-        let prompt_tokens = plan.prompt_tokens();
-        let outcome = match built {
-            Err(message) => {
+        Ok(())
+    }
+
+    /// `llama_decode` the lane's batch: rc 0 → decoded, rc 1 → no KV slot,
+    /// else failed (said in words).
+    fn decode(&mut self, lane: usize, plan: &Plan<LlamaToken>) -> Outcome {
+        let l = &mut self.lanes[lane];
+        match l.ctx.decode(&mut l.batch) {
+            Ok(()) => Outcome::Decoded,
+            Err(DecodeError::NoKvCacheSlot) => Outcome::NoKvSlot,
+            Err(e) => {
+                // llama.cpp's -1 is any invalid batch (llama-cpp-2 names it
+                // "n_tokens == 0", which a planned batch never is): say what
+                // was refused.
+                let message = match e {
+                    DecodeError::NTokensZero => format!(
+                        "llama.cpp refused a batch of {} tokens ({} sequences) as invalid (code -1)",
+                        plan.tokens.len(),
+                        plan.sequences()
+                    ),
+                    e => e.to_string(),
+                };
                 bevy::log::error!("bevy_npc_llm: {message}");
                 Outcome::Failed(message)
             }
-            Ok(()) => {
-                let t0 = Instant::now();
-                self.counters.batch_time += t0 - t_batch;
-                let result = l.ctx.decode(&mut l.batch);
-                self.counters.decode_time += t0.elapsed();
-                self.counters.decode_calls += 1;
-                match result {
-                    Ok(()) => Outcome::Decoded,
-                    Err(DecodeError::NoKvCacheSlot) => Outcome::NoKvSlot,
-                    Err(e) => {
-                        // llama.cpp's -1 is any invalid batch (llama-cpp-2
-                        // names it "n_tokens == 0", which a planned batch
-                        // never is): say what was refused.
-                        let message = match e {
-                            DecodeError::NTokensZero => format!(
-                                "llama.cpp refused a batch of {n_tokens} tokens \
-                                 ({sequences_in_batch} sequences) as invalid (code -1)"
-                            ),
-                            e => e.to_string(),
-                        };
-                        bevy::log::error!("bevy_npc_llm: {message}");
-                        Outcome::Failed(message)
-                    }
-                }
-            }
-        };
-        let decoded = outcome == Outcome::Decoded;
-        // Gap fillers leave the KV again, whatever the outcome (cell
-        // bookkeeping only: no need to wait for the device).
+        }
+    }
+
+    /// Take the plan's throw-away tokens out of the KV again, whatever the
+    /// outcome (cell bookkeeping only: no need to wait for the device), and
+    /// count them when the step decoded.
+    fn remove_fillers(&mut self, lane: usize, plan: &mut Plan<LlamaToken>, decoded: bool) {
         let fillers = std::mem::take(&mut plan.fillers);
         for f in &fillers {
-            let seq = layout.locate(f.slot).1 as u32;
+            let seq = self.layout.locate(f.slot).1 as u32;
             let removed =
                 self.lanes[lane]
                     .ctx
@@ -598,42 +557,20 @@ impl<'m> Server<'m> {
                 );
             }
         }
-        if decoded {
-            let thrown: u64 = fillers.iter().map(|f| f.count as u64).sum();
-            if plan.even {
-                self.counters.even_prompt_steps += 1;
-                self.counters.prompt_padding += thrown;
-            } else if plan.rounded {
-                self.counters.rounded_prompt_steps += 1;
-                self.counters.prompt_padding += thrown;
-            } else {
-                self.counters.gap_fillers += thrown;
-            }
-        }
-        let applied = self.sched.apply(plan, outcome);
-        for slot in applied.evicted {
-            self.clear_slot(slot, None);
-        }
-        for d in applied.failed {
-            self.clear_slot(d.slot, None);
-            self.seqs.remove(&d.id);
-            self.fail(d.id, d.error);
-        }
         if !decoded {
             return;
         }
-        if sequences_in_batch > 1 {
-            self.counters.multi_sequence_batches += 1;
+        let thrown: u64 = fillers.iter().map(|f| f.count as u64).sum();
+        let c = &mut self.counters;
+        if plan.even {
+            c.even_prompt_steps += 1;
+            c.prompt_padding += thrown;
+        } else if plan.rounded {
+            c.rounded_prompt_steps += 1;
+            c.prompt_padding += thrown;
+        } else {
+            c.gap_fillers += thrown;
         }
-        self.counters.max_batch_sequences =
-            self.counters.max_batch_sequences.max(sequences_in_batch);
-        self.counters.max_batch_tokens = self.counters.max_batch_tokens.max(n_tokens);
-        self.counters.prompt_tokens_decoded += prompt_tokens as u64;
-        let l = &mut self.lanes[lane];
-        if let Some(device) = l.device.as_mut() {
-            device.decoded();
-        }
-        l.in_flight = Some(applied.sample);
     }
 
     /// Choose the tokens of the lane's decoded step (`sample`: the
@@ -645,121 +582,115 @@ impl<'m> Server<'m> {
         self.lanes[lane].ctx.synchronize();
         let t_pick = Instant::now();
         self.counters.sync_time += t_pick - t_sample;
-        // Choose every named sequence's token: rows read on this thread,
-        // tokens chosen in parallel when many whole rows need it. A sequence
-        // cancelled since the decode is no longer in `seqs`: skipped.
-        for &(id, at) in &sample {
-            if let Some(seq) = self.seqs.get_mut(&id) {
-                seq.pending = Some(at as i32);
+        self.choose_tokens(lane, &sample);
+        let t_deliver = Instant::now();
+        self.counters.pick_time += t_deliver - t_pick;
+        self.deliver_tokens(&sample);
+        self.counters.deliver_time += t_deliver.elapsed();
+        self.counters.sample_time += t_sample.elapsed();
+    }
+
+    /// Choose every named sequence's token (into its record's `picked`):
+    /// rows read on this thread, tokens chosen in parallel when many whole
+    /// rows need it. A sequence cancelled since the decode is no longer
+    /// running: skipped.
+    fn choose_tokens(&mut self, lane: usize, sample: &[(RequestId, usize)]) {
+        for &(id, at) in sample {
+            if let Some(i) = self.sched.position(id) {
+                self.sched.data_at(i).pending = Some(at as i32);
             }
         }
         let layout = self.layout;
-        {
-            let Self {
-                lanes,
-                seqs,
-                pool,
-                counters,
-                model,
-                warned_stride,
-                ..
-            } = self;
-            let Lane {
-                ctx,
-                device,
-                out_rows,
-                batch_pos,
-                device_rows,
-                ..
-            } = &mut lanes[lane];
-            // `at` is the plan's token index: its output ordinal and its
-            // position in the llama.cpp batch.
-            let ordinal = |at: i32| out_rows.get(at as usize).copied().unwrap_or(-1);
-            let pos = |at: i32| batch_pos.get(at as usize).copied().unwrap_or(-1);
-            let attached = |slot: usize| {
-                device
-                    .as_ref()
-                    .is_some_and(|d| d.is_attached(layout.locate(slot).1))
-            };
-            device_rows.clear();
-            if device.is_some() {
-                for seq in seqs.values() {
-                    if let Some(at) = seq.pending
-                        && attached(seq.slot)
-                        && ordinal(at) >= 0
-                    {
-                        device_rows.push((pos(at), ordinal(at) as usize));
-                    }
-                }
-                device_rows.sort_unstable();
-            }
-            let rows = StepRows::read(ctx, model.n_vocab() as usize, device_rows);
-            if !device_rows.is_empty() && !rows.strided() && !*warned_stride {
-                *warned_stride = true;
-                bevy::log::warn!(
-                    "bevy_npc_llm: llama.cpp's device top-k rows are not where expected; reading them row by row (slower)"
-                );
-            }
-            let mut work: Vec<(&mut Seq, Row<'_>)> = Vec::with_capacity(sample.len());
-            let mut full_rows = 0;
-            for seq in seqs.values_mut() {
-                let Some(at) = seq.pending.take() else {
-                    continue;
-                };
-                let on_device = attached(seq.slot);
-                let row = match (ordinal(at), on_device) {
-                    (r, _) if r < 0 => None,
-                    (r, true) => rows
-                        .top(pos(at), r as usize)
-                        .map(|(ids, l)| Row::Top(ids, l)),
-                    (r, false) => rows.full(r as usize).map(Row::Full),
-                };
-                let Some(row) = row else {
-                    seq.picked = Some(Err(format!(
-                        "llama.cpp returned no {} for this sequence",
-                        if on_device {
-                            "device candidates"
-                        } else {
-                            "logits"
-                        }
-                    )));
-                    continue;
-                };
-                if matches!(row, Row::Full(_)) {
-                    full_rows += 1;
-                }
-                work.push((seq, row));
-            }
-            counters.device_sampled_tokens += (work.len() - full_rows) as u64;
-            match pool {
-                Some(pool) if full_rows >= SHARED_ROWS => {
-                    super::row_pool::for_each_shared(pool, &mut work, |(seq, row)| {
-                        seq.picked = Some(pick(seq, *row));
-                    });
-                }
-                Some(pool) if full_rows >= PARALLEL_ROWS => {
-                    use rayon::prelude::*;
-                    pool.install(|| {
-                        work.par_iter_mut()
-                            .for_each(|(seq, row)| seq.picked = Some(pick(seq, *row)));
-                    });
-                }
-                _ => {
-                    for (seq, row) in &mut work {
-                        seq.picked = Some(pick(seq, *row));
-                    }
+        let Self {
+            lanes,
+            sched,
+            pool,
+            counters,
+            model,
+            warned_stride,
+            ..
+        } = self;
+        let Lane {
+            ctx,
+            device,
+            out_rows,
+            batch_pos,
+            device_rows,
+            ..
+        } = &mut lanes[lane];
+        // `at` is the plan's token index: its output ordinal and its
+        // position in the llama.cpp batch.
+        let ordinal = |at: i32| out_rows.get(at as usize).copied().unwrap_or(-1);
+        let pos = |at: i32| batch_pos.get(at as usize).copied().unwrap_or(-1);
+        let attached = |slot: usize| {
+            device
+                .as_ref()
+                .is_some_and(|d| d.is_attached(layout.locate(slot).1))
+        };
+        device_rows.clear();
+        if device.is_some() {
+            for (slot, a) in sched.records_mut() {
+                if let Some(at) = a.pending
+                    && attached(slot)
+                    && ordinal(at) >= 0
+                {
+                    device_rows.push((pos(at), ordinal(at) as usize));
                 }
             }
+            device_rows.sort_unstable();
         }
-        let t_deliver = Instant::now();
-        self.counters.pick_time += t_deliver - t_pick;
-        let mut finished: Vec<(RequestId, FinishReason)> = Vec::new();
-        let mut failed: Vec<(RequestId, String)> = Vec::new();
-        for (id, _) in sample {
-            let Some(seq) = self.seqs.get_mut(&id) else {
+        let rows = StepRows::read(ctx, model.n_vocab() as usize, device_rows);
+        if !device_rows.is_empty() && !rows.strided() && !*warned_stride {
+            *warned_stride = true;
+            bevy::log::warn!(
+                "bevy_npc_llm: llama.cpp's device top-k rows are not where expected; reading them row by row (slower)"
+            );
+        }
+        let mut work: Vec<(&mut Active, Row<'_>)> = Vec::with_capacity(sample.len());
+        let mut full_rows = 0;
+        for (slot, a) in sched.records_mut() {
+            let Some(at) = a.pending.take() else {
                 continue;
             };
-            let tok = match seq.picked.take() {
+            let on_device = attached(slot);
+            let row = match (ordinal(at), on_device) {
+                (r, _) if r < 0 => None,
+                (r, true) => rows
+                    .top(pos(at), r as usize)
+                    .map(|(ids, l)| Row::Top(ids, l)),
+                (r, false) => rows.full(r as usize).map(Row::Full),
+            };
+            let Some(row) = row else {
+                a.picked = Some(Err(format!(
+                    "llama.cpp returned no {} for this sequence",
+                    if on_device {
+                        "device candidates"
+                    } else {
+                        "logits"
+                    }
+                )));
+                continue;
+            };
+            if matches!(row, Row::Full(_)) {
+                full_rows += 1;
+            }
+            work.push((a, row));
+        }
+        counters.device_sampled_tokens += (work.len() - full_rows) as u64;
+        token_choice::choose_all(pool.as_ref(), &mut work, full_rows);
+    }
+
+    /// Deliver each named sequence's chosen token, in the step's order, then
+    /// end the sequences that are done (failed ones typed).
+    fn deliver_tokens(&mut self, sample: &[(RequestId, usize)]) {
+        let mut finished: Vec<(RequestId, FinishReason)> = Vec::new();
+        let mut failed: Vec<(RequestId, String)> = Vec::new();
+        for &(id, _) in sample {
+            let Some(i) = self.sched.position(id) else {
+                continue;
+            };
+            let a = self.sched.data_at(i);
+            let tok = match a.picked.take() {
                 Some(Ok(t)) => t,
                 Some(Err(e)) => {
                     failed.push((id, e));
@@ -767,100 +698,24 @@ impl<'m> Server<'m> {
                 }
                 None => continue,
             };
-            let now = Instant::now();
-            if seq.first_token.is_none() {
-                seq.first_token = Some(now);
-            }
-            seq.last_token = now;
             self.counters.generated_tokens += 1;
-            // A constraint allows end-of-generation only once it is complete,
-            // and then nothing else: it ends the request even with ignore_eos.
-            if self.model.vocab().is_eog(tok) && (!seq.ignore_eos || seq.matcher.is_some()) {
-                finished.push((id, FinishReason::EndOfTurn));
-                continue;
-            }
-            seq.generated += 1;
-            let bytes = self.model.vocab().token_to_piece(tok, false, None);
-            let piece = seq.utf8.push(&bytes);
-            let released = seq.stops.push(&piece);
-            if !released.text.is_empty() {
-                seq.text.push_str(&released.text);
-                let _ = self.events.send(Event::Token {
-                    id,
-                    text: released.text,
-                });
-            }
-            if released.stopped {
-                finished.push((id, FinishReason::StopString));
-            } else if seq.generated >= seq.max_tokens {
-                finished.push((id, FinishReason::MaxTokens));
-            } else if !self.sched.sampled(id, tok) {
+            if let Some(reason) = a.deliver(tok, self.model, &self.events) {
+                finished.push((id, reason));
+            } else if !self.sched.sampled_at(i, tok) {
                 finished.push((id, FinishReason::ContextFull));
             }
         }
-        self.counters.deliver_time += t_deliver.elapsed();
-        self.counters.sample_time += t_sample.elapsed();
         for (id, error) in failed {
             if self.sched.finish(id).is_some() {
-                self.seqs.remove(&id);
                 self.fail(id, LlmError::InvalidConstraint(error));
             }
         }
         for (id, reason) in finished {
-            if let (Some(released), Some(seq)) = (self.sched.finish(id), self.seqs.remove(&id)) {
-                self.complete(seq, reason, released);
+            if let Some(released) = self.sched.finish(id) {
+                self.counters.completed += 1;
+                delivery::complete(released, reason, &self.events);
             }
         }
-    }
-
-    fn complete(&mut self, mut seq: Seq, finish: FinishReason, released: Released) {
-        let tail = seq.utf8.finish();
-        let mut rest = String::new();
-        if !tail.is_empty() {
-            let r = seq.stops.push(&tail);
-            rest.push_str(&r.text);
-        }
-        if finish != FinishReason::StopString {
-            rest.push_str(&seq.stops.finish());
-        }
-        if !rest.is_empty() {
-            seq.text.push_str(&rest);
-            self.send(Event::Token {
-                id: seq.job.id,
-                text: rest,
-            });
-        }
-        let gen_time = seq
-            .first_token
-            .map_or(Duration::ZERO, |f| seq.last_token.duration_since(f));
-        let stats = RequestStats {
-            prompt_tokens: released.prompt_tokens,
-            reused_prefix_tokens: released.reused,
-            generated_tokens: seq.generated,
-            queue_time: seq.started.duration_since(seq.job.submitted),
-            time_to_first_token: seq.first_token.map(|f| f.duration_since(seq.job.submitted)),
-            generation_time: gen_time,
-            tokens_per_second: if gen_time.as_secs_f32() > 0.0 && seq.generated > 1 {
-                (seq.generated - 1) as f32 / gen_time.as_secs_f32()
-            } else {
-                0.0
-            },
-            slot: released.slot,
-        };
-        self.counters.completed += 1;
-        let output = seq
-            .job
-            .constraint
-            .as_ref()
-            .filter(|c| c.is_json())
-            .map(|c| crate::constraint::parse_output(c, &seq.text, finish));
-        self.send(Event::Completed {
-            id: seq.job.id,
-            text: std::mem::take(&mut seq.text),
-            finish,
-            stats,
-            output,
-        });
     }
 
     pub(crate) fn send_counters(&mut self, queued: usize) {

@@ -41,7 +41,7 @@ fn id(n: u64) -> RequestId {
 }
 
 /// Decode every plan; sample a fixed token for everything it names.
-fn run_step(s: &mut Scheduler<u32>) -> Applied {
+fn run_step(s: &mut Scheduler<u32>) -> Applied<()> {
     let plan = s.plan();
     let applied = s.apply(plan, Outcome::Decoded);
     for &(rid, _) in &applied.sample {
@@ -77,11 +77,12 @@ fn sat_out_sequences_record_nothing_while_a_high_prompt_is_read() {
     // a High prompt arrives. Those that sit out must not record a token.
     let mut s = Scheduler::new(limits(8, 64), true);
     for n in 0..6 {
-        s.admit(id(n), 0, Some(n), vec![1, 2, 3], |_| -1).unwrap();
+        s.admit(id(n), 0, Some(n), vec![1, 2, 3], |_| -1, ())
+            .unwrap();
     }
     run_step(&mut s); // all six prompts decoded, each sampled once
     let before: Vec<usize> = (0..6).map(|n| s.kv_of(id(n)).unwrap().len()).collect();
-    s.admit(id(99), HIGH, None, (0..40).collect(), |_| -1)
+    s.admit(id(99), HIGH, None, (0..40).collect(), |_| -1, ())
         .unwrap();
     let plan = s.plan();
     assert_eq!(plan.sequences(), 1, "the High prompt decodes alone");
@@ -106,7 +107,7 @@ fn with_two_lanes_the_player_step_computes_alone_until_its_first_token() {
     l.layout = Layout::with_slots(4, 2);
     let mut s = Scheduler::new(l, true);
     for n in 0..3 {
-        s.admit(id(n), 0, None, vec![1, 2, 3], |_| -1).unwrap();
+        s.admit(id(n), 0, None, vec![1, 2, 3], |_| -1, ()).unwrap();
     }
     for lane in [0, 1] {
         let plan = s.plan_lane(lane);
@@ -116,7 +117,7 @@ fn with_two_lanes_the_player_step_computes_alone_until_its_first_token() {
     }
     assert_eq!(s.urgent_slot(), None);
     let admitted = s
-        .admit(id(99), HIGH, None, (0..20).collect(), |_| -1)
+        .admit(id(99), HIGH, None, (0..20).collect(), |_| -1, ())
         .unwrap();
     assert_eq!(admitted.slot % 2, 1, "the kept slot is in lane 1");
     assert_eq!(s.urgent_slot(), Some(admitted.slot));
@@ -147,8 +148,8 @@ fn with_two_lanes_the_player_step_computes_alone_until_its_first_token() {
     let _ = s.apply(plan, Outcome::Decoded);
     // A lane never sits out longer than the bound, whatever the player does.
     let mut s = Scheduler::new(l, true);
-    s.admit(id(1), 0, None, vec![1, 2, 3], |_| -1).unwrap();
-    s.admit(id(99), HIGH, None, (0..20).collect(), |_| -1)
+    s.admit(id(1), 0, None, vec![1, 2, 3], |_| -1, ()).unwrap();
+    s.admit(id(99), HIGH, None, (0..20).collect(), |_| -1, ())
         .unwrap();
     let mut empty = 0;
     loop {
@@ -167,14 +168,14 @@ fn a_sequence_sat_out_too_long_is_scheduled_regardless() {
     let mut l = limits(3, 64);
     l.max_sit_out = 2;
     let mut s = Scheduler::new(l, true);
-    s.admit(id(0), 0, None, vec![1, 2], |_| -1).unwrap();
+    s.admit(id(0), 0, None, vec![1, 2], |_| -1, ()).unwrap();
     run_step(&mut s);
     let mut next = 100;
     let mut sat = 0;
     for _ in 0..10 {
         // A High request arrives every step and reads its prompt.
         if s.can_admit(HIGH) {
-            s.admit(id(next), HIGH, None, (0..10).collect(), |_| -1)
+            s.admit(id(next), HIGH, None, (0..10).collect(), |_| -1, ())
                 .unwrap();
             next += 1;
         }
@@ -199,13 +200,14 @@ fn a_sequence_sat_out_too_long_is_scheduled_regardless() {
 #[test]
 fn normal_prompts_are_chunked_while_others_generate_high_prompts_are_not() {
     let mut s = Scheduler::new(limits(4, 64), true);
-    s.admit(id(0), 0, None, vec![1], |_| -1).unwrap();
+    s.admit(id(0), 0, None, vec![1], |_| -1, ()).unwrap();
     run_step(&mut s);
-    s.admit(id(1), 0, None, (0..20).collect(), |_| -1).unwrap();
+    s.admit(id(1), 0, None, (0..20).collect(), |_| -1, ())
+        .unwrap();
     let plan = s.plan();
     assert_eq!(plan.prompt_tokens(), 4, "chunk cap");
     let _ = s.apply(plan, Outcome::Decoded);
-    s.admit(id(2), HIGH, None, (0..30).collect(), |_| -1)
+    s.admit(id(2), HIGH, None, (0..30).collect(), |_| -1, ())
         .unwrap();
     let plan = s.plan();
     assert_eq!(
@@ -220,7 +222,8 @@ fn normal_prompts_are_chunked_while_others_generate_high_prompts_are_not() {
 #[test]
 fn no_kv_slot_halves_the_batch_then_fails_one_sequence_typed() {
     let mut s = Scheduler::new(limits(4, 32), true);
-    s.admit(id(0), 0, None, (0..20).collect(), |_| -1).unwrap();
+    s.admit(id(0), 0, None, (0..20).collect(), |_| -1, ())
+        .unwrap();
     let plan = s.plan();
     assert_eq!(plan.tokens.len(), 20);
     let a = s.apply(plan, Outcome::NoKvSlot);
@@ -251,10 +254,11 @@ fn no_kv_slot_halves_the_batch_then_fails_one_sequence_typed() {
 #[test]
 fn a_failed_decode_fails_only_the_sequences_in_that_batch() {
     let mut s = Scheduler::new(limits(4, 64), true);
-    s.admit(id(0), 0, None, vec![1, 2], |_| -1).unwrap();
-    s.admit(id(1), 0, None, vec![1, 2], |_| -1).unwrap();
+    s.admit(id(0), 0, None, vec![1, 2], |_| -1, ()).unwrap();
+    s.admit(id(1), 0, None, vec![1, 2], |_| -1, ()).unwrap();
     run_step(&mut s);
-    s.admit(id(2), HIGH, None, vec![3, 4, 5], |_| -1).unwrap();
+    s.admit(id(2), HIGH, None, vec![3, 4, 5], |_| -1, ())
+        .unwrap();
     let plan = s.plan();
     assert!(plan.holds(id(2)) && !plan.holds(id(0)) && !plan.holds(id(1)));
     let a = s.apply(plan, Outcome::Failed("boom".into()));
@@ -268,11 +272,11 @@ fn a_failed_decode_fails_only_the_sequences_in_that_batch() {
 #[test]
 fn the_last_slot_is_kept_for_high_priority() {
     let mut s = Scheduler::new(limits(3, 64), true);
-    s.admit(id(0), 0, None, vec![1], |_| -1).unwrap();
-    s.admit(id(1), 0, None, vec![1], |_| -1).unwrap();
+    s.admit(id(0), 0, None, vec![1], |_| -1, ()).unwrap();
+    s.admit(id(1), 0, None, vec![1], |_| -1, ()).unwrap();
     assert!(!s.can_admit(0));
     assert!(s.can_admit(HIGH));
-    s.admit(id(2), HIGH, None, vec![1], |_| -1).unwrap();
+    s.admit(id(2), HIGH, None, vec![1], |_| -1, ()).unwrap();
     assert!(!s.can_admit(HIGH));
     // One slot: it is shared, nothing is kept back.
     let s1 = Scheduler::<u32>::new(limits(1, 8), true);
@@ -283,14 +287,14 @@ fn the_last_slot_is_kept_for_high_priority() {
 fn prompts_that_leave_no_room_to_answer_are_rejected_typed() {
     let mut s = Scheduler::new(limits(2, 64), true);
     assert_eq!(
-        s.admit(id(0), 0, None, vec![0; 64], |_| -1),
+        s.admit(id(0), 0, None, vec![0; 64], |_| -1, ()),
         Err(LlmError::PromptTooLong {
             tokens: 64,
             limit: 63
         })
     );
     assert_eq!(
-        s.admit(id(0), 0, None, vec![], |_| -1),
+        s.admit(id(0), 0, None, vec![], |_| -1, ()),
         Err(LlmError::EmptyPrompt)
     );
     assert!(s.is_idle() && s.can_admit(0));
@@ -305,15 +309,18 @@ fn a_fully_cached_prompt_checks_the_window_before_its_last_token() {
     l.swa_window = 4;
     let mut s = Scheduler::new(l, true);
     let prompt: Vec<u32> = (0..23).collect();
-    s.admit(id(0), 0, Some(1), prompt.clone(), |_| -1).unwrap();
+    s.admit(id(0), 0, Some(1), prompt.clone(), |_| -1, ())
+        .unwrap();
     run_step(&mut s);
     s.finish(id(0)).unwrap();
     // The window kept positions 19..23: position 22 needs 18.
-    let a = s.admit(id(1), 0, Some(1), prompt.clone(), |_| 19).unwrap();
+    let a = s
+        .admit(id(1), 0, Some(1), prompt.clone(), |_| 19, ())
+        .unwrap();
     assert_eq!(a.reuse, 0);
     run_step(&mut s); // read again: the cache holds all 23 tokens
     s.finish(id(1)).unwrap();
-    let a = s.admit(id(2), 0, Some(1), prompt, |_| 18).unwrap();
+    let a = s.admit(id(2), 0, Some(1), prompt, |_| 18, ()).unwrap();
     assert_eq!(a.reuse, 22);
 }
 
@@ -324,12 +331,13 @@ fn prefix_reuse_respects_what_a_sliding_window_cache_still_holds() {
     for (first, want) in [(0, 20), (12, 20), (13, 0)] {
         let mut s = Scheduler::new(l, true);
         let prompt: Vec<u32> = (0..20).collect();
-        s.admit(id(0), 0, Some(1), prompt.clone(), |_| -1).unwrap();
+        s.admit(id(0), 0, Some(1), prompt.clone(), |_| -1, ())
+            .unwrap();
         run_step(&mut s);
         s.finish(id(0)).unwrap();
         let mut longer = prompt.clone();
         longer.extend([7, 50, 51]);
-        let a = s.admit(id(1), 0, Some(1), longer, |_| first).unwrap();
+        let a = s.admit(id(1), 0, Some(1), longer, |_| first, ()).unwrap();
         assert_eq!(a.reuse, want, "first position {first}");
     }
 }
@@ -343,7 +351,7 @@ fn prefix_reuse_respects_what_a_sliding_window_cache_still_holds() {
 fn gap_in_the_middle(l: Limits, cache: bool, steps: usize) -> Scheduler<u32> {
     let mut s = Scheduler::new(l, cache);
     for (n, prompt) in [vec![1], vec![1, 2, 3], vec![1]].into_iter().enumerate() {
-        s.admit(id(n as u64), 0, Some(n as u64), prompt, |_| -1)
+        s.admit(id(n as u64), 0, Some(n as u64), prompt, |_| -1, ())
             .unwrap();
     }
     for _ in 0..steps {
@@ -361,10 +369,10 @@ fn gap_in_the_middle(l: Limits, cache: bool, steps: usize) -> Scheduler<u32> {
 fn talking_then_arriving(l: Limits, prompt: Vec<u32>) -> Scheduler<u32> {
     let mut s = Scheduler::new(l, true);
     for n in 0..3 {
-        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
+        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1, ()).unwrap();
     }
     run_step(&mut s);
-    s.admit(id(7), 0, Some(7), prompt, |_| -1).unwrap();
+    s.admit(id(7), 0, Some(7), prompt, |_| -1, ()).unwrap();
     s
 }
 
@@ -435,7 +443,7 @@ fn gap_fillers_table() {
 
     // A High prompt read in the step (the player's): not filled.
     let mut s = gap_in_the_middle(on, true, 1);
-    s.admit(id(9), HIGH, None, vec![4, 5], |_| -1).unwrap();
+    s.admit(id(9), HIGH, None, vec![4, 5], |_| -1, ()).unwrap();
     let plan = s.plan();
     assert!(
         plan.fillers.is_empty(),
@@ -454,7 +462,7 @@ fn gap_fillers_table() {
         true,
         1,
     );
-    s.admit(id(7), 0, Some(7), vec![4, 5, 6, 7, 8, 9], |_| -1)
+    s.admit(id(7), 0, Some(7), vec![4, 5, 6, 7, 8, 9], |_| -1, ())
         .unwrap();
     let plan = s.plan();
     assert_eq!(plan.fillers, one_at_3);
@@ -527,7 +535,7 @@ fn gap_fillers_table() {
     for ends in [vec![0], vec![0, 1]] {
         let mut s = Scheduler::new(on, true);
         for n in 0..3 {
-            s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
+            s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1, ()).unwrap();
         }
         run_step(&mut s);
         for n in ends {
@@ -546,7 +554,7 @@ fn gap_fillers_table() {
     };
     let mut s = Scheduler::new(l, true);
     for n in 0..14 {
-        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
+        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1, ()).unwrap();
     }
     run_step(&mut s);
     for n in 1..13 {
@@ -563,7 +571,7 @@ fn crowd(l: Limits, lens: &[usize]) -> Scheduler<u32> {
     let mut s = Scheduler::new(l, true);
     for (n, &len) in lens.iter().enumerate() {
         let prompt = (0..len as u32).map(|t| 1 + t + 100 * n as u32).collect();
-        s.admit(id(n as u64), 0, Some(n as u64), prompt, |_| -1)
+        s.admit(id(n as u64), 0, Some(n as u64), prompt, |_| -1, ())
             .unwrap();
     }
     s
@@ -656,7 +664,8 @@ fn even_prompt_steps_table() {
     };
     greedy("window", window, &mut crowd(window, &[5, 7, 9]));
     let mut s = crowd(even, &[5, 7]);
-    s.admit(id(9), HIGH, None, vec![4, 5, 6], |_| -1).unwrap();
+    s.admit(id(9), HIGH, None, vec![4, 5, 6], |_| -1, ())
+        .unwrap();
     greedy("High", even, &mut s);
     let mut s = crowd(
         Limits {
@@ -666,7 +675,7 @@ fn even_prompt_steps_table() {
         &[2, 2, 2],
     );
     run_step(&mut s);
-    s.admit(id(5), 0, Some(5), (1..=12).collect(), |_| -1)
+    s.admit(id(5), 0, Some(5), (1..=12).collect(), |_| -1, ())
         .unwrap();
     // Three generate (1 token each), one prompt slice of 4 (the chunk
     // cap): 4 × 4 = 16 tokens for 7 of their own.
@@ -686,7 +695,8 @@ fn even_prompt_steps_table() {
     };
     let mut s = crowd(tight, &[6]);
     run_step(&mut s);
-    s.admit(id(1), 0, Some(1), vec![3, 4, 5], |_| -1).unwrap();
+    s.admit(id(1), 0, Some(1), vec![3, 4, 5], |_| -1, ())
+        .unwrap();
     greedy("KV room", tight, &mut s);
     // Cache off: slices of 3 (batch 9), slot 1's line ends, its KV is
     // unknown while slot 2 still reads its prompt.
@@ -696,7 +706,7 @@ fn even_prompt_steps_table() {
     };
     let mut s = Scheduler::new(off, false);
     for (n, len) in [(0, 2), (1, 2), (2, 6)] {
-        s.admit(id(n), 0, None, (1..=len).collect(), |_| -1)
+        s.admit(id(n), 0, None, (1..=len).collect(), |_| -1, ())
             .unwrap();
     }
     let plan = s.plan();
@@ -714,11 +724,11 @@ fn even_prompt_steps_table() {
     };
     let mut s = Scheduler::new(l, true);
     for n in 0..3 {
-        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1).unwrap();
+        s.admit(id(n), 0, Some(n), vec![1, 2], |_| -1, ()).unwrap();
     }
     run_step(&mut s);
     assert!(s.finish(id(1)).is_some());
-    let a = s.admit(id(7), 0, Some(7), vec![3, 4], |_| -1).unwrap();
+    let a = s.admit(id(7), 0, Some(7), vec![3, 4], |_| -1, ()).unwrap();
     assert_eq!(a.slot, 3);
     let plan = s.plan();
     // Slots 0 and 2 generate, slot 3 reads 2 prompt tokens, slot 1 is idle
@@ -1242,7 +1252,7 @@ impl Harness {
             let kv = &self.kv;
             match self
                 .s
-                .admit(rid, priority, key, prompt, |slot| kv.first_pos(slot))
+                .admit(rid, priority, key, prompt, |slot| kv.first_pos(slot), ())
             {
                 Ok(a) => {
                     assert!(
@@ -1617,7 +1627,7 @@ proptest! {
                 }
                 queue.pop_front();
                 let prompt: Vec<u32> = (0..p as u32).map(|t| t + 100 * n as u32).collect();
-                s.admit(id(n), prio, None, prompt, |_| -1).unwrap();
+                s.admit(id(n), prio, None, prompt, |_| -1, ()).unwrap();
                 generated.insert(n, (0, m));
             }
             let lane = turn.next().unwrap();
@@ -1791,7 +1801,7 @@ fn rounded_lone_prompt_steps_table() {
     for &(rid, _) in &applied.sample {
         assert!(s.sampled(rid, 7));
     }
-    s.admit(id(9), 0, Some(9), vec![3; 6], |_| -1).unwrap();
+    s.admit(id(9), 0, Some(9), vec![3; 6], |_| -1, ()).unwrap();
     let plan = s.plan();
     assert!(
         !plan.rounded && plan.fillers.is_empty(),
@@ -1808,7 +1818,7 @@ fn a_cached_turn_of_the_player_is_rounded() {
     let on = rounding();
     let mut s: Scheduler<u32> = Scheduler::new(on, true);
     let first: Vec<u32> = (0..70).collect();
-    s.admit(id(0), HIGH, Some(1), first.clone(), |_| -1)
+    s.admit(id(0), HIGH, Some(1), first.clone(), |_| -1, ())
         .unwrap();
     let plan = s.plan();
     assert!(!plan.rounded, "70 tokens: not rounded");
@@ -1818,12 +1828,13 @@ fn a_cached_turn_of_the_player_is_rounded() {
     let _ = s.finish(id(0)).unwrap();
     // A Normal NPC talking, then the player's second turn: the 70 cached
     // tokens, the answer (77, never decoded: not cached) and 9 new ones.
-    s.admit(id(1), 0, Some(2), vec![500; 4], |_| -1).unwrap();
+    s.admit(id(1), 0, Some(2), vec![500; 4], |_| -1, ())
+        .unwrap();
     let _ = run_step(&mut s);
     let mut second = first;
     second.push(77);
     second.extend(200..209);
-    let admitted = s.admit(id(2), HIGH, Some(1), second, |_| -1).unwrap();
+    let admitted = s.admit(id(2), HIGH, Some(1), second, |_| -1, ()).unwrap();
     assert_eq!(admitted.reuse, 70);
     let plan = s.plan();
     check_fillers(&plan, &on);
