@@ -36,7 +36,10 @@ pub mod testing {
     /// would: every in-flight request then fails with `WorkerGone`, the model
     /// state becomes `Failed`, and the next `LoadModel` starts a new worker.
     pub fn crash_worker(world: &mut World) {
-        if let Some(w) = &world.resource::<crate::engine::bridge::LlmEngine>().worker {
+        if let Some(w) = &world
+            .resource::<crate::engine::connection::LlmEngine>()
+            .worker
+        {
             w.crash();
         }
     }
@@ -58,7 +61,7 @@ pub mod testing {
         use crate::engine::protocol::Event;
         let mut out = WorkerExit::default();
         let worker = world
-            .resource_mut::<crate::engine::bridge::LlmEngine>()
+            .resource_mut::<crate::engine::connection::LlmEngine>()
             .worker
             .take();
         for event in worker.map(|w| w.into_handle().exit()).unwrap_or_default() {

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use bevy::prelude::*;
 
 use crate::engine::backend::local::LocalBackend;
-use crate::engine::bridge::{self, LlmEngine};
+use crate::engine::bridge;
+use crate::engine::connection::LlmEngine;
 use crate::engine::{LlmDiagnostics, LlmEngineStats, LlmModelState};
 use crate::events::*;
 use crate::hardware::{BackendStatus, HardwareProfile};

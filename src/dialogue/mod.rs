@@ -31,6 +31,7 @@ mod machine;
 mod prompt;
 mod save;
 mod say_stream;
+mod step;
 mod systems;
 
 use bevy::prelude::*;
@@ -149,7 +150,7 @@ impl Plugin for NpcDialoguePlugin {
                     systems::despawn_ended,
                     systems::route_inputs,
                     systems::route_engine,
-                    systems::step.before(actions::LineActions),
+                    step::step.before(actions::LineActions),
                 )
                     .chain()
                     .in_set(NpcLlmSystems::Dialogue),

@@ -5,11 +5,13 @@
 pub(crate) mod backend;
 pub(crate) mod bridge;
 pub(crate) mod config;
+pub(crate) mod connection;
 pub(crate) mod constraint_jobs;
 pub(crate) mod delivery;
 pub(crate) mod device_sampling;
 pub(crate) mod layout;
 pub(crate) mod load_intent;
+pub(crate) mod loading;
 pub(crate) mod prompt;
 pub(crate) mod protocol;
 pub(crate) mod row_pool;
