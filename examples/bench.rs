@@ -1426,6 +1426,12 @@ fn frames(args: &Args, f: &mut Figures) {
     }
     f.add(
         "frames",
+        "idle: plugin systems p50",
+        percentile(&mut idle_p, 0.5),
+        "ms",
+    );
+    f.add(
+        "frames",
         "idle: plugin systems p99",
         percentile(&mut idle_p, 0.99),
         "ms",

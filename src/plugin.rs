@@ -215,11 +215,23 @@ impl Plugin for NpcLlmPlugin {
             .add_systems(
                 PreUpdate,
                 (
-                    (bridge::control, crate::download::start_downloads)
+                    // Each runs only when it has something to do: an idle
+                    // frame costs the run conditions, no system task.
+                    (
+                        bridge::control.run_if(bridge::control_has_work),
+                        crate::download::start_downloads
+                            .run_if(crate::download::downloads_asked_for),
+                    )
                         .chain()
                         .in_set(NpcLlmSystems::Control),
-                    bridge::submit.in_set(NpcLlmSystems::Submit),
-                    (bridge::receive, crate::download::report_downloads)
+                    bridge::submit
+                        .run_if(bridge::submit_has_work)
+                        .in_set(NpcLlmSystems::Submit),
+                    (
+                        bridge::receive.run_if(bridge::receive_has_work),
+                        crate::download::report_downloads
+                            .run_if(crate::download::downloads_running),
+                    )
                         .chain()
                         .in_set(NpcLlmSystems::Receive),
                 ),

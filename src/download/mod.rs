@@ -217,6 +217,19 @@ pub(crate) fn job_for(
 }
 
 /// [`NpcLlmSystems::Control`](crate::NpcLlmSystems::Control): start and cancel downloads.
+/// Whether a download was asked for or cancelled this frame.
+pub(crate) fn downloads_asked_for(
+    mut starts: MessageReader<DownloadModel>,
+    mut cancels: MessageReader<CancelModelDownload>,
+) -> bool {
+    starts.read().count() + cancels.read().count() > 0
+}
+
+/// Whether a download runs (its reports wait to be read).
+pub(crate) fn downloads_running(downloads: Res<ModelDownloads>) -> bool {
+    !downloads.active.is_empty()
+}
+
 pub(crate) fn start_downloads(
     mut downloads: ResMut<ModelDownloads>,
     mut starts: MessageReader<DownloadModel>,

@@ -96,6 +96,45 @@ pub(crate) fn control(
     }
 }
 
+/// Whether [`control`] has anything to do this frame: a load, unload or
+/// download message, or knobs the worker does not have yet. An idle frame
+/// runs none of the plugin's systems (run conditions cost no task).
+pub(crate) fn control_has_work(
+    mut loads: MessageReader<LoadModel>,
+    mut unloads: MessageReader<UnloadModel>,
+    mut downloaded: MessageReader<crate::download::ModelDownloaded>,
+    mut download_failed: MessageReader<crate::download::ModelDownloadFailed>,
+    mut download_progress: MessageReader<crate::download::ModelDownloadProgress>,
+    engine: Res<LlmEngine>,
+    settings: Res<LlmSettings>,
+) -> bool {
+    let messages = loads.read().count()
+        + unloads.read().count()
+        + downloaded.read().count()
+        + download_failed.read().count()
+        + download_progress.read().count();
+    messages > 0 || (engine.worker.is_some() && engine.knobs != Some(knobs(&settings)))
+}
+
+/// Whether [`submit`] has anything to do this frame: a new, replaced or
+/// removed request, or a cancellation.
+pub(crate) fn submit_has_work(
+    mut cancels: MessageReader<CancelLlmRequest>,
+    mut removed: RemovedComponents<LlmRequest>,
+    new: Query<(), Changed<LlmRequest>>,
+) -> bool {
+    let messages = cancels.read().count() + removed.read().count();
+    messages > 0 || !new.is_empty()
+}
+
+/// Whether [`receive`] has anything to deliver this frame: events of the
+/// worker, of a retired one, or of this side.
+pub(crate) fn receive_has_work(engine: Res<LlmEngine>) -> bool {
+    !engine.local.is_empty()
+        || !engine.retiring.is_empty()
+        || engine.backend().is_some_and(|w| w.has_events())
+}
+
 /// [`NpcLlmSystems::Submit`](crate::NpcLlmSystems::Submit): new requests and cancellations.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn submit(

@@ -60,6 +60,11 @@ pub(crate) trait InferenceBackend: Send + Sync {
         self.handle().send(Command::Configure(knobs))
     }
 
+    /// Whether an event waits to be polled.
+    fn has_events(&self) -> bool {
+        !self.handle().events.is_empty()
+    }
+
     /// Every event that arrived since the last poll, without waiting.
     fn poll(&self, out: &mut Vec<Event>) {
         out.extend(self.handle().events.try_iter());
