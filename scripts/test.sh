@@ -16,6 +16,9 @@ mkdir -p "$CARGO_TARGET_DIR"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 start=$(date +%s)
 cargo fmt --all -- --check
+# No import cycle between files of src/, no import from a higher layer, no
+# file over 800 lines (tests aside).
+python3 scripts/import-graph.py --layers
 cargo clippy --all-targets -- -D warnings
 # Every feature and combination the crate offers compiles and lints, with
 # every target (examples included), so none can rot unnoticed: no default

@@ -277,9 +277,10 @@ pub struct GpuTuning {
     /// spread; docs/BENCHMARKS.md, session 14).
     /// Costs one token of compute and one logits row per filled sequence;
     /// only gaps between talking NPCs are filled, at most max(8, their
-    /// number). `None`: on with a GPU, off on the CPU; `Some(_)` applies
-    /// on any backend; never with unified KV or a sliding-window model
-    /// (nothing to fill, or a filler would move the window).
+    /// number). `None`: on with CUDA (where it was measured), off on other
+    /// GPU backends and the CPU; `Some(_)` applies on any backend; never
+    /// with unified KV or a sliding-window model (nothing to fill, or a
+    /// filler would move the window).
     pub fill_gaps: Option<bool>,
     /// With a KV stream per sequence, read the prompts of a step in even
     /// shares: each sequence of a step that reads a prompt gets the same
@@ -295,9 +296,9 @@ pub struct GpuTuning {
     /// KV or a sliding-window model. Measured on an H100 (docs/BENCHMARKS.md,
     /// session 13): the first token of 32 / 128 NPCs starting together in
     /// 22 / 61–65 ms instead of 44–93 / 175–182 ms, 128 NPCs' aggregate
-    /// +33 %; lines replacing lines unchanged. `None`: on with a GPU, off on
-    /// the CPU (no effect beyond the 2-core machine's spread there);
-    /// `Some(_)` applies on any backend.
+    /// +33 %; lines replacing lines unchanged. `None`: on with CUDA, off on
+    /// other GPU backends and the CPU (no effect beyond the 2-core machine's
+    /// spread there); `Some(_)` applies on any backend.
     pub even_prompt_steps: Option<bool>,
     /// Round a step that reads one sequence's prompt alone and ends it —
     /// the player's next line, an NPC resuming a cached conversation —
@@ -314,9 +315,13 @@ pub struct GpuTuning {
     /// cached turn's first token in 4.9–5.1 ms instead of 7.6–8.0 from the
     /// third turn in quick succession on; the second pays for recording the
     /// graph (about 16 ms), and a turn after more than 10 s idle is as
-    /// before. Steps over 64 tokens are not rounded. `None`: on with a
-    /// GPU, off on the CPU (where a token costs its compute); `Some(_)`
-    /// applies on any backend; never with a sliding-window model.
+    /// before. Steps over 64 tokens are not rounded. `None`: on with a CUDA
+    /// module patched for this engine's widths (detected at start:
+    /// [`GpuDevice::graph_patch`](crate::hardware::GpuDevice::graph_patch)),
+    /// off elsewhere (llama.cpp's module as shipped keeps one graph per
+    /// context, so a rounded step gains nothing there; on the CPU a token
+    /// costs its compute); `Some(_)` applies on any backend; never with a
+    /// sliding-window model.
     pub round_prompt_steps: Option<bool>,
     /// Flash attention on or off; `None`: llama.cpp's choice (on where the
     /// device supports it).
@@ -335,7 +340,7 @@ pub struct GpuTuning {
     /// player's prompt is read, the other lanes' NPCs sit out as in one
     /// lane. 0: the plan's choice (on a GPU at most 8 sequences a lane up to
     /// 64 sequences, 2 to 8 lanes, 4 beyond; 1 on the CPU; see
-    /// [`BackendPlan::lanes`](crate::hardware::BackendPlan::lanes)); a number
+    /// [`EngineConfig::lanes`](crate::hardware::EngineConfig::lanes)); a number
     /// applies on any backend (on the CPU the lanes share the cores, so it
     /// only costs there; the tests use it).
     pub lanes: u32,

@@ -13,13 +13,13 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
+use super::intake::Intake;
 use super::{BackendKind, InferenceBackend, LoadAbort, WorkerHandle};
 use crate::engine::config::EngineConfig;
 use crate::engine::constraint_jobs::ConstraintJobs;
 use crate::engine::layout::Layout;
-use crate::engine::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadTicket, LoadedModelInfo};
+use crate::engine::protocol::{Command, Event, Knobs, LoadSpec, LoadTicket, LoadedModelInfo};
 use crate::engine::serve::Server;
-use crate::engine::slots::JobQueue;
 use crate::errors::{LlmError, ModelLoadError};
 use crate::events::LoadPhase;
 use crate::registry::{VerifyOutcome, verify_model_file};
@@ -185,7 +185,7 @@ impl LocalBackend {
                         commands: cmd_rx,
                         events: ev_tx,
                         abort: abort2,
-                        queue: JobQueue::new(knobs.queue_capacity as usize),
+                        queue: Intake::new(knobs.queue_capacity as usize),
                         knobs,
                         no_model: None,
                     }
@@ -222,7 +222,7 @@ struct Worker {
     commands: Receiver<Command>,
     events: Sender<Event>,
     abort: Arc<LoadAbort>,
-    queue: JobQueue<Job>,
+    queue: Intake,
     knobs: Knobs,
     /// Why the last load failed when no model is left: requests arriving
     /// after it fail at once instead of waiting for a load nobody asked for.
@@ -342,26 +342,12 @@ impl Worker {
     fn handle_idle(&mut self, cmd: Command) -> Option<Next> {
         match cmd {
             Command::Submit(jobs) => {
-                for job in jobs {
-                    let id = job.id;
-                    if let Some(error) = &self.no_model {
-                        let error = LlmError::ModelUnavailable(error.clone());
-                        self.send(Event::Failed { id, error });
-                    } else if self.queue.push(job.priority, job).is_err() {
-                        self.send(Event::Failed {
-                            id,
-                            error: LlmError::QueueFull {
-                                capacity: self.knobs.queue_capacity as usize,
-                            },
-                        });
-                    }
-                }
+                self.queue
+                    .submit(jobs, self.no_model.as_ref(), &self.events);
                 None
             }
             Command::Cancel(id) => {
-                if self.queue.remove_where(|j| j.id == id).is_some() {
-                    self.send(Event::Cancelled { id });
-                }
+                self.queue.cancel(id, &self.events);
                 None
             }
             Command::Configure(k) => {
@@ -392,13 +378,7 @@ impl Worker {
     }
 
     fn fail_queue(&mut self, error: impl Fn() -> LlmError) {
-        let jobs: Vec<Job> = self.queue.drain().collect();
-        for job in jobs {
-            self.send(Event::Failed {
-                id: job.id,
-                error: error(),
-            });
-        }
+        self.queue.fail_all(error, &self.events);
     }
 
     fn load(&mut self, spec: &LoadSpec, ticket: LoadTicket) -> Result<Loaded, ModelLoadError> {

@@ -6,6 +6,7 @@
 //! [`InferenceBackend`], never which one it is talking to, except for the
 //! status shown to the player ([`BackendKind`]).
 
+pub(crate) mod intake;
 pub(crate) mod local;
 pub(crate) mod remote;
 

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, select};
 use serde_json::Value;
 
+use super::intake::Intake;
 use super::{BackendKind, InferenceBackend, WorkerHandle};
 use crate::engine::protocol::{
-    Command, EngineCounters, Event, Job, Knobs, LoadSpec, LoadedModelInfo, RequestId,
+    Command, EngineCounters, Event, Knobs, LoadSpec, LoadedModelInfo, RequestId,
 };
-use crate::engine::slots::JobQueue;
 use crate::errors::{LlmError, ModelLoadError, RemoteError};
 use crate::settings::{RemotePromptFormat, RemoteSettings};
 use stream::{Outcome, Reply, StreamControl};
@@ -135,7 +135,7 @@ pub(crate) fn spawn(
                     events: ev_tx,
                     done_tx,
                     done_rx,
-                    queue: JobQueue::new(knobs.queue_capacity as usize),
+                    queue: Intake::new(knobs.queue_capacity as usize),
                     active: HashMap::new(),
                     streams: streams.max(1),
                     connected: None,
@@ -158,13 +158,20 @@ pub(crate) fn spawn(
     )))
 }
 
+/// How often the counters go out while streams run.
+const COUNTERS_EVERY: Duration = Duration::from_millis(250);
+
+/// How long the worker waits for a command with no stream running (it
+/// blocks: nothing changes meanwhile).
+const IDLE_WAIT: Duration = Duration::from_secs(3600);
+
 struct RemoteWorker {
     cfg: Arc<RemoteConfig>,
     commands: Receiver<Command>,
     events: Sender<Event>,
     done_tx: Sender<(RequestId, Outcome)>,
     done_rx: Receiver<(RequestId, Outcome)>,
-    queue: JobQueue<Job>,
+    queue: Intake,
     active: HashMap<RequestId, Arc<StreamControl>>,
     streams: usize,
     /// The model name in use once the server answered.
@@ -200,9 +207,11 @@ impl RemoteWorker {
                         self.publish();
                     }
                 },
-                default(Duration::from_millis(250)) => {}
+                // While streams run, the counters (tokens generated) go out
+                // every 250 ms; with none, nothing changes: block (an hour).
+                default(if self.active.is_empty() { IDLE_WAIT } else { COUNTERS_EVERY }) => {}
             }
-            if last_counters.elapsed() >= Duration::from_millis(250) {
+            if !self.active.is_empty() && last_counters.elapsed() >= COUNTERS_EVERY {
                 self.publish();
                 last_counters = Instant::now();
             }
@@ -211,43 +220,25 @@ impl RemoteWorker {
         for control in self.active.values() {
             control.claim();
         }
-        for job in self.queue.drain().collect::<Vec<_>>() {
-            self.send(Event::Failed {
-                id: job.id,
-                error: LlmError::WorkerGone("the engine shut down".into()),
-            });
-        }
+        self.queue.fail_all(
+            || LlmError::WorkerGone("the engine shut down".into()),
+            &self.events,
+        );
     }
 
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Submit(jobs) => {
-                for job in jobs {
-                    if self.connected.is_none()
-                        && let Some(error) = &self.last_error
-                    {
-                        self.counters.failed += 1;
-                        self.send(Event::Failed {
-                            id: job.id,
-                            error: LlmError::ModelUnavailable(error.clone()),
-                        });
-                        continue;
-                    }
-                    if let Err(job) = self.queue.push(job.priority, job) {
-                        self.send(Event::Failed {
-                            id: job.id,
-                            error: LlmError::QueueFull {
-                                capacity: self.queue.len(),
-                            },
-                        });
-                    }
-                }
+                let unavailable = match &self.connected {
+                    None => self.last_error.as_ref(),
+                    Some(_) => None,
+                };
+                self.counters.failed += self.queue.submit(jobs, unavailable, &self.events);
                 self.pump();
             }
             Command::Cancel(id) => {
-                if let Some(job) = self.queue.remove_where(|j| j.id == id) {
+                if self.queue.cancel(id, &self.events) {
                     self.counters.cancelled += 1;
-                    self.send(Event::Cancelled { id: job.id });
                 } else if let Some(control) = self.active.get(&id)
                     && control.claim()
                 {
@@ -310,13 +301,9 @@ impl RemoteWorker {
                     still_loaded: self.connected.clone(),
                 });
                 if self.connected.is_none() {
-                    for job in self.queue.drain().collect::<Vec<_>>() {
-                        self.counters.failed += 1;
-                        self.send(Event::Failed {
-                            id: job.id,
-                            error: LlmError::ModelUnavailable(error.clone()),
-                        });
-                    }
+                    self.counters.failed += self
+                        .queue
+                        .fail_all(|| LlmError::ModelUnavailable(error.clone()), &self.events);
                 }
             }
         }
