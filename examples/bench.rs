@@ -1360,10 +1360,9 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-fn frames(args: &Args, f: &mut Figures) {
-    let mut s = base_settings(args);
-    s.sampling.max_tokens = args.tokens.max(128);
-    let mut app = ready_app(s);
+/// The two timer systems around the plugin's sets (before `Control`,
+/// after `Receive`), in `app`.
+fn add_plugin_timer(app: &mut App) {
     app.init_resource::<PluginTimer>();
     app.add_systems(
         PreUpdate,
@@ -1378,6 +1377,24 @@ fn frames(args: &Args, f: &mut Figures) {
             .after(NpcLlmSystems::Receive),
         ),
     );
+}
+
+fn frames(args: &Args, f: &mut Figures) {
+    // The floor: the same two timers in an app without the plugin (the
+    // executor's hand-off from one to the other, nothing between them).
+    let mut bare = App::new();
+    bare.add_plugins(MinimalPlugins);
+    add_plugin_timer(&mut bare);
+    let mut floor = Vec::with_capacity(3000);
+    for _ in 0..3000 {
+        bare.update();
+        floor.push(bare.world().resource::<PluginTimer>().last.as_secs_f64() * 1e3);
+    }
+    drop(bare);
+    let mut s = base_settings(args);
+    s.sampling.max_tokens = args.tokens.max(128);
+    let mut app = ready_app(s);
+    add_plugin_timer(&mut app);
     let measure = |app: &mut App, frames: usize, until_done: Option<&[Entity]>| {
         let (mut ft, mut pt) = (Vec::new(), Vec::new());
         for _ in 0..frames {
@@ -1424,6 +1441,12 @@ fn frames(args: &Args, f: &mut Figures) {
             "ms",
         );
     }
+    f.add(
+        "frames",
+        "idle, no plugin (the timers alone): p99",
+        percentile(&mut floor, 0.99),
+        "ms",
+    );
     f.add(
         "frames",
         "idle: plugin systems p50",

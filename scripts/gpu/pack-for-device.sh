@@ -19,12 +19,9 @@ cache=${BEVY_NPC_LLM_CACHE:-$HOME/.cache/bevy_npc_llm}
 model=assets/models/SmolLM2-135M-Instruct.Q4_1.gguf
 bash scripts/fetch-models.sh smollm2-135m-instruct-q4_1 >/dev/null
 cargo build --examples --features dynamic-backends
-ver=$(grep -A1 'name = "llama-cpp-sys-2"' Cargo.lock | sed -n 's/version = "\(.*\)"/\1/p')
-src=$(ls -d "$HOME"/.cargo/registry/src/*/llama-cpp-sys-2-"$ver" | head -1)
 out=$(dirname "$(ls -d "$CARGO_TARGET_DIR"/debug/build/llama-cpp-sys-2-*/out/backends | head -1)")
 rm -rf .device /tmp/npc-llm-bins && mkdir -p .device/a .device/b .device/c /tmp/npc-llm-bins/backends
-tar czf .device/a/llama-src.tar.gz -C "$src" llama.cpp/CMakeLists.txt llama.cpp/cmake \
-    llama.cpp/ggml llama.cpp/src llama.cpp/include llama.cpp/vendor llama.cpp/common
+cargo xtask llama-src .device/a/llama-src.tar.gz
 # llama.cpp's own tools, from the llama.cpp inside llama-cpp-python's source
 # package (the crate ships none), without models/docs/examples/tests.
 tools=$cache/dl/llama-tools-src.tar.gz

@@ -128,11 +128,13 @@ pub(crate) fn submit_has_work(
 }
 
 /// Whether [`receive`] has anything to deliver this frame: events of the
-/// worker, of a retired one, or of this side.
-pub(crate) fn receive_has_work(engine: Res<LlmEngine>) -> bool {
+/// worker, of a retired one, or of this side, or requests submitted since
+/// `LlmEngineStats::in_flight` was counted.
+pub(crate) fn receive_has_work(engine: Res<LlmEngine>, stats: Res<LlmEngineStats>) -> bool {
     !engine.local.is_empty()
         || !engine.retiring.is_empty()
         || engine.backend().is_some_and(|w| w.has_events())
+        || stats.in_flight != engine.by_id.len()
 }
 
 /// [`NpcLlmSystems::Submit`](crate::NpcLlmSystems::Submit): new requests and cancellations.
@@ -315,16 +317,7 @@ pub(crate) fn receive(
                 };
                 out.load_failed.write(ModelLoadFailed { model, error });
                 if fall_back {
-                    warn!(
-                        "bevy_npc_llm: falling back to the remote server {}",
-                        crate::settings::redact_url(&settings.remote.base_url)
-                    );
-                    match serve_remotely(&mut engine, &settings, &mut state) {
-                        Ok(m) => moved = m,
-                        Err(e) => {
-                            error!("bevy_npc_llm: cannot fall back to the remote server: {e}")
-                        }
-                    }
+                    moved = fall_back_to_remote(&mut engine, &settings, &mut state);
                 }
             }
             Event::Unloaded { model } => {
@@ -342,20 +335,7 @@ pub(crate) fn receive(
                 out.unloaded.write(ModelUnloaded { model });
             }
             Event::Counters(c) => {
-                let now = Instant::now();
-                match engine.last_rate {
-                    Some((t, n)) if now.duration_since(t).as_secs_f32() >= 0.5 => {
-                        let dt = now.duration_since(t).as_secs_f32();
-                        stats.tokens_per_second = c.generated_tokens.saturating_sub(n) as f32 / dt;
-                        engine.last_rate = Some((now, c.generated_tokens));
-                    }
-                    // First figures, or a new model's counters starting at zero.
-                    None => engine.last_rate = Some((now, c.generated_tokens)),
-                    Some((_, n)) if c.generated_tokens < n => {
-                        engine.last_rate = Some((now, c.generated_tokens));
-                    }
-                    _ => {}
-                }
+                tokens_per_second(&mut engine, &mut stats, c.generated_tokens);
                 stats.counters = *c;
             }
             Event::Stopped { reason } => {
@@ -374,16 +354,9 @@ pub(crate) fn receive(
                 // Every request still in flight fails; nothing hangs.
                 let ids: Vec<RequestId> = engine.by_id.keys().copied().collect();
                 for id in ids {
-                    deliver(
-                        &mut commands,
-                        &mut engine,
-                        &mut statuses,
-                        &mut out,
-                        Event::Failed {
-                            id,
-                            error: LlmError::WorkerGone(reason.clone()),
-                        },
-                    );
+                    let error = LlmError::WorkerGone(reason.clone());
+                    let ev = Event::Failed { id, error };
+                    deliver(&mut commands, &mut engine, &mut statuses, &mut out, ev);
                 }
             }
             other => {
@@ -403,6 +376,40 @@ pub(crate) fn receive(
 }
 
 /// Route one request event to its entity.
+/// The local backend failed to load with the remote server as fallback:
+/// serve remotely; the requests that moved there.
+fn fall_back_to_remote(
+    engine: &mut LlmEngine,
+    settings: &LlmSettings,
+    state: &mut LlmModelState,
+) -> HashSet<RequestId> {
+    warn!(
+        "bevy_npc_llm: falling back to the remote server {}",
+        crate::settings::redact_url(&settings.remote.base_url)
+    );
+    serve_remotely(engine, settings, state).unwrap_or_else(|e| {
+        error!("bevy_npc_llm: cannot fall back to the remote server: {e}");
+        HashSet::new()
+    })
+}
+
+/// The generation rate over at least half a second, from the worker's
+/// running count of generated tokens.
+fn tokens_per_second(engine: &mut LlmEngine, stats: &mut LlmEngineStats, generated: u64) {
+    let now = Instant::now();
+    match engine.last_rate {
+        Some((t, n)) if now.duration_since(t).as_secs_f32() >= 0.5 => {
+            let dt = now.duration_since(t).as_secs_f32();
+            stats.tokens_per_second = generated.saturating_sub(n) as f32 / dt;
+            engine.last_rate = Some((now, generated));
+        }
+        // First figures, or a new model's counters starting at zero.
+        None => engine.last_rate = Some((now, generated)),
+        Some((_, n)) if generated < n => engine.last_rate = Some((now, generated)),
+        _ => {}
+    }
+}
+
 fn deliver(
     commands: &mut Commands,
     engine: &mut LlmEngine,
@@ -433,6 +440,18 @@ fn deliver(
     let Ok(mut status) = statuses.get_mut(entity) else {
         return;
     };
+    announce(commands, out, &mut status, entity, ev);
+}
+
+/// A request's event on its entity: its status updated, the entity event
+/// triggered and the message written.
+fn announce(
+    commands: &mut Commands,
+    out: &mut Writers,
+    status: &mut LlmRequestStatus,
+    entity: Entity,
+    ev: Event,
+) {
     match ev {
         Event::Started {
             prompt_tokens,

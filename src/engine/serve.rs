@@ -53,6 +53,43 @@ struct Lane<'m> {
     in_flight: Option<Vec<(RequestId, usize)>>,
 }
 
+impl<'m> Lane<'m> {
+    /// A lane over `ctx` for `in_lane` sequences and batches of
+    /// `batch_size` tokens, with a device top-k chain per sequence when
+    /// `device_sampling`.
+    fn new(
+        ctx: LlamaContext<'m>,
+        batch_size: usize,
+        in_lane: usize,
+        device_sampling: bool,
+    ) -> Self {
+        Self {
+            ctx,
+            batch: LlamaBatch::new(batch_size, 1),
+            out_rows: Vec::with_capacity(batch_size),
+            batch_pos: Vec::with_capacity(batch_size),
+            batch_order: Vec::with_capacity(batch_size),
+            device_rows: Vec::with_capacity(in_lane),
+            device: device_sampling.then(|| DeviceSampling::new(in_lane, DEVICE_TOP_K)),
+            in_flight: None,
+        }
+    }
+}
+
+/// Host threads choosing tokens in parallel (more than one: GPU plans; on
+/// the CPU the cores are busy decoding).
+fn sampling_pool(threads: u32) -> Option<rayon::ThreadPool> {
+    (threads > 1)
+        .then(|| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads as usize)
+                .thread_name(|i| format!("npc-llm-sample-{i}"))
+                .build()
+                .ok()
+        })
+        .flatten()
+}
+
 pub(crate) struct Server<'m> {
     model: &'m LlamaModel,
     /// Where each slot lives.
@@ -160,18 +197,7 @@ impl<'m> Server<'m> {
         };
         let lanes = contexts
             .into_iter()
-            .map(|ctx| Lane {
-                ctx,
-                batch: LlamaBatch::new(batch_size, 1),
-                out_rows: Vec::with_capacity(batch_size),
-                batch_pos: Vec::with_capacity(batch_size),
-                batch_order: Vec::with_capacity(batch_size),
-                device_rows: Vec::with_capacity(in_lane),
-                device: engine
-                    .device_sampling
-                    .then(|| DeviceSampling::new(in_lane, DEVICE_TOP_K)),
-                in_flight: None,
-            })
+            .map(|ctx| Lane::new(ctx, batch_size, in_lane, engine.device_sampling))
             .collect();
         Ok(Self {
             model,
@@ -187,15 +213,7 @@ impl<'m> Server<'m> {
             events,
             counters,
             last_counters: Instant::now(),
-            pool: (engine.sampling_threads > 1)
-                .then(|| {
-                    rayon::ThreadPoolBuilder::new()
-                        .num_threads(engine.sampling_threads as usize)
-                        .thread_name(|i| format!("npc-llm-sample-{i}"))
-                        .build()
-                        .ok()
-                })
-                .flatten(),
+            pool: sampling_pool(engine.sampling_threads),
             warned_stride: false,
         })
     }
@@ -253,27 +271,33 @@ impl<'m> Server<'m> {
         self.counters.admit_time += t0.elapsed();
     }
 
-    fn admit_inner(&mut self, job: Job, compiled: Option<Compiled>) {
+    /// A job's record and prompt tokens, or the typed error it fails
+    /// with: its sampling (settings, model, request), its compiled
+    /// constraint, its prompt within the context (trimmed if asked), its stop
+    /// strings and seeded sampler; and whether its slot may take a device
+    /// top-k (the draw over its candidates is exact and no constraint needs
+    /// the whole row).
+    fn prepare(
+        &mut self,
+        job: Job,
+        compiled: Option<Compiled>,
+    ) -> Result<(Active, Vec<LlamaToken>, bool), (RequestId, LlmError)> {
+        let id = job.id;
         let sampling = job
             .base_sampling
             .with_overrides(&self.model_sampling)
             .with_overrides(&job.overrides);
         if let Err(e) = sampling.validate() {
-            self.fail(job.id, LlmError::InvalidRequest(e.to_string()));
-            return;
+            return Err((id, LlmError::InvalidRequest(e.to_string())));
         }
         // Constraints are compiled off this thread (`ConstraintJobs`).
         let matcher = match (compiled, &job.constraint) {
             (Some(Ok(m)), Some(_)) => Some(m),
-            (Some(Err(e)), _) => {
-                self.fail(job.id, LlmError::InvalidConstraint(e));
-                return;
-            }
+            (Some(Err(e)), _) => return Err((id, LlmError::InvalidConstraint(e))),
             (None, None) | (Some(Ok(_)), None) => None,
             (None, Some(c)) => {
                 let e = format!("internal: the {} was not compiled", c.kind());
-                self.fail(job.id, LlmError::InvalidConstraint(e));
-                return;
+                return Err((id, LlmError::InvalidConstraint(e)));
             }
         };
         let max_tokens = (sampling.max_tokens as usize).min(self.per_seq.saturating_sub(1).max(1));
@@ -281,28 +305,18 @@ impl<'m> Server<'m> {
             .per_seq
             .saturating_sub(max_tokens.min(self.per_seq / 2))
             .max(1);
-        let prompt = match self
+        let prompt = self
             .renderer
             .tokenize(self.model, &job.prompt, limit, job.trim_prompt)
-        {
-            Ok(t) => t,
-            Err(e) => {
-                self.fail(job.id, e);
-                return;
-            }
-        };
+            .map_err(|e| (id, e))?;
         let mut stops = sampling.stop.clone();
         for s in self.renderer.implied_stops(&job.prompt) {
             if !stops.contains(&s) {
                 stops.push(s);
             }
         }
-        let seed = sampling.seed.unwrap_or_else(fresh_seed);
-        let sampler = Sampler::new(&sampling, seed);
-        // Top-k on the device when the draw over its candidates is exact
-        // and no constraint needs the whole row.
+        let sampler = Sampler::new(&sampling, sampling.seed.unwrap_or_else(fresh_seed));
         let device_top_k = matcher.is_none() && sampler.fits_top_k(DEVICE_TOP_K);
-        let (id, priority, key) = (job.id, job.priority, job.cache_key);
         let active = Active::new(
             job,
             sampler,
@@ -311,6 +325,18 @@ impl<'m> Server<'m> {
             max_tokens,
             sampling.ignore_eos,
         );
+        Ok((active, prompt, device_top_k))
+    }
+
+    fn admit_inner(&mut self, job: Job, compiled: Option<Compiled>) {
+        let (active, prompt, device_top_k) = match self.prepare(job, compiled) {
+            Ok(prepared) => prepared,
+            Err((id, e)) => {
+                self.fail(id, e);
+                return;
+            }
+        };
+        let (id, priority, key) = (active.job.id, active.job.priority, active.job.cache_key);
         let prompt_len = prompt.len();
         let (lanes, layout) = (&self.lanes, self.layout);
         let admitted = self.sched.admit(

@@ -381,40 +381,45 @@ impl Worker {
         self.queue.fail_all(error, &self.events);
     }
 
+    /// Check the file (size and sha256 unless verification is off or
+    /// cached), reporting progress; `true` when it was hashed now.
+    fn verify(&self, spec: &LoadSpec, ticket: LoadTicket) -> Result<bool, ModelLoadError> {
+        let Some((sha, size)) = &spec.verify else {
+            if !spec.path.is_file() {
+                return Err(crate::errors::VerifyError::Missing(spec.path.clone()).into());
+            }
+            return Ok(false);
+        };
+        let mut last = -1.0f32;
+        let outcome = verify_model_file(
+            &spec.path,
+            sha,
+            *size,
+            spec.cache.as_ref(),
+            |done, total| {
+                let p = if total == 0 {
+                    1.0
+                } else {
+                    done as f32 / total as f32
+                };
+                if p - last >= 0.02 || p >= 1.0 {
+                    last = p;
+                    let _ = self.events.send(Event::Loading {
+                        model: spec.model_id.clone(),
+                        phase: LoadPhase::Verifying,
+                        progress: p,
+                    });
+                }
+                !self.abort.stops(ticket)
+            },
+        )?;
+        Ok(outcome == VerifyOutcome::Hashed)
+    }
+
     fn load(&mut self, spec: &LoadSpec, ticket: LoadTicket) -> Result<Loaded, ModelLoadError> {
         let started = Instant::now();
         let id = spec.model_id.clone();
-        let mut hashed = false;
-        if let Some((sha, size)) = &spec.verify {
-            let events = self.events.clone();
-            let abort = self.abort.clone();
-            let mut last = -1.0f32;
-            let outcome = verify_model_file(
-                &spec.path,
-                sha,
-                *size,
-                spec.cache.as_ref(),
-                |done, total| {
-                    let p = if total == 0 {
-                        1.0
-                    } else {
-                        done as f32 / total as f32
-                    };
-                    if p - last >= 0.02 || p >= 1.0 {
-                        last = p;
-                        let _ = events.send(Event::Loading {
-                            model: id.clone(),
-                            phase: LoadPhase::Verifying,
-                            progress: p,
-                        });
-                    }
-                    !abort.stops(ticket)
-                },
-            )?;
-            hashed = outcome == VerifyOutcome::Hashed;
-        } else if !spec.path.is_file() {
-            return Err(crate::errors::VerifyError::Missing(spec.path.clone()).into());
-        }
+        let hashed = self.verify(spec, ticket)?;
         let events = self.events.clone();
         let abort = self.abort.clone();
         let id2 = id.clone();

@@ -1,0 +1,1 @@
+/work/main/xtask/target/debug/xtask: /work/main/xtask/src/main.rs
