@@ -5,6 +5,7 @@
 //! Cancel: the request's terminal `Cancelled` is sent at once and its
 //! stream thread drops the connection at the next thing the server sends.
 
+mod reading;
 mod sse;
 mod stream;
 

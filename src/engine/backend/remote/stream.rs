@@ -2,7 +2,7 @@
 //! connection failures only), read the server-sent events, and turn them
 //! into the same events the local worker sends.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read};
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -10,11 +10,10 @@ use crossbeam_channel::Sender;
 use serde_json::{Value, json};
 
 use super::RemoteConfig;
-use super::sse::{Chunk, SseParser};
+use super::reading::{Reading, Stop};
 use crate::constraint::OutputConstraint;
 use crate::engine::prompt::{completion_stops, completion_text};
 use crate::engine::protocol::{Event, Job};
-use crate::engine::text_stream::StopMatcher;
 use crate::errors::{LlmError, RemoteError};
 use crate::request::defuse_control_text;
 use crate::request::{ChatMessage, FinishReason, LlmPrompt, RequestStats};
@@ -40,26 +39,9 @@ impl StreamControl {
     pub(super) fn claim(&self) -> bool {
         !self.ended.swap(true, Ordering::AcqRel)
     }
-    fn is_ended(&self) -> bool {
+    pub(super) fn is_ended(&self) -> bool {
         self.ended.load(Ordering::Acquire)
     }
-}
-
-/// Longest event-stream line accepted from a server (one token's chunk is
-/// a few hundred bytes).
-const MAX_SSE_LINE: u64 = 1 << 20;
-
-/// Most bytes of text one token may average before a stream counts as past
-/// its `max_tokens` by size alone (a server that sends few, huge chunks).
-const MAX_TOKEN_BYTES: usize = 64;
-
-/// Tokens a stream may bring before it is cut with `MaxTokens`: the
-/// request's `max_tokens` counted here as the server's chunks, plus a small
-/// allowance (an eighth, at least 4) for servers whose chunks and tokens do
-/// not match one to one. A server that honours `max_tokens` ends first.
-pub(super) fn token_allowance(max_tokens: u32) -> usize {
-    let max = max_tokens as usize;
-    max.saturating_add((max / 8).max(4))
 }
 
 /// The request's endpoint path and JSON body, and the stop strings to apply.
@@ -313,125 +295,21 @@ pub(super) fn run(
         reused: 0,
     });
     let queue_time = started.duration_since(job.submitted);
-    let mut reader = BufReader::new(resp.into_reader());
-    let mut parser = SseParser::default();
-    let mut matcher = StopMatcher::new(stops);
-    let mut text = String::new();
-    let mut tokens = 0usize;
-    let mut first: Option<Instant> = None;
-    let mut finish: Option<FinishReason> = None;
-    // Prompt, generated and cached tokens as the server reports them.
-    let mut usage: (Option<usize>, Option<usize>, Option<usize>) = (None, None, None);
-    let mut line = String::new();
-    let mut done = false;
     let max_tokens = job.base_sampling.with_overrides(&job.overrides).max_tokens;
-    let allowance = token_allowance(max_tokens);
-    let mut received_bytes = 0usize;
-    // The token time-out counts from the last token, not the last byte:
-    // keep-alive comments and empty chunks do not restart it.
-    let mut last_token = Instant::now();
-    while !done {
-        line.clear();
-        // One SSE line is bounded: a server that never sends a newline
-        // cannot grow this buffer without limit.
-        let read = (&mut reader).take(MAX_SSE_LINE).read_line(&mut line);
-        if matches!(read, Ok(n) if n as u64 >= MAX_SSE_LINE && !line.ends_with('\n')) {
-            return fail(RemoteError::Malformed(format!(
-                "an event-stream line is longer than {MAX_SSE_LINE} bytes"
-            )));
-        }
-        let chunk = match read {
-            Ok(0) => match parser.finish() {
-                Ok(c) => {
-                    done = true;
-                    c
-                }
-                Err(m) => return fail(RemoteError::Malformed(m)),
-            },
-            Ok(_) => match parser.line(line.trim_end_matches('\n')) {
-                Ok(c) => c,
-                Err(m) => return fail(RemoteError::Malformed(m)),
-            },
-            Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
-                return fail(RemoteError::Timeout {
-                    waited_ms: cfg.token_timeout.as_millis() as u64,
-                });
-            }
-            Err(e) if e.kind() == ErrorKind::InvalidData => {
-                return fail(RemoteError::Malformed(format!("not UTF-8 text: {e}")));
-            }
-            Err(e) => return fail(RemoteError::Io(e.to_string())),
-        };
-        if control.is_ended() {
-            // Cancelled: dropping the reader closes the connection.
-            return Outcome::Cancelled;
-        }
-        match chunk {
-            None => {}
-            Some(Chunk::Done) => {
-                done = true;
-                finish.get_or_insert(FinishReason::EndOfTurn);
-            }
-            Some(Chunk::Delta {
-                text: piece,
-                finish: reason,
-                prompt_tokens,
-                completion_tokens,
-                cached_tokens,
-            }) => {
-                usage.0 = prompt_tokens.or(usage.0);
-                usage.1 = completion_tokens.or(usage.1);
-                usage.2 = cached_tokens.or(usage.2);
-                if !piece.is_empty() {
-                    tokens += 1;
-                    received_bytes = received_bytes.saturating_add(piece.len());
-                    last_token = Instant::now();
-                    generated.fetch_add(1, Ordering::Relaxed);
-                    first.get_or_insert_with(Instant::now);
-                    let released = matcher.push(&piece);
-                    if !released.text.is_empty() {
-                        text.push_str(&released.text);
-                        let _ = events.send(Event::Token {
-                            id,
-                            text: released.text,
-                        });
-                    }
-                    if released.stopped {
-                        finish = Some(FinishReason::StopString);
-                        break; // drop the stream: the server stops generating
-                    }
-                }
-                if let Some(r) = reason {
-                    finish.get_or_insert(match r.as_str() {
-                        "length" => FinishReason::MaxTokens,
-                        _ => FinishReason::EndOfTurn,
-                    });
-                }
-            }
-        }
-        if done {
-            break;
-        }
-        // Every request ends, whatever the server does: past `max_tokens`
-        // (counted here), past its deadline, or without a token for too long.
-        if tokens >= allowance || received_bytes > allowance.saturating_mul(MAX_TOKEN_BYTES) {
-            finish.get_or_insert(FinishReason::MaxTokens);
-            break; // dropping the stream stops the server
-        }
-        if started.elapsed() > cfg.request_timeout {
-            return fail(RemoteError::Deadline {
-                limit_ms: cfg.request_timeout.as_millis() as u64,
-            });
-        }
-        if last_token.elapsed() > cfg.token_timeout {
-            return fail(RemoteError::Timeout {
-                waited_ms: cfg.token_timeout.as_millis() as u64,
-            });
-        }
-    }
-    let Some(finish) = finish else {
-        return fail(RemoteError::ClosedMidStream { tokens });
+    let mut stream = Reading::new(cfg, id, stops, started, max_tokens);
+    let finish = match stream.read(resp.into_reader(), || control.is_ended(), events, generated) {
+        Ok(finish) => finish,
+        Err(Stop::Cancelled) => return Outcome::Cancelled,
+        Err(Stop::Failed(e)) => return fail(e),
     };
+    let Reading {
+        mut matcher,
+        mut text,
+        tokens,
+        first,
+        usage,
+        ..
+    } = stream;
     if finish != FinishReason::StopString {
         let tail = matcher.finish();
         if !tail.is_empty() {
