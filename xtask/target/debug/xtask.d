@@ -1,1 +1,0 @@
-/work/main/xtask/target/debug/xtask: /work/main/xtask/src/main.rs
