@@ -35,7 +35,7 @@ LAYERS = [
     ["events", "hardware"],
     # The engine's llama.cpp and remote sides.
     ["engine::prompt", "engine::device_sampling", "engine::constraint_jobs",
-     "engine::delivery", "engine::token_choice",
+     "engine::delivery", "engine::token_choice", "engine::model_meta",
      "engine::serve", "engine::backend", "registry::from_gguf"],
     # The Bevy glue.
     ["download", "engine::bridge", "engine", "plugin"],

@@ -12,6 +12,7 @@ pub(crate) mod device_sampling;
 pub(crate) mod layout;
 pub(crate) mod load_intent;
 pub(crate) mod loading;
+pub(crate) mod model_meta;
 pub(crate) mod prompt;
 pub(crate) mod protocol;
 pub(crate) mod row_pool;

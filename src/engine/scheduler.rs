@@ -377,6 +377,10 @@ impl<T: Copy + PartialEq + std::fmt::Debug, P> Scheduler<T, P> {
     /// The lane's step in even prompt slices ([`Shaper::even_step`]), if
     /// the shaper makes one of the sequences `order` (in plan order).
     fn even_prompt_step(&self, lane: usize, order: &[usize]) -> Option<Plan<T>> {
+        let shaper = self.shaper();
+        if !shaper.evens_prompts() {
+            return None;
+        }
         let seqs: Vec<&Running<T, P>> = order.iter().map(|&i| &self.seqs[i]).collect();
         let view: Vec<StepSeq> = seqs
             .iter()
@@ -387,7 +391,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug, P> Scheduler<T, P> {
                 prompt_left: s.prompt.len() - s.fed,
             })
             .collect();
-        let even = self.shaper().even_step(lane, &view)?;
+        let even = shaper.even_step(lane, &view)?;
         let width = even.takes.iter().copied().max().unwrap_or(0);
         let mut tokens = Vec::with_capacity(width * (even.takes.len() + even.fillers.len()));
         let mut entries = Vec::with_capacity(seqs.len());
@@ -453,6 +457,10 @@ impl<T: Copy + PartialEq + std::fmt::Debug, P> Scheduler<T, P> {
         entries: &[Entry],
         budget: usize,
     ) -> Vec<Filler> {
+        let shaper = self.shaper();
+        if !shaper.fills_gaps() {
+            return Vec::new();
+        }
         let kind = StepKind {
             generates: entries.iter().any(|e| e.part == Part::Next),
             reads_prompt: entries
@@ -467,7 +475,7 @@ impl<T: Copy + PartialEq + std::fmt::Debug, P> Scheduler<T, P> {
             }),
             sequences: entries.len(),
         };
-        self.shaper().fill_gaps(lane, tokens, kind, budget)
+        shaper.fill_gaps(lane, tokens, kind, budget)
     }
 
     /// Apply a plan's decode outcome: the only place KV records grow.

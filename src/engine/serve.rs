@@ -17,6 +17,7 @@ use super::constraint_jobs::Compiled;
 use super::delivery::{self, Active};
 use super::device_sampling::{DEVICE_TOP_K, DeviceSampling, StepRows};
 use super::layout::Layout;
+use super::model_meta::sliding_window;
 use super::prompt::PromptRenderer;
 use super::protocol::{EngineCounters, Event, Job, Knobs, LoadSpec, RequestId};
 use super::sampler::Sampler;
@@ -125,18 +126,6 @@ fn fresh_seed() -> u32 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish() as u32
-}
-
-/// The model's sliding-window size from its GGUF metadata (0: none).
-pub(crate) fn sliding_window(model: &LlamaModel) -> usize {
-    let arch = model
-        .meta_val_str("general.architecture")
-        .unwrap_or_default();
-    model
-        .meta_val_str(&format!("{arch}.attention.sliding_window"))
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 impl<'m> Server<'m> {
@@ -608,22 +597,29 @@ impl<'m> Server<'m> {
         self.lanes[lane].ctx.synchronize();
         let t_pick = Instant::now();
         self.counters.sync_time += t_pick - t_sample;
-        self.choose_tokens(lane, &sample);
+        // Where each named sequence is among the running ones, found once
+        // for choosing and delivering (none ends in between); a sequence
+        // cancelled since the decode is no longer running: `None`.
+        let at: Vec<Option<usize>> = sample
+            .iter()
+            .map(|&(id, _)| self.sched.position(id))
+            .collect();
+        self.choose_tokens(lane, &sample, &at);
         let t_deliver = Instant::now();
         self.counters.pick_time += t_deliver - t_pick;
-        self.deliver_tokens(&sample);
+        self.deliver_tokens(&sample, &at);
         self.counters.deliver_time += t_deliver.elapsed();
         self.counters.sample_time += t_sample.elapsed();
     }
 
     /// Choose every named sequence's token (into its record's `picked`):
     /// rows read on this thread, tokens chosen in parallel when many whole
-    /// rows need it. A sequence cancelled since the decode is no longer
-    /// running: skipped.
-    fn choose_tokens(&mut self, lane: usize, sample: &[(RequestId, usize)]) {
-        for &(id, at) in sample {
-            if let Some(i) = self.sched.position(id) {
-                self.sched.data_at(i).pending = Some(at as i32);
+    /// rows need it. `at`: each one's place among the running sequences
+    /// (`None`: no longer running, skipped).
+    fn choose_tokens(&mut self, lane: usize, sample: &[(RequestId, usize)], at: &[Option<usize>]) {
+        for (&(_, token), i) in sample.iter().zip(at) {
+            if let Some(i) = *i {
+                self.sched.data_at(i).pending = Some(token as i32);
             }
         }
         let layout = self.layout;
@@ -708,11 +704,11 @@ impl<'m> Server<'m> {
 
     /// Deliver each named sequence's chosen token, in the step's order, then
     /// end the sequences that are done (failed ones typed).
-    fn deliver_tokens(&mut self, sample: &[(RequestId, usize)]) {
+    fn deliver_tokens(&mut self, sample: &[(RequestId, usize)], at: &[Option<usize>]) {
         let mut finished: Vec<(RequestId, FinishReason)> = Vec::new();
         let mut failed: Vec<(RequestId, String)> = Vec::new();
-        for &(id, _) in sample {
-            let Some(i) = self.sched.position(id) else {
+        for (&(id, _), i) in sample.iter().zip(at) {
+            let Some(i) = *i else {
                 continue;
             };
             let a = self.sched.data_at(i);

@@ -146,6 +146,20 @@ pub(crate) struct Shaper<H> {
     pub held: H,
 }
 
+impl<H> Shaper<H> {
+    /// Whether a step may be read in even prompt slices at all (on, and no
+    /// sliding window): the scheduler asks before it gathers the step.
+    pub(crate) fn evens_prompts(&self) -> bool {
+        self.shaping.even_prompt_steps && !self.sliding_window
+    }
+
+    /// Whether a step's gaps may be filled at all (on, and no sliding
+    /// window): the scheduler asks before it describes the step.
+    pub(crate) fn fills_gaps(&self) -> bool {
+        self.shaping.fill_gaps && !self.sliding_window
+    }
+}
+
 impl<H: Fn(usize) -> Option<usize>> Shaper<H> {
     /// An even prompt step: every sequence of the lane's step (`seqs`, in
     /// plan order) gets the same number of tokens, `width`, so that with a
@@ -172,7 +186,7 @@ impl<H: Fn(usize) -> Option<usize>> Shaper<H> {
     /// doubles: a prompt beside many generating NPCs stays a chunk of its
     /// own, one extra micro-batch).
     pub(crate) fn even_step(&self, lane: usize, seqs: &[StepSeq]) -> Option<EvenStep> {
-        if !self.shaping.even_prompt_steps || self.sliding_window {
+        if !self.evens_prompts() {
             return None;
         }
         if seqs.len() < 2 || seqs.iter().any(|s| s.high) || seqs.iter().all(|s| s.generating) {
@@ -294,7 +308,7 @@ impl<H: Fn(usize) -> Option<usize>> Shaper<H> {
         kind: StepKind,
         budget: usize,
     ) -> Vec<Filler> {
-        if !self.shaping.fill_gaps || self.sliding_window || !kind.generates || kind.high_prompt {
+        if !self.fills_gaps() || !kind.generates || kind.high_prompt {
             return Vec::new();
         }
         let layout = self.layout;

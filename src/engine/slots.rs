@@ -294,6 +294,11 @@ impl<J> JobQueue<J> {
         self.capacity = capacity;
     }
 
+    /// The most jobs that may wait.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.items.len()
     }

@@ -2,7 +2,7 @@
 //! machine: a pure function of (profile, registry, settings).
 
 use crate::engine::config::{BatchShaping, EngineConfig};
-use crate::engine::layout::{Layout, MAX_LANES};
+use crate::engine::layout::Layout;
 use crate::engine::shaper::ROUND_WIDTHS;
 use crate::errors::SelectionError;
 use crate::registry::{ModelEntry, ModelRegistry};
@@ -217,7 +217,7 @@ pub fn plan(
     let cuda = on_gpu && backend == "CUDA";
     let patched = cuda && gpu.is_some_and(|g| g.graph_patch == Some(CUDA_GRAPH_PATCH_WIDTH));
     let lanes = match (on_gpu, tuning.lanes) {
-        (_, n) if n > 0 => n.min(MAX_LANES),
+        (_, n) if n > 0 => n,
         (true, _) => Layout::gpu_lanes(sequences),
         (false, _) => 1,
     };

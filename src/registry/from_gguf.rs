@@ -109,21 +109,16 @@ pub fn entry_from_gguf(path: &Path) -> Result<(ModelEntry, GgufFacts), ModelLoad
     let num = |key: &str| meta(key).and_then(|v| v.trim().parse::<u64>().ok());
     let arch = meta("general.architecture").unwrap_or_default();
     let a = |k: &str| format!("{arch}.{k}");
-    let n_layers = num(&a("block_count")).unwrap_or(0) as u32;
-    let heads = num(&a("attention.head_count")).unwrap_or(0);
-    let n_kv_heads = num(&a("attention.head_count_kv")).unwrap_or(heads) as u32;
-    let head_dim = num(&a("attention.key_length"))
-        .unwrap_or_else(|| num(&a("embedding_length")).unwrap_or(0) / heads.max(1))
-        as u32;
+    let kv = crate::engine::model_meta::KvShape::of(&model);
+    let n_layers = kv.layers as u32;
     let context_length = num(&a("context_length")).unwrap_or(2048) as u32;
-    let sliding_window = crate::engine::serve::sliding_window(&model) as u32;
+    let sliding_window = crate::engine::model_meta::sliding_window(&model) as u32;
     let has_chat_template = model.chat_template(None).is_ok();
     let quantization = num("general.file_type")
         .and_then(|t| quantization_name(t as u32))
         .unwrap_or("unknown")
         .to_string();
-    let kv_bytes_per_token =
-        u64::from(n_layers) * 2 * u64::from(n_kv_heads) * u64::from(head_dim) * 2;
+    let kv_bytes_per_token = kv.bytes_per_cell();
     let raw_estimate = size + kv_bytes_per_token * ESTIMATE_CONTEXT + RUNTIME_OVERHEAD;
     let memory_estimate_bytes = raw_estimate.div_ceil(10_000_000) * 10_000_000;
     let stem = path
@@ -172,8 +167,8 @@ pub fn entry_from_gguf(path: &Path) -> Result<(ModelEntry, GgufFacts), ModelLoad
     let facts = GgufFacts {
         architecture: arch,
         n_layers,
-        n_kv_heads,
-        head_dim,
+        n_kv_heads: kv.kv_heads as u32,
+        head_dim: kv.key as u32,
         sliding_window,
         has_chat_template,
     };

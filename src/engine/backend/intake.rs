@@ -17,14 +17,12 @@ use crate::errors::{LlmError, ModelLoadError};
 #[derive(Debug)]
 pub(crate) struct Intake {
     queue: JobQueue<Job>,
-    capacity: usize,
 }
 
 impl Intake {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
             queue: JobQueue::new(capacity),
-            capacity,
         }
     }
 
@@ -45,7 +43,7 @@ impl Intake {
                 LlmError::ModelUnavailable(why.clone())
             } else if self.queue.push(job.priority, job).is_err() {
                 LlmError::QueueFull {
-                    capacity: self.capacity,
+                    capacity: self.queue.capacity(),
                 }
             } else {
                 continue;
@@ -63,12 +61,6 @@ impl Intake {
             let _ = events.send(Event::Cancelled { id });
         }
         found
-    }
-
-    /// The most jobs that may wait.
-    pub(crate) fn set_capacity(&mut self, capacity: usize) {
-        self.capacity = capacity;
-        self.queue.set_capacity(capacity);
     }
 
     /// Fail every waiting job with `error`; returns how many.

@@ -18,6 +18,7 @@ use super::{BackendKind, InferenceBackend, LoadAbort, WorkerHandle};
 use crate::engine::config::EngineConfig;
 use crate::engine::constraint_jobs::ConstraintJobs;
 use crate::engine::layout::Layout;
+use crate::engine::model_meta::KvShape;
 use crate::engine::protocol::{Command, Event, Knobs, LoadSpec, LoadTicket, LoadedModelInfo};
 use crate::engine::serve::Server;
 use crate::errors::{LlmError, ModelLoadError};
@@ -501,7 +502,7 @@ impl Worker {
             context_per_sequence: per_seq,
             sequences: spec.engine.sequences,
             lanes: spec.engine.lanes,
-            kv_bytes: layout.kv_cells(per_seq) * kv_bytes_per_cell(&model),
+            kv_bytes: layout.kv_cells(per_seq) * KvShape::of(&model).bytes_per_cell(),
             threads: spec.engine.threads,
             gpu_layers: spec.engine.gpu_layers.min(model.n_layer() + 1),
             has_chat_template,
@@ -660,26 +661,6 @@ fn context_error(engine: &EngineConfig, layout: Layout, message: &str) -> ModelL
         n_seq,
         message: message.to_string(),
     }
-}
-
-/// KV bytes of one cell (one token of one sequence) of `model` with
-/// llama.cpp's default f16 K and V: every layer's keys and values of its
-/// KV heads (head sizes from the GGUF where it says them).
-fn kv_bytes_per_cell(model: &LlamaModel) -> u64 {
-    let arch = model
-        .meta_val_str("general.architecture")
-        .unwrap_or_default();
-    let head = u64::from(model.n_embd().max(0) as u32) / u64::from(model.n_head().max(1));
-    let length = |what: &str| {
-        model
-            .meta_val_str(&format!("{arch}.attention.{what}_length"))
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(head)
-    };
-    2 * u64::from(model.n_layer())
-        * u64::from(model.n_head_kv())
-        * (length("key") + length("value"))
 }
 
 /// One context per lane of `layout`, each for its share of the slots.
