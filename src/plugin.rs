@@ -18,6 +18,11 @@ use crate::settings::LlmSettings;
 /// insert [`LlmRequest`](crate::request::LlmRequest)s in `Update` and read
 /// events in `Update`: a request is submitted the next frame and its events
 /// arrive as soon as the worker produced them.
+///
+/// Each system runs only on a frame that has work for it, and the sets add
+/// no automatic sync point to the schedule (`Receive` is exclusive and
+/// applies its own commands, so the entity events' observers have run when
+/// it ends): an idle frame costs a few run conditions.
 #[derive(SystemSet, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum NpcLlmSystems {
     /// Handles [`LoadModel`] / [`UnloadModel`] and pushes changed

@@ -1028,3 +1028,34 @@ fn switching_models_while_requests_run_does_not_hang() {
         Some(SMOL)
     );
 }
+
+/// Automatic sync points (`ApplyDeferred`) the app's `PreUpdate` runs.
+fn sync_points(app: &mut App) -> usize {
+    app.update();
+    let schedules = app.world().resource::<Schedules>();
+    let pre_update = schedules.get(PreUpdate).expect("PreUpdate exists");
+    pre_update
+        .systems()
+        .expect("PreUpdate ran")
+        .filter(|(_, s)| {
+            s.system_type() == std::any::TypeId::of::<bevy::ecs::schedule::ApplyDeferred>()
+        })
+        .count()
+}
+
+#[test]
+fn the_plugin_adds_no_sync_point_and_a_status_comes_with_each_request() {
+    // A sync point runs on every frame, idle or not (a hand-off of the
+    // executor, ~50 µs on a 2-core machine): the plugin's sets add none.
+    let mut bare = App::new();
+    bare.add_plugins(MinimalPlugins);
+    let mut app = App::new();
+    app.add_plugins(MinimalPlugins)
+        .add_plugins(NpcLlmPlugin::default().with_settings(settings()));
+    assert_eq!(sync_points(&mut app), sync_points(&mut bare));
+    // The status is there from the frame the request is inserted.
+    let e = app.world_mut().spawn(chat("Hello")).id();
+    let status = app.world().get::<LlmRequestStatus>(e).expect("status");
+    assert_eq!(status.state, RequestState::Queued);
+    assert!(status.text.is_empty());
+}

@@ -14,11 +14,12 @@ use super::backend::BackendKind;
 use super::backend::local::LocalBackend;
 use super::connection::LlmEngine;
 use super::load_intent::{LoadInput, Wanted};
-use super::protocol::{Knobs, LoadSpec, RequestId};
-use crate::errors::ModelLoadError;
+use super::protocol::{Event, Job, Knobs, LoadSpec, RequestId};
+use crate::errors::{LlmError, ModelLoadError};
 use crate::events::*;
 use crate::hardware::{BackendPlan, BackendStatus, HardwareProfile};
 use crate::registry::{ModelRegistry, VerificationCache};
+use crate::request::LlmRequest;
 use crate::settings::{BackendChoice, LlmSettings};
 
 pub(crate) fn knobs(settings: &LlmSettings) -> Knobs {
@@ -93,19 +94,8 @@ impl Loader<'_> {
             self.start_remote();
             return;
         }
-        if self.engine.kind() != Some(BackendKind::Local) {
-            // No backend yet, or back to local from a remote one.
-            match LocalBackend::spawn(self.settings.llama_logs, knobs(&self.settings)) {
-                Ok((w, profile)) => {
-                    self.engine.replace_worker(Box::new(w));
-                    self.engine.knobs = Some(knobs(&self.settings));
-                    *self.profile = profile;
-                }
-                Err(error) => return self.fail(wanted, error),
-            }
-        } else {
-            // Free memory changes while the game runs: plan with today's.
-            self.profile.refresh_free_memory();
+        if let Err(error) = self.local_worker() {
+            return self.fail(wanted, error);
         }
         let result = load_spec(
             &self.registry,
@@ -120,61 +110,7 @@ impl Loader<'_> {
                 // Already loading this model: a repeated request changes nothing.
                 self.engine.intent = waited;
             }
-            Ok((spec, plan)) => {
-                let id = spec.model_id.clone();
-                info!(
-                    "bevy_npc_llm: loading `{id}` on {} ({} GPU layers, {} threads, {} × {} tokens in {} lanes): {}",
-                    plan.device.as_deref().unwrap_or(&plan.backend),
-                    plan.engine.gpu_layers,
-                    plan.engine.threads,
-                    plan.engine.sequences,
-                    plan.engine.context_per_sequence,
-                    plan.engine.lanes,
-                    plan.reason
-                );
-                self.status.plan = Some(plan);
-                self.status.layers_offloaded = None;
-                // A missing file the registry can download: fetch it first.
-                if !spec.path.exists()
-                    && !self.settings.downloads.offline
-                    && self
-                        .registry
-                        .get(&id)
-                        .is_some_and(|e| !e.download_urls().is_empty())
-                {
-                    match self
-                        .downloads
-                        .start_for(&self.registry, &self.settings, &id)
-                    {
-                        Ok(()) => {
-                            info!("bevy_npc_llm: `{id}` is not on disk: downloading it first");
-                            self.engine.intent.on(LoadInput::LoadAfterDownload(Wanted {
-                                id: id.clone(),
-                                arg: model.map(String::from),
-                            }));
-                            *self.state = LlmModelState::Loading {
-                                model: id,
-                                phase: LoadPhase::Downloading,
-                                progress: 0.0,
-                            };
-                        }
-                        Err(e) => self.fail(id, ModelLoadError::Download(e)),
-                    }
-                    return;
-                }
-                // A verification or load still running for an older request
-                // stops early (see `InferenceBackend::load`).
-                if self.engine.backend().is_some_and(|w| w.load(spec)) {
-                    *self.state = LlmModelState::Loading {
-                        model: id,
-                        phase: LoadPhase::Verifying,
-                        progress: 0.0,
-                    };
-                } else {
-                    self.engine.drop_worker();
-                    self.fail(id, ModelLoadError::WorkerGone);
-                }
-            }
+            Ok((spec, plan)) => self.load_planned(spec, plan, model),
             Err(error) if self.settings.backend == BackendChoice::LocalWithRemoteFallback => {
                 warn!(
                     "bevy_npc_llm: no local model for this machine ({error}); using the remote server"
@@ -184,6 +120,117 @@ impl Loader<'_> {
             }
             Err(error) => self.fail(wanted, error),
         }
+    }
+
+    /// The local worker, started when none runs (or a remote one did); the
+    /// hardware profile current either way.
+    fn local_worker(&mut self) -> Result<(), ModelLoadError> {
+        if self.engine.kind() == Some(BackendKind::Local) {
+            // Free memory changes while the game runs: plan with today's.
+            self.profile.refresh_free_memory();
+            return Ok(());
+        }
+        let (w, profile) = LocalBackend::spawn(self.settings.llama_logs, knobs(&self.settings))?;
+        self.engine.replace_worker(Box::new(w));
+        self.engine.knobs = Some(knobs(&self.settings));
+        *self.profile = profile;
+        Ok(())
+    }
+
+    /// Load what the plan chose (downloading its file first when it can).
+    fn load_planned(&mut self, spec: LoadSpec, plan: BackendPlan, model: Option<&str>) {
+        let id = spec.model_id.clone();
+        info!(
+            "bevy_npc_llm: loading `{id}` on {} ({} GPU layers, {} threads, {} × {} tokens in {} lanes): {}",
+            plan.device.as_deref().unwrap_or(&plan.backend),
+            plan.engine.gpu_layers,
+            plan.engine.threads,
+            plan.engine.sequences,
+            plan.engine.context_per_sequence,
+            plan.engine.lanes,
+            plan.reason
+        );
+        self.status.plan = Some(plan);
+        self.status.layers_offloaded = None;
+        // A missing file the registry can download: fetch it first.
+        if !spec.path.exists()
+            && !self.settings.downloads.offline
+            && self
+                .registry
+                .get(&id)
+                .is_some_and(|e| !e.download_urls().is_empty())
+        {
+            return self.download_first(id, model);
+        }
+        // A verification or load still running for an older request stops
+        // early (see `InferenceBackend::load`).
+        if self.engine.backend().is_some_and(|w| w.load(spec)) {
+            *self.state = LlmModelState::Loading {
+                model: id,
+                phase: LoadPhase::Verifying,
+                progress: 0.0,
+            };
+        } else {
+            self.engine.drop_worker();
+            self.fail(id, ModelLoadError::WorkerGone);
+        }
+    }
+
+    /// Download model `id`'s file; the load waits for it.
+    fn download_first(&mut self, id: String, model: Option<&str>) {
+        match self
+            .downloads
+            .start_for(&self.registry, &self.settings, &id)
+        {
+            Ok(()) => {
+                info!("bevy_npc_llm: `{id}` is not on disk: downloading it first");
+                self.engine.intent.on(LoadInput::LoadAfterDownload(Wanted {
+                    id: id.clone(),
+                    arg: model.map(String::from),
+                }));
+                *self.state = LlmModelState::Loading {
+                    model: id,
+                    phase: LoadPhase::Downloading,
+                    progress: 0.0,
+                };
+            }
+            Err(e) => self.fail(id, ModelLoadError::Download(e)),
+        }
+    }
+
+    /// Request `id`'s job for the worker, or its typed failure queued for
+    /// this frame's `receive`: the queue is full (every request not yet
+    /// finished counts, this one included), or no model can serve it.
+    pub(crate) fn admit(
+        &mut self,
+        id: RequestId,
+        request: &LlmRequest,
+        model_serving: bool,
+    ) -> Option<Job> {
+        let capacity = self.settings.capacity();
+        if self.engine.by_id.len() > capacity {
+            let error = LlmError::QueueFull { capacity };
+            self.engine.local.push(Event::Failed { id, error });
+            return None;
+        }
+        if let LlmModelState::Failed { error, .. } = &*self.state
+            && !model_serving
+        {
+            let error = LlmError::ModelUnavailable(error.clone());
+            self.engine.local.push(Event::Failed { id, error });
+            return None;
+        }
+        Some(Job {
+            id,
+            prompt: request.prompt.clone(),
+            base_sampling: self.settings.sampling.clone(),
+            overrides: request.sampling.clone(),
+            priority: request.priority.rank(),
+            cache_key: request.cache_key.map(|k| k.0),
+            trim_prompt: request.trim_prompt,
+            constraint: request.constraint.clone(),
+            submitted: std::time::Instant::now(),
+        })
     }
 
     /// Serve requests from the remote server in the settings.

@@ -146,9 +146,12 @@ impl From<Entity> for CacheKey {
 /// A request for generated text. Insert it on an entity to submit it; the
 /// component is immutable: insert a new one to ask again (the previous
 /// request of that entity, if still running, is cancelled). Remove it or
-/// despawn the entity to cancel.
+/// despawn the entity to cancel. An [`LlmRequestStatus`] comes with it
+/// (a required component), so the request's progress is readable from the
+/// frame it is inserted.
 #[derive(Component, Debug, Clone, PartialEq)]
 #[component(immutable)]
+#[require(LlmRequestStatus)]
 pub struct LlmRequest {
     /// The prompt.
     pub prompt: LlmPrompt,
@@ -274,9 +277,10 @@ impl LlmRequest {
 }
 
 /// Where a request is.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub enum RequestState {
     /// Waiting for a slot or for the model.
+    #[default]
     Queued,
     /// Generating.
     Running,
@@ -288,8 +292,9 @@ pub enum RequestState {
     Failed(LlmError),
 }
 
-/// Added by the plugin next to an [`LlmRequest`] and kept current.
-#[derive(Component, Debug, Clone, PartialEq)]
+/// Comes with every [`LlmRequest`] (queued, no text) and is kept current by
+/// the plugin; reset when a new request replaces the entity's previous one.
+#[derive(Component, Debug, Clone, PartialEq, Default)]
 pub struct LlmRequestStatus {
     /// Where the request is.
     pub state: RequestState,

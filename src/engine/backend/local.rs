@@ -421,14 +421,59 @@ impl Worker {
         let started = Instant::now();
         let id = spec.model_id.clone();
         let hashed = self.verify(spec, ticket)?;
+        let model = self.open_model(spec, ticket)?;
+        let n_train = model.n_ctx_train().max(64);
+        let mut spec = spec.clone();
+        spec.engine.context_per_sequence = spec.engine.context_per_sequence.min(n_train);
+        let per_seq = spec.engine.context_per_sequence;
+        let has_chat_template = model.chat_template(None).is_ok();
+        // Check once that the prompt format works and the context fits.
+        crate::engine::prompt::PromptRenderer::new(&model, &spec.prompt_format).map_err(
+            |message| ModelLoadError::Llama {
+                path: spec.path.clone(),
+                message,
+            },
+        )?;
+        let layout = self.fitting_layout(&model, &spec.engine)?;
+        spec.engine.lanes = layout.lanes() as u32;
+        let info = LoadedModelInfo {
+            model: id.clone(),
+            path: spec.path.clone(),
+            n_params: model.n_params(),
+            size_bytes: model.size(),
+            context_per_sequence: per_seq,
+            sequences: spec.engine.sequences,
+            lanes: spec.engine.lanes,
+            kv_bytes: layout.kv_cells(per_seq) * KvShape::of(&model).bytes_per_cell(),
+            threads: spec.engine.threads,
+            gpu_layers: spec.engine.gpu_layers.min(model.n_layer() + 1),
+            has_chat_template,
+            remote: None,
+            hashed,
+            load_time: started.elapsed(),
+        };
+        Ok(Loaded {
+            model: Arc::new(model),
+            spec,
+            info,
+        })
+    }
+
+    /// The model file opened by llama.cpp (progress reported, stopped when
+    /// a newer load asks), and its architecture checked against the entry's.
+    fn open_model(
+        &self,
+        spec: &LoadSpec,
+        ticket: LoadTicket,
+    ) -> Result<LlamaModel, ModelLoadError> {
         let events = self.events.clone();
         let abort = self.abort.clone();
-        let id2 = id.clone();
+        let id = spec.model_id.clone();
         let params = LlamaModelParams::default()
             .with_n_gpu_layers(spec.engine.gpu_layers)
             .with_progress_callback(move |p| {
                 let _ = events.send(Event::Loading {
-                    model: id2.clone(),
+                    model: id.clone(),
                     phase: LoadPhase::Loading,
                     progress: p,
                 });
@@ -456,31 +501,28 @@ impl Worker {
                 });
             }
         }
-        let n_train = model.n_ctx_train().max(64);
-        let mut spec = spec.clone();
-        spec.engine.context_per_sequence = spec.engine.context_per_sequence.min(n_train);
-        let per_seq = spec.engine.context_per_sequence;
-        let has_chat_template = model.chat_template(None).is_ok();
-        // Check once that the prompt format works and the context fits.
-        crate::engine::prompt::PromptRenderer::new(&model, &spec.prompt_format).map_err(
-            |message| ModelLoadError::Llama {
-                path: spec.path.clone(),
-                message,
-            },
-        )?;
-        // Every lane's context at once, as serving holds them. Each lane has
-        // compute buffers of its own: when they do not all fit, the same
-        // slots in half as many lanes are tried, down to one, before failing
-        // the load; the layout made is the one reported and served.
-        let mut layout = spec.engine.layout();
+        Ok(model)
+    }
+
+    /// The layout the lanes' contexts fit in: every lane's context made at
+    /// once, as serving holds them. Each lane has compute buffers of its
+    /// own: when they do not all fit, the same slots in half as many lanes
+    /// are tried, down to one, before failing the load; the layout made is
+    /// the one reported and served.
+    fn fitting_layout(
+        &self,
+        model: &LlamaModel,
+        engine: &EngineConfig,
+    ) -> Result<Layout, ModelLoadError> {
+        let mut layout = engine.layout();
         loop {
-            match lane_contexts(&model, self.backend, &spec.engine, layout) {
+            match lane_contexts(model, self.backend, engine, layout) {
                 Ok(contexts) => {
                     drop(contexts);
                     break;
                 }
                 Err(e) => {
-                    let e = context_error(&spec.engine, layout, &e.to_string());
+                    let e = context_error(engine, layout, &e.to_string());
                     let Some(fewer) = layout.halved() else {
                         return Err(e);
                     };
@@ -493,28 +535,7 @@ impl Worker {
                 }
             }
         }
-        spec.engine.lanes = layout.lanes() as u32;
-        let info = LoadedModelInfo {
-            model: id.clone(),
-            path: spec.path.clone(),
-            n_params: model.n_params(),
-            size_bytes: model.size(),
-            context_per_sequence: per_seq,
-            sequences: spec.engine.sequences,
-            lanes: spec.engine.lanes,
-            kv_bytes: layout.kv_cells(per_seq) * KvShape::of(&model).bytes_per_cell(),
-            threads: spec.engine.threads,
-            gpu_layers: spec.engine.gpu_layers.min(model.n_layer() + 1),
-            has_chat_template,
-            remote: None,
-            hashed,
-            load_time: started.elapsed(),
-        };
-        Ok(Loaded {
-            model: Arc::new(model),
-            spec,
-            info,
-        })
+        Ok(layout)
     }
 
     /// Serve requests with a loaded model until a command needs the model

@@ -69,7 +69,23 @@ pub(super) fn request_body(
     if s.ignore_eos {
         body["ignore_eos"] = json!(true);
     }
-    let path = match (&job.prompt, cfg.prompt_format) {
+    let path = put_prompt(&mut body, &mut stops, &job.prompt, cfg.prompt_format);
+    if !stops.is_empty() {
+        body["stop"] = json!(stops);
+    }
+    put_constraint(&mut body, job.constraint.as_ref())?;
+    Ok((path, body, stops))
+}
+
+/// The prompt into `body` (messages or text, control markers defused) and
+/// its stop strings into `stops`; the endpoint's path.
+fn put_prompt(
+    body: &mut Value,
+    stops: &mut Vec<String>,
+    prompt: &LlmPrompt,
+    format: RemotePromptFormat,
+) -> &'static str {
+    match (prompt, format) {
         (LlmPrompt::Chat(messages), RemotePromptFormat::Chat) => {
             // The server renders and tokenizes with special parsing on:
             // message text must not carry control markers.
@@ -113,14 +129,16 @@ pub(super) fn request_body(
             body["prompt"] = json!(defuse_control_text(text));
             "/v1/completions"
         }
-    };
-    if !stops.is_empty() {
-        body["stop"] = json!(stops);
     }
-    if let Some(c) = &job.constraint {
+}
+
+/// The output constraint into `body` in the form llama-server reads;
+/// refused as the local backend would refuse it.
+fn put_constraint(body: &mut Value, constraint: Option<&OutputConstraint>) -> Result<(), LlmError> {
+    if let Some(c) = constraint {
         crate::constraint::nesting::check(c).map_err(LlmError::InvalidConstraint)?;
     }
-    match &job.constraint {
+    match constraint {
         None => {}
         Some(OutputConstraint::JsonSchema(schema)) => {
             let schema: Value = serde_json::from_str(schema).map_err(|e| {
@@ -148,7 +166,7 @@ pub(super) fn request_body(
             )));
         }
     }
-    Ok((path, body, stops))
+    Ok(())
 }
 
 /// What the server answered: a success, or an error status for the caller to judge.
@@ -302,6 +320,21 @@ pub(super) fn run(
         Err(Stop::Cancelled) => return Outcome::Cancelled,
         Err(Stop::Failed(e)) => return fail(e),
     };
+    finish_stream(job, stream, finish, queue_time, control, events)
+}
+
+/// A stream that ended with `finish`: the held-back text flushed, the
+/// output checked against the constraint the server may have ignored, and
+/// `Completed` sent (unless cancelled meanwhile).
+fn finish_stream(
+    job: &Job,
+    stream: Reading<'_>,
+    finish: FinishReason,
+    queue_time: Duration,
+    control: &StreamControl,
+    events: &Sender<Event>,
+) -> Outcome {
+    let id = job.id;
     let Reading {
         mut matcher,
         mut text,
