@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--model ID] [--npcs 1,2,4,8,16] [--tokens 64]
-//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained,compile,seed,arrivals]
+//!     [--threads N] [--gpu-layers N] [--sections binding,npcs,cache,frames,memory,player,constrained,compile,seed,arrivals,kv_restore]
 //!     [--json] [--json-out FILE]
 //!     [--remote URL]
 //!     [--device-sampling on|off] [--kv-unified on|off] [--fill-gaps on|off] [--even-prompts on|off] [--round-prompts on|off]
@@ -80,6 +80,9 @@ struct Args {
     comparators: Option<serde_json::Value>,
     label: Option<String>,
 }
+
+#[path = "bench_sections/kv_restore.rs"]
+mod kv_restore;
 
 fn on_off(v: &str) -> bool {
     match v {
@@ -191,7 +194,7 @@ fn parse_args() -> Args {
 /// The flags (the module docs say what each section measures).
 const USAGE: &str = "usage: bench [--model ID] [--npcs 1,2,4,8,16] [--tokens 64]
     [--threads N] [--gpu-layers N]
-    [--sections binding,npcs,cache,frames,memory,player,constrained,compile,seed,arrivals]
+    [--sections binding,npcs,cache,frames,memory,player,constrained,compile,seed,arrivals,kv_restore]
     [--json] [--json-out FILE] [--remote URL]
     [--device-sampling on|off] [--kv-unified on|off] [--fill-gaps on|off]
     [--even-prompts on|off] [--round-prompts on|off] [--flash-attn on|off|auto]
@@ -1700,6 +1703,7 @@ fn main() {
             "compile" => compile_stall(&args, &mut figs),
             "seed" => seed(&args, &mut figs),
             "arrivals" => arrivals(&args, &mut figs),
+            "kv_restore" => kv_restore::kv_restore(&args, &mut figs),
             other => panic!("unknown section {other}"),
         }
         println!("  ({section}: {:.1} s)", t.elapsed().as_secs_f64());

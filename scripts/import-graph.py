@@ -25,7 +25,7 @@ MAX_LINES = 800
 LAYERS = [
     # Pure leaves.
     ["errors", "http", "ron_util", "request::outcome", "request::control_text",
-     "engine::layout"],
+     "engine::layout", "engine::kv_snapshot"],
     ["settings", "constraint"],
     ["request", "registry", "dialogue::data"],
     # The engine's pure cores and its protocol.

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+pub use crate::engine::kv_snapshot::KvSnapshotError;
+
 /// Loading or editing the [`ModelRegistry`](crate::registry::ModelRegistry).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum RegistryError {

@@ -25,11 +25,19 @@
 //!
 //! # Messages a game sends
 //! [`LoadModel`] (load or switch), [`UnloadModel`], [`CancelLlmRequest`].
+//!
+//! # NPC KV snapshots (messages)
+//! [`SaveNpcKv`] asks for NPCs' cached KV (answered by one [`NpcKvSaved`]);
+//! [`RestoreNpcKv`] gives snapshots back after a load (answered by one
+//! [`NpcKvRestored`]). A snapshot that does not fit this engine is refused
+//! with a typed [`KvSnapshotError`]: that NPC reads its prompt again.
 
 use crate::constraint::OutputError;
 use bevy::prelude::{Entity, EntityEvent, Message};
 
+use crate::engine::kv_snapshot::{KvSnapshotError, NpcKvSnapshot};
 use crate::errors::{LlmError, ModelLoadError};
+use crate::request::CacheKey;
 use crate::request::{FinishReason, RequestStats};
 
 /// The worker started a request.
@@ -297,4 +305,40 @@ pub struct PlayerSays {
 pub struct PlayerLeaves {
     /// The NPC.
     pub npc: Entity,
+}
+
+/// Ask for these keys' cached KV (an NPC's prompt prefix, kept under its
+/// [`CacheKey`]) as snapshots for a save; answered by one [`NpcKvSaved`].
+/// A key whose line is being generated answers [`KvSnapshotError::Busy`].
+#[derive(Message, Debug, Clone, PartialEq, Eq)]
+pub struct SaveNpcKv {
+    /// The NPCs' cache keys.
+    pub keys: Vec<CacheKey>,
+}
+
+/// The snapshots asked for by a [`SaveNpcKv`], in its order.
+#[derive(Message, Debug, Clone)]
+pub struct NpcKvSaved {
+    /// Each key's snapshot, or why it has none.
+    pub snapshots: Vec<(CacheKey, Result<NpcKvSnapshot, KvSnapshotError>)>,
+}
+
+/// Put snapshots back (after loading a save) as their keys' cached
+/// prefixes: each NPC's next request under that key reuses its KV instead
+/// of reading its prompt. Each snapshot is checked (model, llama.cpp
+/// build, KV layout, checksums) before llama.cpp sees it; answered by one
+/// [`NpcKvRestored`].
+#[derive(Message, Debug, Clone)]
+pub struct RestoreNpcKv {
+    /// The key each snapshot is restored under (the NPC's key in this play
+    /// session) and the snapshot.
+    pub snapshots: Vec<(CacheKey, NpcKvSnapshot)>,
+}
+
+/// What a [`RestoreNpcKv`] did, per key in its order: restored, or why not
+/// (that NPC reads its prompt again; nothing else changes).
+#[derive(Message, Debug, Clone, PartialEq, Eq)]
+pub struct NpcKvRestored {
+    /// Each key, restored or the typed reason it was not.
+    pub results: Vec<(CacheKey, Result<(), KvSnapshotError>)>,
 }

@@ -16,6 +16,7 @@ pub mod request;
 mod ron_util;
 pub mod settings;
 
+pub use engine::kv_snapshot::{KV_SNAPSHOT_FORMAT, KvHeader, KvIdentity, NpcKvSnapshot};
 pub use engine::{
     EngineCounters, LlmDiagnostics, LlmEngineStats, LlmModelState, LoadedModelInfo, model_ready,
 };

@@ -208,6 +208,10 @@ impl Plugin for NpcLlmPlugin {
             .add_message::<ModelLoaded>()
             .add_message::<ModelLoadFailed>()
             .add_message::<ModelUnloaded>()
+            .add_message::<SaveNpcKv>()
+            .add_message::<NpcKvSaved>()
+            .add_message::<RestoreNpcKv>()
+            .add_message::<NpcKvRestored>()
             .configure_sets(
                 PreUpdate,
                 (

@@ -27,6 +27,7 @@
 
 mod actions;
 mod data;
+mod kv_save;
 mod machine;
 mod prompt;
 mod save;
@@ -41,6 +42,7 @@ pub use data::{
     Conversation, ConversationLimits, ConversationState, MemoryEntry, MemoryLimits, NpcMemory,
     Persona, TranscriptLine,
 };
+pub use kv_save::{NpcKvArchive, npc_cache_keys};
 pub use machine::ConversationTimeouts;
 pub use prompt::{
     KeywordRanker, LinePrompt, MemoryQuery, MemoryRanker, clean_line, is_degenerate, line_prompt,

@@ -11,6 +11,7 @@ use bevy::prelude::*;
 
 use super::backend::BackendKind;
 use super::connection::LlmEngine;
+use super::kv_snapshot::{KvSnapshotError, NpcKvSnapshot};
 use super::load_intent::{LoadDecision, LoadInput};
 use super::loading::serve_remotely;
 pub(crate) use super::loading::{Loader, knobs};
@@ -19,10 +20,11 @@ use super::{LlmEngineStats, LlmModelState};
 use crate::errors::{LlmError, ModelLoadError};
 use crate::events::*;
 use crate::hardware::BackendStatus;
-use crate::request::{LlmRequest, LlmRequestStatus, RequestState};
+use crate::request::{CacheKey, LlmRequest, LlmRequestStatus, RequestState};
 use crate::settings::{BackendChoice, LlmSettings};
 
 /// [`NpcLlmSystems::Control`](crate::NpcLlmSystems::Control): model load/unload messages and settings changes.
+#[allow(clippy::too_many_arguments)] // one reader per message kind
 pub(crate) fn control(
     mut loader: Loader,
     mut loads: MessageReader<LoadModel>,
@@ -30,6 +32,7 @@ pub(crate) fn control(
     mut downloaded: MessageReader<crate::download::ModelDownloaded>,
     mut download_failed: MessageReader<crate::download::ModelDownloadFailed>,
     mut download_progress: MessageReader<crate::download::ModelDownloadProgress>,
+    mut kv: KvRequests,
     serving: Res<LlmEngineStats>,
 ) {
     // News of downloads counts only for the load that still waits for it
@@ -94,21 +97,62 @@ pub(crate) fn control(
     if let Some(load) = loads.read().last() {
         loader.start(load.model.as_deref());
     }
+    kv.forward(&mut loader.engine);
+}
+
+/// The game's KV snapshot messages.
+#[derive(SystemParam)]
+pub(crate) struct KvRequests<'w, 's> {
+    saves: MessageReader<'w, 's, SaveNpcKv>,
+    restores: MessageReader<'w, 's, RestoreNpcKv>,
+}
+
+impl KvRequests<'_, '_> {
+    fn pending(&mut self) -> bool {
+        self.saves.read().count() + self.restores.read().count() > 0
+    }
+
+    /// To the worker, in order; answered at once (typed) without one.
+    fn forward(&mut self, engine: &mut LlmEngine) {
+        let gone = || KvSnapshotError::Unavailable("the inference worker is not running".into());
+        for save in self.saves.read() {
+            let keys: Vec<u64> = save.keys.iter().map(|k| k.0).collect();
+            if !engine.backend().is_some_and(|w| w.save_kv(keys.clone())) {
+                let answers = keys.into_iter().map(|k| (k, Err(gone()))).collect();
+                engine.local.push(Event::KvSaved(answers));
+            }
+        }
+        for restore in self.restores.read() {
+            let snapshots: Vec<(u64, NpcKvSnapshot)> = restore
+                .snapshots
+                .iter()
+                .map(|(k, s)| (k.0, s.clone()))
+                .collect();
+            let keys: Vec<u64> = snapshots.iter().map(|(k, _)| *k).collect();
+            if !engine.backend().is_some_and(|w| w.restore_kv(snapshots)) {
+                let answers = keys.into_iter().map(|k| (k, Err(gone()))).collect();
+                engine.local.push(Event::KvRestored(answers));
+            }
+        }
+    }
 }
 
 /// Whether [`control`] has anything to do this frame: a load, unload or
 /// download message, or knobs the worker does not have yet. An idle frame
 /// runs none of the plugin's systems (run conditions cost no task).
+#[allow(clippy::too_many_arguments)] // control's readers, each read here too
 pub(crate) fn control_has_work(
     mut loads: MessageReader<LoadModel>,
     mut unloads: MessageReader<UnloadModel>,
     mut downloaded: MessageReader<crate::download::ModelDownloaded>,
     mut download_failed: MessageReader<crate::download::ModelDownloadFailed>,
     mut download_progress: MessageReader<crate::download::ModelDownloadProgress>,
+    mut kv: KvRequests,
     engine: Res<LlmEngine>,
     settings: Res<LlmSettings>,
 ) -> bool {
-    let messages = loads.read().count()
+    let messages = usize::from(kv.pending())
+        + loads.read().count()
         + unloads.read().count()
         + downloaded.read().count()
         + download_failed.read().count()
@@ -215,6 +259,8 @@ pub(crate) struct Writers<'w> {
     loaded: MessageWriter<'w, ModelLoaded>,
     load_failed: MessageWriter<'w, ModelLoadFailed>,
     unloaded: MessageWriter<'w, ModelUnloaded>,
+    kv_saved: MessageWriter<'w, NpcKvSaved>,
+    kv_restored: MessageWriter<'w, NpcKvRestored>,
 }
 
 /// What [`receive`] reads and writes.
@@ -301,6 +347,17 @@ impl Receiver<'_, '_> {
                 self.stats.counters = *c;
             }
             Event::Stopped { reason } => self.on_stopped(reason),
+            Event::KvSaved(saved) => {
+                let snapshots = saved.into_iter().map(|(k, r)| (CacheKey(k), r)).collect();
+                self.out.kv_saved.write(NpcKvSaved { snapshots });
+            }
+            Event::KvRestored(restored) => {
+                let results = restored
+                    .into_iter()
+                    .map(|(k, r)| (CacheKey(k), r))
+                    .collect();
+                self.out.kv_restored.write(NpcKvRestored { results });
+            }
             other => {
                 if let Event::Completed { stats: s, .. } = &other
                     && s.time_to_first_token.is_some()

@@ -9,6 +9,7 @@ pub(crate) mod connection;
 pub(crate) mod constraint_jobs;
 pub(crate) mod delivery;
 pub(crate) mod device_sampling;
+pub(crate) mod kv_snapshot;
 pub(crate) mod layout;
 pub(crate) mod load_intent;
 pub(crate) mod loading;

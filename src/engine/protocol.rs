@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::config::EngineConfig;
+use super::kv_snapshot::{KvSnapshotError, NpcKvSnapshot};
 use crate::constraint::{OutputConstraint, OutputError};
 use crate::errors::{LlmError, ModelLoadError};
 use crate::registry::{PromptFormat, VerificationCache};
@@ -85,6 +86,11 @@ pub(crate) enum Command {
     Load(Box<LoadSpec>, LoadTicket),
     Unload,
     Configure(Knobs),
+    /// Take these keys' cached KV as snapshots (answered by `Event::KvSaved`).
+    SaveKv(Vec<u64>),
+    /// Put these snapshots into slots as their keys' cached prefixes
+    /// (answered by `Event::KvRestored`).
+    RestoreKv(Vec<(u64, NpcKvSnapshot)>),
     Shutdown,
     /// Test hook: makes the worker thread panic, to exercise fault handling.
     #[cfg(debug_assertions)]
@@ -251,6 +257,10 @@ pub(crate) enum Event {
         id: RequestId,
     },
     Counters(Box<EngineCounters>),
+    /// Each asked key's snapshot, or why there is none.
+    KvSaved(Vec<(u64, Result<NpcKvSnapshot, KvSnapshotError>)>),
+    /// Each snapshot's key, restored or why not.
+    KvRestored(Vec<(u64, Result<(), KvSnapshotError>)>),
     /// The worker thread is ending (shutdown or crash).
     Stopped {
         reason: Option<String>,

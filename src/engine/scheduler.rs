@@ -147,6 +147,27 @@ impl<T: Copy + PartialEq + std::fmt::Debug, P> Scheduler<T, P> {
         cleared
     }
 
+    /// The idle slot holding `key`'s cached prefix and its tokens (see
+    /// [`SlotTable::cached_slot`]: `Err(true)` busy, `Err(false)` none).
+    pub(crate) fn cached(&self, key: u64) -> Result<(usize, &[T]), bool> {
+        let slot = self.slots.cached_slot(key)?;
+        Ok((slot, self.slots.tokens(slot)))
+    }
+
+    /// A slot for `key`'s restored `tokens` ([`SlotTable::place`]), or
+    /// `None` when every slot is busy or the prefix cache is off.
+    pub(crate) fn place_restored(&mut self, key: u64, tokens: Vec<T>) -> Option<usize> {
+        if !self.slots.cache_enabled() {
+            return None;
+        }
+        self.slots.place(key, tokens)
+    }
+
+    /// The slot's KV is unknown: forget what it held.
+    pub(crate) fn forget_slot(&mut self, slot: usize) {
+        self.slots.invalidate(slot);
+    }
+
     /// No sequence is running.
     pub(crate) fn is_idle(&self) -> bool {
         self.seqs.is_empty()

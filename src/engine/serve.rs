@@ -13,6 +13,8 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
+mod kv;
+
 use super::constraint_jobs::Compiled;
 use super::delivery::{self, Active};
 use super::device_sampling::{DEVICE_TOP_K, DeviceSampling, StepRows};
@@ -115,6 +117,8 @@ pub(crate) struct Server<'m> {
     pool: Option<rayon::ThreadPool>,
     /// The slow-path warning was logged.
     warned_stride: bool,
+    /// What KV snapshots of this engine are taken from.
+    kv_identity: crate::engine::kv_snapshot::KvIdentity,
 }
 
 fn fresh_seed() -> u32 {
@@ -204,6 +208,7 @@ impl<'m> Server<'m> {
             last_counters: Instant::now(),
             pool: sampling_pool(engine.sampling_threads),
             warned_stride: false,
+            kv_identity: kv::identity(model, spec),
         })
     }
 

@@ -261,6 +261,65 @@ impl<T: PartialEq + Clone> SlotTable<T> {
         Some(slot)
     }
 
+    /// The idle slot holding `key`'s cached prefix: `Ok(slot)`; `Err(true)`
+    /// when the key's slot is busy generating, `Err(false)` when no slot
+    /// holds it.
+    pub(crate) fn cached_slot(&self, key: u64) -> Result<usize, bool> {
+        match self
+            .slots
+            .iter()
+            .position(|s| s.key == Some(key) && !s.tokens.is_empty())
+        {
+            Some(i) if self.slots[i].busy => Err(true),
+            Some(i) => Ok(i),
+            None => Err(false),
+        }
+    }
+
+    /// A slot for `key`'s restored prefix `tokens`: the key's own idle slot,
+    /// else a free slot no key owns, else the least recently used idle one
+    /// (its cache dropped); `None` when every slot is busy. The slot is
+    /// recorded as holding `tokens` for `key`, most recently used; the
+    /// caller replaces its KV (and calls [`Self::invalidate`] if that fails).
+    pub(crate) fn place(&mut self, key: u64, tokens: Vec<T>) -> Option<usize> {
+        let free = |s: &Slot<T>| !s.busy;
+        let slot = self
+            .slots
+            .iter()
+            .position(|s| free(s) && s.key == Some(key))
+            .or_else(|| {
+                self.slots
+                    .iter()
+                    .position(|s| free(s) && s.key.is_none() && s.tokens.is_empty())
+            })
+            .or_else(|| {
+                let lru = self
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| free(s))
+                    .min_by_key(|(_, s)| s.last_used)
+                    .map(|(i, _)| i)?;
+                if !self.slots[lru].tokens.is_empty() {
+                    self.evictions += 1;
+                }
+                Some(lru)
+            })?;
+        // Another slot may hold an older prefix of the same key: forget it
+        // there (its KV stays until reused), so the key has one place.
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if i != slot && !s.busy && s.key == Some(key) {
+                s.key = None;
+            }
+        }
+        self.clock += 1;
+        let s = &mut self.slots[slot];
+        s.key = Some(key);
+        s.tokens = tokens;
+        s.last_used = self.clock;
+        Some(slot)
+    }
+
     /// Tokens the slot's KV holds, as recorded.
     pub(crate) fn tokens(&self, slot: usize) -> &[T] {
         &self.slots[slot].tokens
@@ -401,6 +460,37 @@ mod tests {
             t.acquire(Some(4), &[4], |_, l| l).is_none(),
             "all slots busy"
         );
+    }
+
+    #[test]
+    fn a_restored_prefix_takes_a_free_slot_then_the_lru_one_and_serves_its_key() {
+        let mut t = SlotTable::<u32>::new(Layout::with_slots(3, 1), true);
+        let a = t.acquire(Some(1), &[1], |_, l| l).unwrap();
+        t.release(a.slot, vec![1, 1]);
+        assert_eq!(t.cached_slot(1), Ok(a.slot));
+        assert_eq!(t.cached_slot(9), Err(false));
+        // An empty slot first, the cached one kept.
+        let p = t.place(9, vec![9, 9, 9]).unwrap();
+        assert_ne!(p, a.slot);
+        assert_eq!(t.cached_slot(9), Ok(p));
+        assert_eq!(t.evictions, 0);
+        // Placing the same key again reuses its slot.
+        assert_eq!(t.place(9, vec![9, 8]), Some(p));
+        // The restored prefix serves its key's next request.
+        let r = t.acquire(Some(9), &[9, 8, 7], |_, l| l).unwrap();
+        assert_eq!((r.slot, r.reuse), (p, 2));
+        assert_eq!(t.cached_slot(9), Err(true), "busy now");
+        // Slot 3 free, then none: the least recently used idle cache goes.
+        let q = t.place(5, vec![5]).unwrap();
+        let lru = t.place(6, vec![6]).unwrap();
+        assert_eq!(lru, a.slot, "key 1 was used least recently");
+        assert_ne!(q, lru);
+        assert_eq!(t.evictions, 1);
+        assert_eq!(t.cached_slot(1), Err(false));
+        // Every slot busy: nowhere to place.
+        let _ = t.acquire(Some(5), &[5, 1], |_, l| l).unwrap();
+        let _ = t.acquire(Some(6), &[6, 1], |_, l| l).unwrap();
+        assert_eq!(t.place(7, vec![7]), None);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use super::intake::Intake;
 use super::{BackendKind, InferenceBackend, LoadAbort, WorkerHandle};
 use crate::engine::config::EngineConfig;
 use crate::engine::constraint_jobs::ConstraintJobs;
+use crate::engine::kv_snapshot::KvSnapshotError;
 use crate::engine::layout::Layout;
 use crate::engine::model_meta::KvShape;
 use crate::engine::protocol::{Command, Event, Knobs, LoadSpec, LoadTicket, LoadedModelInfo};
@@ -356,6 +357,19 @@ impl Worker {
                 self.queue.set_capacity(k.queue_capacity as usize);
                 None
             }
+            Command::SaveKv(keys) => {
+                let none = || Err(KvSnapshotError::Unavailable("no model is loaded".into()));
+                self.send(Event::KvSaved(
+                    keys.into_iter().map(|k| (k, none())).collect(),
+                ));
+                None
+            }
+            Command::RestoreKv(snapshots) => {
+                let none = || Err(KvSnapshotError::Unavailable("no model is loaded".into()));
+                let answers = snapshots.into_iter().map(|(k, _)| (k, none())).collect();
+                self.send(Event::KvRestored(answers));
+                None
+            }
             Command::Load(spec, ticket) => Some(Next::Load(spec, ticket)),
             Command::Unload => Some(Next::Unload),
             Command::Shutdown => Some(Next::Shutdown),
@@ -637,6 +651,19 @@ impl Worker {
                 self.knobs = k;
                 self.queue.set_capacity(k.queue_capacity as usize);
                 server.configure(k);
+                None
+            }
+            Command::SaveKv(keys) => {
+                let saved = keys.into_iter().map(|k| (k, server.save_kv(k))).collect();
+                self.send(Event::KvSaved(saved));
+                None
+            }
+            Command::RestoreKv(snapshots) => {
+                let restored = snapshots
+                    .into_iter()
+                    .map(|(k, snapshot)| (k, server.restore_kv(k, &snapshot)))
+                    .collect();
+                self.send(Event::KvRestored(restored));
                 None
             }
             other => self.handle_idle(other),

@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::kv_snapshot::NpcKvSnapshot;
 use super::protocol::{Command, Event, Job, Knobs, LoadSpec, LoadTicket, RequestId};
 
 /// Which kind of backend serves requests.
@@ -59,6 +60,16 @@ pub(crate) trait InferenceBackend: Send + Sync {
 
     fn configure(&self, knobs: Knobs) -> bool {
         self.handle().send(Command::Configure(knobs))
+    }
+
+    /// Ask for these keys' KV snapshots (answered by `Event::KvSaved`).
+    fn save_kv(&self, keys: Vec<u64>) -> bool {
+        self.handle().send(Command::SaveKv(keys))
+    }
+
+    /// Restore these snapshots (answered by `Event::KvRestored`).
+    fn restore_kv(&self, snapshots: Vec<(u64, NpcKvSnapshot)>) -> bool {
+        self.handle().send(Command::RestoreKv(snapshots))
     }
 
     /// Whether an event waits to be polled.

@@ -254,6 +254,18 @@ impl RemoteWorker {
                 }
             }
             Command::Configure(k) => self.queue.set_capacity(k.queue_capacity as usize),
+            // A server keeps its KV to itself.
+            Command::SaveKv(keys) => {
+                let answers = keys.into_iter().map(|k| (k, Err(no_kv()))).collect();
+                self.send(Event::KvSaved(answers));
+            }
+            Command::RestoreKv(snapshots) => {
+                let answers = snapshots
+                    .into_iter()
+                    .map(|(k, _)| (k, Err(no_kv())))
+                    .collect();
+                self.send(Event::KvRestored(answers));
+            }
             Command::Shutdown => {}
             #[cfg(debug_assertions)]
             Command::Crash => panic!("remote worker crash requested by a test"),
@@ -374,4 +386,11 @@ impl RemoteWorker {
         self.counters.slots = self.streams;
         self.send(Event::Counters(Box::new(self.counters.clone())));
     }
+}
+
+/// Why a remote server gives no KV snapshot.
+fn no_kv() -> crate::engine::kv_snapshot::KvSnapshotError {
+    crate::engine::kv_snapshot::KvSnapshotError::Unavailable(
+        "a remote server keeps its KV cache to itself".into(),
+    )
 }
