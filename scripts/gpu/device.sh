@@ -20,7 +20,8 @@
 # Exploration, after `quick-start` (or `start`) and the stashes: `quick`
 # (the variants of scripts/gpu/quick-variants.txt), `ttft` (the cached
 # second turn with rounded prompt steps off/on and graphs kept longer; with
-# QUICK_TOOLS=off quick-start, about 5 min of device time), `trace` (host time per
+# QUICK_TOOLS=off quick-start, about 5 min of device time), `kv` (the KV
+# snapshot restore against a full read), `trace` (host time per
 # CUDA runtime call and llama.cpp entry point), `kernels` (kernel launches
 # and device intervals per llama_decode batch size).
 set -euo pipefail
@@ -201,6 +202,16 @@ quick)
     done < scripts/gpu/quick-variants.txt
     mkdir -p "$OUT/quick" && cp "$W"/quick*.json "$OUT/quick/" 2>/dev/null || true
     ;;
+kv)
+    # After `quick-start` and the stashes: the bench's kv_restore section (an
+    # NPC's first line after a restored KV snapshot against its prompt read
+    # again), then its frames section; JSON and logs into $OUT.
+    wait_for_builds cuda
+    prepare_inputs
+    "$W/bins/bench" --sections kv_restore --reps 5 --json-out "$OUT/kv_restore.json" \
+        >"$OUT/kv_restore.log" 2>&1 || echo "kv_restore failed"
+    grep -E "plan:|kv_restore" "$OUT/kv_restore.log" | sed 's/  */ /g' || true
+    ;;
 single)
     # After `start` (or `quick-start`) and the stashes: single stream against
     # llama-bench tg in paired rounds only (env ROUNDS, default 6).
@@ -380,6 +391,6 @@ PY
     ls -la "$OUT"
     ;;
 *)
-    echo "usage: device.sh start|stash|run|quick-start|quick|single|ttft|trace|kernels CARRY_DIR" >&2; exit 2
+    echo "usage: device.sh start|stash|run|quick-start|quick|single|ttft|kv|trace|kernels CARRY_DIR" >&2; exit 2
     ;;
 esac

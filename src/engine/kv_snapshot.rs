@@ -4,6 +4,8 @@
 //! process). Pure: the worker fills [`KvIdentity`] from its model and
 //! contexts; everything here is tested without a model.
 
+use std::sync::Arc;
+
 use bevy::reflect::Reflect;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -70,8 +72,12 @@ pub struct KvHeader {
 pub struct NpcKvSnapshot {
     /// Where it comes from and what it holds.
     pub header: KvHeader,
-    pub(crate) tokens: Vec<i32>,
-    pub(crate) blob: Vec<u8>,
+    /// Shared, so that messages and archives carry it without copying
+    /// megabytes.
+    #[reflect(ignore)]
+    pub(crate) tokens: Arc<[i32]>,
+    #[reflect(ignore)]
+    pub(crate) blob: Arc<[u8]>,
 }
 
 impl std::fmt::Debug for NpcKvSnapshot {
@@ -187,8 +193,8 @@ impl NpcKvSnapshot {
                 blob_len: blob.len() as u64,
                 blob_checksum: checksum64(&blob),
             },
-            tokens,
-            blob,
+            tokens: tokens.into(),
+            blob: blob.into(),
         }
     }
 
@@ -248,7 +254,7 @@ impl NpcKvSnapshot {
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&(header.len() as u64).to_le_bytes());
         out.extend_from_slice(&header);
-        for t in &self.tokens {
+        for t in self.tokens.iter() {
             out.extend_from_slice(&t.to_le_bytes());
         }
         out.extend_from_slice(&self.blob);
@@ -288,7 +294,7 @@ impl NpcKvSnapshot {
                 .chunks_exact(4)
                 .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")))
                 .collect(),
-            blob: blob.to_vec(),
+            blob: blob.into(),
             header,
         })
     }
