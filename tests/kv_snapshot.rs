@@ -187,3 +187,108 @@ fn damaged_foreign_and_early_snapshots_are_refused_typed_and_the_npc_reads_its_p
         Err(KvSnapshotError::Unavailable(_))
     ));
 }
+
+fn villager(name: &str, identity: &str, goal: &str) -> Persona {
+    Persona {
+        name: name.into(),
+        identity: identity.into(),
+        traits: vec!["friendly".into()],
+        speaking_style: "plainly, in short sentences".into(),
+        goal: goal.into(),
+    }
+}
+
+fn dialogue_app() -> App {
+    let mut app = app();
+    app.add_plugins(NpcDialoguePlugin);
+    app
+}
+
+/// Lines finished so far (one `ConversationLineFinished` each).
+#[derive(Resource, Default)]
+struct LinesDone(usize);
+
+/// The dialogue's own path: a conversation saved between two lines with the
+/// NPCs' KV beside it (an archive by persona name), loaded into a fresh app
+/// whose entities differ, and the next line of each NPC read from its
+/// restored prefix instead of its whole prompt.
+#[test]
+fn a_saved_conversation_loads_with_its_npcs_kv_and_goes_on_from_it() {
+    use bevy_npc_llm::dialogue::{NpcKvArchive, load_dialogue, npc_cache_keys, save_dialogue};
+    let mut a = dialogue_app();
+    a.init_resource::<LinesDone>();
+    a.add_observer(|_: On<ConversationLineFinished>, mut n: ResMut<LinesDone>| n.0 += 1);
+    let mira = a
+        .world_mut()
+        .spawn(villager(
+            "Mira",
+            "You are the village baker.",
+            "sell honey bread",
+        ))
+        .id();
+    let brom = a
+        .world_mut()
+        .spawn(villager("Brom", "You are the blacksmith.", "need charcoal"))
+        .id();
+    a.world_mut().write_message(StartConversation {
+        participants: vec![mira, brom],
+        topic: Some("charcoal".into()),
+    });
+    // Two lines (each NPC spoke once: both have a cached prefix), then the
+    // frame where neither generates: save.
+    run_until(&mut a, 120, |app| {
+        app.world().resource::<LinesDone>().0 >= 2
+            && app.world().resource::<LlmEngineStats>().in_flight == 0
+    });
+    let saved_text = save_dialogue(a.world_mut()).unwrap();
+    let keys = npc_cache_keys(a.world_mut());
+    let saved: NpcKvSaved = next_message(&mut a, |w| {
+        w.write_message(SaveNpcKv {
+            keys: keys.iter().map(|(_, k)| *k).collect(),
+        });
+    });
+    let (archive, missing) = NpcKvArchive::from_saved(&keys, &saved);
+    assert!(missing.is_empty(), "{missing:?}");
+    assert_eq!(archive.entries.len(), 2);
+    let file = archive.to_bytes();
+    drop(a);
+
+    // A fresh app: the model, then the dialogue, then the KV, before any
+    // line is asked for (one frame later).
+    let mut b = dialogue_app();
+    load_ready(&mut b, None);
+    b.world_mut().resource_mut::<Recorded>().0.clear();
+    load_dialogue(b.world_mut(), &saved_text).unwrap();
+    let archive = NpcKvArchive::from_bytes(&file).unwrap();
+    let (request, unknown) = archive.restore_request(b.world_mut());
+    assert!(unknown.is_empty());
+    let restored: NpcKvRestored = next_message(&mut b, |w| {
+        w.write_message(request);
+    });
+    assert!(
+        restored.results.iter().all(|(_, r)| r.is_ok()),
+        "{restored:?}"
+    );
+    // The next line is read from the restored prefix.
+    run_until(&mut b, 120, |app| {
+        app.world()
+            .resource::<Recorded>()
+            .0
+            .iter()
+            .any(|r| matches!(r, Rec::Started(..)))
+    });
+    let reused: Vec<usize> = b
+        .world()
+        .resource::<Recorded>()
+        .0
+        .iter()
+        .filter_map(|r| match r {
+            Rec::Started(_, _, reused) => Some(*reused),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        reused[0] > 50,
+        "the first line after loading reused {reused:?}"
+    );
+}
