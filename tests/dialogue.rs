@@ -44,16 +44,6 @@ fn dialogue_app(model: &str) -> App {
     app
 }
 
-fn persona(name: &str, identity: &str, goal: &str) -> Persona {
-    Persona {
-        name: name.into(),
-        identity: identity.into(),
-        traits: vec!["friendly".into()],
-        speaking_style: "plainly, in short sentences".into(),
-        goal: goal.into(),
-    }
-}
-
 fn villagers(app: &mut App) -> Vec<Entity> {
     [
         (

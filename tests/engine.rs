@@ -335,22 +335,6 @@ fn brom_turns() -> (Vec<ChatMessage>, Vec<ChatMessage>) {
     (first, second)
 }
 
-/// Run `req` on `npc` under its cache key (the records cleared first);
-/// returns its prompt tokens, the tokens reused from the cache, its text.
-fn cached_turn(app: &mut App, npc: Entity, req: &LlmRequest) -> (usize, usize, String) {
-    app.world_mut().resource_mut::<Recorded>().0.clear();
-    app.world_mut()
-        .entity_mut(npc)
-        .insert(req.clone().with_cache_key(npc));
-    run_until_finished(app, &[npc]);
-    let r = app.world().resource::<Recorded>();
-    let recs = r.of(npc);
-    let Some(Rec::Started(_, prompt, reused)) = recs.first().cloned() else {
-        panic!("{recs:?}")
-    };
-    (prompt, reused, r.completed_text(npc).unwrap())
-}
-
 /// `req`'s text on an engine with no prefix cache and no gap fillers: it
 /// reads its whole prompt.
 fn uncached_text(req: LlmRequest) -> String {

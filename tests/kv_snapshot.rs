@@ -53,24 +53,6 @@ fn greedy(messages: Vec<ChatMessage>) -> LlmRequest {
         .with_max_tokens(16)
 }
 
-/// Run `req` on `npc` under its own cache key: (prompt tokens, reused
-/// tokens, text).
-fn turn(app: &mut App, npc: Entity, req: &LlmRequest) -> (usize, usize, String) {
-    app.world_mut().resource_mut::<Recorded>().0.clear();
-    app.world_mut()
-        .entity_mut(npc)
-        .insert(req.clone().with_cache_key(npc));
-    run_until_finished(app, &[npc]);
-    let r = app.world().resource::<Recorded>();
-    let Some(Rec::Started(_, prompt, reused)) = r.of(npc).first().cloned() else {
-        panic!("{:?}", r.of(npc))
-    };
-    let text = r
-        .completed_text(npc)
-        .unwrap_or_else(|| panic!("{:?}", r.of(npc)));
-    (prompt, reused, text)
-}
-
 fn restore(app: &mut App, key: CacheKey, s: NpcKvSnapshot) -> Result<(), KvSnapshotError> {
     let restored: NpcKvRestored = next_message(app, |w| {
         w.write_message(RestoreNpcKv {
@@ -91,7 +73,7 @@ fn a_restored_npc_speaks_from_its_saved_kv_with_the_text_of_a_fresh_read() {
     // The NPC speaks once; its cache is saved (a stranger's key has none).
     let mut a = app();
     let npc = a.world_mut().spawn_empty().id();
-    turn(&mut a, npc, &greedy(first));
+    cached_turn(&mut a, npc, &greedy(first));
     let stranger = CacheKey(0xdead_beef);
     let saved: NpcKvSaved = next_message(&mut a, |w| {
         w.write_message(SaveNpcKv {
@@ -109,7 +91,7 @@ fn a_restored_npc_speaks_from_its_saved_kv_with_the_text_of_a_fresh_read() {
     // Kept as bytes, as a save file would.
     let bytes = snapshot.to_bytes();
     // What the NPC says next had the game never been saved.
-    let (_, reused_a, never_saved) = turn(&mut a, npc, &greedy(second.clone()));
+    let (_, reused_a, never_saved) = cached_turn(&mut a, npc, &greedy(second.clone()));
     assert!(reused_a > 100);
     drop(a);
 
@@ -119,7 +101,7 @@ fn a_restored_npc_speaks_from_its_saved_kv_with_the_text_of_a_fresh_read() {
     let npc_b = b.world_mut().spawn_empty().id();
     let read_back = NpcKvSnapshot::from_bytes(&bytes).expect("readable");
     assert_eq!(restore(&mut b, CacheKey::from(npc_b), read_back), Ok(()));
-    let (prompt, reused, restored_text) = turn(&mut b, npc_b, &greedy(second.clone()));
+    let (prompt, reused, restored_text) = cached_turn(&mut b, npc_b, &greedy(second.clone()));
     assert!(
         reused + 20 >= snapshot.token_count().min(prompt) && reused > 100,
         "reused {reused} of {prompt} prompt tokens; the snapshot held {}",
@@ -130,7 +112,7 @@ fn a_restored_npc_speaks_from_its_saved_kv_with_the_text_of_a_fresh_read() {
     // Read in full on another fresh engine: the same greedy text too.
     let mut c = app();
     let npc_c = c.world_mut().spawn_empty().id();
-    let (_, reused_c, fresh_text) = turn(&mut c, npc_c, &greedy(second));
+    let (_, reused_c, fresh_text) = cached_turn(&mut c, npc_c, &greedy(second));
     assert_eq!(reused_c, 0);
     assert_eq!(restored_text, fresh_text);
 }
@@ -139,7 +121,7 @@ fn a_restored_npc_speaks_from_its_saved_kv_with_the_text_of_a_fresh_read() {
 fn damaged_foreign_and_early_snapshots_are_refused_typed_and_the_npc_reads_its_prompt() {
     let mut a = app();
     let npc = a.world_mut().spawn_empty().id();
-    turn(&mut a, npc, &greedy(history()));
+    cached_turn(&mut a, npc, &greedy(history()));
     let saved: NpcKvSaved = next_message(&mut a, |w| {
         w.write_message(SaveNpcKv {
             keys: vec![CacheKey::from(npc)],
@@ -166,7 +148,7 @@ fn damaged_foreign_and_early_snapshots_are_refused_typed_and_the_npc_reads_its_p
         "{answer:?}"
     );
     // Nothing was put in a slot: the NPC reads its whole prompt, and speaks.
-    let (_, reused, text) = turn(&mut a, other, &greedy(history()));
+    let (_, reused, text) = cached_turn(&mut a, other, &greedy(history()));
     assert_eq!(reused, 0);
     assert!(!text.is_empty());
 
@@ -186,16 +168,6 @@ fn damaged_foreign_and_early_snapshots_are_refused_typed_and_the_npc_reads_its_p
         restore(&mut a, CacheKey::from(other), snapshot),
         Err(KvSnapshotError::Unavailable(_))
     ));
-}
-
-fn villager(name: &str, identity: &str, goal: &str) -> Persona {
-    Persona {
-        name: name.into(),
-        identity: identity.into(),
-        traits: vec!["friendly".into()],
-        speaking_style: "plainly, in short sentences".into(),
-        goal: goal.into(),
-    }
 }
 
 fn dialogue_app() -> App {
@@ -220,7 +192,7 @@ fn a_saved_conversation_loads_with_its_npcs_kv_and_goes_on_from_it() {
     a.add_observer(|_: On<ConversationLineFinished>, mut n: ResMut<LinesDone>| n.0 += 1);
     let mira = a
         .world_mut()
-        .spawn(villager(
+        .spawn(persona(
             "Mira",
             "You are the village baker.",
             "sell honey bread",
@@ -228,7 +200,7 @@ fn a_saved_conversation_loads_with_its_npcs_kv_and_goes_on_from_it() {
         .id();
     let brom = a
         .world_mut()
-        .spawn(villager("Brom", "You are the blacksmith.", "need charcoal"))
+        .spawn(persona("Brom", "You are the blacksmith.", "need charcoal"))
         .id();
     a.world_mut().write_message(StartConversation {
         participants: vec![mira, brom],

@@ -145,7 +145,12 @@ mod tests {
             swa_full: false,
             flash_attention: None,
         };
-        NpcKvSnapshot::new(identity, (0..n).collect(), vec![n as u8; n as usize * 3])
+        NpcKvSnapshot::new(
+            identity,
+            (0..n).collect(),
+            vec![n as u8; n as usize * 3],
+            None,
+        )
     }
 
     #[test]

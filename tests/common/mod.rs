@@ -244,3 +244,33 @@ pub fn complete(app: &mut App, req: LlmRequest) -> String {
     r.completed_text(e)
         .unwrap_or_else(|| panic!("request did not complete: {:?}", r.of(e)))
 }
+
+/// Run `req` on `npc` under its own cache key (the records cleared first);
+/// returns its prompt tokens, the tokens reused from the cache, its text.
+pub fn cached_turn(app: &mut App, npc: Entity, req: &LlmRequest) -> (usize, usize, String) {
+    app.world_mut().resource_mut::<Recorded>().0.clear();
+    app.world_mut()
+        .entity_mut(npc)
+        .insert(req.clone().with_cache_key(npc));
+    run_until_finished(app, &[npc]);
+    let r = app.world().resource::<Recorded>();
+    let recs = r.of(npc);
+    let Some(Rec::Started(_, prompt, reused)) = recs.first().cloned() else {
+        panic!("{recs:?}")
+    };
+    let text = r
+        .completed_text(npc)
+        .unwrap_or_else(|| panic!("did not complete: {recs:?}"));
+    (prompt, reused, text)
+}
+
+/// A villager's persona: friendly, plain-spoken.
+pub fn persona(name: &str, identity: &str, goal: &str) -> Persona {
+    Persona {
+        name: name.into(),
+        identity: identity.into(),
+        traits: vec!["friendly".into()],
+        speaking_style: "plainly, in short sentences".into(),
+        goal: goal.into(),
+    }
+}

@@ -53,7 +53,12 @@ impl Server<'_> {
                 "llama.cpp wrote {written} bytes of a {size}-byte state"
             )));
         }
-        Ok(NpcKvSnapshot::new(self.kv_identity.clone(), tokens, blob))
+        Ok(NpcKvSnapshot::new(
+            self.kv_identity.clone(),
+            tokens,
+            blob,
+            self.pool.as_ref(),
+        ))
     }
 
     /// `snapshot` checked, then put into a slot as `key`'s cached prefix.
@@ -64,7 +69,7 @@ impl Server<'_> {
         key: u64,
         snapshot: &NpcKvSnapshot,
     ) -> Result<(), KvSnapshotError> {
-        snapshot.check(&self.kv_identity, self.per_seq as u32)?;
+        snapshot.check(&self.kv_identity, self.per_seq as u32, self.pool.as_ref())?;
         let tokens: Vec<LlamaToken> = snapshot.tokens.iter().map(|&t| LlamaToken(t)).collect();
         let Some(slot) = self.sched.place_restored(key, tokens) else {
             return Err(if self.knobs.prefix_cache {
