@@ -117,6 +117,70 @@ fn a_restored_npc_speaks_from_its_saved_kv_with_the_text_of_a_fresh_read() {
     assert_eq!(restored_text, fresh_text);
 }
 
+/// Gemma 3 (sliding-window attention, no chat template), over a prompt
+/// longer than its 512-token window: llama.cpp saves only the last window of
+/// the sliding-window layers, so a restored snapshot serves a prompt that
+/// goes on from the saved tokens (the NPC's next line after its last one);
+/// a prompt that leaves them earlier is read again. Either way the text is
+/// the text the engine gives when never saved.
+#[test]
+fn a_sliding_window_models_snapshot_serves_a_prompt_that_goes_on_from_it() {
+    let gemma = || {
+        let mut s = settings();
+        s.model = GEMMA.into();
+        app_with(s)
+    };
+    let greedy_raw = |text: String| {
+        LlmRequest::raw(text)
+            .with_temperature(0.0)
+            .with_seed(3)
+            .with_max_tokens(12)
+    };
+    let story = "The miller's daughter knew every path through the forest. ".repeat(45);
+    let first = format!("{story}One morning a traveller asked her the way.");
+    let mut a = gemma();
+    let npc = a.world_mut().spawn_empty().id();
+    let (_, _, answer) = cached_turn(&mut a, npc, &greedy_raw(first.clone()));
+    let saved: NpcKvSaved = next_message(&mut a, |w| {
+        w.write_message(SaveNpcKv {
+            keys: vec![CacheKey::from(npc)],
+        });
+    });
+    let snapshot = saved.snapshots[0].1.clone().expect("a snapshot");
+    assert!(snapshot.header.identity.sliding_window > 0);
+    assert!(snapshot.token_count() > 512 + 24);
+    // The next prompt goes on from the answer; another leaves the saved
+    // tokens 20 tokens before their end.
+    let goes_on = greedy_raw(format!("{first}{answer} Then she"));
+    let leaves = greedy_raw(format!("{story}Later that day"));
+    let (_, reused_a, never_saved) = cached_turn(&mut a, npc, &goes_on);
+    assert!(reused_a > 512);
+    drop(a);
+    let mut plain = gemma();
+    let other = plain.world_mut().spawn_empty().id();
+    let (_, _, never_saved_leaves) = cached_turn(&mut plain, other, &leaves);
+    drop(plain);
+
+    let mut b = gemma();
+    load_ready(&mut b, None);
+    let npc_b = b.world_mut().spawn_empty().id();
+    assert_eq!(
+        restore(&mut b, CacheKey::from(npc_b), snapshot.clone()),
+        Ok(())
+    );
+    let (_, reused, restored_text) = cached_turn(&mut b, npc_b, &goes_on);
+    assert!(reused > 512, "reused {reused}");
+    assert_eq!(restored_text, never_saved);
+    let npc_c = b.world_mut().spawn_empty().id();
+    assert_eq!(restore(&mut b, CacheKey::from(npc_c), snapshot), Ok(()));
+    let (_, reused, left_text) = cached_turn(&mut b, npc_c, &leaves);
+    assert_eq!(
+        reused, 0,
+        "the window before the branch point was not saved"
+    );
+    assert_eq!(left_text, never_saved_leaves);
+}
+
 #[test]
 fn damaged_foreign_and_early_snapshots_are_refused_typed_and_the_npc_reads_its_prompt() {
     let mut a = app();

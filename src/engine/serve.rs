@@ -173,12 +173,12 @@ impl<'m> Server<'m> {
             prompt_chunk: knobs.prompt_chunk as usize,
             cells_per_seq: per_seq,
             layout,
-            // A full SWA cache keeps every position: no window to respect.
-            swa_window: if engine.swa_full {
-                0
-            } else {
-                sliding_window(model)
-            },
+            // The model's window even with a full SWA cache: such a cache
+            // holds every position it decoded (its smallest is 0, and every
+            // common prefix is kept), but a restored KV snapshot holds only
+            // the last window of its sliding-window layers (llama.cpp saves
+            // no cell its attention can no longer see).
+            swa_window: sliding_window(model),
             max_sit_out: MAX_SIT_OUT,
             shaping: engine.shaping,
             single_output: engine.device_sampling,
